@@ -1,0 +1,120 @@
+"""Parquet I/O shared by every step: streamed, atomic writes and schema-checked reads.
+
+Writers stream row groups so memory stays bounded, write to ``<path>.tmp-<pid>`` and
+rename on success: a crashed or interrupted step never leaves a half-written table
+that a later step could mistake for a complete one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class SchemaError(ValueError):
+    """A table does not match the schema it must follow; the message names the column."""
+
+
+class AtomicParquetWriter:
+    """Streams record batches into one parquet file, published atomically on close.
+
+    Use as a context manager; on an exception the temporary file is removed and the
+    destination is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, compression: str = "zstd",
+                 row_group_size: int = 65_536) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self.row_group_size = row_group_size
+        self.rows = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression=compression)
+
+    def write(self, data: pa.Table | pa.RecordBatch | dict) -> None:
+        if isinstance(data, dict):
+            data = pa.table(data, schema=self.schema)
+        elif isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if not data.schema.equals(self.schema, check_metadata=False):
+            data = conform(data, self.schema, what=str(self.path.name))
+        if data.num_rows:
+            self._writer.write_table(data, row_group_size=self.row_group_size)
+            self.rows += data.num_rows
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, schema: pa.Schema | None = None) -> Path:
+    """Writes a whole table atomically (see :class:`AtomicParquetWriter`)."""
+    schema = schema or table.schema
+    with AtomicParquetWriter(path, schema) as w:
+        w.write(table)
+    return Path(path)
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str = "table") -> pa.Table:
+    """Returns ``table`` with exactly ``schema``'s columns and types.
+
+    Extra columns are dropped. Missing columns and types that cannot be cast safely
+    raise :class:`SchemaError` naming the column, the expected and the found type.
+    """
+    cols = []
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(
+                f"{what}: missing column '{field.name}' (expected {field.type}); "
+                f"found columns: {', '.join(table.column_names) or 'none'}"
+            )
+        col = table.column(field.name)
+        if not col.type.equals(field.type):
+            try:
+                col = col.cast(field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaError(
+                    f"{what}: column '{field.name}' has type {col.type}, expected {field.type} ({e})"
+                ) from None
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"{what}: column '{field.name}' has {col.null_count} null values")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_table(path: str | os.PathLike, schema: pa.Schema, columns: Iterable[str] | None = None,
+               what: str | None = None) -> pa.Table:
+    """Reads a parquet file (or directory of parts) and conforms it to ``schema``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what or path.name}: no such file {path}")
+    table = pq.read_table(path)
+    if columns is not None:
+        columns = list(columns)
+        schema = pa.schema([schema.field(c) for c in columns])
+    return conform(table, schema, what=what or path.name)
+
+
+def table_path(root: str | os.PathLike, name: str) -> Path:
+    """``<root>/<name>.parquet``: where a world's table lives."""
+    return Path(root) / f"{name}.parquet"

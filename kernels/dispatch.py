@@ -1,0 +1,43 @@
+"""The one dispatch point of every kernel: Triton on CUDA, the PyTorch reference elsewhere.
+
+The model and the service call only these functions.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if os.environ.get("TRANSACT_DISABLE_TRITON") == "1":
+        return False
+    return t.is_cuda
+
+
+def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
+              cand_offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`transact.model.nn_features.nn_search` for the contract."""
+    if _use_triton(seq_emb_q):
+        from transact.kernels.triton.nn_search import nn_search_triton
+
+        return nn_search_triton(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
+    from transact.model.nn_features import nn_search as reference
+
+    return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
+
+
+def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Encoder forward with the causal + padding mask; x [B, S, d], valid bool [B, S].
+
+    Inference on CUDA runs the fused SKUT kernel; training (autograd) always runs the
+    PyTorch module.
+    """
+    if _use_triton(x) and not encoder.training and not torch.is_grad_enabled():
+        from transact.kernels.triton.skut import skut_forward
+
+        return skut_forward(encoder, x, valid)
+    from transact.model.encoder import encoder_reference
+
+    return encoder_reference(encoder, x, valid)

@@ -1,0 +1,53 @@
+"""The sequence encoder and its attention mask (paper §3.2.2, §3.3.2).
+
+The encoder is PyTorch's stock ``nn.TransformerEncoder`` (post-LN layers, ReLU FFN,
+``batch_first=True``): 2 layers, 1 head, d_model 64, FFN 32. Using the stock module
+keeps training plain PyTorch and lets the fused SKUT kernel load its weights as they
+are (``kernels/``).
+
+Attention mask, for query position i and key position j of one example:
+
+    allowed(i, j) = (j <= i and valid[j]) or j == i
+
+- causal: a token sees only itself and earlier tokens (S_all is laid out in time
+  order, see :mod:`transact.model.config`);
+- padding: padded keys are never seen;
+- the diagonal is always allowed so that padded queries (and an all-padding cold-start
+  row) have one key and softmax never divides by zero; their outputs are ignored by
+  max-pooling over valid tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_encoder(d_model: int = 64, n_heads: int = 1, ffn_dim: int = 32, n_layers: int = 2,
+                 dropout: float = 0.0) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        d_model=d_model, nhead=n_heads, dim_feedforward=ffn_dim, dropout=dropout,
+        activation="relu", batch_first=True, norm_first=False,
+    )
+    return nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False)
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid: bool [B, S] -> blocked: bool [B, S, S] (True = query i may not see key j)."""
+    S = valid.shape[1]
+    pos = torch.arange(S, device=valid.device)
+    causal_ok = pos[None, :] <= pos[:, None]  # [S, S] j <= i
+    allowed = causal_ok[None] & valid[:, None, :]  # [B, S, S]
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=valid.device)[None]  # [B, S, S]
+    return ~allowed
+
+
+def encoder_reference(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of the encoder forward with the causal + padding mask.
+
+    x: [B, S, d] float, valid: bool [B, S] -> [B, S, d].
+    """
+    n_heads = encoder.layers[0].self_attn.num_heads
+    blocked = attention_mask(valid)  # [B, S, S]
+    if n_heads > 1:
+        blocked = blocked.repeat_interleave(n_heads, dim=0)  # [B*H, S, S]
+    return encoder(x, mask=blocked)

@@ -1,0 +1,322 @@
+"""NN features (paper Eq. 2-3): the one definition of S_all, shared by training-row
+logging and serving.
+
+Inputs are *request-level de-duplicated* (paper §3.4.2): each user's sequences are
+stored once as jagged tensors (values + offsets), and the N candidates are grouped
+by user with offsets -- nothing is broadcast to candidates before the NN search.
+
+    NN(S, c) = top-K tokens of S by  <normalise(dequant(E(S))), normalise(e_c)>
+
+Ties are broken towards the lower index, i.e. the more recent token (sequences are
+stored newest first). ``nn_search`` below is the PyTorch reference; the fused Triton
+kernel in ``kernels/`` has the same signature, and callers go through
+``transact.kernels.dispatch.nn_search``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from transact.data.schema import EMB_DIM, LABEL_COLUMNS, REQUESTS
+from transact.model.config import SEGMENTS, FeatureConfig
+from transact.model.quantization import dequantize
+
+PAD_AGE: int = -1  # tok_age_s of a padding slot
+
+
+def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
+              cand_offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K nearest tokens of each candidate's own user sequence (reference).
+
+    Args:
+        seq_emb_q: int8 [T, D], the U users' sequences concatenated (newest first each).
+        seq_offsets: int64 [U + 1], user u owns rows ``seq_offsets[u]:seq_offsets[u+1]``.
+        cand_emb: float [N, D], candidate embeddings (any float dtype).
+        cand_offsets: int64 [U + 1], user u owns candidates ``cand_offsets[u]:cand_offsets[u+1]``.
+        k: number of neighbours.
+
+    Returns:
+        idx: int64 [N, k], token index *within the user's sequence*, best first;
+            -1 where the sequence has fewer than k tokens.
+        score: float32 [N, k], cosine similarity; -inf where idx is -1.
+    """
+    device = seq_emb_q.device
+    N = cand_emb.shape[0]
+    U = seq_offsets.numel() - 1
+    if k == 0 or N == 0:
+        return (torch.full((N, k), -1, dtype=torch.int64, device=device),
+                torch.full((N, k), float("-inf"), dtype=torch.float32, device=device))
+    seq_len = (seq_offsets[1:] - seq_offsets[:-1])  # [U]
+    cand_cnt = (cand_offsets[1:] - cand_offsets[:-1])  # [U]
+    L = max(int(seq_len.max()) if U else 0, 1)
+    M = max(int(cand_cnt.max()) if U else 0, 1)
+
+    seq = F.normalize(dequantize(seq_emb_q), dim=-1)  # [T, D] fp32, unit rows (zero rows stay 0)
+    cand = F.normalize(cand_emb.float(), dim=-1)  # [N, D]
+
+    # Pad per user (not per candidate): [U, L, D] and [U, M, D].
+    tok_user = torch.repeat_interleave(torch.arange(U, device=device), seq_len)  # [T]
+    tok_pos = torch.arange(seq.shape[0], device=device) - seq_offsets[tok_user]  # [T]
+    seq_pad = seq.new_zeros(U, L, seq.shape[1])  # [U, L, D]
+    seq_pad[tok_user, tok_pos] = seq
+    c_user = torch.repeat_interleave(torch.arange(U, device=device), cand_cnt)  # [N]
+    c_pos = torch.arange(N, device=device) - cand_offsets[c_user]  # [N]
+    cand_pad = cand.new_zeros(U, M, cand.shape[1])  # [U, M, D]
+    cand_pad[c_user, c_pos] = cand
+
+    scores = torch.bmm(cand_pad, seq_pad.transpose(1, 2))  # [U, M, L]
+    in_seq = torch.arange(L, device=device)[None, :] < seq_len[:, None]  # [U, L]
+    scores = scores.masked_fill(~in_seq[:, None, :], float("-inf"))  # [U, M, L]
+    scores = scores[c_user, c_pos]  # [N, L]
+    # Stable sort: equal scores keep the lower (more recent) index first.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [N, L]
+    kk = min(k, L)
+    idx = order[:, :kk]  # [N, kk]
+    score = torch.gather(scores, 1, idx)  # [N, kk]
+    idx = idx.masked_fill(torch.isinf(score), -1)
+    if kk < k:
+        idx = torch.cat([idx, idx.new_full((N, k - kk), -1)], dim=1)  # [N, k]
+        score = torch.cat([score, score.new_full((N, k - kk), float("-inf"))], dim=1)  # [N, k]
+    return idx, score
+
+
+@dataclass
+class JaggedSequences:
+    """U users' token sequences, concatenated, newest first within each user.
+
+    emb_q int8 [T, D], action uint8 [T], surface int8 [T], ts int64 [T] (ms),
+    offsets int64 [U + 1].
+    """
+
+    emb_q: torch.Tensor
+    action: torch.Tensor
+    surface: torch.Tensor
+    ts: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]  # [U]
+
+    @property
+    def num_users(self) -> int:
+        return self.offsets.numel() - 1
+
+    def token_user(self) -> torch.Tensor:
+        """int64 [T]: the user of each token."""
+        U = self.num_users
+        return torch.repeat_interleave(torch.arange(U, device=self.offsets.device), self.lengths)
+
+    def token_pos(self) -> torch.Tensor:
+        """int64 [T]: each token's index within its user's sequence (0 = newest)."""
+        return torch.arange(self.ts.numel(), device=self.ts.device) - self.offsets[self.token_user()]
+
+    def select(self, keep: torch.Tensor) -> "JaggedSequences":
+        """Keeps the tokens where ``keep`` (bool [T]) is True; order is preserved."""
+        user = self.token_user()[keep]
+        counts = torch.bincount(user, minlength=self.num_users)  # [U]
+        offsets = torch.zeros(self.num_users + 1, dtype=torch.int64, device=self.offsets.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return JaggedSequences(self.emb_q[keep], self.action[keep], self.surface[keep],
+                               self.ts[keep], offsets)
+
+    def to(self, device) -> "JaggedSequences":
+        return JaggedSequences(*(t.to(device) for t in (self.emb_q, self.action, self.surface,
+                                                           self.ts, self.offsets)))
+
+    @staticmethod
+    def empty(num_users: int, device=None) -> "JaggedSequences":
+        z = lambda dt, *s: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        return JaggedSequences(z(torch.int8, 0, EMB_DIM), z(torch.uint8, 0), z(torch.int8, 0),
+                               z(torch.int64, 0), z(torch.int64, num_users + 1))
+
+
+@dataclass
+class SAll:
+    """The S_all tokens of N (request, candidate) pairs, fixed length S.
+
+    emb_q int8 [N, S, D], action uint8 [N, S], surface int8 [N, S],
+    age_s int32 [N, S] (seconds before the request; -1 on padding),
+    seg_len int16 [N, 4] (valid tokens per segment, :data:`SEGMENTS` order).
+    """
+
+    emb_q: torch.Tensor
+    action: torch.Tensor
+    surface: torch.Tensor
+    age_s: torch.Tensor
+    seg_len: torch.Tensor
+
+    def valid(self, cfg: FeatureConfig) -> torch.Tensor:
+        """bool [N, S]: True on real tokens (segments are padded at their start)."""
+        return valid_mask(self.seg_len, cfg)
+
+
+def valid_mask(seg_len: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """seg_len int [N, 4] -> bool [N, S]; each segment's valid tokens fill its last slots."""
+    parts = []
+    for s, size in enumerate(cfg.segment_sizes):
+        slot = torch.arange(size, device=seg_len.device)  # [size]
+        parts.append(slot[None, :] >= size - seg_len[:, s : s + 1].long())  # [N, size]
+    return torch.cat(parts, dim=1)  # [N, S]
+
+
+def _segment_from_local(local: torch.Tensor, seq: JaggedSequences, cand_user: torch.Tensor,
+                        size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orders selected tokens oldest -> newest, padding first.
+
+    local: int64 [N, size] indices within the user's sequence (-1 = none).
+    Returns global token indices [N, size] (-1 = padding) and valid counts [N].
+    """
+    # Newest first storage: larger local index = older. Padding sorts first.
+    key = torch.where(local < 0, torch.full_like(local, torch.iinfo(torch.int64).max), local)
+    local = torch.sort(key, dim=1, descending=True).values  # [N, size]
+    pad = local == torch.iinfo(torch.int64).max
+    glob = torch.where(pad, torch.full_like(local, -1), local + seq.offsets[cand_user][:, None])
+    return glob, (~pad).sum(1)
+
+
+def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
+                cand_emb_q: torch.Tensor, cand_offsets: torch.Tensor, request_ts: torch.Tensor,
+                cfg: FeatureConfig) -> SAll:
+    """Builds S_all for every candidate of U de-duplicated requests.
+
+    Args:
+        ll, rt, imp: the U requests' lifelong, realtime and impression sequences.
+        cand_emb_q: int8 [N, D], candidates of all requests, grouped by request.
+        cand_offsets: int64 [U + 1].
+        request_ts: int64 [U], request timestamps (ms).
+    """
+    from transact.kernels.dispatch import nn_search as nn_search_dispatch
+
+    device = cand_emb_q.device
+    N = cand_emb_q.shape[0]
+    U = cand_offsets.numel() - 1
+    for name, seq in (("ll", ll), ("rt", rt), ("imp", imp)):
+        if seq.num_users != U:
+            raise ValueError(f"build_s_all: {name} has {seq.num_users} users, candidates {U}")
+    cand_user = torch.repeat_interleave(torch.arange(U, device=device),
+                                        cand_offsets[1:] - cand_offsets[:-1])  # [N]
+    cand_emb = dequantize(cand_emb_q)  # [N, D]
+
+    # Segments are disjoint in time: lifelong tokens at or after the oldest realtime
+    # token are already represented by the realtime segments.
+    rt_len = rt.lengths  # [U]
+    oldest_rt = torch.full((U,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    has_rt = rt_len > 0
+    oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
+    ll_old = ll.select(ll.ts < oldest_rt[ll.token_user()])
+    rt_pos = rt.token_pos()  # [T_rt]
+    rt_rest = rt.select(rt_pos >= cfg.r)
+
+    segs: list[tuple[JaggedSequences, torch.Tensor, torch.Tensor]] = []  # (seq, glob idx, count)
+    for seq, k in ((ll_old, cfg.k_ll), (rt_rest, cfg.k_rt)):
+        local, _ = nn_search_dispatch(seq.emb_q, seq.offsets, cand_emb, cand_offsets, k)
+        segs.append((seq, *_segment_from_local(local, seq, cand_user, k)))
+    # S_RT[:r]: the r most recent realtime actions, same for every candidate of a user.
+    n_recent = torch.clamp(rt_len, max=cfg.r)[cand_user]  # [N]
+    slot = torch.arange(cfg.r, device=device)[None, :]  # [1, r]
+    local = n_recent[:, None] - 1 - (slot - (cfg.r - n_recent[:, None]))  # [N, r] oldest first
+    local = torch.where(slot >= cfg.r - n_recent[:, None], local, torch.full_like(local, -1))
+    glob = torch.where(local >= 0, local + rt.offsets[cand_user][:, None], local)
+    segs.append((rt, glob, n_recent))
+    local, _ = nn_search_dispatch(imp.emb_q, imp.offsets, cand_emb, cand_offsets, cfg.k_imp)
+    segs.append((imp, *_segment_from_local(local, imp, cand_user, cfg.k_imp)))
+
+    emb_parts, act_parts, surf_parts, age_parts, counts = [], [], [], [], []
+    req_ts = request_ts[cand_user]  # [N]
+    for seq, glob, cnt in segs:
+        pad = glob < 0  # [N, k]
+        g = glob.clamp(min=0)
+        if seq.ts.numel() == 0:  # nothing to gather from: all padding
+            g = None
+        size = glob.shape[1]
+        emb = seq.emb_q[g] if g is not None else cand_emb_q.new_zeros(N, size, EMB_DIM)
+        act = seq.action[g] if g is not None else torch.zeros(N, size, dtype=torch.uint8, device=device)
+        surf = seq.surface[g] if g is not None else torch.zeros(N, size, dtype=torch.int8, device=device)
+        ts = seq.ts[g] if g is not None else torch.zeros(N, size, dtype=torch.int64, device=device)
+        emb = emb.masked_fill(pad[..., None], 0)  # [N, k, D]
+        act = act.masked_fill(pad, 0)  # [N, k]
+        surf = surf.masked_fill(pad, 0)  # [N, k]
+        age = torch.div(req_ts[:, None] - ts, 1000, rounding_mode="floor")  # [N, k] seconds
+        age = age.clamp(0, torch.iinfo(torch.int32).max).to(torch.int32).masked_fill(pad, PAD_AGE)
+        emb_parts.append(emb), act_parts.append(act), surf_parts.append(surf), age_parts.append(age)
+        counts.append(cnt)
+    return SAll(
+        emb_q=torch.cat(emb_parts, 1),  # [N, S, D]
+        action=torch.cat(act_parts, 1),  # [N, S]
+        surface=torch.cat(surf_parts, 1),  # [N, S]
+        age_s=torch.cat(age_parts, 1),  # [N, S]
+        seg_len=torch.stack(counts, 1).to(torch.int16),  # [N, 4]
+    )
+
+
+# --- the logged training row -------------------------------------------------------------
+
+def nn_rows_schema(cfg: FeatureConfig) -> pa.Schema:
+    """One row per (request, candidate): ids, labels, the candidate and its S_all tokens.
+
+    Token columns are flat fixed-size lists (``tok_emb_q`` is S x 32 int8, row-major), so
+    an example costs O(|S_all|) bytes, not O(L_LL) (paper §3.4.1).
+    """
+    S = cfg.seq_len
+    meta = pa.schema(
+        [REQUESTS.field(n) for n in ("request_id", "user_id", "item_id", "ts", "surface", "position")]
+        + [REQUESTS.field(c) for c in LABEL_COLUMNS]
+    )
+    return pa.schema(
+        list(meta)
+        + [
+            pa.field("cand_emb_q", pa.list_(pa.int8(), EMB_DIM), nullable=False),
+            pa.field("tok_emb_q", pa.list_(pa.int8(), S * EMB_DIM), nullable=False),
+            pa.field("tok_action", pa.list_(pa.uint8(), S), nullable=False),
+            pa.field("tok_surface", pa.list_(pa.int8(), S), nullable=False),
+            pa.field("tok_age_s", pa.list_(pa.int32(), S), nullable=False),
+            pa.field("seg_len", pa.list_(pa.int16(), len(SEGMENTS)), nullable=False),
+        ],
+        metadata={"feature_config": json.dumps(cfg.to_dict())},
+    )
+
+
+def _fixed_list(values: torch.Tensor, pa_type: pa.DataType, width: int) -> pa.Array:
+    flat = pa.array(values.reshape(-1).cpu().numpy(), type=pa_type)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def s_all_to_arrow(s_all: SAll, cand_emb_q: torch.Tensor, meta: pa.Table, cfg: FeatureConfig) -> pa.Table:
+    """Packs S_all tensors plus request metadata columns into :func:`nn_rows_schema` rows."""
+    schema = nn_rows_schema(cfg)
+    S = cfg.seq_len
+    cols = {f.name: meta.column(f.name) for f in schema if f.name in meta.column_names}
+    cols["cand_emb_q"] = _fixed_list(cand_emb_q, pa.int8(), EMB_DIM)
+    cols["tok_emb_q"] = _fixed_list(s_all.emb_q, pa.int8(), S * EMB_DIM)
+    cols["tok_action"] = _fixed_list(s_all.action, pa.uint8(), S)
+    cols["tok_surface"] = _fixed_list(s_all.surface, pa.int8(), S)
+    cols["tok_age_s"] = _fixed_list(s_all.age_s, pa.int32(), S)
+    cols["seg_len"] = _fixed_list(s_all.seg_len, pa.int16(), len(SEGMENTS))
+    return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def arrow_to_s_all(table: pa.Table, cfg: FeatureConfig) -> tuple[SAll, torch.Tensor]:
+    """Inverse of :func:`s_all_to_arrow`: (S_all tensors, cand_emb_q int8 [N, D])."""
+    S = cfg.seq_len
+    N = table.num_rows
+
+    def col(name: str, dtype, *shape):
+        arr = table.column(name).combine_chunks()
+        flat = arr.values.to_numpy(zero_copy_only=False)
+        return torch.from_numpy(flat.astype(dtype).reshape(N, *shape))  # a writable copy
+
+    s_all = SAll(
+        emb_q=col("tok_emb_q", np.int8, S, EMB_DIM),
+        action=col("tok_action", np.uint8, S),
+        surface=col("tok_surface", np.int8, S),
+        age_s=col("tok_age_s", np.int32, S),
+        seg_len=col("seg_len", np.int16, len(SEGMENTS)),
+    )
+    return s_all, col("cand_emb_q", np.int8, EMB_DIM)

@@ -1,0 +1,56 @@
+"""Shared test helpers: small hand-made event tables in the project schema."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run in Triton's CPU interpreter
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
+
+import numpy as np
+import pyarrow as pa
+
+from transact.data import schema as S
+from transact.model.quantization import quantize
+
+
+def make_items(n: int, rng: np.random.Generator) -> pa.Table:
+    emb = (rng.normal(size=(n, S.EMB_DIM)) * 0.15).astype(np.float16)
+    q = quantize(emb.astype(np.float32))
+    return pa.table(
+        {
+            "item_id": pa.array(np.arange(n) * 7 + 3, pa.int64()),  # sparse, not dense ids
+            "topic": pa.array(np.zeros(n), pa.int32()),
+            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), S.EMB_DIM),
+            "emb_q": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1), pa.int8()), S.EMB_DIM),
+        },
+        schema=S.ITEMS,
+    )
+
+
+def make_events(items: pa.Table, n_users: int, n_actions: int, n_imps: int,
+                rng: np.random.Generator, t_span: int = 10 * 86_400_000, t0: int = 1_700_000_000_000):
+    item_ids = items.column("item_id").to_numpy()
+    actions = pa.table(
+        {
+            "user_id": pa.array(rng.integers(0, n_users, n_actions) * 11, pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n_actions), pa.int64()),
+            "ts": pa.array(t0 + rng.integers(0, t_span, n_actions), pa.int64()),
+            "action": pa.array(rng.integers(1, 16, n_actions), pa.uint8()),
+            "surface": pa.array(rng.integers(0, len(S.SURFACES), n_actions), pa.int8()),
+        },
+        schema=S.ACTIONS_TABLE,
+    )
+    impressions = pa.table(
+        {
+            "user_id": pa.array(rng.integers(0, n_users, n_imps) * 11, pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n_imps), pa.int64()),
+            "ts": pa.array(t0 + rng.integers(0, t_span, n_imps), pa.int64()),
+            "surface": pa.array(rng.integers(0, len(S.SURFACES), n_imps), pa.int8()),
+            "request_id": pa.array(rng.integers(0, 1000, n_imps), pa.int64()),
+            "position": pa.array(rng.integers(0, 20, n_imps), pa.int16()),
+        },
+        schema=S.IMPRESSIONS,
+    )
+    return actions, impressions

@@ -1,0 +1,135 @@
+"""The NN-feature contract (Eq. 2-3) against brute force, on de-duplicated inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from hypothesis import given, settings, strategies as st
+
+from transact.data.schema import LABEL_COLUMNS
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import (
+    JaggedSequences, PAD_AGE, arrow_to_s_all, build_s_all, nn_search, s_all_to_arrow, valid_mask,
+)
+from transact.model.quantization import dequantize
+
+
+def random_jagged(rng, lens, dup=False, t_req=None):
+    T = int(sum(lens))
+    emb = rng.integers(-127, 128, (T, 32)).astype(np.int8)
+    if dup and T > 2:
+        emb[1::3] = emb[0]  # exact ties
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ts = np.concatenate([np.sort(rng.integers(0, 10**6, n))[::-1] for n in lens]) if T else np.zeros(0)
+    return JaggedSequences(
+        torch.from_numpy(emb), torch.from_numpy(rng.integers(1, 32, T).astype(np.uint8)),
+        torch.from_numpy(rng.integers(0, 4, T).astype(np.int8)), torch.from_numpy(ts.astype(np.int64)),
+        torch.from_numpy(offsets),
+    )
+
+
+def brute_nn(seq_q: np.ndarray, cand: np.ndarray, k: int):
+    """Sorted (score desc, index asc) list of the k best (index, score)."""
+    s = seq_q.astype(np.float64) * (0.65 / 127)
+    s = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    c = cand / max(np.linalg.norm(cand), 1e-12)
+    scores = s @ c
+    order = sorted(range(len(scores)), key=lambda i: (-round(scores[i], 5), i))
+    return [(i, scores[i]) for i in order[:k]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_users=st.integers(1, 4), k=st.integers(1, 9),
+       dup=st.booleans())
+def test_nn_search_matches_brute_force(seed, n_users, k, dup):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, 15, n_users)
+    seq = random_jagged(rng, lens, dup)
+    ncand = rng.integers(0, 4, n_users)
+    cand = rng.normal(size=(int(ncand.sum()), 32)).astype(np.float32)
+    cand_off = torch.from_numpy(np.concatenate([[0], np.cumsum(ncand)]).astype(np.int64))
+    idx, score = nn_search(seq.emb_q, seq.offsets, torch.from_numpy(cand), cand_off, k)
+    assert idx.shape == (len(cand), k) and score.dtype == torch.float32
+    for u in range(n_users):
+        sq = seq.emb_q[seq.offsets[u]:seq.offsets[u + 1]].numpy()
+        for n in range(int(cand_off[u]), int(cand_off[u + 1])):
+            exp = brute_nn(sq, cand[n], k)
+            got_i = idx[n].tolist()
+            assert got_i[len(exp):] == [-1] * (k - len(exp))
+            assert torch.isinf(score[n, len(exp):]).all()
+            np.testing.assert_allclose(score[n, : len(exp)].numpy(), [s for _, s in exp], atol=1e-5)
+            # Indices agree wherever the score is not tied with a neighbour within tolerance.
+            exp_i = [i for i, _ in exp]
+            assert sorted(got_i[: len(exp)]) == sorted(exp_i) or np.allclose(
+                sorted(score[n, : len(exp)].tolist()), sorted(s for _, s in exp), atol=1e-5)
+
+
+def test_ties_prefer_the_most_recent_token():
+    q = torch.full((5, 32), 10, dtype=torch.int8)  # five identical tokens
+    idx, _ = nn_search(q, torch.tensor([0, 5]), torch.ones(1, 32), torch.tensor([0, 1]), 3)
+    assert idx.tolist() == [[0, 1, 2]]
+
+
+def brute_s_all(ll, rt, imp, cand_q, cand_off, req_ts, cfg):
+    """Per-candidate Python assembly of S_all as lists of (ts or None) per slot."""
+    out = []
+    for u in range(len(req_ts)):
+        def user_seq(s):
+            lo, hi = int(s.offsets[u]), int(s.offsets[u + 1])
+            return s.emb_q[lo:hi].numpy(), s.ts[lo:hi].numpy()
+        (lq, lt), (rq, rtt), (iq, it) = user_seq(ll), user_seq(rt), user_seq(imp)
+        cutoff = rtt[-1] if len(rtt) else np.iinfo(np.int64).max
+        keep = lt < cutoff
+        lq, lt = lq[keep], lt[keep]
+        for n in range(int(cand_off[u]), int(cand_off[u + 1])):
+            c = dequantize(cand_q[n].numpy()).astype(np.float64)
+            slots = []
+            def seg(q, t, k):
+                picked = sorted(i for i, _ in brute_nn(q, c, k))[::-1]  # oldest first
+                return [None] * (k - len(picked)) + [int(t[i]) for i in picked]
+            slots += seg(lq, lt, cfg.k_ll)
+            slots += seg(rq[cfg.r:], rtt[cfg.r:], cfg.k_rt)
+            recent = [int(x) for x in rtt[: cfg.r]][::-1]
+            slots += [None] * (cfg.r - len(recent)) + recent
+            slots += seg(iq, it, cfg.k_imp)
+            out.append((slots, int(req_ts[u])))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_users=st.integers(1, 3))
+def test_build_s_all_matches_brute_force(seed, n_users):
+    rng = np.random.default_rng(seed)
+    cfg = FeatureConfig(ll_cap=40, rt_cap=9, imp_cap=6, k_ll=5, k_rt=3, r=4, k_imp=3)
+    ll = random_jagged(rng, rng.integers(0, 30, n_users))
+    rt = random_jagged(rng, rng.integers(0, 9, n_users))
+    imp = random_jagged(rng, rng.integers(0, 6, n_users))
+    ncand = rng.integers(1, 4, n_users)
+    cand_q = torch.from_numpy(rng.integers(-127, 128, (int(ncand.sum()), 32)).astype(np.int8))
+    cand_off = torch.from_numpy(np.concatenate([[0], np.cumsum(ncand)]).astype(np.int64))
+    req_ts = torch.full((n_users,), 2 * 10**6, dtype=torch.int64)
+    s = build_s_all(ll, rt, imp, cand_q, cand_off, req_ts, cfg)
+    valid = valid_mask(s.seg_len, cfg)
+    assert s.emb_q.shape == (len(cand_q), cfg.seq_len, 32)
+    for n, (slots, t) in enumerate(brute_s_all(ll, rt, imp, cand_q, cand_off, req_ts, cfg)):
+        exp_valid = [x is not None for x in slots]
+        assert valid[n].tolist() == exp_valid
+        exp_age = [PAD_AGE if x is None else (t - x) // 1000 for x in slots]
+        assert s.age_s[n].tolist() == exp_age
+        assert (s.emb_q[n][~valid[n]] == 0).all() and (s.action[n][~valid[n]] == 0).all()
+
+
+def test_cold_user_gets_all_padding_and_round_trips_through_arrow():
+    cfg = FeatureConfig(k_ll=4, k_rt=2, r=3, k_imp=2, rt_cap=5, imp_cap=4)
+    empty = JaggedSequences.empty(1)
+    cand = torch.randint(-127, 128, (3, 32), dtype=torch.int8)
+    s = build_s_all(empty, empty, empty, cand, torch.tensor([0, 3]), torch.tensor([10**6]), cfg)
+    assert s.seg_len.sum() == 0 and (s.age_s == PAD_AGE).all()
+    meta = pa.table({"request_id": pa.array([1, 1, 1], pa.int64()), "user_id": pa.array([5] * 3, pa.int64()),
+                     "item_id": pa.array([7, 8, 9], pa.int64()), "ts": pa.array([10**6] * 3, pa.int64()),
+                     "surface": pa.array([0] * 3, pa.int8()), "position": pa.array([0, 1, 2], pa.int16()),
+                     **{c: pa.array([0, 1, 0], pa.uint8()) for c in LABEL_COLUMNS}})
+    table = s_all_to_arrow(s, cand, meta, cfg)
+    s2, cand2 = arrow_to_s_all(table, cfg)
+    for a, b in ((s.emb_q, s2.emb_q), (s.action, s2.action), (s.age_s, s2.age_s), (cand, cand2)):
+        assert torch.equal(a, b)

@@ -1,0 +1,93 @@
+"""Point-in-time sequences: equal to a brute-force definition, and nothing at or after t leaks."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import make_events, make_items
+from transact.data.io import SchemaError
+from transact.model.config import DAY_MS, FeatureConfig
+from transact.model.sequences import IMP_LOOKBACK, EventStore
+
+T0 = 1_700_000_000_000
+
+
+def brute_force(items, actions, impressions, cfg: FeatureConfig, user: int, t: int):
+    """Row-by-row definition of (S_LL, S_RT, S_imp) as (item_id, ts) lists, newest first."""
+    a = actions.to_pandas()
+    a = a[a.user_id == user].sort_values("ts", kind="stable")
+    before = a[a.ts < t]
+    rt = before.iloc[::-1].iloc[: cfg.rt_cap]
+    t_ll = (t // cfg.ll_refresh_ms) * cfg.ll_refresh_ms if cfg.ll_refresh_ms else t
+    ll = a[a.ts < t_ll].iloc[::-1].iloc[: cfg.ll_cap]
+    im = impressions.to_pandas()
+    im = im[(im.user_id == user) & (im.ts < t)].sort_values("ts", kind="stable").iloc[::-1]
+    im = im.iloc[: IMP_LOOKBACK * cfg.imp_cap]
+    keep = []
+    for row in im.itertuples():
+        engaged = ((before.item_id == row.item_id) & (before.ts >= row.ts)).any()
+        if not engaged:
+            keep.append((row.item_id, row.ts))
+    as_list = lambda df: list(zip(df.item_id.tolist(), df.ts.tolist()))  # noqa: E731
+    return as_list(ll), as_list(rt), keep[: cfg.imp_cap]
+
+
+def as_pairs(store: EventStore, seq, u: int):
+    lo, hi = int(seq.offsets[u]), int(seq.offsets[u + 1])
+    rows = [np.flatnonzero((store.item_emb_q == seq.emb_q[i].numpy()).all(1)) for i in range(lo, hi)]
+    return rows, seq.ts[lo:hi].tolist()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ll_cap=st.integers(1, 30), rt_cap=st.integers(1, 12),
+       imp_cap=st.integers(1, 8), refresh=st.sampled_from([0, DAY_MS, 3_600_000]))
+def test_sequences_match_brute_force_and_never_leak(seed, ll_cap, rt_cap, imp_cap, refresh):
+    rng = np.random.default_rng(seed)
+    items = make_items(40, rng)
+    actions, impressions = make_events(items, n_users=4, n_actions=150, n_imps=200, rng=rng)
+    cfg = FeatureConfig(ll_cap=ll_cap, rt_cap=rt_cap, imp_cap=imp_cap, r=min(2, rt_cap),
+                        k_ll=3, k_rt=2, k_imp=2, ll_refresh_ms=refresh)
+    store = EventStore(items, actions, impressions, cfg)
+    # Requests at random times, some exactly at an event's timestamp, one unknown user.
+    users = np.array([0, 11, 22, 33, 999], dtype=np.int64)
+    ts = T0 + rng.integers(0, 10 * 86_400_000, len(users))
+    ts[1] = actions.column("ts").to_numpy()[0]
+    ts[2] = impressions.column("ts").to_numpy()[0]
+    ll, rt, imp = store.sequences(users, ts)
+    item_ids = items.column("item_id").to_numpy()
+    for u, (user, t) in enumerate(zip(users, ts)):
+        exp_ll, exp_rt, exp_imp = brute_force(items, actions, impressions, cfg, int(user), int(t))
+        for seq, exp in ((ll, exp_ll), (rt, exp_rt), (imp, exp_imp)):
+            lo, hi = int(seq.offsets[u]), int(seq.offsets[u + 1])
+            got_ts = seq.ts[lo:hi].numpy()
+            assert (got_ts < t).all(), "an event at or after the request time leaked in"
+            assert list(got_ts) == [e[1] for e in exp]
+            # Embeddings are the items' own.
+            exp_rows = np.searchsorted(item_ids, [e[0] for e in exp])
+            np.testing.assert_array_equal(seq.emb_q[lo:hi].numpy(), store.item_emb_q[exp_rows])
+        if refresh:
+            lo, hi = int(ll.offsets[u]), int(ll.offsets[u + 1])
+            assert (ll.ts[lo:hi].numpy() < (t // refresh) * refresh).all()
+
+
+def test_newest_first_and_caps():
+    rng = np.random.default_rng(0)
+    items = make_items(10, rng)
+    actions, impressions = make_events(items, 1, 50, 50, rng)
+    cfg = FeatureConfig(ll_cap=20, rt_cap=5, imp_cap=4, r=2, k_ll=2, k_rt=2, k_imp=2, ll_refresh_ms=0)
+    store = EventStore(items, actions, impressions, cfg)
+    ll, rt, imp = store.sequences(np.array([0]), np.array([T0 + 20 * 86_400_000]))
+    assert ll.lengths.tolist() == [20] and rt.lengths.tolist() == [5] and int(imp.lengths[0]) <= 4
+    for seq in (ll, rt, imp):
+        assert (seq.ts[1:] <= seq.ts[:-1]).all()
+
+
+def test_unknown_item_is_named():
+    rng = np.random.default_rng(0)
+    items = make_items(10, rng)
+    actions, impressions = make_events(items, 2, 10, 10, rng)
+    bad = actions.set_column(1, "item_id", pa.array(np.full(actions.num_rows, 123456), pa.int64()))
+    with pytest.raises(SchemaError, match="item_id.*123456"):
+        EventStore(items, bad, impressions)

@@ -1,0 +1,36 @@
+"""The one command line over everything: ``transact --help``.
+
+Each area of the system registers its commands from ``transact/commands/<area>.py``;
+heavy libraries are imported inside the commands so ``transact --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    help="TransAct V2: lifelong-sequence CTR ranking, from simulated events to a served model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON naming the machine.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+#: Command modules, each with ``register(app, bench_app)``.
+COMMAND_MODULES = ("data", "model", "kernels")
+
+for _name in COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"transact.commands.{_name}")
+    except ModuleNotFoundError as e:  # an area not built yet in this checkout
+        if e.name != f"transact.commands.{_name}":
+            raise
+        continue
+    _mod.register(app, bench_app)
+
+
+if __name__ == "__main__":
+    app()

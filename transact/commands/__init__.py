@@ -1,0 +1,1 @@
+"""CLI command modules, one per area; each defines ``register(app, bench_app)``."""
