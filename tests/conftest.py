@@ -54,3 +54,39 @@ def make_events(items: pa.Table, n_users: int, n_actions: int, n_imps: int,
         schema=S.IMPRESSIONS,
     )
     return actions, impressions
+
+
+def make_requests(items: pa.Table, n_users: int, n_requests: int, per_request: int,
+                  rng: np.random.Generator, t_span: int = 10 * 86_400_000, t0: int = 1_700_000_000_000) -> pa.Table:
+    """Requests of ``per_request`` candidates each, one user and one ts per request."""
+    from transact.data.schema import LABEL_COLUMNS, REQUESTS
+
+    item_ids = items.column("item_id").to_numpy()
+    n = n_requests * per_request
+    rid = np.repeat(np.arange(n_requests) + 100, per_request)
+    return pa.table(
+        {
+            "request_id": pa.array(rid, pa.int64()),
+            "user_id": pa.array(np.repeat(rng.integers(0, n_users + 1, n_requests) * 11, per_request), pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n), pa.int64()),
+            "ts": pa.array(np.repeat(t0 + rng.integers(0, t_span, n_requests), per_request), pa.int64()),
+            "surface": pa.array(np.zeros(n), pa.int8()),
+            "position": pa.array(np.tile(np.arange(per_request), n_requests), pa.int16()),
+            **{c: pa.array(rng.integers(0, 2, n), pa.uint8()) for c in LABEL_COLUMNS},
+        },
+        schema=REQUESTS,
+    )
+
+
+def write_world(path, seed: int = 0, n_users: int = 5):
+    """A small hand-made world folder (all four tables) for step tests."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    items = make_items(60, rng)
+    actions, impressions = make_events(items, n_users, 400, 400, rng)
+    requests = make_requests(items, n_users, 30, 6, rng)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
+        pq.write_table(t, path / f"{name}.parquet")
+    return items, actions, impressions, requests

@@ -1,0 +1,104 @@
+"""NN-feature logging (paper §3.4.1): requests + sequences -> compact training rows.
+
+One row per (request, candidate) holding its |S_all| tokens, labels and ids, so an
+example costs O(|S_all|) bytes instead of O(L_LL). Requests are processed in batches,
+de-duplicated exactly like serving does (each user's sequences once, candidates by
+offsets) through the same :func:`transact.model.nn_features.build_s_all`, and streamed
+to parquet row groups; the output file appears only when complete.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm.auto import tqdm
+
+from transact.data import schema as S
+from transact.data.io import AtomicParquetWriter, SchemaError, read_table, table_path
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import build_s_all, nn_rows_schema, s_all_to_arrow
+from transact.model.sequences import EventStore
+
+
+def sorted_requests(requests: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Sorts requests by (ts, request_id, position); returns it and each request's first row.
+
+    Raises SchemaError when a request_id mixes users or timestamps: a request is one
+    user's ranking call at one instant.
+    """
+    requests = requests.sort_by([("ts", "ascending"), ("request_id", "ascending"),
+                                 ("position", "ascending")])
+    rid = requests.column("request_id").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]])) if len(rid) else np.zeros(0, int)
+    if len(np.unique(rid)) != len(starts):
+        raise SchemaError("requests: a request_id appears at more than one ts (rows of one request "
+                          "must share ts)")
+    for col in ("user_id", "ts"):
+        v = requests.column(col).to_numpy()
+        first = np.repeat(v[starts], np.diff(np.append(starts, len(v))))
+        bad = np.flatnonzero(v != first)
+        if len(bad):
+            raise SchemaError(f"requests: request_id {int(rid[bad[0]])} has rows with different {col}")
+    return requests, starts
+
+
+def log_nn_features(world: str | Path, out: str | Path, cfg: FeatureConfig | None = None,
+                    batch_requests: int = 256, progress: bool = True,
+                    store: EventStore | None = None) -> dict:
+    """Writes the NN-feature training rows of every request in ``world`` to ``out``.
+
+    Args:
+        world: folder with items/actions/impressions/requests parquet tables.
+        out: destination parquet file (written atomically).
+        cfg: feature contract; defaults to :class:`FeatureConfig`.
+        batch_requests: requests per de-duplicated batch (bounds memory).
+    Returns:
+        A summary: rows, requests, seconds, bytes, path.
+    """
+    cfg = cfg or FeatureConfig()
+    t_start = time.perf_counter()
+    store = store or EventStore.from_dir(world, cfg)
+    requests, starts = sorted_requests(read_table(table_path(world, "requests"), S.REQUESTS,
+                                                  what="requests"))
+    ends = np.append(starts[1:], requests.num_rows)
+    users = requests.column("user_id").to_numpy()
+    ts = requests.column("ts").to_numpy()
+    items = requests.column("item_id").to_numpy()
+    schema = nn_rows_schema(cfg)
+    n_req = len(starts)
+    with AtomicParquetWriter(out, schema) as writer, \
+            tqdm(total=n_req, desc="log-nn", unit="req", disable=not progress) as bar:
+        for b in range(0, n_req, batch_requests):
+            s, e = starts[b : b + batch_requests], ends[b : b + batch_requests]
+            row_lo, row_hi = int(s[0]), int(e[-1])
+            ll, rt, imp = store.sequences(users[s], ts[s])
+            cand_q = torch.from_numpy(store.item_emb_q_of(items[row_lo:row_hi]))  # [N, D]
+            cand_off = torch.from_numpy(np.append(s - row_lo, row_hi - row_lo).astype(np.int64))
+            with torch.no_grad():
+                s_all = build_s_all(ll, rt, imp, cand_q, cand_off, torch.from_numpy(ts[s]), cfg)
+            writer.write(s_all_to_arrow(s_all, cand_q, requests.slice(row_lo, row_hi - row_lo), cfg))
+            bar.update(len(s))
+    seconds = time.perf_counter() - t_start
+    summary = {
+        "path": str(out),
+        "rows": writer.rows,
+        "requests": n_req,
+        "seconds": round(seconds, 2),
+        "bytes": Path(out).stat().st_size,
+        "feature_config": cfg.to_dict(),
+    }
+    Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def rows_time_range(path: str | Path) -> tuple[int, int]:
+    """(min ts, max ts) of a row file, read from its ``ts`` column only."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["ts"]).column("ts")
+    return int(pc.min(t).as_py()), int(pc.max(t).as_py())

@@ -1,0 +1,156 @@
+"""Adapter for a team's own logs in the generic event schema.
+
+A source folder holds one file per table, ``<table>.parquet`` or ``<table>.csv``:
+
+| table       | columns                                                                    |
+|-------------|----------------------------------------------------------------------------|
+| items       | item_id int; emb: 32 floats (a list column, or columns emb_0..emb_31); optional emb_q (32 int8), topic |
+| actions     | user_id, item_id, ts, action, surface                                      |
+| impressions | user_id, item_id, ts, surface, request_id, position                        |
+| requests    | request_id, user_id, item_id, ts, surface, position, label_click, label_repin, label_hide, label_closeup |
+
+- ``ts``: int milliseconds since the epoch, or a timestamp column (converted to ms UTC).
+- ``action``: the multi-hot bitmask of :data:`transact.data.schema.ACTIONS`, or names
+  joined by ``|`` (``"closeup|repin"``).
+- ``surface``: an index into :data:`~transact.data.schema.SURFACES`, or its name.
+
+:func:`import_logs` checks everything and writes the canonical world folder
+(the tables every step reads plus ``world.json``); any problem raises
+:class:`~transact.data.io.SchemaError` naming the table and the column, and nothing
+is written unless every table is valid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from transact.data import schema as S
+from transact.data.io import SchemaError, conform, write_table
+from transact.model.quantization import quantize
+
+
+def _read_source(src: Path, name: str) -> pa.Table:
+    for ext, reader in ((".parquet", pq.read_table), (".csv", pcsv.read_csv)):
+        path = src / f"{name}{ext}"
+        if path.exists():
+            return reader(path)
+    raise SchemaError(f"{name}: no {name}.parquet or {name}.csv in {src}")
+
+
+def _require(t: pa.Table, name: str, cols) -> None:
+    missing = [c for c in cols if c not in t.column_names]
+    if missing:
+        raise SchemaError(f"{name}: missing column(s) {', '.join(missing)}; "
+                          f"found: {', '.join(t.column_names)}")
+
+
+def _ts_ms(t: pa.Table, name: str) -> pa.Table:
+    col = t.column("ts")
+    if pa.types.is_timestamp(col.type):
+        col = pc.cast(pc.cast(col, pa.timestamp("ms", tz=col.type.tz)), pa.int64())
+    elif not pa.types.is_integer(col.type):
+        raise SchemaError(f"{name}: column 'ts' has type {col.type}, expected int milliseconds or a timestamp")
+    return t.set_column(t.column_names.index("ts"), "ts", col)
+
+
+def _names_to_codes(t: pa.Table, name: str, column: str, vocab: tuple[str, ...], multi: bool) -> pa.Table:
+    col = t.column(column)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return t
+    values = col.to_pylist()
+    out = np.zeros(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        parts = (v or "").split("|") if multi else [v]
+        for p in parts:
+            if p not in vocab:
+                raise SchemaError(f"{name}: column '{column}' row {i} has unknown value {p!r}; "
+                                  f"allowed: {', '.join(vocab)}")
+            out[i] |= (1 << vocab.index(p)) if multi else vocab.index(p)
+    return t.set_column(t.column_names.index(column), column, pa.array(out))
+
+
+def _check_range(t: pa.Table, name: str, column: str, lo: int, hi: int) -> None:
+    v = t.column(column).to_numpy()
+    bad = np.flatnonzero((v < lo) | (v > hi))
+    if len(bad):
+        raise SchemaError(f"{name}: column '{column}' has {len(bad)} values outside [{lo}, {hi}], "
+                          f"e.g. row {bad[0]} = {v[bad[0]]}")
+
+
+def _items(t: pa.Table) -> pa.Table:
+    _require(t, "items", ["item_id"])
+    if "emb" in t.column_names:
+        col = t.column("emb").combine_chunks()
+        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)
+                or pa.types.is_large_list(col.type)):
+            raise SchemaError(f"items: column 'emb' has type {col.type}, expected a list of {S.EMB_DIM} floats")
+        widths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if len(widths) and (widths != S.EMB_DIM).any():
+            bad = int(np.flatnonzero(widths != S.EMB_DIM)[0])
+            raise SchemaError(f"items: column 'emb' must have width {S.EMB_DIM}; row {bad} has width {widths[bad]}")
+        emb = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, S.EMB_DIM)
+    else:
+        cols = [f"emb_{i}" for i in range(S.EMB_DIM)]
+        if not any(c in t.column_names for c in cols):
+            raise SchemaError(f"items: missing column 'emb' (a list of {S.EMB_DIM} floats, or emb_0..emb_{S.EMB_DIM - 1})")
+        _require(t, "items", cols)
+        emb = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in cols], 1).astype(np.float32)
+    if not np.isfinite(emb).all():
+        raise SchemaError(f"items: column 'emb' has non-finite values in {int((~np.isfinite(emb)).any(1).sum())} rows")
+    q = quantize(emb)
+    topic = t.column("topic") if "topic" in t.column_names else pa.array(np.full(len(emb), -1), pa.int32())
+    return conform(pa.table({
+        "item_id": t.column("item_id"), "topic": topic,
+        "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).ravel()), S.EMB_DIM),
+        "emb_q": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel()), S.EMB_DIM),
+    }), S.ITEMS, "items")
+
+
+def _events(t: pa.Table, name: str) -> pa.Table:
+    schema = S.TABLES[name]
+    _require(t, name, schema.names)
+    t = _ts_ms(t, name)
+    t = _names_to_codes(t, name, "surface", S.SURFACES, multi=False)
+    _check_range(t, name, "surface", 0, len(S.SURFACES) - 1)
+    if name == "actions":
+        t = _names_to_codes(t, name, "action", S.ACTIONS, multi=True)
+        _check_range(t, name, "action", 1, S.EXPLICIT_MASK)
+    for c in S.LABEL_COLUMNS if name == "requests" else ():
+        _check_range(t, name, c, 0, 1)
+    for c in ("user_id", "item_id", "request_id"):
+        if c in schema.names:
+            _check_range(t, name, c, 0, np.iinfo(np.int64).max)
+    return conform(t, schema, name)
+
+
+def import_logs(src: str | Path, out: str | Path, eval_fraction: float = 0.2) -> dict:
+    """Validates a source folder of logs and writes the canonical world folder ``out``."""
+    from transact.components.nn_logging import sorted_requests
+
+    src, out = Path(src), Path(out)
+    tables = {"items": _items(_read_source(src, "items"))}
+    for name in ("actions", "impressions", "requests"):
+        tables[name] = _events(_read_source(src, name), name)
+    sorted_requests(tables["requests"])  # one user and one ts per request
+    known = tables["items"].column("item_id")
+    for name in ("actions", "impressions", "requests"):
+        unknown = pc.invert(pc.is_in(tables[name].column("item_id"), value_set=known))
+        n = pc.sum(unknown).as_py() or 0
+        if n:
+            raise SchemaError(f"{name}: {n} rows reference item_id values missing from items")
+    for name, table in tables.items():
+        write_table(out / f"{name}.parquet", table, S.TABLES[name])
+    req_ts = tables["requests"].column("ts").to_numpy()
+    summary = {
+        "source": str(src),
+        "rows": {n: t.num_rows for n, t in tables.items()},
+        "train_end_ts": int(np.quantile(req_ts, 1 - eval_fraction)) if len(req_ts) else 0,
+    }
+    (out / "world.json").write_text(json.dumps(summary, indent=2))
+    return summary
