@@ -133,3 +133,21 @@ def test_cold_user_gets_all_padding_and_round_trips_through_arrow():
     s2, cand2 = arrow_to_s_all(table, cfg)
     for a, b in ((s.emb_q, s2.emb_q), (s.action, s2.action), (s.age_s, s2.age_s), (cand, cand2)):
         assert torch.equal(a, b)
+
+
+def test_arrow_round_trip_of_a_sliced_multi_chunk_table():
+    cfg = FeatureConfig(k_ll=3, k_rt=2, r=2, k_imp=1, rt_cap=4, imp_cap=2)
+    rng = np.random.default_rng(1)
+    seqs = [random_jagged(rng, [6, 3]) for _ in range(3)]
+    cand = torch.from_numpy(rng.integers(-127, 128, (5, 32)).astype(np.int8))
+    s = build_s_all(*seqs, cand, torch.tensor([0, 2, 5]), torch.tensor([2 * 10**6] * 2), cfg)
+    meta = pa.table({"request_id": pa.array(range(5), pa.int64()), "user_id": pa.array([1] * 5, pa.int64()),
+                     "item_id": pa.array(range(5), pa.int64()), "ts": pa.array([0] * 5, pa.int64()),
+                     "surface": pa.array([0] * 5, pa.int8()), "position": pa.array(range(5), pa.int16()),
+                     **{c: pa.array([0] * 5, pa.uint8()) for c in LABEL_COLUMNS}})
+    table = s_all_to_arrow(s, cand, meta, cfg)
+    two_chunks = pa.concat_tables([table.slice(0, 2), table.slice(2, 3)]).slice(1, 3)
+    s2, cand2 = arrow_to_s_all(two_chunks, cfg)
+    for f in ("emb_q", "action", "surface", "age_s", "seg_len"):
+        assert torch.equal(getattr(s2, f), getattr(s, f)[1:4]), f
+    assert torch.equal(cand2, cand[1:4])

@@ -20,7 +20,7 @@ bench_app = typer.Typer(help="Benchmarks: print a table and write JSON naming th
 app.add_typer(bench_app, name="bench")
 
 #: Command modules, each with ``register(app, bench_app)``.
-COMMAND_MODULES = ("data", "demo", "model", "kernels", "validation", "features")
+COMMAND_MODULES = ("data", "demo", "model", "kernels", "validation", "features", "serving", "pipeline", "monitoring")
 
 for _name in COMMAND_MODULES:
     try:
