@@ -1,0 +1,91 @@
+"""The training pipeline (and the retrain pipeline the drift monitor triggers).
+
+    ingest -> validate -[pass]-> features -> log NN features -> train -> evaluate
+           -> gate vs champion -[pass]-> promote + package
+
+A failed validation stops everything behind it (the batch is in quarantine, the
+validation report says why); a failed gate stops packaging (the gate report says
+which metric regressed).
+"""
+
+from kfp import dsl
+
+from transact.components.kfp_components import (
+    evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, validate_op,
+)
+
+#: Steps that talk to storage or services and may fail transiently: retried with backoff.
+RETRIES = 3
+BACKOFF = "30s"
+
+
+def _gpu(task: dsl.PipelineTask, cpu: str = "4", memory: str = "32G") -> dsl.PipelineTask:
+    """A GPU step on a cluster (ignored, with a warning, by the local runner)."""
+    return (task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            .set_cpu_request(cpu).set_memory_request(memory))
+
+
+@dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
+def training_pipeline(
+    profile: str = "demo",
+    seed: int = 0,
+    source: str = "",
+    drift: str = "none",
+    model_name: str = "v2",
+    epochs: int = 2,
+    batch_size: int = 256,
+    lr: float = 0.002,
+    quarantine_dir: str = "runs/quarantine",
+    reference: str = "",
+    feature_repo: str = "feature_repo",
+    champion_dir: str = "runs/champion",
+    gate_tolerance: float = 0.02,
+) -> None:
+    ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
+    ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
+    ingest.set_caching_options(True)
+
+    validate = validate_op(world=ingest.outputs["world"], quarantine_dir=quarantine_dir, reference=reference)
+    validate.set_caching_options(False)  # quarantine moves files: always re-check
+
+    with dsl.If(validate.outputs["Output"] == "pass", name="validation-passed"):
+        features = features_op(world=ingest.outputs["world"], repo_dir=feature_repo)
+        features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
+
+        log_nn = log_nn_op(world=ingest.outputs["world"]).after(features)
+        log_nn.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("4").set_memory_request("16G")
+
+        train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
+                              batch_size=batch_size, lr=lr, seed=seed))
+        evaluate = _gpu(evaluate_op(model=train.outputs["model"], rows=log_nn.outputs["rows"]))
+
+        gate = gate_op(metrics_json=evaluate.outputs["Output"], model=train.outputs["model"],
+                       rows=log_nn.outputs["rows"], champion_dir=champion_dir, tolerance=gate_tolerance)
+        gate.set_caching_options(False)  # the champion changes between runs
+        _gpu(gate)
+
+        with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
+            package = package_op(model=train.outputs["model"], metrics_json=evaluate.outputs["Output"],
+                                 champion_dir=champion_dir)
+            package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
+            _gpu(package, cpu="2", memory="8G")
+
+
+@dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")
+def retrain_pipeline(
+    source: str,
+    model_name: str = "v2",
+    epochs: int = 2,
+    seed: int = 0,
+    quarantine_dir: str = "runs/quarantine",
+    feature_repo: str = "feature_repo",
+    champion_dir: str = "runs/champion",
+    gate_tolerance: float = 0.02,
+) -> None:
+    training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
+                      epochs=epochs, batch_size=256, lr=0.002, quarantine_dir=quarantine_dir,
+                      reference="", feature_repo=feature_repo, champion_dir=champion_dir,
+                      gate_tolerance=gate_tolerance)
+
+
+PIPELINES = {"training": training_pipeline, "retrain": retrain_pipeline}

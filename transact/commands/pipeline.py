@@ -1,0 +1,74 @@
+"""``transact pipeline run|compile|submit``: the KFP pipelines."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from transact.commands._common import fail_on_user_error
+
+
+def _params(items: list[str]) -> dict:
+    """key=value pairs; values parsed as JSON when they are (numbers, booleans), else strings."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    pipe = typer.Typer(help="Kubeflow pipelines: run locally, compile to YAML, submit to a cluster.",
+                       no_args_is_help=True)
+    app.add_typer(pipe, name="pipeline")
+
+    @pipe.command("run")
+    @fail_on_user_error
+    def run(
+        name: str = typer.Option("training", help="training | retrain"),
+        run_dir: Path = typer.Option(Path("runs/pipeline"), help="Run folder (artefacts + summary)."),
+        param: List[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
+    ) -> None:
+        """Run the pipeline on this machine (kfp.local, one subprocess per step)."""
+        from transact.pipelines.runner import run_local
+
+        summary = run_local(name, run_dir, **_params(param))
+        typer.echo((run_dir / "summary.md").read_text())
+        if not summary["outcome"].startswith("packaged"):
+            raise typer.Exit(1)
+
+    @pipe.command("compile")
+    @fail_on_user_error
+    def compile_(
+        name: str = typer.Option("training", help="training | retrain"),
+        out: Optional[Path] = typer.Option(None, help="YAML path (default: build/<name>.yaml)."),
+    ) -> None:
+        """Write the KFP IR YAML (upload it in the Kubeflow UI or with `submit`)."""
+        from transact.pipelines.runner import compile_pipeline
+
+        path = compile_pipeline(name, out or Path("build") / f"{name}.yaml")
+        typer.echo(f"compiled {name} -> {path}")
+
+    @pipe.command("submit")
+    @fail_on_user_error
+    def submit_(
+        host: str = typer.Option(..., help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline"),
+        name: str = typer.Option("training", help="training | retrain"),
+        param: List[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
+        experiment: str = typer.Option("transact", help="Experiment name."),
+        namespace: Optional[str] = typer.Option(None, help="Kubeflow namespace (multi-user clusters)."),
+        run_name: Optional[str] = typer.Option(None, help="Run name."),
+        token: Optional[str] = typer.Option(None, envvar="KFP_TOKEN", help="Bearer token (or $KFP_TOKEN)."),
+    ) -> None:
+        """Compile and submit a run to a Kubeflow cluster."""
+        from transact.pipelines.runner import submit
+
+        result = submit(host, name, _params(param), experiment, namespace, run_name, token)
+        typer.echo(f"submitted: run id {getattr(result, 'run_id', result)}")
