@@ -125,4 +125,4 @@ def test_submit_builds_the_right_request_against_a_fake_kubeflow_api():
     assert run["runtime_config"]["parameters"] == {"epochs": 3, "profile": "demo"}
     assert run["pipeline_spec"]["pipelineInfo"]["name"] == "transact-training"
     assert "exec-train-op" in run["pipeline_spec"]["deploymentSpec"]["executors"]
-    assert headers.get("Authorization") == "Bearer secret-token"
+    assert {k.lower(): v for k, v in headers.items()}.get("authorization") == "Bearer secret-token"
