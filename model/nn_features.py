@@ -37,7 +37,8 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     Args:
         seq_emb_q: int8 [T, D], the U users' sequences concatenated (newest first each).
         seq_offsets: int64 [U + 1], user u owns rows ``seq_offsets[u]:seq_offsets[u+1]``.
-        cand_emb: float [N, D], candidate embeddings (any float dtype).
+        cand_emb: float [N, D], candidate embeddings (any float dtype). Scores are
+            scale-free, so int8 codes as floats work, and keep ties exact.
         cand_offsets: int64 [U + 1], user u owns candidates ``cand_offsets[u]:cand_offsets[u+1]``.
         k: number of neighbours.
 
@@ -48,39 +49,36 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     """
     device = seq_emb_q.device
     N = cand_emb.shape[0]
-    U = seq_offsets.numel() - 1
+    idx = torch.full((N, k), -1, dtype=torch.int64, device=device)
+    score = torch.full((N, k), float("-inf"), dtype=torch.float32, device=device)
     if k == 0 or N == 0:
-        return (torch.full((N, k), -1, dtype=torch.int64, device=device),
-                torch.full((N, k), float("-inf"), dtype=torch.float32, device=device))
-    seq_len = (seq_offsets[1:] - seq_offsets[:-1])  # [U]
-    cand_cnt = (cand_offsets[1:] - cand_offsets[:-1])  # [U]
-    L = max(int(seq_len.max()) if U else 0, 1)
-    M = max(int(cand_cnt.max()) if U else 0, 1)
-
-    seq = F.normalize(dequantize(seq_emb_q), dim=-1)  # [T, D] fp32, unit rows (zero rows stay 0)
-    cand = F.normalize(cand_emb.float(), dim=-1)  # [N, D]
-
-    # Pad per user (not per candidate): [U, L, D] and [U, M, D].
-    tok_user = torch.repeat_interleave(torch.arange(U, device=device), seq_len)  # [T]
-    tok_pos = torch.arange(seq.shape[0], device=device) - seq_offsets[tok_user]  # [T]
-    seq_pad = seq.new_zeros(U, L, seq.shape[1])  # [U, L, D]
-    seq_pad[tok_user, tok_pos] = seq
-    c_user = torch.repeat_interleave(torch.arange(U, device=device), cand_cnt)  # [N]
-    c_pos = torch.arange(N, device=device) - cand_offsets[c_user]  # [N]
-    cand_pad = cand.new_zeros(U, M, cand.shape[1])  # [U, M, D]
-    cand_pad[c_user, c_pos] = cand
-
-    scores = torch.bmm(cand_pad, seq_pad.transpose(1, 2)) + 0.0  # [U, M, L]; -0.0 -> +0.0
-    in_seq = torch.arange(L, device=device)[None, :] < seq_len[:, None]  # [U, L]
-    scores = scores.masked_fill(~in_seq[:, None, :], float("-inf"))  # [U, M, L]
-    scores = scores[c_user, c_pos]  # [N, L]
-    kk = min(k, L)
-    idx = torch.topk(_tie_break_key(scores), kk, dim=1).indices  # [N, kk]
-    score = torch.gather(scores, 1, idx)  # [N, kk]
-    idx = idx.masked_fill(torch.isinf(score), -1)
-    if kk < k:
-        idx = torch.cat([idx, idx.new_full((N, k - kk), -1)], dim=1)  # [N, k]
-        score = torch.cat([score, score.new_full((N, k - kk), float("-inf"))], dim=1)  # [N, k]
+        return idx, score
+    # Scores are computed on the int8 codes: the dequantisation scale cancels in the
+    # cosine, dot products of int8 codes are exact in fp32 (|sum| <= 32 * 127^2 < 2^24),
+    # and the norms divide elementwise -- so a token's score does not depend on where it
+    # sits in the batch, and identical tokens tie exactly (the tie rule then decides).
+    seq = seq_emb_q.float()  # [T, D] integer-valued
+    seq_norm = seq.square().sum(-1).sqrt()  # [T]
+    cand = cand_emb.float()  # [N, D]
+    cand_norm = cand.square().sum(-1).sqrt()  # [N]
+    seq_len = (seq_offsets[1:] - seq_offsets[:-1]).tolist()  # [U]
+    cand_lo, cand_hi = cand_offsets[:-1].tolist(), cand_offsets[1:].tolist()
+    seq_lo = seq_offsets[:-1].tolist()
+    # One small matmul per user over views of the jagged values: no padding, no copy of
+    # a user's sequence per candidate (the de-duplicated layout), and on CPU cheaper
+    # than padding users of very different lengths to a common one.
+    for u, n in enumerate(seq_len):
+        c0, c1 = cand_lo[u], cand_hi[u]
+        if n == 0 or c1 == c0:
+            continue
+        s0 = seq_lo[u]
+        dots = cand[c0:c1] @ seq[s0 : s0 + n].T  # [M_u, L_u]
+        # cosine = dot / |s| / |c| (a zero vector scores 0); "+ 0.0" turns -0.0 into +0.0.
+        sc = torch.nan_to_num(dots / seq_norm[s0 : s0 + n][None, :] / cand_norm[c0:c1, None], nan=0.0) + 0.0
+        kk = min(k, n)
+        top = torch.topk(_tie_break_key(sc), kk, dim=1).indices  # [M_u, kk]
+        idx[c0:c1, :kk] = top
+        score[c0:c1, :kk] = torch.gather(sc, 1, top)
     return idx, score
 
 
@@ -214,7 +212,7 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
             raise ValueError(f"build_s_all: {name} has {seq.num_users} users, candidates {U}")
     cand_user = torch.repeat_interleave(torch.arange(U, device=device),
                                         cand_offsets[1:] - cand_offsets[:-1])  # [N]
-    cand_emb = dequantize(cand_emb_q)  # [N, D]
+    cand_emb = cand_emb_q.float()  # [N, D] the codes: the cosine is scale-free, ties stay exact
 
     # Segments are disjoint in time: lifelong tokens at or after the oldest realtime
     # token are already represented by the realtime segments.
