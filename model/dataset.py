@@ -1,0 +1,327 @@
+"""Logged NN-feature rows -> tensor batches, split by time, sharded across DDP ranks.
+
+The row files (``transact log-nn``) are parquet in the :func:`nn_rows_schema` layout,
+with the :class:`FeatureConfig` as JSON in the schema metadata key ``feature_config``.
+``path`` is one file or a folder of ``*.parquet`` parts.
+
+Time split: ``split="train"`` keeps rows with ``ts < train_end_ts``; ``split="eval"``
+keeps ``ts >= train_end_ts`` (and ``ts < eval_end_ts`` when given); ``"all"`` keeps all.
+
+Two modes, same batches: when the selected rows fit in ``max_memory_mb`` they are
+loaded once as tensors; otherwise they are streamed row group by row group through a
+shuffle buffer of at least ``buffer_rows`` rows.
+
+Batch order (deterministic for a seed). Epoch e of a shuffled run draws a permutation
+from ``numpy.random.default_rng([seed, e])`` (in streaming mode: of the row groups,
+then of the rows inside each buffer). The resulting stream is cut into *global*
+batches of ``batch_size * world_size`` rows; rank k takes rows
+``[k * batch_size, (k + 1) * batch_size)`` of each. A final short global batch of m rows
+gives every rank ``m // world_size`` rows (the remainder, < world_size rows, is
+dropped). So every rank runs the same number of steps -- which DDP needs -- and the
+data a run sees does not depend on how it is split into processes. The price: every
+rank reads (and, in memory mode, holds) the whole split and keeps its share; parquet
+decoding is far faster than training, so on one machine this costs memory, not time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from transact.data.schema import EMB_DIM, LABEL_COLUMNS
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import arrow_to_s_all
+from transact.model.transact import Batch
+
+SPLITS = ("all", "train", "eval")
+
+
+def row_files(path: str | Path) -> list[Path]:
+    """The parquet files of a row path (a file, or a folder of parts, sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {path}")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"row file {path} does not exist")
+    return [path]
+
+
+def read_feature_config(path: str | Path) -> FeatureConfig:
+    """The FeatureConfig stored in the row files' schema metadata (all parts must agree)."""
+    cfgs = set()
+    for f in row_files(path):
+        meta = pq.read_schema(f).metadata or {}
+        raw = meta.get(b"feature_config")
+        if raw is None:
+            raise ValueError(f"{f}: no 'feature_config' in the parquet schema metadata "
+                             "(not a `transact log-nn` row file?)")
+        cfgs.add(json.dumps(json.loads(raw), sort_keys=True))
+    if len(cfgs) != 1:
+        raise ValueError(f"{path}: row files disagree on the feature config")
+    return FeatureConfig.from_dict(json.loads(cfgs.pop()))
+
+
+def default_train_end_ts(path: str | Path) -> tuple[int, str]:
+    """train_end_ts from ``world.json`` next to the rows, else the 80% quantile of row ts.
+
+    Returns (ts, where it came from).
+    """
+    path = Path(path)
+    for folder in ([path] if path.is_dir() else []) + [path.parent, path.parent.parent]:
+        wj = folder / "world.json"
+        if wj.exists():
+            info = json.loads(wj.read_text())
+            for key in ("train_end_ts", "eval_start_ts"):
+                if key in info:
+                    return int(info[key]), f"{wj}:{key}"
+    ts = np.concatenate([pq.read_table(f, columns=["ts"]).column("ts").to_numpy() for f in row_files(path)])
+    if len(ts) == 0:
+        return 0, "empty rows"
+    return int(np.quantile(ts, 0.8)), "80% quantile of row ts (no world.json found)"
+
+
+def table_to_batch(table: pa.Table, cfg: FeatureConfig) -> Batch:
+    """Arrow rows (:func:`nn_rows_schema`) -> :class:`Batch` (CPU tensors)."""
+    s_all, cand = arrow_to_s_all(table, cfg)
+
+    def i64(name):
+        return torch.from_numpy(table.column(name).to_numpy().astype(np.int64))
+
+    labels = np.stack([table.column(c).to_numpy().astype(np.float32) for c in LABEL_COLUMNS], axis=1) \
+        if table.num_rows else np.zeros((0, len(LABEL_COLUMNS)), np.float32)
+    return Batch(emb_q=s_all.emb_q, action=s_all.action, tok_surface=s_all.surface, age_s=s_all.age_s,
+                 seg_len=s_all.seg_len, cand_emb_q=cand.reshape(-1, EMB_DIM), surface=i64("surface"),
+                 labels=torch.from_numpy(labels), user_id=i64("user_id"), request_id=i64("request_id"),
+                 item_id=i64("item_id"), ts=i64("ts"))
+
+
+def batches_per_epoch(n_rows: int, batch_size: int, world_size: int = 1) -> int:
+    return sum(1 for _ in global_batches(n_rows, batch_size, world_size))
+
+
+def global_batches(n_rows: int, batch_size: int, world_size: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, rows per rank) of each global batch of a stream of n_rows rows.
+
+    Rank k takes stream rows ``[start + k * per, start + (k + 1) * per)``.
+    """
+    g = batch_size * world_size
+    for s in range(0, n_rows, g):
+        e = min(s + g, n_rows)
+        per = batch_size if e - s == g else (e - s) // world_size
+        if per == 0:
+            return
+        yield s, e, per
+
+
+class RowDataset:
+    """The rows of one time split, as tensor batches.
+
+    Args:
+        path: row file or folder of parts.
+        split: "train", "eval" or "all".
+        train_end_ts: split point (ms); required unless split == "all".
+        eval_end_ts: optional end of the eval window (exclusive).
+        max_memory_mb: load in memory when the selected rows take at most this much.
+        buffer_rows: streaming shuffle-buffer size (rows, rounded up to whole row groups).
+    """
+
+    def __init__(self, path: str | Path, split: str = "all", train_end_ts: int | None = None,
+                 eval_end_ts: int | None = None, max_memory_mb: float = 1024,
+                 buffer_rows: int = 65_536) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split != "all" and train_end_ts is None:
+            raise ValueError("train_end_ts is needed to split rows by time")
+        self.path, self.split = Path(path), split
+        self.train_end_ts, self.eval_end_ts = train_end_ts, eval_end_ts
+        self.files = row_files(path)
+        self.feature_config = read_feature_config(path)
+        self.buffer_rows = buffer_rows
+        self._pf: dict[int, pq.ParquetFile] = {}
+        # (file index, row group, selected rows) for row groups with any selected row.
+        self.groups: list[tuple[int, int, int]] = []
+        for fi in range(len(self.files)):
+            pf = self._file(fi)
+            for rg in range(pf.num_row_groups):
+                n = int(self._select(pf.read_row_group(rg, columns=["ts"])).sum())
+                if n:
+                    self.groups.append((fi, rg, n))
+        self.num_rows = sum(n for _, _, n in self.groups)
+        S = self.feature_config.seq_len
+        self.row_bytes = S * (EMB_DIM + 1 + 1 + 4) + EMB_DIM + 8 * 6 + 4 * len(LABEL_COLUMNS)
+        self.in_memory = self.num_rows * self.row_bytes <= max_memory_mb * 2**20
+        self._cache: Batch | None = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _file(self, fi: int) -> pq.ParquetFile:
+        if fi not in self._pf:
+            self._pf[fi] = pq.ParquetFile(self.files[fi])
+        return self._pf[fi]
+
+    def _select(self, table: pa.Table) -> np.ndarray:
+        ts = table.column("ts").to_numpy()
+        keep = np.ones(len(ts), dtype=bool)
+        if self.split == "train":
+            keep &= ts < self.train_end_ts
+        elif self.split == "eval":
+            keep &= ts >= self.train_end_ts
+            if self.eval_end_ts is not None:
+                keep &= ts < self.eval_end_ts
+        return keep
+
+    def _read_group(self, fi: int, rg: int) -> pa.Table:
+        t = self._file(fi).read_row_group(rg)
+        keep = self._select(t)
+        return t if keep.all() else t.filter(pa.array(keep))
+
+    def load(self) -> Batch:
+        """All selected rows as one CPU Batch (cached), in file order."""
+        if self._cache is None:
+            parts = [table_to_batch(self._read_group(fi, rg), self.feature_config)
+                     for fi, rg, _ in self.groups]
+            self._cache = Batch.cat(parts) if parts else table_to_batch(
+                pq.read_table(self.files[0]).slice(0, 0), self.feature_config)
+        return self._cache
+
+    def table(self) -> pa.Table:
+        """Selected rows as one arrow table (file order): ids, ts, labels (no tokens)."""
+        cols = ["request_id", "user_id", "item_id", "ts", "surface", "position", *LABEL_COLUMNS]
+        parts = []
+        for fi, rg, _ in self.groups:
+            t = self._file(fi).read_row_group(rg, columns=cols)
+            keep = self._select(t)
+            parts.append(t if keep.all() else t.filter(pa.array(keep)))
+        return pa.concat_tables(parts) if parts else pq.read_table(self.files[0], columns=cols).slice(0, 0)
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        return batches_per_epoch(self.num_rows, batch_size, world_size)
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                     rank: int = 0, world_size: int = 1, start_batch: int = 0) -> Iterator[Batch]:
+        """This rank's batches of one epoch (see the module docstring), from ``start_batch``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        rng = np.random.default_rng([seed, epoch]) if shuffle else None
+        if self.in_memory:
+            data = self.load()
+            order = rng.permutation(self.num_rows) if shuffle else np.arange(self.num_rows)
+            for b, (lo, _, per) in enumerate(global_batches(self.num_rows, batch_size, world_size)):
+                if b >= start_batch:
+                    yield data.index(torch.from_numpy(order[lo + rank * per : lo + (rank + 1) * per]))
+            return
+        yield from self._stream(batch_size, rng, rank, world_size, start_batch)
+
+    def _stream(self, batch_size, rng, rank, world_size, start_batch) -> Iterator[Batch]:
+        groups = list(self.groups)
+        if rng is not None:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        pending: pa.Table | None = None  # stream rows read but not yet consumed
+        pending_start, gi = 0, 0  # stream index of pending's first row; next row group
+        for b, (s, e, per) in enumerate(global_batches(self.num_rows, batch_size, world_size)):
+            while pending is None or pending_start + pending.num_rows < e:
+                buf, n = [], 0  # a shuffle buffer of whole row groups
+                while gi < len(groups) and n < self.buffer_rows:
+                    fi, rg, cnt = groups[gi]
+                    buf.append(self._read_group(fi, rg))
+                    n, gi = n + cnt, gi + 1
+                t = pa.concat_tables(buf)
+                if rng is not None:
+                    t = t.take(pa.array(rng.permutation(t.num_rows)))
+                pending = t if pending is None else pa.concat_tables([pending, t])
+            if b >= start_batch:
+                lo = s + rank * per - pending_start
+                yield table_to_batch(pending.take(pa.array(np.arange(lo, lo + per))), self.feature_config)
+            pending = pending.slice(e - pending_start)
+            pending_start = e
+
+
+# --- synthetic rows (tests and benchmarks) ---------------------------------------------------
+
+def synthetic_rows(n_requests: int, cfg: FeatureConfig | None = None, *, per_request: int = 8,
+                   n_users: int = 16, seed: int = 0, t0: int = 1_700_000_000_000,
+                   span_ms: int = 10 * 86_400_000, fill: float = 1.0) -> pa.Table:
+    """Random rows in the :func:`nn_rows_schema` layout, with learnable labels.
+
+    Each request belongs to a user with a fixed taste vector; the user's tokens and the
+    candidates are drawn around topic centres, and the label probabilities rise with
+    the candidate's affinity to the user's taste (hides fall with it), so a model that
+    reads the sequence can beat one that does not. ``fill`` scales how full the
+    segments are (1.0: uniformly 0..size valid tokens).
+    """
+    from transact.data.schema import ACTION_BIT, REQUESTS
+    from transact.model.nn_features import SAll, s_all_to_arrow
+    from transact.model.quantization import quantize
+
+    cfg = cfg or FeatureConfig()
+    rng = np.random.default_rng(seed)
+    N, S, D = n_requests * per_request, cfg.seq_len, EMB_DIM
+    topics = rng.normal(size=(8, D)) * 0.12
+    user_topic = rng.integers(0, 8, n_users)
+    req_user = rng.integers(0, n_users, n_requests)
+    req_ts = np.sort(t0 + rng.integers(0, span_ms, n_requests))
+    user = np.repeat(req_user, per_request)  # [N]
+    ut = user_topic[user]  # [N]
+    # candidates: half on-taste, half random topics
+    cand_topic = np.where(rng.random(N) < 0.5, ut, rng.integers(0, 8, N))
+    cand = topics[cand_topic] + rng.normal(size=(N, D)) * 0.05  # [N, D]
+    # tokens: mostly the user's topic
+    tok_topic = np.where(rng.random((N, S)) < 0.7, ut[:, None], rng.integers(0, 8, (N, S)))
+    tok = topics[tok_topic] + rng.normal(size=(N, S, D)) * 0.05  # [N, S, D]
+    seg_len = np.stack([np.minimum(rng.integers(0, size + 1, N), int(round(size * fill)))
+                        for size in cfg.segment_sizes], axis=1).astype(np.int16)  # [N, 4]
+    valid = valid_mask_np(seg_len, cfg)  # [N, S]
+    action = rng.integers(1, 16, (N, S)).astype(np.uint8)
+    imp = slice(cfg.segment_starts[3], cfg.seq_len)
+    action[:, imp] = ACTION_BIT["impression"]
+    action[~valid] = 0
+    age = np.where(valid, rng.integers(0, 3 * 86_400, (N, S)), -1).astype(np.int32)
+    surface = rng.integers(0, 4, (N, S)).astype(np.int8) * valid
+    emb_q = np.where(valid[..., None], quantize(tok.astype(np.float32)), 0).astype(np.int8)
+    s_all = SAll(torch.from_numpy(emb_q), torch.from_numpy(action), torch.from_numpy(surface),
+                 torch.from_numpy(age), torch.from_numpy(seg_len))
+    aff = (cand_topic == ut).astype(np.float64)
+    logit = -2.0 + 2.5 * aff
+    labels = {
+        "label_click": rng.random(N) < 1 / (1 + np.exp(-logit)),
+        "label_repin": rng.random(N) < 1 / (1 + np.exp(-(logit - 0.5))),
+        "label_hide": rng.random(N) < 1 / (1 + np.exp(-(-1.5 - 2.5 * aff))),
+        "label_closeup": rng.random(N) < 1 / (1 + np.exp(-logit)),
+    }
+    meta = pa.table({
+        "request_id": pa.array(np.repeat(np.arange(n_requests) + 1000, per_request), pa.int64()),
+        "user_id": pa.array(user.astype(np.int64) * 7 + 1, pa.int64()),
+        "item_id": pa.array(rng.integers(0, 10**6, N), pa.int64()),
+        "ts": pa.array(np.repeat(req_ts, per_request), pa.int64()),
+        "surface": pa.array(rng.integers(0, 4, N).astype(np.int8), pa.int8()),
+        "position": pa.array(np.tile(np.arange(per_request), n_requests).astype(np.int16), pa.int16()),
+        **{c: pa.array(labels[c].astype(np.uint8), pa.uint8()) for c in LABEL_COLUMNS},
+    }, schema=pa.schema([REQUESTS.field(n) for n in ("request_id", "user_id", "item_id", "ts", "surface",
+                                                      "position", *LABEL_COLUMNS)]))
+    cand_q = torch.from_numpy(quantize(cand.astype(np.float32)))
+    return s_all_to_arrow(s_all, cand_q, meta, cfg)
+
+
+def valid_mask_np(seg_len: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    from transact.model.nn_features import valid_mask
+
+    return valid_mask(torch.from_numpy(np.asarray(seg_len)), cfg).numpy()
+
+
+def write_synthetic_rows(path: str | Path, n_requests: int, cfg: FeatureConfig | None = None,
+                         row_group_size: int | None = None, **kw) -> Path:
+    """Writes :func:`synthetic_rows` to a parquet file (feature config in the metadata)."""
+    table = synthetic_rows(n_requests, cfg, **kw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path

@@ -1,0 +1,149 @@
+"""Offline evaluation on the window after training: HIT@3 per action, AUC, log-loss.
+
+    transact evaluate --model-dir runs/model --rows runs/world/nn_rows.parquet
+
+Rows with ``ts >= train_end_ts`` (the value the model was trained with, unless given)
+are scored; HIT@3 is computed for every label column (click, repin, hide, closeup)
+from the ranking score ``S = sum_h w_h f_h`` (default w: click 1, repin 1, hide -1,
+see :mod:`transact.model.metrics`), with a 95% user-bootstrap interval; AUC and
+log-loss are computed for each model head. Writes ``metrics.json`` (and
+``predictions.parquet``: ids, per-head probabilities, score, labels) to ``out``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from transact.data.schema import EXPLICIT_ACTIONS, LABEL_COLUMNS
+from transact.model import metrics as M
+from transact.model.checkpoint import load_model, read_config
+from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.transact import TransActModel
+
+
+@torch.no_grad()
+def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, device: str | None = None,
+            progress: bool = False) -> dict[str, np.ndarray]:
+    """Scores every row of ``data`` in file order.
+
+    Returns user_id, request_id, item_id, ts [N]; probs float32 [N, H] (model heads);
+    labels float32 [N, len(LABEL_COLUMNS)].
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    cols = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "labels")}
+    for batch in tqdm(data.iter_batches(batch_size), total=data.num_batches(batch_size),
+                      desc="predict", unit="batch", disable=not progress):
+        probs = model.predict_proba(batch.to(device)).float().cpu().numpy()  # [B, H]
+        cols["probs"].append(probs)
+        cols["labels"].append(batch.labels.numpy())
+        for k in ("user_id", "request_id", "item_id", "ts"):
+            cols[k].append(getattr(batch, k).numpy())
+    H = len(model.cfg.heads)
+    empty = {"probs": np.zeros((0, H), np.float32), "labels": np.zeros((0, len(LABEL_COLUMNS)), np.float32)}
+    return {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in cols.items()}
+
+
+def label_matrix(pred: dict, actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> np.ndarray:
+    """0/1 [N, len(actions)] from the predictions' label columns."""
+    return np.stack([pred["labels"][:, LABEL_COLUMNS.index(f"label_{a}")] for a in actions], axis=1)
+
+
+def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str, float] | None = None,
+                    k: int = 3, n_boot: int = 1000, seed: int = 0,
+                    actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> dict:
+    """HIT@k per action (with user-bootstrap 95% CI), AUC and log-loss per head."""
+    if score_weights is None:  # the default, restricted to the heads this model has
+        weights = {h: w for h, w in M.DEFAULT_SCORE_WEIGHTS.items() if h in heads}
+    else:
+        weights = dict(score_weights)
+    score = M.ranking_score(pred["probs"], heads, weights)  # [N]
+    users, totals = M.hits_per_user(pred["user_id"], pred["request_id"], score, label_matrix(pred, actions), k)
+    lo, hi = M.bootstrap_mean_ci(totals, n_boot, seed)
+    hit = totals.mean(0) if len(users) else np.full(len(actions), np.nan)
+    n_chunks = len(np.unique(np.stack([pred["user_id"], pred["request_id"]], 1), axis=0)) if len(score) else 0
+    out = {
+        "k": k, "score_weights": weights, "n_rows": int(len(score)), "n_users": int(len(users)),
+        "n_chunks": int(n_chunks), "n_boot": n_boot,
+        "hit": {a: {"value": float(hit[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, a in enumerate(actions)},
+        "heads": {},
+    }
+    for j, h in enumerate(heads):
+        y = pred["labels"][:, LABEL_COLUMNS.index(f"label_{h}")]
+        p = pred["probs"][:, j]
+        out["heads"][h] = {"auc": M.auc(y, p), "logloss": M.log_loss(y, p),
+                           "positive_rate": float(y.mean()) if len(y) else float("nan"),
+                           "mean_prediction": float(p.mean()) if len(p) else float("nan")}
+    return out
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"{m['n_rows']:,} rows, {m['n_users']:,} users, {m['n_chunks']:,} chunks; "
+             f"S = " + " ".join(f"{w:+g}*{h}" for h, w in m["score_weights"].items()), ""]
+    lines.append(f"{'action':<10} {'HIT@' + str(m['k']):>9}  {'95% CI':>19}")
+    for a, v in m["hit"].items():
+        lines.append(f"{a:<10} {v['value']:>9.4f}  [{v['ci95'][0]:>8.4f}, {v['ci95'][1]:>8.4f}]")
+    lines += ["", f"{'head':<10} {'AUC':>7} {'logloss':>8} {'pos rate':>9}"]
+    for h, v in m["heads"].items():
+        lines.append(f"{h:<10} {v['auc']:>7.4f} {v['logloss']:>8.4f} {v['positive_rate']:>9.4f}")
+    return "\n".join(lines)
+
+
+def write_predictions(pred: dict, heads: tuple[str, ...], score: np.ndarray, path: str | Path) -> None:
+    cols = {k: pa.array(pred[k]) for k in ("user_id", "request_id", "item_id", "ts")}
+    for j, h in enumerate(heads):
+        cols[f"p_{h}"] = pa.array(pred["probs"][:, j])
+    cols["score"] = pa.array(score)
+    for i, c in enumerate(LABEL_COLUMNS):
+        cols[c] = pa.array(pred["labels"][:, i].astype(np.uint8))
+    pq.write_table(pa.table(cols), path)
+
+
+def eval_split(model_dir: str | Path, rows: str | Path, train_end_ts: int | None = None,
+               eval_end_ts: int | None = None, max_memory_mb: float = 1024) -> tuple[RowDataset, dict]:
+    """The eval window: ts >= the model's train_end_ts (or the one given)."""
+    window = {"eval_end_ts": eval_end_ts}
+    if train_end_ts is None:
+        train_end_ts = read_config(model_dir).get("training", {}).get("train_end_ts")
+        window["source"] = "model config"
+        if train_end_ts is None:
+            train_end_ts, window["source"] = default_train_end_ts(rows)
+    else:
+        window["source"] = "given"
+    window["train_end_ts"] = int(train_end_ts)
+    return RowDataset(rows, "eval", train_end_ts=train_end_ts, eval_end_ts=eval_end_ts,
+                      max_memory_mb=max_memory_mb), window
+
+
+def evaluate(model_dir: str | Path, rows: str | Path, out: str | Path | None = None, *,
+             batch_size: int = 1024, score_weights: dict[str, float] | None = None, k: int = 3,
+             n_boot: int = 1000, seed: int = 0, train_end_ts: int | None = None,
+             eval_end_ts: int | None = None, device: str | None = None, predictions: bool = True,
+             progress: bool = True) -> dict:
+    """Evaluates a trained model folder on the eval window of ``rows``.
+
+    Writes ``<out>/metrics.json`` (default out: ``<model_dir>/eval``) and returns the metrics.
+    """
+    model = load_model(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data, window = eval_split(model_dir, rows, train_end_ts, eval_end_ts)
+    if data.num_rows == 0:
+        raise ValueError(f"{rows}: no rows in the eval window (ts >= {window['train_end_ts']})")
+    if data.feature_config != model.fcfg:
+        raise ValueError("the rows' feature config differs from the model's")
+    pred = predict(model, data, batch_size, device, progress)
+    heads = model.cfg.heads
+    m = compute_metrics(pred, heads, score_weights, k, n_boot, seed)
+    m = {"model_dir": str(model_dir), "model": model.cfg.name, "rows": str(rows), "eval_window": window, **m}
+    out = Path(out) if out is not None else Path(model_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
+    if predictions:
+        write_predictions(pred, heads, M.ranking_score(pred["probs"], heads, m["score_weights"]),
+                          out / "predictions.parquet")
+    return m

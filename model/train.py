@@ -1,0 +1,360 @@
+"""The trainer: Adam, linear warm-up + cosine decay, DDP under torchrun, resumable.
+
+    transact train --rows runs/world/nn_rows.parquet --model v2 --out runs/model
+    torchrun --standalone --nproc_per_node 2 -m transact.cli train --rows ... --out ...
+
+- Device: CUDA when available (``cuda:<LOCAL_RANK>``), else CPU.
+- Distributed: launched by torchrun (``WORLD_SIZE`` > 1 in the environment) the trainer
+  joins a process group (gloo on CPU, NCCL on CUDA), wraps the model in DDP and reads
+  its share of every global batch (:mod:`transact.model.dataset`); ``--batch-size`` is
+  per process. Only rank 0 writes files.
+- Learning rate at step s (0-based) of T: ``lr * (s + 1) / W`` for s < W, then
+  ``lr * 0.5 * (1 + cos(pi * (s - W) / (T - W)))``; W defaults to 5% of T.
+- Determinism: parameters are initialised from ``seed``; the epoch-e data order from
+  ``[seed, e]``; the time-window mask of step s on rank k from ``seed, s, k``. A run
+  resumed from its last checkpoint (weights, Adam moments, RNG state, step) continues
+  exactly as the uninterrupted run would have.
+- Checkpoints (:mod:`transact.model.checkpoint`) at the end of each epoch, every
+  ``ckpt_every`` steps, and when ``max_steps`` stops the run early. Under DDP every rank
+  reads the checkpoint on resume, so ``--out`` must be visible to all ranks; in-memory
+  row loading also happens once per rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from transact.model import checkpoint as ckpt
+from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.losses import label_weight_matrix, total_loss
+from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    frac = min((step - warmup) / span, 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class DistEnv:
+    """rank / world size / device of this process; sets up torch.distributed under torchrun."""
+
+    def __init__(self, device: str | None = None) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":  # one GPU per process
+            device = f"cuda:{self.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.distributed = self.world_size > 1
+        self._owns_group = False
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self._owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def params_in_sync(model: torch.nn.Module, env: DistEnv) -> bool:
+    """True when every rank holds bit-identical parameters (gathered fingerprints)."""
+    if not env.distributed:
+        return True
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])  # [P]
+    w = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    fp = torch.stack([flat.sum(), (flat * w).sum(), flat.abs().max()])  # [3]
+    out = [torch.zeros_like(fp) for _ in range(env.world_size)]
+    dist.all_gather(out, fp)
+    return all(torch.equal(out[0], o) for o in out[1:])
+
+
+def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *, epochs: int = 1,
+          batch_size: int = 256, lr: float = 1e-3, seed: int = 0, train_end_ts: int | None = None,
+          warmup_steps: int | None = None, weight_decay: float = 0.0, device: str | None = None,
+          progress: bool = True, resume: bool = True, max_steps: int | None = None,
+          ckpt_every: int = 0, num_threads: int | None = None, max_memory_mb: float = 1024,
+          log_every: int = 10, model_overrides: dict | None = None) -> dict:
+    """Trains a model on the rows with ``ts < train_end_ts``; writes it to ``out``.
+
+    Args:
+        rows: logged NN-feature rows (file or folder of parquet parts).
+        out: model folder (config.json, model.safetensors, train_state/, train_summary.json).
+        model: registry name (see :data:`transact.model.transact.BASELINES`) or a ModelConfig.
+        epochs, batch_size (per process), lr (peak), seed: the usual.
+        train_end_ts: split point in ms; default from world.json next to the rows.
+        warmup_steps: linear warm-up length (default 5% of all steps).
+        resume: continue from ``out``'s checkpoint when there is one.
+        max_steps: stop (with a checkpoint) after this many steps in all (for tests and
+            interrupted runs); the schedule still spans ``epochs``.
+        ckpt_every: also checkpoint every N steps (0 = only at epoch ends).
+        model_overrides: ModelConfig fields to change (e.g. {"time_window_mask": True}).
+    Returns:
+        The training summary (also written to ``out/train_summary.json``).
+    """
+    out = Path(out)
+    env = DistEnv(device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
+                      weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
+                      log_every, model_overrides or {})
+    finally:
+        env.close()
+
+
+def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
+           weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
+           log_every, overrides) -> dict:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError("epochs and batch_size must be positive")
+    end_src = "given"
+    if train_end_ts is None:
+        train_end_ts, end_src = default_train_end_ts(rows)
+    data = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb)
+    if data.num_rows < env.world_size:
+        raise ValueError(f"{rows}: only {data.num_rows} training rows before train_end_ts={train_end_ts}")
+    fcfg = data.feature_config
+    if isinstance(model, ModelConfig):
+        mcfg = ModelConfig.from_dict({**model.to_dict(), **overrides})
+    else:
+        mcfg = model_config(model, **overrides)
+
+    torch.manual_seed(seed)
+    net = TransActModel(mcfg, fcfg).to(env.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = data.num_batches(batch_size, env.world_size)
+    total = steps_per_epoch * epochs
+    warmup = warmup_steps if warmup_steps is not None else max(1, round(0.05 * total))
+
+    step = 0
+    if resume and ckpt.has_train_state(out):
+        saved = ckpt.read_config(out)
+        as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists)
+        if saved["model_config"] != as_json(mcfg.to_dict()) or saved["feature_config"] != as_json(fcfg.to_dict()):
+            raise ValueError(f"{out} holds a checkpoint of a different model/feature config; "
+                             "use another --out or --no-resume")
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(out / ckpt.WEIGHTS)), strict=True)
+        state = ckpt.load_train_state(out, opt)
+        step = int(state["step"])
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            raise ValueError(f"{out}: checkpoint was taken with a different data split or batch size")
+    start_step = step
+
+    ddp = net
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    M = label_weight_matrix(mcfg).to(env.device)
+    gen = torch.Generator(device=env.device)
+    training_info = {
+        "rows": str(rows), "model": mcfg.name, "epochs": epochs, "batch_size": batch_size,
+        "global_batch_size": batch_size * env.world_size, "lr": lr, "warmup_steps": warmup,
+        "weight_decay": weight_decay, "seed": seed, "train_end_ts": int(train_end_ts),
+        "train_end_ts_source": end_src, "world_size": env.world_size, "device": str(env.device),
+        "n_train_rows": data.num_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+    }
+
+    def save(epoch: int) -> None:
+        if env.is_main:
+            ckpt.save_model(out, net, {**training_info, "step": step}, step=step)
+            ckpt.save_train_state(out, opt, step, epoch, {"steps_per_epoch": steps_per_epoch})
+        env.barrier()
+
+    bar = tqdm(total=total, initial=step, desc=f"train {mcfg.name}", unit="step",
+               disable=not (progress and env.is_main), dynamic_ncols=True)
+    history: list[dict] = []
+    acc = {"loss": 0.0, "ce": 0.0, "nal": 0.0, "n": 0}
+    t0 = time.perf_counter()
+    t_log, ex_log = t0, 0
+    stop = False
+    n_examples = 0
+    net.train()
+    for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, epochs):
+        first = step - epoch * steps_per_epoch
+        for batch in data.iter_batches(batch_size, shuffle=True, seed=seed, epoch=epoch, rank=env.rank,
+                                       world_size=env.world_size, start_batch=first):
+            batch = batch.to(env.device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, warmup, lr)
+            gen.manual_seed((seed * 1_000_003 + step) * 4099 + env.rank)
+            out_ = ddp(batch, generator=gen)
+            loss, parts = total_loss(out_, batch, mcfg, fcfg, M)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            for k in ("loss", "ce", "nal"):
+                if k in parts:
+                    acc[k] += float(parts[k])
+            acc["n"] += 1
+            ex_log += len(batch) * env.world_size
+            n_examples += len(batch) * env.world_size
+            bar.update(1)
+            if acc["n"] >= log_every or step == total:
+                now = time.perf_counter()
+                rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                       **{k: acc[k] / acc["n"] for k in ("loss", "ce", "nal")},
+                       "examples_per_s": ex_log / max(now - t_log, 1e-9)}
+                history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
+                acc = {"loss": 0.0, "ce": 0.0, "nal": 0.0, "n": 0}
+                t_log, ex_log = now, 0
+            if ckpt_every and step % ckpt_every == 0:
+                save(epoch)
+            if max_steps is not None and step >= max_steps:
+                stop = True
+                break
+        if stop:
+            break
+        save(epoch + 1)
+    if stop and (not ckpt_every or step % ckpt_every):
+        save(step // steps_per_epoch)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    in_sync = params_in_sync(net, env)
+    summary = {
+        **training_info, "steps": step, "resumed_from_step": start_step, "finished": step >= total,
+        "seconds": round(seconds, 3), "examples": n_examples,
+        "examples_per_s": round(n_examples / max(seconds, 1e-9), 1),
+        "parameters": count_parameters(net), "ddp_params_in_sync": in_sync,
+        "final_loss": history[-1]["loss"] if history else None, "history": history,
+    }
+    if env.is_main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    env.barrier()
+    if not in_sync:
+        raise RuntimeError("DDP ranks ended with different parameters")
+    return summary
+
+
+# --- benchmark ---------------------------------------------------------------------------------
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS counter of this process (Linux); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tuple[int, ...] | list[int] = (256,),
+                steps: int = 20, warmup: int = 3, device: str | None = None, num_threads: int | None = None,
+                seed: int = 0) -> dict:
+    """Training throughput (examples/s) and peak memory per (model, batch size).
+
+    Runs full training steps (forward, L_CE + w_NAL L_NAL, backward, Adam) on synthetic
+    rows of the default feature contract (|S_all| = 192) held on the device, so the
+    number is the model's, not the data loader's. Peak memory: RSS high-water mark on
+    CPU (reset before each configuration where the kernel allows), else
+    ``torch.cuda.max_memory_allocated``.
+    """
+    from transact.machine import device_label, machine_info
+    from transact.model.config import FeatureConfig
+    from transact.model.dataset import synthetic_rows, table_to_batch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fcfg = FeatureConfig()
+    results = []
+    for name in models:
+        for bs in batch_sizes:
+            mcfg = model_config(name)
+            torch.manual_seed(seed)
+            table = synthetic_rows(max(1, -(-bs // 8)), fcfg, per_request=8, seed=seed)
+            batch = table_to_batch(table.slice(0, bs), fcfg).to(dev)
+            net = TransActModel(mcfg, fcfg).to(dev).train()
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            M = label_weight_matrix(mcfg).to(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            reset = _reset_peak_rss() if dev.type == "cpu" else False
+
+            def one_step():
+                loss, _ = total_loss(net(batch), batch, mcfg, fcfg, M)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            for _ in range(warmup):
+                one_step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                one_step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            rec = {"model": name, "batch_size": len(batch), "steps": steps,
+                   "examples_per_s": round(len(batch) * steps / dt, 1),
+                   "step_ms": round(1000 * dt / steps, 2), "parameters": count_parameters(net)}
+            if dev.type == "cuda":
+                rec["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                rec["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+                rec["model_state_mb"] = round(base / 2**20, 1)
+            else:
+                rec["peak_mem_mb"] = round(_peak_rss_mb(), 1)
+                rec["peak_mem_kind"] = "process peak RSS" + ("" if reset else " (not reset between runs)")
+            results.append(rec)
+            del net, opt, batch
+    return {"benchmark": "train", "device": str(dev), "device_label": device_label(),
+            "threads": torch.get_num_threads(), "feature_config": fcfg.to_dict(),
+            "machine": machine_info(), "results": results}
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"training throughput on {result['device_label']} ({result['threads']} threads), |S_all| = "
+             f"{result['feature_config']['k_ll'] + result['feature_config']['k_rt'] + result['feature_config']['r'] + result['feature_config']['k_imp']}",
+             f"{'model':<22} {'batch':>6} {'examples/s':>11} {'step ms':>9} {'peak MB':>9}"]
+    for r in result["results"]:
+        lines.append(f"{r['model']:<22} {r['batch_size']:>6} {r['examples_per_s']:>11.1f} "
+                     f"{r['step_ms']:>9.1f} {r['peak_mem_mb']:>9.1f}")
+    lines.append(f"peak memory: {result['results'][0]['peak_mem_kind']}" if result["results"] else "")
+    return "\n".join(lines)

@@ -1,0 +1,453 @@
+"""The TransAct V2 ranking model and its baselines (V2 paper §3.1-3.3, V1 §3.3).
+
+One module, :class:`TransActModel`, configured by a :class:`ModelConfig`; every
+baseline of the paper's Table 2 is a named config (:data:`BASELINES`), and every one
+reads the same logged rows (:mod:`transact.model.nn_features`).
+
+Forward pass for one example (S = |S_all| slots, d = 64, D = 32)::
+
+    e_c   = dequant(cand_emb_q)                                     [D]
+    F_i   = concat(dequant(E(S_all)_i), e_c)                        [d]   early fusion (Eq. 4)
+            + sum_{b : action_i has bit b} E_act[b]                 [d]   multi-hot actions
+            + E_surf[surface_i] + E_pos[i]                          [d]
+    U     = Encoder(F, causal + padding mask)                       [S, d]  (kernels.dispatch)
+    z     = maxpool_{i valid}(W_o U_i + b_o)                        [d_o]  (0 if no valid token)
+            (+ optional V1 "first K columns", see below)
+    x0    = concat(z, e_c, E_ctx[request surface])                  [n0]
+    x_l+1 = x0 * (W_l x_l + b_l) + x_l,  l < n_cross                DCN v2, full rank
+    logit = W_h MLP(x_L) + b_h                                      [|H|]
+
+Segment selection. A config names the S_all segments it reads (``segments``); the
+other segments are masked out, i.e. ``valid = valid_mask(seg_len) & selected``. As an
+optimisation that gives the same outputs, the encoder only receives the selected
+slots (gathered in order; positional rows are indexed by the *original* slot, so a
+sliced and a masked run are the same computation on the valid tokens).
+
+V1 "first K columns". V1 stores its realtime sequence newest first, so its first K
+output columns are the K most recent actions. Our layout is oldest -> newest, so we
+take the K *rightmost valid* tokens among the action segments (ll_nn, rt_nn,
+rt_recent; never impressions or the appended candidate), newest first, zero-filled
+when fewer than K exist. Because the action segments are disjoint in time and laid
+out in time order, these are exactly the K most recent actions the model sees.
+
+Next Action Loss head. When ``nal != "none"``, ``u(t) = W_nal U_t`` for every slot t of
+S_RT[:r] (a linear layer d -> 32, the PinSage dimension) is returned for
+:func:`transact.model.losses.nal_loss`.
+
+V1 random time-window mask (optional, training only): per row T ~ U[0, 24 h]; tokens
+with ``age_s < T`` (actions inside (t_request - T, t_request)) are masked as invalid.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
+from transact.kernels.dispatch import encoder_forward
+from transact.model.config import SEGMENTS, FeatureConfig
+from transact.model.encoder import make_encoder
+from transact.model.nn_features import SAll, valid_mask
+from transact.model.quantization import dequantize
+
+#: Segments holding user actions (not impressions): "first K" draws from these.
+ACTION_SEGMENTS: tuple[str, ...] = ("ll_nn", "rt_nn", "rt_recent")
+NAL_MODES: tuple[str, ...] = ("none", "impression", "inbatch")
+FUSIONS: tuple[str, ...] = ("concat", "append")
+
+
+# --- configuration --------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model's architecture and its training loss.
+
+    Attributes:
+        name: registry name (informational; see :data:`BASELINES`).
+        heads: prediction heads, each an action with a ``label_<head>`` column.
+        segments: S_all segments fed to the encoder; ``()`` means no sequence (WDL).
+        fusion: "concat" (early fusion, every token gets e_c, Eq. 4) or "append"
+            (BST: the candidate is one extra, last token with a zero action embedding).
+        action_emb / surface_emb / pos_emb: add E_act / E_surf / E_pos to the tokens.
+        positive_only: keep only tokens with a positive action bit (V1's "BST
+            (positive actions)" variant).
+        d_model, n_heads, ffn_dim, n_layers, dropout: the encoder (V2 §4.4.2: 64, 1, 32, 2).
+        seq_out_dim: width of the linear layer before max-pooling.
+        first_k: V1 output compression, K most recent action tokens (0 = off, V2).
+        ctx_dim: width of the request-surface (context) embedding.
+        n_cross: DCN v2 full-rank cross layers.
+        mlp_dims: hidden sizes of the MLP after the cross network.
+        nal: Next Action Loss negatives: "none", "impression" (NN(S_imp) tokens of the
+            same row) or "inbatch" (S_RT[:r] tokens of another row of the batch).
+        nal_weight: w_NAL of Eq. 7 (paper: 0.01).
+        nal_dim: dimension of u(t) and of the PinSage embeddings it is compared with.
+        time_window_mask: V1 random time-window mask in training.
+        time_window_max_s: upper bound of T (V1: 24 h).
+        label_actions: the columns a of the label-weight matrix M[h, a]; a pseudo-action
+            "none" (no label among them is set) is always appended.
+        label_weights: M as {head: {action or "none": weight}}; None = V1 Table 7 plus
+            "none" = 1 (see :func:`transact.model.losses.default_label_weights`).
+        ce_reduction: "weighted_mean" (each head divided by its summed weight, the
+            default) or "mean" (divided by the batch size); see :mod:`transact.model.losses`.
+    """
+
+    name: str = "v2"
+    heads: tuple[str, ...] = ("click", "repin", "hide")
+    segments: tuple[str, ...] = SEGMENTS
+    fusion: str = "concat"
+    action_emb: bool = True
+    surface_emb: bool = True
+    pos_emb: bool = True
+    positive_only: bool = False
+    d_model: int = 64
+    n_heads: int = 1
+    ffn_dim: int = 32
+    n_layers: int = 2
+    dropout: float = 0.0
+    seq_out_dim: int = 64
+    first_k: int = 0
+    ctx_dim: int = 8
+    n_cross: int = 2
+    mlp_dims: tuple[int, ...] = (128, 64)
+    nal: str = "impression"
+    nal_weight: float = 0.01
+    nal_dim: int = EMB_DIM
+    time_window_mask: bool = False
+    time_window_max_s: int = 86_400
+    label_actions: tuple[str, ...] = ("click", "repin", "hide")
+    label_weights: dict[str, dict[str, float]] | None = None
+    ce_reduction: str = "weighted_mean"
+
+    def __post_init__(self) -> None:
+        self.heads = tuple(self.heads)
+        self.segments = tuple(self.segments)
+        self.mlp_dims = tuple(self.mlp_dims)
+        self.label_actions = tuple(self.label_actions)
+        for h in self.heads:
+            if f"label_{h}" not in LABEL_COLUMNS:
+                raise ValueError(f"ModelConfig: head {h!r} has no label column (have {LABEL_COLUMNS})")
+        for a in self.label_actions:
+            if f"label_{a}" not in LABEL_COLUMNS:
+                raise ValueError(f"ModelConfig: label action {a!r} has no label column")
+        bad = [s for s in self.segments if s not in SEGMENTS]
+        if bad:
+            raise ValueError(f"ModelConfig: unknown segments {bad} (have {SEGMENTS})")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"ModelConfig: fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.nal not in NAL_MODES:
+            raise ValueError(f"ModelConfig: nal must be one of {NAL_MODES}, got {self.nal!r}")
+        if self.nal != "none" and "rt_recent" not in self.segments:
+            raise ValueError("ModelConfig: the Next Action Loss needs the rt_recent segment as input")
+        if self.ce_reduction not in ("weighted_mean", "mean"):
+            raise ValueError(f"ModelConfig: ce_reduction must be weighted_mean or mean, got {self.ce_reduction!r}")
+        if self.d_model != 2 * EMB_DIM and self.fusion == "concat":
+            raise ValueError(f"ModelConfig: concat fusion needs d_model = 2 x {EMB_DIM}")
+        if self.d_model < EMB_DIM:
+            raise ValueError(f"ModelConfig: d_model must be at least {EMB_DIM}")
+
+    @property
+    def has_sequence(self) -> bool:
+        return len(self.segments) > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _wdl() -> ModelConfig:
+    return ModelConfig(name="wdl", segments=(), nal="none")
+
+
+def _bst() -> ModelConfig:
+    # V1 §4.2.2 / V2 Table 2 "BST (RT sequence)": Alibaba's BST over the realtime
+    # tokens. BST has no action-type (or surface) feature, so hides look like any other
+    # engagement -- the weakness V1 points out; tokens are the PinSage embedding
+    # (zero-padded to d) plus a learned position, and the candidate is appended as the
+    # last token (append fusion) with a zero ("dummy") action embedding.
+    return ModelConfig(name="bst", segments=("rt_nn", "rt_recent"), fusion="append",
+                       action_emb=False, surface_emb=False, pos_emb=True, nal="none")
+
+
+def _transact() -> ModelConfig:
+    return ModelConfig(name="transact", segments=("rt_nn", "rt_recent"), nal="none")
+
+
+def _transact_nal_inbatch() -> ModelConfig:
+    return ModelConfig(name="transact_nal_inbatch", segments=("rt_nn", "rt_recent"), nal="inbatch")
+
+
+def _transact_nal_imp() -> ModelConfig:
+    # NN(S_imp) supplies the NAL negatives (read from the row), but is not an input token.
+    return ModelConfig(name="transact_nal_imp", segments=("rt_nn", "rt_recent"), nal="impression")
+
+
+def _v2() -> ModelConfig:
+    return ModelConfig(name="v2", segments=SEGMENTS, nal="impression")
+
+
+#: Name -> config factory; the order is the paper's Table 2 order.
+BASELINES: dict[str, Callable[[], ModelConfig]] = {
+    "wdl": _wdl,
+    "bst": _bst,
+    "transact": _transact,
+    "transact_nal_inbatch": _transact_nal_inbatch,
+    "transact_nal_imp": _transact_nal_imp,
+    "v2": _v2,
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The registered config ``name`` with field overrides (e.g. ``heads=...``)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(BASELINES)}")
+    cfg = BASELINES[name]()
+    if not overrides:
+        return cfg
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+# --- model input / output -----------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A batch of logged rows as tensors (B rows, S = |S_all| slots, D = 32).
+
+    Model inputs: emb_q int8 [B, S, D], action uint8 [B, S], tok_surface int8 [B, S],
+    age_s int32 [B, S] (-1 = padding), seg_len int16 [B, 4], cand_emb_q int8 [B, D],
+    surface int64 [B] (the request's surface, the context feature).
+    Training/eval only: labels float32 [B, len(LABEL_COLUMNS)] in LABEL_COLUMNS order,
+    user_id, request_id, item_id, ts int64 [B].
+    """
+
+    emb_q: torch.Tensor
+    action: torch.Tensor
+    tok_surface: torch.Tensor
+    age_s: torch.Tensor
+    seg_len: torch.Tensor
+    cand_emb_q: torch.Tensor
+    surface: torch.Tensor
+    labels: torch.Tensor | None = None
+    user_id: torch.Tensor | None = None
+    request_id: torch.Tensor | None = None
+    item_id: torch.Tensor | None = None
+    ts: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.cand_emb_q.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: (None if (v := getattr(self, f.name)) is None
+                                 else v.to(device, non_blocking=non_blocking))
+                        for f in dataclasses.fields(self)})
+
+    def index(self, idx: torch.Tensor | slice) -> "Batch":
+        return Batch(**{f.name: (None if (v := getattr(self, f.name)) is None else v[idx])
+                        for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def cat(batches: list["Batch"]) -> "Batch":
+        out = {}
+        for f in dataclasses.fields(Batch):
+            vals = [getattr(b, f.name) for b in batches]
+            out[f.name] = None if any(v is None for v in vals) else torch.cat(vals, 0)
+        return Batch(**out)
+
+    @staticmethod
+    def from_s_all(s_all: SAll, cand_emb_q: torch.Tensor, surface: torch.Tensor | int = 0) -> "Batch":
+        """Model input from serving-side S_all tensors (no labels)."""
+        B = cand_emb_q.shape[0]
+        if not isinstance(surface, torch.Tensor):
+            surface = torch.full((B,), int(surface), dtype=torch.int64, device=cand_emb_q.device)
+        return Batch(emb_q=s_all.emb_q, action=s_all.action, tok_surface=s_all.surface,
+                     age_s=s_all.age_s, seg_len=s_all.seg_len, cand_emb_q=cand_emb_q,
+                     surface=surface.long())
+
+    def label(self, name: str) -> torch.Tensor:
+        """float [B]: the 0/1 label of action ``name``."""
+        return self.labels[:, LABEL_COLUMNS.index(f"label_{name}")]
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, H]; for the NAL: u(t) [B, r, nal_dim] over S_RT[:r] and whether each
+    query slot was a valid input token [B, r] (None when the config has no NAL)."""
+
+    logits: torch.Tensor
+    nal_user: torch.Tensor | None = None
+    nal_query_valid: torch.Tensor | None = None
+
+
+# --- building blocks ----------------------------------------------------------------------
+
+class CrossNetwork(nn.Module):
+    """DCN v2 full-rank cross network: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, dim: int, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0  # [B, n0]
+        for lin in self.layers:
+            x = x0 * lin(x) + x  # [B, n0]
+        return x
+
+
+class TransActModel(nn.Module):
+    """TransAct V2 (and, by config, its baselines); see the module docstring for the math."""
+
+    def __init__(self, cfg: ModelConfig, fcfg: FeatureConfig) -> None:
+        super().__init__()
+        self.cfg, self.fcfg = cfg, fcfg
+        d = cfg.d_model
+        self.ctx_emb = nn.Embedding(len(SURFACES), cfg.ctx_dim)
+        n0 = EMB_DIM + cfg.ctx_dim
+        if cfg.has_sequence:
+            starts, sizes = fcfg.segment_starts, fcfg.segment_sizes
+            sel = [SEGMENTS.index(s) for s in SEGMENTS if s in cfg.segments]  # layout order
+            slots = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in sel])  # [L]
+            self.register_buffer("slots", slots, persistent=False)
+            is_action = torch.zeros(fcfg.seq_len, dtype=torch.bool)
+            for s in ACTION_SEGMENTS:
+                i = SEGMENTS.index(s)
+                is_action[starts[i]:starts[i] + sizes[i]] = True
+            self.register_buffer("slot_is_action", is_action[slots], persistent=False)  # [L]
+            i_rt = SEGMENTS.index("rt_recent")
+            rt_local = torch.nonzero((slots >= starts[i_rt]) & (slots < starts[i_rt] + sizes[i_rt])).flatten()
+            self.register_buffer("rt_local", rt_local, persistent=False)  # [r] or [0]
+            n_pos = fcfg.seq_len + (1 if cfg.fusion == "append" else 0)
+            # Token embedding tables (all d-wide so that they add, Eq. 4).
+            self.act_emb = nn.Parameter(torch.randn(len(ACTIONS), d) * 0.02) if cfg.action_emb else None
+            self.surf_emb = nn.Embedding(len(SURFACES), d) if cfg.surface_emb else None
+            self.pos_emb = nn.Parameter(torch.randn(n_pos, d) * 0.02) if cfg.pos_emb else None
+            if self.surf_emb is not None:
+                nn.init.normal_(self.surf_emb.weight, std=0.02)
+            self.encoder = make_encoder(d, cfg.n_heads, cfg.ffn_dim, cfg.n_layers, cfg.dropout)
+            self.seq_proj = nn.Linear(d, cfg.seq_out_dim)
+            n0 += cfg.seq_out_dim * (1 + cfg.first_k)
+        self.cross = CrossNetwork(n0, cfg.n_cross)
+        mlp, prev = [], n0
+        for h in cfg.mlp_dims:
+            mlp += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        self.mlp = nn.Sequential(*mlp)
+        self.head = nn.Linear(prev, len(cfg.heads))
+        # Built last, so that for one seed a config with and without the NAL starts from
+        # the same weights everywhere else (a paired ablation of the NAL alone).
+        self.nal_proj = nn.Linear(d, cfg.nal_dim) if cfg.has_sequence and cfg.nal != "none" else None
+
+    # The token features F of Eq. 4, restricted to the selected slots.
+    def tokens(self, batch: Batch, time_window: bool = False,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns F [B, L, d] and valid bool [B, L] (L = selected slots, +1 with append)."""
+        cfg, slots = self.cfg, self.slots
+        B = batch.cand_emb_q.shape[0]
+        e_c = dequantize(batch.cand_emb_q)  # [B, D]
+        emb = dequantize(batch.emb_q[:, slots])  # [B, L, D]
+        act = batch.action[:, slots]  # [B, L] uint8 multi-hot
+        valid = valid_mask(batch.seg_len, self.fcfg)[:, slots]  # [B, L]
+        if cfg.positive_only:
+            valid = valid & ((act.long() & POSITIVE_MASK) != 0)  # [B, L]
+        if time_window:
+            T = torch.rand(B, 1, device=emb.device, generator=generator) * cfg.time_window_max_s  # [B, 1]
+            valid = valid & (batch.age_s[:, slots].float() >= T)  # [B, L]
+        if cfg.fusion == "concat":
+            x = torch.cat([emb, e_c[:, None, :].expand_as(emb)], dim=-1)  # [B, L, 2D = d]
+        else:
+            x = torch.cat([emb, emb.new_zeros(emb.shape[:-1] + (cfg.d_model - EMB_DIM,))], dim=-1)  # [B, L, d]
+        if self.act_emb is not None:
+            bits = (act.long()[..., None] >> torch.arange(len(ACTIONS), device=act.device)) & 1  # [B, L, A]
+            x = x + bits.to(x.dtype) @ self.act_emb  # [B, L, d], sum of per-bit embeddings
+        if self.surf_emb is not None:
+            x = x + self.surf_emb(batch.tok_surface[:, slots].long())  # [B, L, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[slots]  # [B, L, d], rows of the original slots
+        if cfg.fusion == "append":
+            c = torch.cat([e_c, e_c.new_zeros(B, cfg.d_model - EMB_DIM)], dim=-1)  # [B, d], zero action
+            if self.pos_emb is not None:
+                c = c + self.pos_emb[-1]  # [B, d]
+            x = torch.cat([x, c[:, None, :]], dim=1)  # [B, L + 1, d]
+            valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B, L + 1]
+        return x, valid
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
+        cfg = self.cfg
+        e_c = dequantize(batch.cand_emb_q)  # [B, D]
+        feats = []
+        nal_user = nal_query_valid = None
+        if cfg.has_sequence:
+            tw = self.training and cfg.time_window_mask
+            x, valid = self.tokens(batch, time_window=tw, generator=generator)  # [B, L, d], [B, L]
+            U = encoder_forward(self.encoder, x, valid)  # [B, L, d]
+            z = self.seq_proj(U)  # [B, L, d_o]
+            pooled = z.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # [B, d_o]
+            pooled = torch.where(valid.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))  # [B, d_o]
+            feats.append(pooled)
+            if cfg.first_k > 0:
+                feats.append(self._first_k(z, valid))  # [B, K * d_o]
+            if self.nal_proj is not None:
+                nal_user = self.nal_proj(U[:, self.rt_local])  # [B, r, nal_dim]
+                nal_query_valid = valid[:, self.rt_local]  # [B, r]
+        feats += [e_c, self.ctx_emb(batch.surface.long())]  # [B, D], [B, ctx]
+        x0 = torch.cat(feats, dim=-1)  # [B, n0]
+        logits = self.head(self.mlp(self.cross(x0)))  # [B, H]
+        return ModelOutput(logits=logits, nal_user=nal_user, nal_query_valid=nal_query_valid)
+
+    def _first_k(self, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """V1 output compression: the K most recent valid action tokens, newest first."""
+        B, L, _ = z.shape
+        K = self.cfg.first_k
+        n_act = self.slot_is_action.numel()
+        pos = torch.arange(L, device=z.device).expand(B, L)  # [B, L]
+        ok = valid.clone()  # [B, L]
+        ok[:, :n_act] &= self.slot_is_action  # never impressions
+        if L > n_act:
+            ok[:, n_act:] = False  # never the appended candidate
+        score = torch.where(ok, pos, torch.full_like(pos, -1))  # [B, L]
+        kk = min(K, L)
+        top, idx = score.topk(kk, dim=1)  # [B, kk], rightmost (newest) first
+        cols = torch.gather(z, 1, idx[..., None].expand(B, kk, z.shape[-1]))  # [B, kk, d_o]
+        cols = cols * (top >= 0)[..., None].to(z.dtype)  # [B, kk, d_o], zero where missing
+        if kk < K:
+            cols = torch.cat([cols, cols.new_zeros(B, K - kk, z.shape[-1])], dim=1)  # [B, K, d_o]
+        return cols.reshape(B, -1)  # [B, K * d_o]
+
+    @torch.no_grad()
+    def predict_proba(self, batch: Batch) -> torch.Tensor:
+        """float [B, H]: sigmoid of the head logits (eval mode, no time-window mask)."""
+        was = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self.forward(batch).logits)
+        finally:
+            self.train(was)
+
+
+def build_model(cfg: ModelConfig | str, fcfg: FeatureConfig | None = None) -> TransActModel:
+    """A model by config or registry name, on the default feature contract unless given."""
+    if isinstance(cfg, str):
+        cfg = model_config(cfg)
+    return TransActModel(cfg, fcfg or FeatureConfig())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ACTION_SEGMENTS", "BASELINES", "Batch", "CrossNetwork", "ModelConfig", "ModelOutput",
+    "TransActModel", "build_model", "count_parameters", "model_config",
+]

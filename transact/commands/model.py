@@ -1,0 +1,146 @@
+"""Model commands: train, evaluate, ablation, and the training benchmark."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from transact.commands._common import fail_on_user_error
+
+
+def _overrides(time_window_mask: bool, nal_weight: Optional[float], first_k: Optional[int],
+               heads: Optional[str], model_json: Optional[str]) -> dict:
+    ov: dict = json.loads(model_json) if model_json else {}
+    if time_window_mask:
+        ov["time_window_mask"] = True
+    if nal_weight is not None:
+        ov["nal_weight"] = nal_weight
+    if first_k is not None:
+        ov["first_k"] = first_k
+    if heads:
+        ov["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
+    return ov
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _ints(spec: str) -> list[int]:
+    return [int(x) for x in spec.split(",") if x.strip()]
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @app.command()
+    @fail_on_user_error
+    def train(
+        rows: Path = typer.Option(..., help="NN-feature rows (parquet file or folder) from `transact log-nn`."),
+        model: str = typer.Option("v2", help="wdl | bst | transact | transact_nal_inbatch | transact_nal_imp | v2."),
+        out: Path = typer.Option(Path("runs/model"), help="Model folder (safetensors + JSON)."),
+        epochs: int = typer.Option(1, help="Passes over the training window."),
+        batch_size: int = typer.Option(256, help="Examples per step and per process."),
+        lr: float = typer.Option(1e-3, help="Peak learning rate (Adam, warm-up + cosine)."),
+        seed: int = typer.Option(0, help="Same seed, same model."),
+        train_end_ts: Optional[int] = typer.Option(None, help="Train on ts < this (ms); default: world.json next to the rows."),
+        warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 5% of all)."),
+        max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (checkpointed)."),
+        ckpt_every: int = typer.Option(0, help="Also checkpoint every N steps (0: per epoch)."),
+        resume: bool = typer.Option(True, help="Continue from the checkpoint in --out if there is one."),
+        device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: CUDA when available)."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        time_window_mask: bool = typer.Option(False, help="V1 random time-window mask in training."),
+        nal_weight: Optional[float] = typer.Option(None, help="w_NAL (default 0.01)."),
+        first_k: Optional[int] = typer.Option(None, help="V1 output compression: K most recent tokens."),
+        heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
+        model_json: Optional[str] = typer.Option(None, help="JSON of further ModelConfig fields."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        """Train a ranking model on the logged rows (DDP when launched by torchrun)."""
+        from transact.model.train import train as run
+
+        s = run(rows, out, model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                train_end_ts=train_end_ts, warmup_steps=warmup_steps, max_steps=max_steps,
+                ckpt_every=ckpt_every, resume=resume, device=device, num_threads=threads,
+                progress=progress,
+                model_overrides=_overrides(time_window_mask, nal_weight, first_k, heads, model_json))
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"{s['model']}: {s['steps']} steps ({s['examples']:,} examples, "
+                       f"{s['examples_per_s']:.0f} ex/s, world {s['world_size']}), "
+                       f"final loss {_fmt(s['final_loss'])} -> {out}")
+
+    @app.command()
+    @fail_on_user_error
+    def evaluate(
+        model_dir: Path = typer.Option(Path("runs/model"), help="Trained model folder."),
+        rows: Path = typer.Option(..., help="NN-feature rows (the eval window is ts >= train_end_ts)."),
+        out: Optional[Path] = typer.Option(None, help="Output folder (default <model-dir>/eval)."),
+        score_weights: Optional[str] = typer.Option(None, help="Ranking score S, e.g. click=1,repin=1,hide=-1 (the default)."),
+        train_end_ts: Optional[int] = typer.Option(None, help="Eval window start (default: the model's train_end_ts)."),
+        eval_end_ts: Optional[int] = typer.Option(None, help="Eval window end (exclusive)."),
+        n_boot: int = typer.Option(1000, help="User-bootstrap resamples for the CIs."),
+        batch_size: int = typer.Option(1024, help="Scoring batch size."),
+        device: Optional[str] = typer.Option(None, help="cpu | cuda."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        """HIT@3 (V2 §4.2.1), AUC and log-loss on the eval window; writes metrics.json."""
+        from transact.model.evaluate import evaluate as run, format_metrics
+        from transact.model.metrics import parse_score_weights
+
+        m = run(model_dir, rows, out, batch_size=batch_size, score_weights=parse_score_weights(score_weights),
+                n_boot=n_boot, train_end_ts=train_end_ts, eval_end_ts=eval_end_ts, device=device,
+                progress=progress)
+        typer.echo(format_metrics(m))
+        typer.echo(f"written {(Path(out) if out else Path(model_dir) / 'eval') / 'metrics.json'}")
+
+    @app.command()
+    @fail_on_user_error
+    def ablation(
+        rows: Path = typer.Option(..., help="NN-feature rows."),
+        out: Path = typer.Option(Path("runs/ablation"), help="Output folder (one sub-folder per model and seed)."),
+        baseline: str = typer.Option("transact", help="Model the relative changes are against."),
+        models: Optional[str] = typer.Option(None, help="Comma-separated models (default: all)."),
+        seeds: int = typer.Option(1, help="Seeds per model (results averaged per user)."),
+        epochs: int = typer.Option(1, help="Epochs per run."),
+        batch_size: int = typer.Option(256, help="Batch size."),
+        lr: float = typer.Option(1e-3, help="Peak learning rate."),
+        train_end_ts: Optional[int] = typer.Option(None, help="Split point (default: world.json)."),
+        score_weights: Optional[str] = typer.Option(None, help="Ranking score weights."),
+        n_boot: int = typer.Option(1000, help="Paired bootstrap resamples."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+    ) -> None:
+        """Train every baseline on the same rows and seeds; print the paper's Table 2."""
+        from transact.model.ablation import ablation as run, format_table
+        from transact.model.metrics import parse_score_weights
+
+        res = run(rows, out, baseline=baseline,
+                  models=[m.strip() for m in models.split(",")] if models else None, seeds=seeds,
+                  epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
+                  score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads)
+        typer.echo(format_table(res))
+        typer.echo(f"written {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
+
+    @bench_app.command("train")
+    @fail_on_user_error
+    def bench_train_cmd(
+        models: str = typer.Option("v2", help="Comma-separated models."),
+        batch_sizes: str = typer.Option("256", help="Comma-separated batch sizes."),
+        steps: int = typer.Option(20, help="Timed steps per configuration."),
+        warmup: int = typer.Option(3, help="Untimed steps first."),
+        device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        out: Path = typer.Option(Path("bench/results/train.json"), help="JSON result path."),
+    ) -> None:
+        """Training throughput (examples/s) and peak memory."""
+        from transact.model.train import bench_train, format_bench
+
+        res = bench_train([m.strip() for m in models.split(",")], _ints(batch_sizes), steps, warmup,
+                          device, threads)
+        typer.echo(format_bench(res))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        typer.echo(f"written {out}")
