@@ -24,13 +24,18 @@ def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "
         return import_logs(source, out)
     from transact.data.simulator import DriftConfig, get_profile, simulate
 
+    from dataclasses import asdict
+
+    config = get_profile(profile)
+    drift_cfg = None if drift == "none" else DriftConfig(kind=drift)
     meta = out / "world.json"
-    if meta.exists():  # same world already there: keep it (idempotent re-run)
+    if meta.exists():  # the same world is already complete there: keep it (idempotent re-run)
         m = json.loads(meta.read_text())
-        if m.get("seed") == seed and m.get("profile") == profile and m.get("drift", {}).get("kind", "none") == drift:
+        same = (m.get("seed") == seed and m.get("config") == json.loads(json.dumps(asdict(config)))
+                and (m.get("drift") or {}).get("kind", "none") == drift)
+        if same:
             return m
-    return simulate(get_profile(profile), out, seed=seed,
-                    drift=None if drift == "none" else DriftConfig(kind=drift), progress=progress)
+    return simulate(config, out, seed=seed, drift=drift_cfg, progress=progress)
 
 
 def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:

@@ -36,14 +36,16 @@ def training_pipeline(
     batch_size: int = 256,
     lr: float = 0.002,
     quarantine_dir: str = "runs/quarantine",
-    reference: str = "",
+    reference: str = "runs/validation-reference.json",
     feature_repo: str = "feature_repo",
     champion_dir: str = "runs/champion",
     gate_tolerance: float = 0.02,
 ) -> None:
     ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
     ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
-    ingest.set_caching_options(True)
+    # No caching: a failed validation moves the world into quarantine, so a cached
+    # ingest output may no longer exist. Re-ingesting the same world is a no-op anyway.
+    ingest.set_caching_options(False)
 
     validate = validate_op(world=ingest.outputs["world"], quarantine_dir=quarantine_dir, reference=reference)
     validate.set_caching_options(False)  # quarantine moves files: always re-check
@@ -84,7 +86,7 @@ def retrain_pipeline(
 ) -> None:
     training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
                       epochs=epochs, batch_size=256, lr=0.002, quarantine_dir=quarantine_dir,
-                      reference="", feature_repo=feature_repo, champion_dir=champion_dir,
+                      reference="runs/validation-reference.json", feature_repo=feature_repo, champion_dir=champion_dir,
                       gate_tolerance=gate_tolerance)
 
 
