@@ -65,14 +65,14 @@ def log_nn_op(world: Input[Dataset], rows: Output[Dataset]) -> int:
 
 @dsl.component(**_opts)
 def train_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
-             model: Output[Model]) -> str:
+             max_steps: int, model: Output[Model]) -> str:
     """Train (CPU here; on a cluster this task gets a GPU)."""
     import json
 
     from transact.components import steps
 
     summary = steps.train(rows.path, model.path, model_name, epochs=epochs, batch_size=batch_size, lr=lr,
-                          seed=seed, progress=False)
+                          seed=seed, max_steps=max_steps, progress=False)
     model.metadata["model"] = model_name
     return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 

@@ -74,12 +74,14 @@ def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: b
 
 
 def train(rows_path: str, model_dir: str, model: str = "v2", epochs: int = 2, batch_size: int = 256,
-          lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
+          lr: float = 2e-3, seed: int = 0, max_steps: int = 0, progress: bool = True) -> dict:
+    """Trains ``model`` on the training window; ``max_steps`` > 0 caps the optimiser steps
+    (a time budget on small machines)."""
     from transact.model.train import train as run_train
 
     # The split point comes from the world.json beside the rows.
     return run_train(rows_path, model_dir, model, epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed, progress=progress)
+                     seed=seed, step_budget=max_steps or None, progress=progress)
 
 
 def evaluate(model_dir: str, rows_path: str, out_dir: str, n_boot: int = 500,

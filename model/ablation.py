@@ -40,8 +40,13 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
              batch_size: int = 256, lr: float = 1e-3, train_end_ts: int | None = None,
              n_boot: int = 1000, score_weights: dict[str, float] | None = None,
              progress: bool = True, resume: bool = True, num_threads: int | None = None,
-             max_memory_mb: float = 1024, model_overrides: dict | None = None) -> dict:
-    """Trains and evaluates every model; returns the result (also written to ``out``)."""
+             max_memory_mb: float = 1024, model_overrides: dict | None = None,
+             max_steps: int | None = None) -> dict:
+    """Trains and evaluates every model; returns the result (also written to ``out``).
+
+    ``max_steps`` caps each run's optimiser steps (same cap for every model and seed, so
+    the comparison stays paired) for machines where full epochs take too long.
+    """
     models = list(models or BASELINES)
     if baseline not in models:
         models.insert(0, baseline)
@@ -68,7 +73,7 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
             summary = train(rows, run_dir, name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                             train_end_ts=train_end_ts, progress=progress, resume=resume,
                             num_threads=num_threads, max_memory_mb=max_memory_mb,
-                            model_overrides=model_overrides)
+                            model_overrides=model_overrides, step_budget=max_steps)
             model = load_model(run_dir)
             pred = predict(model, eval_data)
             m = compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot, seed=seed)

@@ -96,7 +96,7 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *,
           warmup_steps: int | None = None, weight_decay: float = 0.0, device: str | None = None,
           progress: bool = True, resume: bool = True, max_steps: int | None = None,
           ckpt_every: int = 0, num_threads: int | None = None, max_memory_mb: float = 1024,
-          log_every: int = 10, model_overrides: dict | None = None) -> dict:
+          log_every: int = 10, model_overrides: dict | None = None, step_budget: int | None = None) -> dict:
     """Trains a model on the rows with ``ts < train_end_ts``; writes it to ``out``.
 
     Args:
@@ -107,6 +107,9 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *,
         train_end_ts: split point in ms; default from world.json next to the rows.
         warmup_steps: linear warm-up length (default 5% of all steps).
         resume: continue from ``out``'s checkpoint when there is one.
+        step_budget: a time budget in optimiser steps: the warm-up + cosine schedule is
+            laid over ``min(epochs x steps per epoch, step_budget)`` steps and training
+            ends there, learning rate decayed (unlike ``max_steps``, which interrupts).
         max_steps: stop (with a checkpoint) after this many steps in all (for tests and
             interrupted runs); the schedule still spans ``epochs``.
         ckpt_every: also checkpoint every N steps (0 = only at epoch ends).
@@ -121,14 +124,14 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *,
     try:
         return _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
                       weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
-                      log_every, model_overrides or {})
+                      log_every, model_overrides or {}, step_budget)
     finally:
         env.close()
 
 
 def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
            weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
-           log_every, overrides) -> dict:
+           log_every, overrides, step_budget=None) -> dict:
     if num_threads:
         torch.set_num_threads(num_threads)
     if epochs < 1 or batch_size < 1:
@@ -150,6 +153,9 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = data.num_batches(batch_size, env.world_size)
     total = steps_per_epoch * epochs
+    if step_budget:
+        total = min(total, int(step_budget))
+        max_steps = total if max_steps is None else min(max_steps, total)
     warmup = warmup_steps if warmup_steps is not None else max(1, round(0.05 * total))
 
     step = 0

@@ -35,6 +35,7 @@ def training_pipeline(
     epochs: int = 2,
     batch_size: int = 256,
     lr: float = 0.002,
+    max_steps: int = 0,
     quarantine_dir: str = "runs/quarantine",
     reference: str = "runs/validation-reference.json",
     feature_repo: str = "feature_repo",
@@ -58,7 +59,7 @@ def training_pipeline(
         log_nn.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("4").set_memory_request("16G")
 
         train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
-                              batch_size=batch_size, lr=lr, seed=seed))
+                              batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps))
         evaluate = _gpu(evaluate_op(model=train.outputs["model"], rows=log_nn.outputs["rows"]))
 
         gate = gate_op(metrics_json=evaluate.outputs["Output"], model=train.outputs["model"],
@@ -85,7 +86,7 @@ def retrain_pipeline(
     gate_tolerance: float = 0.02,
 ) -> None:
     training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
-                      epochs=epochs, batch_size=256, lr=0.002, quarantine_dir=quarantine_dir,
+                      epochs=epochs, batch_size=256, lr=0.002, max_steps=0, quarantine_dir=quarantine_dir,
                       reference="runs/validation-reference.json", feature_repo=feature_repo, champion_dir=champion_dir,
                       gate_tolerance=gate_tolerance)
 

@@ -202,3 +202,10 @@ def test_ddp_two_processes_with_torchrun(world, tmp_path):
     m = load_model(out)
     assert m.cfg.name == "v2"
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == s["steps"]
+
+
+def test_step_budget_lays_the_whole_schedule_over_the_budget(world, tmp_path):
+    s = train(world, tmp_path / "b", "transact", epochs=50, seed=0, step_budget=5, **FAST)
+    assert s["steps"] == 5 and s["finished"] and s["total_steps"] == 5
+    # the last step ran at the end of the cosine decay, not mid-schedule
+    assert s["history"][-1]["lr"] < 0.2 * FAST["lr"]

@@ -111,6 +111,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         score_weights: Optional[str] = typer.Option(None, help="Ranking score weights."),
         n_boot: int = typer.Option(1000, help="Paired bootstrap resamples."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        max_steps: Optional[int] = typer.Option(None, help="Cap on optimiser steps per run (same for all)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Train every baseline on the same rows and seeds; print the paper's Table 2."""
@@ -120,7 +121,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         res = run(rows, out, baseline=baseline,
                   models=[m.strip() for m in models.split(",")] if models else None, seeds=seeds,
                   epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
-                  score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads)
+                  score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads,
+                  max_steps=max_steps)
         typer.echo(format_table(res))
         typer.echo(f"written {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
 
