@@ -1,1 +1,15 @@
-"""serving"""
+"""The ranking service (DESIGN §8, paper §3.4).
+
+- :mod:`~transact.serving.service`: the BentoML service, ``POST /rank`` (+ /livez, /readyz, /metrics)
+- :mod:`~transact.serving.schema`: the strict request / response schema
+- :mod:`~transact.serving.ranker`: one de-duplicated batch per micro-batch -> S_all -> model -> S
+- :mod:`~transact.serving.batching`: adaptive cross-request micro-batching
+- :mod:`~transact.serving.served_log`: served NN-feature log (+ ``attach_labels``)
+- :mod:`~transact.serving.device`: pinned staging arena, CUDA-graph forward
+- :mod:`~transact.serving.sources`: where sequences come from (EventStore, Feast online store)
+- :mod:`~transact.serving.guard`: API key, body limit, content type, 4xx format
+- :mod:`~transact.serving.packaging`: model store packaging, bento build
+- :mod:`~transact.serving.launch`: start / stop a real server (CLI, tests, benchmark)
+- :mod:`~transact.serving.bench`: ``transact bench serving``
+- :mod:`~transact.serving.settings`: ``TRANSACT_*`` environment settings
+"""

@@ -1,0 +1,168 @@
+"""Getting a batch onto the device and running the model forward (paper §3.4.2).
+
+:class:`StagingArena` -- the pinned memory arena. One page-locked host buffer, reused
+across batches: every input tensor of a de-duplicated batch is packed into it at
+64-byte-aligned offsets, the used prefix goes to the GPU in ONE asynchronous copy into
+a device buffer that is reused too, and the device tensors are views into it. No
+allocation, no pinning and one H2D transfer per batch. The buffers grow (and are never
+shrunk) when a batch does not fit. An event recorded after the copy guards the host
+buffer: the next batch waits for it before overwriting. On CPU nothing is copied
+(``stage`` returns its inputs); the byte count is still reported, which is what
+``h2d_bytes`` means in the benchmark there.
+
+:class:`ModelRunner` -- the forward pass. On CUDA, the encoder + heads part (fixed
+shapes [B, |S_all|]) is captured in CUDA graphs, one per batch-size bucket (powers of
+two up to ``max_graph_batch``), sharing one memory pool; a batch is copied into the
+bucket's static inputs (padding rows have no valid token), replayed, and the first B
+outputs are read. The NN search has data-dependent shapes (sequence lengths), so it
+runs eagerly. Anything that cannot be captured falls back to eager with a warning.
+On CPU it is the eager model under ``torch.inference_mode``.
+
+These CUDA paths only run on a GPU; the CPU test suite exercises the arena's packing
+with a plain (unpinned) buffer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger("transact.serving")
+
+ALIGN = 64
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+class StagingArena:
+    """Reusable host staging buffer (pinned on CUDA) and its device mirror.
+
+    Args:
+        device: target device.
+        capacity: initial size in bytes (grows on demand).
+        force_copy: also pack through a plain host buffer on CPU (tests).
+    """
+
+    def __init__(self, device: torch.device | str, capacity: int = 64 << 20, force_copy: bool = False) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.copying = self.cuda or force_copy
+        self.capacity = 0
+        self.host: torch.Tensor | None = None
+        self.dev: torch.Tensor | None = None
+        self._event = None
+        self.last_bytes = 0
+        self.grows = 0
+        if self.copying:
+            self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        capacity = _round_up(max(capacity, ALIGN), 1 << 20)
+        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.cuda)
+        self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device) if self.cuda else \
+            torch.empty(capacity, dtype=torch.uint8)
+        self.capacity = capacity
+        self.grows += 1
+
+    @staticmethod
+    def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+        """Bytes one transfer of these tensors takes (aligned layout)."""
+        return sum(_round_up(t.numel() * t.element_size()) for t in tensors.values())
+
+    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Packs ``tensors`` (CPU) into the arena and returns them on the device."""
+        need = self.nbytes(tensors)
+        self.last_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if not self.copying:
+            return tensors
+        if self._event is not None:
+            self._event.synchronize()  # the previous batch's copy has left the host buffer
+        if need > self.capacity:
+            self._allocate(int(need * 1.25))
+        offsets, off = {}, 0
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
+            view = self.host[off:off + n].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            offsets[name] = (off, n, t.dtype, t.shape)
+            off += _round_up(n)
+        if self.cuda:
+            self.dev[:off].copy_(self.host[:off], non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self.dev[:off].copy_(self.host[:off])
+        return {name: self.dev[o:o + n].view(dt).view(shape) for name, (o, n, dt, shape) in offsets.items()}
+
+
+class ModelRunner:
+    """probs [B, H] = sigmoid(model(batch).logits): eager, or CUDA-graph replay on GPU."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str, cuda_graphs: bool = True,
+                 max_graph_batch: int = 2048) -> None:
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.max_graph_batch = max_graph_batch
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static batch, static out)
+        self._failed: set[int] = set()
+        self._pool = None
+
+    def eager(self, batch) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.sigmoid(self.model(batch).logits)
+
+    def __call__(self, batch) -> torch.Tensor:
+        B = len(batch)
+        if not self.use_graphs or B == 0 or B > self.max_graph_batch:
+            return self.eager(batch)
+        bucket = 1 << max(0, math.ceil(math.log2(B)))
+        if bucket in self._failed:
+            return self.eager(batch)
+        if bucket not in self._graphs:
+            try:
+                self._capture(bucket, batch)
+            except Exception as e:  # noqa: BLE001 - never fail a request for an optimisation
+                log.warning("CUDA graph capture failed for batch %d (%s); running eager", bucket, e)
+                self._failed.add(bucket)
+                return self.eager(batch)
+        graph, static, out = self._graphs[bucket]
+        self._fill(static, batch, B)
+        graph.replay()
+        return out[:B].clone()
+
+    @staticmethod
+    def _fields(batch) -> dict[str, torch.Tensor]:
+        return {n: getattr(batch, n) for n in ("emb_q", "action", "tok_surface", "age_s", "seg_len",
+                                                "cand_emb_q", "surface")}
+
+    def _fill(self, static, batch, B: int) -> None:
+        for name, src in self._fields(batch).items():
+            dst = getattr(static, name)
+            dst[:B].copy_(src, non_blocking=True)
+            if B < dst.shape[0]:
+                dst[B:].zero_()  # seg_len 0: padding rows without a valid token
+
+    def _capture(self, bucket: int, batch) -> None:
+        from transact.model.transact import Batch
+
+        fields = {n: torch.zeros((bucket,) + tuple(t.shape[1:]), dtype=t.dtype, device=self.device)
+                  for n, t in self._fields(batch).items()}
+        static = Batch(**fields)
+        self._fill(static, batch, len(batch))
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # warm-up: kernels compiled / autotuned outside the capture
+                self.model(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            out = torch.sigmoid(self.model(static).logits)
+        self._graphs[bucket] = (graph, static, out)
+        log.info("captured a CUDA graph for batch bucket %d", bucket)

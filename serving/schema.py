@@ -1,0 +1,91 @@
+"""The public request / response of ``POST /rank`` (pydantic, strict).
+
+The JSON body is an object keyed by these field names (BentoML passes each field to the
+API as a keyword). Validation is *strict*: JSON types must match exactly (``"5"`` or
+``5.0`` is not an id, ``true`` is not a number), unknown fields are rejected (a typo such
+as ``item_id`` is an error, not silently ignored), floats must be finite (``NaN`` and
+``Infinity`` are rejected), ids are non-negative int64, and embeddings have exactly 32
+values. Every failure is an HTTP 400 whose message names the field
+(:mod:`transact.serving.guard` formats it).
+
+Example::
+
+    {"user_id": 42, "item_ids": [3, 10, 17], "surface": "homefeed"}
+    {"user_id": 42, "item_ids": [3, 10], "item_embeddings": [[0.01, ...32], [...]],
+     "request_ts": 1700000000000, "request_id": 7, "score_weights": {"repin": 1, "hide": -2}}
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from transact.data.schema import EMB_DIM, SURFACES
+from transact.serving.settings import ServeSettings, _int
+
+MAX_ID: int = 2**63 - 1
+#: Request timestamps: ms since the epoch, up to the year 9999.
+MAX_TS: int = 253_402_300_799_999
+#: Per-request score weights: at most this many heads.
+MAX_WEIGHTS: int = 16
+
+#: Candidates per request; read once at import (the OpenAPI schema states it).
+MAX_CANDIDATES: int = _int("TRANSACT_MAX_CANDIDATES", ServeSettings.max_candidates, lo=1)
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Embedding = Annotated[list[Finite], Field(min_length=EMB_DIM, max_length=EMB_DIM)]
+Surface = Literal[SURFACES]  # type: ignore[valid-type]
+
+
+class RankRequest(BaseModel):
+    """One ranking request: one user, N candidates."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: Id = Field(description="The user; unknown users are ranked cold-start (empty sequences).")
+    item_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)] = Field(
+        description=f"Candidate item ids (1..{MAX_CANDIDATES}); their embeddings come from the item table "
+                    "unless item_embeddings is given.")
+    item_embeddings: Optional[Annotated[list[Embedding], Field(min_length=1, max_length=MAX_CANDIDATES)]] = Field(
+        default=None,
+        description=f"Raw {EMB_DIM}-d content embeddings, one per item id, in the same order "
+                    "(quantised to int8 like the item table); for items the table does not know.")
+    surface: Surface = Field(default="homefeed", description="Surface of the request (context feature).")
+    request_ts: Optional[Annotated[int, Field(ge=0, le=MAX_TS)]] = Field(
+        default=None, description="Request time, ms since the epoch (default: now). Sequences are "
+                                  "cut point-in-time before it.")
+    request_id: Optional[Id] = Field(
+        default=None, description="Caller's request id, logged with every served row so labels can be "
+                                  "attached later (default: generated).")
+    score_weights: Optional[Annotated[dict[str, Finite], Field(max_length=MAX_WEIGHTS)]] = Field(
+        default=None, description="Per-request head weights w_h of S = sum_h w_h f_h (default: the "
+                                  "service's); heads not named get weight 0.")
+    top_k: Optional[Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]] = Field(
+        default=None, description="Return only the best top_k candidates (default: all).")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "RankRequest":
+        if self.item_embeddings is not None and len(self.item_embeddings) != len(self.item_ids):
+            raise ValueError(f"item_embeddings: {len(self.item_embeddings)} rows for "
+                             f"{len(self.item_ids)} item_ids (need one per item id)")
+        return self
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    position: int = Field(description="Index of the item in the request's item_ids.")
+    score: float = Field(description="S = sum_h w_h f_h.")
+    probs: dict[str, float] = Field(description="Per-head probability f_h.")
+
+
+class RankResponse(BaseModel):
+    request_id: int
+    user_id: int
+    model_version: str
+    served_ts: int = Field(description="Server time the request was served, ms since the epoch.")
+    request_ts: int
+    cold_start: bool = Field(description="True when the user had no sequence tokens (unknown or new user).")
+    heads: list[str]
+    score_weights: dict[str, float]
+    ranked: list[RankedItem] = Field(description="Candidates, best first (ties: request order).")

@@ -1,0 +1,303 @@
+"""Served NN-feature log (paper §3.4.1): what the model saw, for training and monitoring.
+
+Every served (request, candidate) becomes one row with the SAME columns, types and byte
+layout as the offline NN-logging step (:func:`transact.model.nn_features.nn_rows_schema`,
+built by the same :func:`~transact.model.nn_features.s_all_to_arrow`), except:
+
+- no ``label_*`` columns: labels are unknown when a request is served;
+- added: ``pred_<head>`` (float32, one per model head), ``score`` (float64, the S used
+  to rank), ``model_version`` (string) and ``served_ts`` (int64 ms, server clock).
+
+:func:`attach_labels` joins labels later -- from the ``requests`` table of a world, the
+impression/engagement join of a real system -- on (``request_id``, ``position``) and
+returns exact training rows in :func:`nn_rows_schema` (sorted like the offline step:
+by ts, request_id, position). ``position`` is the candidate's index in the request's
+``item_ids``; the caller's ``request_id`` is what ties a served request to its labels.
+
+Writing is off the request path: :class:`ServedLogWriter` takes records into a bounded
+queue (bounded in rows; when full, new rows are dropped and counted -- serving never
+blocks on the log), and one background thread converts them to Arrow and writes one
+parquet file per ``flush_rows`` rows or per ``flush_s`` seconds, whichever comes first,
+each written atomically (temporary name, then rename). ``close()`` flushes everything
+queued before it returns; the service calls it on shutdown.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from transact.data.io import AtomicParquetWriter, SchemaError
+from transact.data.schema import LABEL_COLUMNS
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import SAll, nn_rows_schema, s_all_to_arrow
+
+log = logging.getLogger("transact.serving")
+
+META_COLUMNS = ("request_id", "user_id", "item_id", "ts", "surface", "position")
+
+
+def served_log_schema(cfg: FeatureConfig, heads: tuple[str, ...] | list[str]) -> pa.Schema:
+    """:func:`nn_rows_schema` without labels, plus predictions, score, version, served time."""
+    base = nn_rows_schema(cfg)
+    fields = [f for f in base if f.name not in LABEL_COLUMNS]
+    fields += [pa.field(f"pred_{h}", pa.float32(), nullable=False) for h in heads]
+    fields += [pa.field("score", pa.float64(), nullable=False),
+               pa.field("model_version", pa.string(), nullable=False),
+               pa.field("served_ts", pa.int64(), nullable=False)]
+    meta = dict(base.metadata or {})
+    meta[b"heads"] = json.dumps(list(heads)).encode()
+    meta[b"format"] = b"transact-served-log/1"
+    return pa.schema(fields, metadata=meta)
+
+
+@dataclass
+class LogRecord:
+    """One served batch's rows (CPU tensors / numpy), converted to Arrow by the writer."""
+
+    s_all: SAll  # [n, S, ...]
+    cand_emb_q: torch.Tensor  # int8 [n, D]
+    request_id: np.ndarray  # int64 [n]
+    user_id: np.ndarray
+    item_id: np.ndarray
+    ts: np.ndarray
+    surface: np.ndarray  # int8 [n]
+    position: np.ndarray  # int16 [n]
+    probs: np.ndarray  # float32 [n, H]
+    score: np.ndarray  # float64 [n]
+    model_version: str
+    served_ts: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+
+def record_to_arrow(rec: LogRecord, cfg: FeatureConfig, heads) -> pa.Table:
+    n = len(rec)
+    meta = pa.table({
+        "request_id": pa.array(rec.request_id, pa.int64()),
+        "user_id": pa.array(rec.user_id, pa.int64()),
+        "item_id": pa.array(rec.item_id, pa.int64()),
+        "ts": pa.array(rec.ts, pa.int64()),
+        "surface": pa.array(rec.surface, pa.int8()),
+        "position": pa.array(rec.position, pa.int16()),
+        **{c: pa.array(np.zeros(n, np.uint8), pa.uint8()) for c in LABEL_COLUMNS},  # dropped below
+    })
+    rows = s_all_to_arrow(rec.s_all, rec.cand_emb_q, meta, cfg).drop_columns(list(LABEL_COLUMNS))
+    for j, h in enumerate(heads):
+        rows = rows.append_column(f"pred_{h}", pa.array(np.ascontiguousarray(rec.probs[:, j]), pa.float32()))
+    rows = rows.append_column("score", pa.array(rec.score, pa.float64()))
+    rows = rows.append_column("model_version", pa.array([rec.model_version] * n, pa.string()))
+    rows = rows.append_column("served_ts", pa.array(rec.served_ts, pa.int64()))
+    return rows.cast(served_log_schema(cfg, heads))
+
+
+class ServedLogWriter:
+    """Bounded queue + background parquet writer of served rows.
+
+    Args:
+        out_dir: folder of ``served-*.parquet`` files.
+        cfg, heads: feature contract and model heads (the schema).
+        max_queue_rows: rows waiting to be written; beyond this, rows are dropped.
+        flush_rows: rows per file.
+        flush_s: a queued row is written within about this many seconds.
+        on_written / on_dropped: callbacks with a row count (metrics).
+    """
+
+    def __init__(self, out_dir: str | Path, cfg: FeatureConfig, heads, max_queue_rows: int = 32_768,
+                 flush_rows: int = 8192, flush_s: float = 5.0,
+                 on_written: Callable[[int], None] | None = None,
+                 on_dropped: Callable[[int], None] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.heads = cfg, tuple(heads)
+        self.schema = served_log_schema(cfg, self.heads)
+        self.max_queue_rows, self.flush_rows, self.flush_s = max_queue_rows, flush_rows, flush_s
+        self._on_written, self._on_dropped = on_written, on_dropped
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0  # rows queued, not yet written
+        self.written_rows = 0
+        self.dropped_rows = 0
+        self.files: list[Path] = []
+        self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="served-log-writer", daemon=True)
+        self._thread.start()
+
+    # --- request path -------------------------------------------------------------------------
+
+    def submit(self, rec: LogRecord) -> bool:
+        """Queues a record without blocking; False (and counted) when the queue is full."""
+        n = len(rec)
+        with self._lock:
+            if self._closed or self._pending + n > self.max_queue_rows:
+                self.dropped_rows += n
+                dropped = True
+            else:
+                self._pending += n
+                dropped = False
+        if dropped:
+            if self._on_dropped:
+                self._on_dropped(n)
+            return False
+        self._q.put(rec)
+        return True
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Blocks until every record queued before the call is on disk."""
+        done = threading.Event()
+        self._q.put(done)
+        if not done.wait(timeout):
+            raise TimeoutError(f"served log: flush did not finish in {timeout} s")
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Flushes and stops the writer thread (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    # --- writer thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        buf: list[pa.Table] = []
+        rows = 0
+        deadline = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = "tick"
+            if isinstance(item, LogRecord):
+                n = len(item)
+                try:
+                    buf.append(record_to_arrow(item, self.cfg, self.heads))
+                    rows += n
+                except Exception:  # noqa: BLE001 - a bad record must not stop the writer
+                    log.exception("served log: could not convert %d rows; dropped", n)
+                    self._count_dropped(n)
+                    with self._lock:
+                        self._pending -= n
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_s
+                if rows < self.flush_rows:
+                    continue
+            # a tick, a flush request, shutdown, or enough rows: write what is buffered
+            if rows:
+                self._write(buf, rows)
+                buf, rows, deadline = [], 0, None
+            if isinstance(item, threading.Event):
+                item.set()
+            elif item is None:
+                return
+
+    def _write(self, tables: list[pa.Table], rows: int) -> None:
+        self._seq += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = self.out_dir / f"served-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+        try:
+            with AtomicParquetWriter(path, self.schema, row_group_size=max(rows, 1)) as w:
+                w.write(pa.concat_tables(tables))
+            self.files.append(path)
+            self.written_rows += rows
+            if self._on_written:
+                self._on_written(rows)
+        except Exception:  # noqa: BLE001 - disk trouble costs log rows, never requests
+            log.exception("served log: writing %s failed; %d rows dropped", path, rows)
+            self._count_dropped(rows)
+        finally:
+            with self._lock:
+                self._pending -= rows
+
+    def _count_dropped(self, n: int) -> None:
+        with self._lock:
+            self.dropped_rows += n
+        if self._on_dropped:
+            self._on_dropped(n)
+
+
+def read_served_log(path: str | Path) -> pa.Table:
+    """All rows of a served-log folder (or one file), in file order."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = sorted(path.glob("served-*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path}: no served-*.parquet files")
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | None = None) -> pa.Table:
+    """Training rows (:func:`nn_rows_schema`) from served rows plus labelled requests.
+
+    Args:
+        served: served-log rows (:func:`served_log_schema`).
+        requests: labelled (request_id, position) rows with ``label_*`` columns, e.g. a
+            world's ``requests`` table; extra rows (never served) are ignored.
+        cfg: feature contract (default: the one stored in the served log's schema).
+
+    Rows are joined on (request_id, position); a served row without a label row is left
+    out (its outcome is unknown yet). When one (request_id, position) was served more
+    than once (a retried request), the first served row is kept. ``user_id`` and
+    ``item_id`` must agree between the two tables (SchemaError otherwise). Output is
+    sorted by (ts, request_id, position), like the offline logging step.
+    """
+    if cfg is None:
+        meta = (served.schema.metadata or {}).get(b"feature_config")
+        if meta is None:
+            raise SchemaError("served log has no feature_config metadata; pass cfg")
+        cfg = FeatureConfig.from_dict(json.loads(meta))
+    for c in ("request_id", "position", "user_id", "item_id", *LABEL_COLUMNS):
+        if c not in requests.column_names:
+            raise SchemaError(f"requests: missing column '{c}'")
+    n_s, n_r = served.num_rows, requests.num_rows
+    pairs = np.empty(n_s + n_r, dtype=[("r", "<i8"), ("p", "<i8")])
+    pairs["r"][:n_s] = served.column("request_id").to_numpy()
+    pairs["p"][:n_s] = served.column("position").to_numpy()
+    pairs["r"][n_s:] = requests.column("request_id").to_numpy()
+    pairs["p"][n_s:] = requests.column("position").to_numpy()
+    uniq, inv = np.unique(pairs, return_inverse=True)  # dense id of each (request_id, position)
+    inv = inv.reshape(-1)
+    s_key, r_key = inv[:n_s], inv[n_s:]
+    if len(np.unique(r_key)) != n_r:
+        raise SchemaError("requests: a (request_id, position) pair has more than one label row")
+    label_row = np.full(len(uniq), -1, np.int64)
+    label_row[r_key] = np.arange(n_r)
+    _, first = np.unique(s_key, return_index=True)  # first served row of each key
+    s_rows = np.sort(first)
+    r_rows = label_row[s_key[s_rows]]
+    s_rows, r_rows = s_rows[r_rows >= 0], r_rows[r_rows >= 0]
+    out = served.take(pa.array(s_rows))
+    lab = requests.take(pa.array(r_rows))
+    for c in ("user_id", "item_id"):
+        a = out.column(c).to_numpy()
+        b = lab.column(c).to_numpy()
+        bad = np.flatnonzero(a != b)
+        if len(bad):
+            raise SchemaError(f"attach_labels: {len(bad)} rows disagree on {c} between the served log and "
+                              f"the requests (e.g. request_id {int(out.column('request_id')[bad[0]].as_py())})")
+    schema = nn_rows_schema(cfg)
+    cols = []
+    for f in schema:
+        col = lab.column(f.name) if f.name in LABEL_COLUMNS else out.column(f.name)
+        cols.append(col.cast(f.type))
+    table = pa.Table.from_arrays(cols, schema=schema)
+    return table.sort_by([("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending")])

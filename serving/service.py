@@ -1,0 +1,191 @@
+"""The BentoML ranking service: ``POST /rank`` (+ ``/livez``, ``/readyz``, ``/metrics``).
+
+Start it with ``transact serve`` (or ``bentoml serve transact.serving.service:TransActRanker``
+with the ``TRANSACT_*`` variables of :mod:`transact.serving.settings`). It binds
+127.0.0.1:3000 unless told otherwise.
+
+Per request: schema validation (strict pydantic, :mod:`transact.serving.schema`) ->
+protocol checks and error format (:mod:`transact.serving.guard`) -> a
+:class:`~transact.serving.ranker.RankQuery` -> the cross-request micro-batcher
+(:mod:`transact.serving.batching`) -> :meth:`Ranker.rank` on the model thread -> JSON.
+
+Status codes: 200; 400 (schema or semantic error, message names the field), 401 (API
+key), 405, 413 (body too large), 415 (not JSON), 503 + ``Retry-After`` (queue full,
+deadline passed, shutting down, sequence source down). A 5xx other than 503 is a bug.
+
+Prometheus metrics on ``/metrics`` (besides BentoML's own):
+``transact_requests_total{code}``, ``transact_candidates_total``,
+``transact_logged_rows_total``, ``transact_log_dropped_rows_total`` (stays 0 in normal
+operation), ``transact_batch_candidates`` and ``transact_stage_seconds{stage}``.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from starlette.responses import JSONResponse
+
+from transact.data.schema import SURFACES
+from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
+from transact.serving.guard import GuardMiddleware
+from transact.serving.ranker import RankQuery, Ranked, RequestError, SourceUnavailable, quantize_embeddings
+from transact.serving.schema import RankedItem, RankRequest, RankResponse
+from transact.serving.settings import API_KEY_HEADER, ServeSettings
+
+log = logging.getLogger("transact.serving")
+
+SETTINGS = ServeSettings.from_env()
+
+def _metric(kind: str, name: str, doc: str, **kw):
+    """A prometheus collector, created once per process (the module may be re-imported:
+    ``bentoml build --reload``)."""
+    import prometheus_client
+
+    existing = prometheus_client.REGISTRY._names_to_collectors.get(name)  # noqa: SLF001
+    if existing is not None:
+        return existing
+    return getattr(prometheus_client, kind)(name, doc, **kw)
+
+
+REQUESTS = _metric("Counter", "transact_requests", "/rank responses by status code", labelnames=["code"])
+CANDIDATES = _metric("Counter", "transact_candidates", "candidates ranked")
+LOGGED = _metric("Counter", "transact_logged_rows", "served rows written to the NN-feature log")
+DROPPED = _metric("Counter", "transact_log_dropped_rows", "served rows NOT logged (queue full or write error)")
+BATCH = _metric("Histogram", "transact_batch_candidates", "candidates per model batch",
+                buckets=(1, 16, 64, 128, 256, 512, 1024, 2048, 4096))
+STAGE = _metric("Histogram", "transact_stage_seconds", "seconds per batch and stage", labelnames=["stage"],
+                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+def _error(status: int, field: str, message: str, retry: bool = False) -> JSONResponse:
+    headers = {"Retry-After": "1"} if retry else None
+    return JSONResponse({"error": f"{field}: {message}", "fields": [field]}, status_code=status, headers=headers)
+
+
+@bentoml.service(
+    name="transact_ranker",
+    http={"host": SETTINGS.host, "port": SETTINGS.port},
+    traffic={"timeout": SETTINGS.request_timeout_s + 10},
+    workers=1,
+)
+class TransActRanker:
+    """TransAct V2 ranking: one user's N candidates per request, de-duplicated batches."""
+
+    model_ref = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        import torch
+
+        from transact.model.checkpoint import load_model
+        from transact.serving.ranker import Ranker
+        from transact.serving.served_log import ServedLogWriter
+        from transact.serving.sources import open_source
+
+        s = self.settings = ServeSettings.from_env()
+        ref = type(self).__dict__.get("model_ref")
+        # The class attribute is what `bentoml build` bundles; a process whose settings name
+        # another tag (the module was imported earlier with other settings) looks it up.
+        stored = self.model_ref if ref is not None and str(ref.tag) == s.model_tag else bentoml.models.get(s.model_tag)
+        self.model_dir = Path(stored.path)
+        self.model_version = str(stored.tag)
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        model = load_model(self.model_dir, device)
+        source = open_source(s.world, s.feast_repo, model.fcfg)
+        self.log_writer = None
+        if s.log_dir:
+            self.log_writer = ServedLogWriter(s.log_dir, model.fcfg, model.cfg.heads, s.log_queue_rows,
+                                              s.log_flush_rows, s.log_flush_s,
+                                              on_written=LOGGED.inc, on_dropped=DROPPED.inc)
+        self.ranker = Ranker(model, source, device, model_version=self.model_version,
+                             score_weights=s.score_weights, assembly=s.assembly, log_writer=self.log_writer,
+                             cuda_graphs=s.cuda_graphs)
+        self.ranker.warmup(min(s.max_batch_candidates, self.ranker.runner.max_graph_batch))
+        self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0, s.max_queue)
+        log.info("serving %s on %s (%s assembly, source %s, log %s)", self.model_version, device, s.assembly,
+                 type(source).__name__, s.log_dir or "off")
+
+    # --- probes ---------------------------------------------------------------------------------
+
+    def __is_alive__(self) -> bool:
+        return self.batcher.alive
+
+    def __is_ready__(self) -> bool:
+        return self.batcher.alive
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.batcher.close()
+        if self.log_writer is not None:
+            self.log_writer.close()
+
+    # --- the API --------------------------------------------------------------------------------
+
+    @bentoml.api(route="/rank", input_spec=RankRequest, output_spec=RankResponse)
+    async def rank(self, **request) -> RankResponse:
+        """Rank the candidates of one user: per-head probabilities, score S and the ranked list."""
+        try:
+            q = self.query(**request)
+        except RequestError as e:
+            return _error(400, e.field, e.message)
+        try:
+            ranked = await self.batcher.run(q, q.n, self.settings.request_timeout_s)
+        except RequestError as e:
+            return _error(400, e.field, e.message)
+        except Overloaded as e:
+            return _error(503, "service", f"overloaded: {e}", retry=True)
+        except DeadlineExceeded as e:
+            return _error(503, "service", f"timeout: {e}", retry=True)
+        except SourceUnavailable as e:
+            log.error("%s", e)
+            return _error(503, "service", "the sequence source is unavailable", retry=True)
+        CANDIDATES.inc(q.n)
+        return self.response(ranked)
+
+    def query(self, user_id: int, item_ids: list[int], item_embeddings=None, surface: str = "homefeed",
+              request_ts: int | None = None, request_id: int | None = None,
+              score_weights: dict[str, float] | None = None, top_k: int | None = None) -> RankQuery:
+        """Validated request fields -> RankQuery (semantic checks raise RequestError)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        emb = quantize_embeddings(item_embeddings) if item_embeddings is not None else None
+        weights = self.ranker.weights if score_weights is None else {k: float(v) for k, v in score_weights.items()}
+        if score_weights is not None:
+            self.ranker.check_weights(weights)
+        return RankQuery(
+            user_id=int(user_id), item_ids=ids, item_emb_q=emb, surface=SURFACES.index(surface),
+            ts=int(time.time() * 1000) if request_ts is None else int(request_ts),
+            request_id=secrets.randbits(62) if request_id is None else int(request_id),
+            weights=weights, top_k=top_k,
+        )
+
+    def response(self, r: Ranked) -> RankResponse:
+        heads = self.ranker.heads
+        order = r.order if r.query.top_k is None else r.order[: r.query.top_k]
+        ids, probs, score = r.query.item_ids, r.probs, r.score
+        items = [RankedItem.model_construct(item_id=int(ids[i]), position=int(i), score=float(score[i]),
+                                            probs={h: float(probs[i, j]) for j, h in enumerate(heads)})
+                 for i in order.tolist()]
+        return RankResponse.model_construct(
+            request_id=r.query.request_id, user_id=r.query.user_id, model_version=self.model_version,
+            served_ts=r.served_ts, request_ts=r.query.ts, cold_start=r.cold_start, heads=list(heads),
+            score_weights=r.query.weights, ranked=items)
+
+    # --- the model thread -----------------------------------------------------------------------
+
+    def _process(self, queries: list[RankQuery]) -> list:
+        results, st = self.ranker.rank(queries)
+        if st.candidates:
+            BATCH.observe(st.candidates)
+            for stage in ("fetch", "assemble", "nn", "forward", "post", "total"):
+                STAGE.labels(stage=stage).observe(getattr(st, f"{stage}_s"))
+        return results
+
+
+TransActRanker.add_asgi_middleware(
+    GuardMiddleware, route="/rank", max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key,
+    header=API_KEY_HEADER, on_status=lambda code: REQUESTS.labels(code=str(code)).inc())

@@ -1,0 +1,479 @@
+"""Serving, in process: de-duplicated batches, offline/online equality, the served log,
+micro-batching, the staging arena, the error format, settings and packaging."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import write_world
+from transact.components.nn_logging import log_nn_features
+from transact.data.io import SchemaError
+from transact.data.schema import LABEL_COLUMNS
+from transact.model.checkpoint import load_model, save_model
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.model.sequences import EventStore
+from transact.model.transact import Batch, build_model
+from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
+from transact.serving.device import StagingArena
+from transact.serving.ranker import RankQuery, Ranker, RequestError, assemble, default_weights
+from transact.serving.served_log import ServedLogWriter, attach_labels, read_served_log, served_log_schema
+
+CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    items, actions, impressions, requests = write_world(root / "w")
+    torch.manual_seed(0)
+    save_model(root / "model", build_model("v2", CFG))
+    rows = root / "rows.parquet"
+    log_nn_features(root / "w", rows, CFG, progress=False)
+    return {"root": root, "items": items, "requests": requests, "rows": pq.read_table(rows),
+            "store": EventStore(items, actions, impressions, CFG), "model": load_model(root / "model")}
+
+
+def queries_of(requests: pa.Table, weights) -> list[RankQuery]:
+    """One RankQuery per request of a requests table (candidates in position order)."""
+    df = requests.to_pandas().sort_values(["request_id", "position"])
+    out = []
+    for rid, g in df.groupby("request_id", sort=True):
+        out.append(RankQuery(user_id=int(g.user_id.iloc[0]), item_ids=g.item_id.to_numpy(np.int64), item_emb_q=None,
+                             surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid),
+                             weights=dict(weights)))
+    return out
+
+
+def offline_probs(model, rows: pa.Table) -> np.ndarray:
+    s_all, cand = arrow_to_s_all(rows, model.fcfg)
+    surface = torch.from_numpy(rows.column("surface").to_numpy().astype(np.int64))
+    return model.predict_proba(Batch.from_s_all(s_all, cand, surface)).numpy()
+
+
+def test_online_scores_match_offline_rows_for_both_assemblies(world):
+    """Serving (de-duplicated and naive batches) = the model on the offline NN-logging rows."""
+    model, rows = world["model"], world["rows"]
+    exp = offline_probs(model, rows)
+    key = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(rows.column("request_id").to_numpy(),
+                                                               rows.column("position").to_numpy()))}
+    out = {}
+    for assembly in ("dedup", "naive"):
+        ranker = Ranker(model, world["store"], assembly=assembly)
+        qs = queries_of(world["requests"], ranker.weights)
+        results, st = ranker.rank(qs[:11])
+        results2, _ = ranker.rank(qs[11:])  # two cross-request batches of different sizes
+        assert st.requests == 11 and st.errors == 0
+        got = np.zeros_like(exp)
+        for r in results + results2:
+            for pos in range(r.query.n):
+                got[key[(r.query.request_id, pos)]] = r.probs[pos]
+        np.testing.assert_allclose(got, exp, rtol=0, atol=1e-6)
+        out[assembly] = got
+        # score and ranking
+        r = results[0]
+        np.testing.assert_allclose(r.score, r.probs @ np.array([ranker.weights.get(h, 0) for h in ranker.heads]))
+        assert list(r.order) == sorted(range(r.query.n), key=lambda i: (-r.score[i], i))
+    np.testing.assert_array_equal(out["dedup"], out["naive"])
+
+
+def test_dedup_moves_far_fewer_bytes_than_broadcasting(world):
+    store = world["store"]
+    users = np.array([11, 22])
+    seqs = store.sequences(users, np.array([1_700_500_000_000] * 2))
+    cand = torch.zeros(40, 32, dtype=torch.int8)
+    args = (*seqs, cand, torch.tensor([25, 15]), torch.tensor([1_700_500_000_000] * 2), torch.tensor([0, 1]))
+    d, n = assemble(*args), assemble(*args, naive=True)
+    assert StagingArena.nbytes(n) > 5 * StagingArena.nbytes(d)
+    assert d["cand_offsets"].tolist() == [0, 25, 40]
+    assert n["cand_offsets"].tolist() == list(range(41))
+    assert int(n["ll.offsets"][-1]) == 25 * int(seqs[0].lengths[0]) + 15 * int(seqs[0].lengths[1])
+
+
+def test_cold_user_and_raw_embeddings(world):
+    model, store = world["model"], world["store"]
+    ranker = Ranker(model, store)
+    items = world["items"]
+    ids = items.column("item_id").to_numpy()[:5]
+    raw = items.column("emb").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 32)[:5]
+    from transact.serving.ranker import quantize_embeddings
+
+    w = ranker.weights
+    by_id = RankQuery(999_999, ids, None, 0, 1_700_500_000_000, 1, w)
+    by_emb = RankQuery(999_999, ids, quantize_embeddings(raw.astype(np.float64)), 0, 1_700_500_000_000, 2, w)
+    (a, b), _ = ranker.rank([by_id, by_emb])
+    assert a.cold_start and b.cold_start
+    np.testing.assert_array_equal(a.probs, b.probs)  # raw embeddings quantise like the item table
+    assert np.isfinite(a.probs).all() and a.probs.shape == (5, len(ranker.heads))
+
+
+def test_a_bad_request_fails_alone(world):
+    ranker = Ranker(world["model"], world["store"])
+    qs = queries_of(world["requests"], ranker.weights)[:2]
+    bad_item = RankQuery(11, np.array([123456789]), None, 0, 1_700_500_000_000, 7, ranker.weights)
+    bad_w = RankQuery(11, qs[0].item_ids, None, 0, 1_700_500_000_000, 8, {"nope": 1.0})
+    results, st = ranker.rank([qs[0], bad_item, bad_w, qs[1]])
+    assert isinstance(results[1], RequestError) and results[1].field == "item_ids"
+    assert "123456789" in str(results[1])
+    assert isinstance(results[2], RequestError) and results[2].field == "score_weights"
+    assert results[0].probs.shape[0] == qs[0].n and results[3].probs.shape[0] == qs[1].n
+    assert st.errors == 2
+
+
+def test_default_weights_follow_the_heads():
+    assert default_weights(("click", "repin")) == {"click": 1.0, "repin": 1.0}
+    assert default_weights(("click", "hide"), {"hide": -2.0}) == {"hide": -2.0}
+
+
+# --- the served log -------------------------------------------------------------------------------
+
+def test_served_log_with_labels_equals_offline_rows(world, tmp_path):
+    """Served rows + attach_labels = exactly the rows of the offline NN-logging step."""
+    model = world["model"]
+    writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads, flush_rows=64, flush_s=0.2)
+    ranker = Ranker(model, world["store"], log_writer=writer, model_version="m:1")
+    qs = queries_of(world["requests"], ranker.weights)
+    for i in range(0, len(qs), 7):
+        ranker.rank(qs[i:i + 7])
+    ranker.rank(qs[:2])  # a retried request: the first served copy is kept
+    writer.close()
+    assert writer.dropped_rows == 0 and len(writer.files) >= 2
+    served = read_served_log(tmp_path / "log")
+    assert served.schema.equals(served_log_schema(CFG, model.cfg.heads), check_metadata=False)
+    assert set(served.column("model_version").to_pylist()) == {"m:1"}
+    assert served.num_rows == world["requests"].num_rows + qs[0].n + qs[1].n
+    train = attach_labels(served, world["requests"])
+    offline = world["rows"].cast(nn_rows_schema(CFG))
+    assert train.schema.equals(nn_rows_schema(CFG), check_metadata=True)
+    assert train.equals(offline)
+    # predictions logged = predictions served
+    probs = np.stack([served.column(f"pred_{h}").to_numpy() for h in model.cfg.heads], 1)
+    assert np.isfinite(probs).all()
+
+
+def test_attach_labels_drops_unlabelled_and_checks_ids(world, tmp_path):
+    model = world["model"]
+    writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads)
+    ranker = Ranker(model, world["store"], log_writer=writer)
+    qs = queries_of(world["requests"], ranker.weights)[:3]
+    ranker.rank(qs)
+    writer.close()
+    served = read_served_log(tmp_path / "log")
+    req = world["requests"]
+    one = req.filter(pa.compute.equal(req.column("request_id"), qs[0].request_id))
+    assert attach_labels(served, one).num_rows == qs[0].n
+    wrong = one.set_column(one.schema.get_field_index("item_id"), "item_id",
+                           pa.array(one.column("item_id").to_numpy() + 1, pa.int64()))
+    with pytest.raises(SchemaError, match="item_id"):
+        attach_labels(served, wrong)
+    with pytest.raises(SchemaError, match="more than one"):
+        attach_labels(served, pa.concat_tables([one, one]))
+    with pytest.raises(SchemaError, match="label_click"):
+        attach_labels(served, one.drop_columns([LABEL_COLUMNS[0]]))
+
+
+def _record(model, store, n_req=1):
+    ranker = Ranker(model, store)
+    rec = {}
+
+    class Catch:
+        def submit(self, r):
+            rec["r"] = r
+
+    ranker.log_writer = Catch()
+    ranker.rank([RankQuery(11, np.array([3, 10, 17]), None, 0, 1_700_500_000_000, i, ranker.weights)
+                 for i in range(n_req)])
+    return rec["r"]
+
+
+def test_log_queue_is_bounded_and_counts_drops(world, tmp_path):
+    model = world["model"]
+    rec = _record(model, world["store"], n_req=2)  # 6 rows
+    dropped = []
+    writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads, max_queue_rows=8, flush_s=60,
+                             on_dropped=dropped.append)
+    gate = threading.Event()
+    real = writer._write
+    writer._write = lambda *a: (gate.wait(10), real(*a))  # hold the writer thread
+    assert writer.submit(rec) is True
+    assert writer.submit(rec) is False  # 12 > 8 rows queued: dropped, not blocked
+    assert writer.dropped_rows == 6 and dropped == [6]
+    gate.set()
+    writer.close()
+    assert writer.written_rows == 6
+    assert read_served_log(tmp_path / "log").num_rows == 6
+    assert writer.submit(rec) is False  # closed: counted as dropped
+    assert writer.dropped_rows == 12
+
+
+def test_log_flushes_by_time_and_survives_a_write_error(world, tmp_path):
+    model = world["model"]
+    rec = _record(model, world["store"])
+    writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads, flush_rows=10_000, flush_s=0.2)
+    writer.submit(rec)
+    t = time.monotonic()
+    while not writer.files and time.monotonic() - t < 10:
+        time.sleep(0.05)
+    assert writer.written_rows == 3  # written by the timer, long before flush_rows
+    real = writer._write
+
+    def broken(tables, rows):
+        writer._write = real
+        raise_in = writer.out_dir
+        writer.out_dir = tmp_path / "missing" / "deeper"
+        try:
+            real(tables, rows)
+        finally:
+            writer.out_dir = raise_in
+
+    (tmp_path / "missing").write_text("a file where a folder should be")
+    writer._write = broken
+    writer.submit(rec)
+    writer.flush()
+    assert writer.dropped_rows == 3
+    writer.submit(rec)
+    writer.close()
+    assert writer.written_rows == 6 and writer.pending_rows == 0
+
+
+# --- micro-batching -------------------------------------------------------------------------------
+
+def test_micro_batcher_groups_waiting_requests_and_isolates_errors():
+    seen = []
+    gate = threading.Event()
+
+    def process(items):
+        gate.wait(5)
+        seen.append(list(items))
+        return [ValueError("bad") if x == "bad" else x * 2 for x in items]
+
+    b = MicroBatcher(process, max_batch_size=10, max_queue=100)
+    first = b.submit(1, 1, 5)  # the worker takes it alone and blocks on the gate
+    time.sleep(0.1)
+    futs = [b.submit(x, 4, 5) for x in (2, 3, "bad", 5)]  # sizes 4: at most 2 per batch
+    gate.set()
+    assert first.result(5) == 2
+    assert [f.result(5) for f in futs[:2]] == [4, 6]
+    with pytest.raises(ValueError):
+        futs[2].result(5)
+    assert futs[3].result(5) == 10
+    assert seen == [[1], [2, 3], ["bad", 5]]
+    b.close()
+
+
+def test_micro_batcher_sheds_load_times_out_and_survives_a_crash():
+    gate = threading.Event()
+
+    def process(items):
+        if "crash" in items:
+            raise RuntimeError("boom")
+        gate.wait(5)
+        return items
+
+    b = MicroBatcher(process, max_batch_size=1, max_queue=2)
+    b.submit("a", 1, 5)
+    time.sleep(0.1)
+    expired = b.submit("b", 1, 0.05)
+    c = b.submit("c", 1, 5)
+    with pytest.raises(Overloaded):
+        b.submit("d", 1, 5)
+    time.sleep(0.2)
+    gate.set()
+    assert c.result(5) == "c"
+    with pytest.raises(DeadlineExceeded):
+        expired.result(5)
+    gate.clear()
+    b.submit("slow", 1, 5)  # holds the worker while "e" times out
+    time.sleep(0.1)
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(b.run("e", 1, 0.0001))
+    gate.set()
+    fut = b.submit("crash", 1, 5)
+    with pytest.raises(RuntimeError, match="boom"):
+        fut.result(5)
+    assert b.call("ok", 1, 5) == "ok" and b.alive and b.expired >= 1
+    b.close()
+    with pytest.raises(Overloaded):
+        b.submit("late", 1, 5)
+
+
+def test_micro_batcher_waits_to_grow_a_batch_when_asked():
+    sizes = []
+    b = MicroBatcher(lambda items: sizes.append(len(items)) or items, max_batch_size=8, max_wait_s=0.3)
+    futs = []
+    for i in range(4):
+        futs.append(b.submit(i, 1, 5))
+        time.sleep(0.02)
+    assert [f.result(5) for f in futs] == [0, 1, 2, 3]
+    assert sizes == [4]
+    b.close()
+
+
+# --- staging arena --------------------------------------------------------------------------------
+
+def test_staging_arena_packs_aligned_views_and_grows():
+    arena = StagingArena("cpu", capacity=1 << 10, force_copy=True)
+    t = {"a": torch.arange(10, dtype=torch.int64), "b": torch.randint(-127, 127, (7, 32), dtype=torch.int8),
+         "c": torch.tensor([1.5, -2.0]), "d": torch.zeros(0, 32, dtype=torch.int8)}
+    out = arena.stage(t)
+    for k in t:
+        assert torch.equal(out[k], t[k]) and out[k].dtype == t[k].dtype
+    assert arena.last_bytes == 80 + 224 + 8
+    big = {"x": torch.ones(3 << 20, dtype=torch.uint8)}
+    out = arena.stage(big)
+    assert arena.grows == 2 and arena.capacity >= (3 << 20) and torch.equal(out["x"], big["x"])
+    out = arena.stage(t)  # reused, no growth
+    assert arena.grows == 2 and torch.equal(out["b"], t["b"])
+    plain = StagingArena("cpu")
+    assert plain.stage(t) is t and plain.last_bytes == 312
+
+
+# --- error format, settings ---------------------------------------------------------------------
+
+def test_error_format_names_the_field():
+    from transact.serving.guard import format_errors
+
+    pyd = {"error": "1 validation error", "detail": [{"type": "too_short", "loc": ["item_ids"], "msg": "short"},
+                                                     {"type": "x", "loc": ["item_embeddings", 0, 3], "msg": "nan"}]}
+    f = format_errors(pyd)
+    assert f["fields"] == ["item_ids", "item_embeddings.0.3"] and f["error"].startswith("item_ids: short")
+    v = format_errors({"detail": [{"loc": [], "msg": "Value error, item_embeddings: 1 rows for 2"}]})
+    assert v["fields"] == ["item_embeddings"] and v["error"] == "item_embeddings: 1 rows for 2"
+    j = format_errors({"detail": [{"loc": [], "msg": "Invalid JSON: EOF"}]})
+    assert j["fields"] == ["body"]
+    assert format_errors([{"error": "x: y"}])["fields"] == ["x"]
+
+
+def test_guard_middleware_key_size_and_type():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from transact.serving.guard import GuardMiddleware
+
+    async def rank(request):
+        body = await request.json()
+        if body.get("fail"):
+            return JSONResponse({"error": "1 validation error",
+                                 "detail": [{"loc": ["user_id"], "msg": "bad"}]}, status_code=400)
+        return JSONResponse({"n": len(body)})
+
+    codes = []
+    app = GuardMiddleware(Starlette(routes=[Route("/rank", rank, methods=["POST"])]), max_body_bytes=2048,
+                          api_key="s3cret", on_status=codes.append)
+    c = TestClient(app)
+    assert c.post("/rank", json={"a": 1}).status_code == 401
+    assert c.post("/rank", json={"a": 1}, headers={"X-API-Key": "wrong"}).status_code == 401
+    ok = {"X-API-Key": "s3cret"}
+    assert c.post("/rank", json={"a": 1}, headers=ok).json() == {"n": 1}
+    r = c.post("/rank", content=b"x" * 5000, headers={**ok, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["fields"] == ["body"]
+    r = c.post("/rank", content=b"{}", headers={**ok, "content-type": "text/plain"})
+    assert r.status_code == 415
+    r = c.post("/rank", json={"fail": 1}, headers=ok)
+    assert r.status_code == 400 and r.json()["error"] == "user_id: bad"
+    assert c.get("/rank", headers=ok).status_code == 405
+
+    def chunks():
+        for _ in range(5):
+            yield b"x" * 1000
+
+    r = c.post("/rank", content=chunks(), headers={**ok, "content-type": "application/json"})
+    assert r.status_code == 413
+    assert codes == [401, 401, 200, 413, 415, 400, 405, 413]
+
+
+def test_settings_from_env_fail_on_bad_values(monkeypatch):
+    from transact.serving.settings import ServeSettings
+
+    monkeypatch.setenv("TRANSACT_MAX_CANDIDATES", "ten")
+    with pytest.raises(ValueError, match="TRANSACT_MAX_CANDIDATES"):
+        ServeSettings.from_env()
+    monkeypatch.setenv("TRANSACT_MAX_CANDIDATES", "64")
+    monkeypatch.setenv("TRANSACT_ASSEMBLY", "fancy")
+    with pytest.raises(ValueError, match="TRANSACT_ASSEMBLY"):
+        ServeSettings.from_env()
+    monkeypatch.setenv("TRANSACT_ASSEMBLY", "naive")
+    monkeypatch.setenv("TRANSACT_SCORE_WEIGHTS", "click=2,hide=-1")
+    s = ServeSettings.from_env()
+    assert s.max_candidates == 64 and s.assembly == "naive" and s.score_weights == {"click": 2.0, "hide": -1.0}
+    assert s.host == "127.0.0.1"  # loopback unless told otherwise
+    env = s.to_env()
+    assert env["TRANSACT_ASSEMBLY"] == "naive" and "TRANSACT_API_KEY" not in env
+
+
+# --- sequence sources -----------------------------------------------------------------------------
+
+def test_sources_protocol_and_empty_source():
+    from transact.serving.sources import EmptySource, SequenceSource
+
+    assert isinstance(EventStore.__new__(EventStore), SequenceSource)
+    ll, rt, imp = EmptySource().sequences(np.array([1, 2]), np.array([0, 0]))
+    assert ll.num_users == rt.num_users == imp.num_users == 2 and int(ll.offsets[-1]) == 0
+    with pytest.raises(ValueError, match="item_embeddings"):
+        EmptySource().item_emb_q_of(np.array([1]))
+
+
+def test_feast_source_adapts_online_sequences(world):
+    from transact.serving.sources import FeastSource
+
+    store = world["store"]
+
+    class FakeOnline:  # the OnlineSequences interface: current state, no timestamps
+        def sequences(self, user_ids):
+            return store.sequences(np.asarray(user_ids), np.full(len(user_ids), 1_800_000_000_000))
+
+        def item_emb_q(self, item_ids, unknown="raise"):
+            return store.item_emb_q_of(np.asarray(item_ids))
+
+    src = FeastSource(FakeOnline())
+    ranker = Ranker(world["model"], src)
+    (r,), _ = ranker.rank([RankQuery(11, np.array([3, 10]), None, 0, 1_800_000_000_000, 1, ranker.weights)])
+    assert not r.cold_start and r.probs.shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_feast_online_store_serves_the_same_sequences(tmp_path):
+    """Real Feast (SQLite online store): the adapter returns what the EventStore cuts."""
+    from transact.components import features as F
+    from transact.serving.sources import open_source
+
+    items, actions, impressions, _ = write_world(tmp_path / "w")
+    repo = F.init_repo(tmp_path / "repo")
+    F.apply(repo)
+    F.write_offline(tmp_path / "w", repo, CFG, progress=False)
+    end = int(max(actions.column("ts").to_numpy().max(), impressions.column("ts").to_numpy().max())) + 1
+    F.materialize(repo, end_ms=end, progress=False)
+    src = open_source(None, str(repo), CFG)
+    store = EventStore(items, actions, impressions, CFG)
+    users = np.array([0, 11, 22, 987654])
+    for a, b in zip(src.sequences(users, np.full(4, end + 10)), store.sequences(users, np.full(4, end + 10))):
+        for f in ("emb_q", "action", "surface", "ts", "offsets"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    ids = items.column("item_id").to_numpy()[:4]
+    np.testing.assert_array_equal(src.item_emb_q_of(ids), store.item_emb_q_of(ids))
+    with pytest.raises(ValueError):
+        src.item_emb_q_of(np.array([5]))
+
+
+def test_a_failing_source_is_a_server_side_error(world):
+    from transact.serving.ranker import SourceUnavailable
+
+    class Down:
+        def sequences(self, user_ids, ts):
+            raise ConnectionError("redis is down")
+
+        def item_emb_q_of(self, ids):
+            return world["store"].item_emb_q_of(ids)
+
+    ranker = Ranker(world["model"], Down())
+    with pytest.raises(SourceUnavailable, match="redis is down"):
+        ranker.rank([RankQuery(11, np.array([3]), None, 0, 1_700_500_000_000, 1, ranker.weights)])

@@ -1,0 +1,24 @@
+"""``transact bench serving`` end to end at a tiny size (two real servers: slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_serving_bench_small(tmp_path):
+    from transact.serving.bench import run_serving_bench
+
+    out = tmp_path / "serving-cpu.json"
+    r = run_serving_bench(out, seconds=1, candidates=16, ll=256, rt=40, imp=40, forward_reps=2,
+                          min_requests=2, workdir=tmp_path / "work", progress=lambda *_: None)
+    assert json.loads(out.read_text())["benchmark"] == "serving"
+    assert r["model_forward"]["naive_equals_dedup"] is True
+    assert r["model_forward"]["tokens"] == {"ll": 256, "rt": 40, "imp": 40}
+    for path in ("dedup", "naive"):
+        p = r[path]
+        assert p["requests"] >= 2 and p["errors"] == 0 and p["dropped_log_rows"] == 0
+        assert p["logged_rows"] >= 16 * p["requests"]
+    assert r["naive"]["h2d_bytes_per_request"] > 10 * r["dedup"]["h2d_bytes_per_request"]
+    assert set(r["targets"]) and "cpu_count" in r["machine"]

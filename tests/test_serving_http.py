@@ -1,0 +1,291 @@
+"""The real service: ``bentoml.serve`` on 127.0.0.1, driven over HTTP.
+
+One server is started for the module (a packaged random-weight model, a hand-made
+world, served-row logging held in memory until shutdown); the last test stops it and
+checks that the served log, with labels attached, equals the offline NN-logging rows.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import write_world
+from transact.components.nn_logging import log_nn_features
+from transact.data.schema import SURFACES
+from transact.model.checkpoint import load_model, save_model
+from transact.model.config import FeatureConfig
+from transact.model.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.model.transact import Batch, build_model
+from transact.serving.launch import running_server
+from transact.serving.packaging import bentoml_home, package_model
+from transact.serving.settings import ServeSettings
+
+CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
+MAX_CANDIDATES = 64
+
+
+class Served:
+    def __init__(self, root, url, ctx, rows, requests, model):
+        self.root, self.url, self._ctx = root, url, ctx
+        self.rows, self.requests, self.model = rows, requests, model
+        self.stopped = False
+
+    def stop(self):
+        if not self.stopped:
+            self.stopped = True
+            self._ctx.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving_http")
+    items, actions, impressions, requests = write_world(root / "w")
+    torch.manual_seed(1)
+    save_model(root / "model", build_model("v2", CFG))
+    log_nn_features(root / "w", root / "rows.parquet", CFG, progress=False)
+    with bentoml_home(root / "bentoml"):
+        info = package_model(root / "model")
+        settings = ServeSettings(model_tag=info["tag"], world=str(root / "w"), log_dir=str(root / "log"),
+                                 log_flush_rows=10**7, log_flush_s=3600, log_queue_rows=10**7,
+                                 max_candidates=MAX_CANDIDATES, threads=1)
+        ctx = running_server(settings, bentoml_home=str(root / "bentoml"))
+        url = ctx.__enter__()
+        s = Served(root, url, ctx, pq.read_table(root / "rows.parquet"), requests, load_model(root / "model"))
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+def _post(url, body, **kw):
+    if isinstance(body, (dict, list)):
+        return httpx.post(f"{url}/rank", json=body, timeout=60, **kw)
+    return httpx.post(f"{url}/rank", content=body, timeout=60,
+                      headers=kw.pop("headers", {"content-type": "application/json"}), **kw)
+
+
+def _world_bodies(requests):
+    df = requests.to_pandas().sort_values(["request_id", "position"])
+    return [{"user_id": int(g.user_id.iloc[0]), "item_ids": [int(x) for x in g.item_id],
+             "surface": SURFACES[int(g.surface.iloc[0])], "request_ts": int(g.ts.iloc[0]), "request_id": int(rid)}
+            for rid, g in df.groupby("request_id", sort=True)]
+
+
+def test_rank_over_http_matches_offline_model_scores(served):
+    rows, model = served.rows, served.model
+    s_all, cand = arrow_to_s_all(rows, CFG)
+    surface = torch.from_numpy(rows.column("surface").to_numpy().astype(np.int64))
+    exp = model.predict_proba(Batch.from_s_all(s_all, cand, surface)).numpy()
+    key = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(rows.column("request_id").to_numpy(),
+                                                               rows.column("position").to_numpy()))}
+    bodies = _world_bodies(served.requests)
+    first = [_post(served.url, b) for b in bodies[:10]]  # one at a time
+    with ThreadPoolExecutor(8) as pool:  # concurrent: cross-request batches
+        rest = list(pool.map(lambda b: _post(served.url, b), bodies[10:]))
+    heads = list(model.cfg.heads)
+    for body, r in zip(bodies, first + rest):
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["request_id"] == body["request_id"] and out["heads"] == heads
+        assert sorted(x["position"] for x in out["ranked"]) == list(range(len(body["item_ids"])))
+        w = out["score_weights"]
+        scores = [x["score"] for x in out["ranked"]]
+        assert scores == sorted(scores, reverse=True)
+        for x in out["ranked"]:
+            assert x["item_id"] == body["item_ids"][x["position"]]
+            want = exp[key[(body["request_id"], x["position"])]]
+            got = np.array([x["probs"][h] for h in heads])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+            assert x["score"] == pytest.approx(sum(w.get(h, 0) * x["probs"][h] for h in heads), abs=1e-9)
+
+
+def test_cold_user_top_k_and_request_weights(served):
+    body = {"user_id": 987654321, "item_ids": [3, 10, 17, 24], "top_k": 2, "score_weights": {"hide": -1}}
+    r = _post(served.url, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["cold_start"] is True and len(out["ranked"]) == 2
+    assert out["score_weights"] == {"hide": -1.0}
+    assert all(x["score"] == pytest.approx(-x["probs"]["hide"]) for x in out["ranked"])
+    assert abs(out["request_ts"] - time.time() * 1000) < 600_000  # defaults to now
+    emb = [[0.01 * ((i + j) % 7) for j in range(32)] for i in range(3)]
+    r = _post(served.url, {"user_id": 5, "item_ids": [1, 2, 999_999_999], "item_embeddings": emb})
+    assert r.status_code == 200, r.text  # unknown items are fine with raw embeddings
+
+
+NAN_EMB = "[" + ",".join(["NaN"] + ["0"] * 31) + "]"
+CLIENT_ERRORS = [
+    ("bad json", b"{\"user_id\": 1, ", 400, "body"),
+    ("not an object", b"[1, 2]", 400, "body"),
+    ("missing field", {"user_id": 1}, 400, "item_ids"),
+    ("string id", {"user_id": "1", "item_ids": [3]}, 400, "user_id"),
+    ("float id", {"user_id": 1.5, "item_ids": [3]}, 400, "user_id"),
+    ("bool id", {"user_id": True, "item_ids": [3]}, 400, "user_id"),
+    ("negative user", {"user_id": -1, "item_ids": [3]}, 400, "user_id"),
+    ("negative item", {"user_id": 1, "item_ids": [3, -10]}, 400, "item_ids.1"),
+    ("too big id", {"user_id": 2**64, "item_ids": [3]}, 400, "user_id"),
+    ("empty candidates", {"user_id": 1, "item_ids": []}, 400, "item_ids"),
+    ("too many candidates", {"user_id": 1, "item_ids": list(range(MAX_CANDIDATES + 1))}, 400, "item_ids"),
+    ("NaN embedding", ('{"user_id": 1, "item_ids": [3], "item_embeddings": [' + NAN_EMB + "]}").encode(), 400,
+     "item_embeddings.0.0"),
+    ("Infinity", b'{"user_id": 1, "item_ids": [3], "score_weights": {"click": Infinity}}', 400, "score_weights.click"),
+    ("short embedding", {"user_id": 1, "item_ids": [3], "item_embeddings": [[0.1] * 31]}, 400, "item_embeddings.0"),
+    ("long embedding", {"user_id": 1, "item_ids": [3], "item_embeddings": [[0.1] * 33]}, 400, "item_embeddings.0"),
+    ("embedding count", {"user_id": 1, "item_ids": [3, 10], "item_embeddings": [[0.1] * 32]}, 400, "item_embeddings"),
+    ("unknown item", {"user_id": 1, "item_ids": [3, 424242]}, 400, "item_ids"),
+    ("unknown head", {"user_id": 1, "item_ids": [3], "score_weights": {"like": 1}}, 400, "score_weights"),
+    ("unknown surface", {"user_id": 1, "item_ids": [3], "surface": "moon"}, 400, "surface"),
+    ("unknown field", {"user_id": 1, "item_ids": [3], "item_id": 3}, 400, "item_id"),
+    ("negative ts", {"user_id": 1, "item_ids": [3], "request_ts": -5}, 400, "request_ts"),
+    ("zero top_k", {"user_id": 1, "item_ids": [3], "top_k": 0}, 400, "top_k"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,field", CLIENT_ERRORS, ids=[c[0] for c in CLIENT_ERRORS])
+def test_client_errors_are_4xx_naming_the_field(served, name, body, status, field):
+    r = _post(served.url, body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert field in err["fields"], err
+    assert err["error"].startswith(field) or f"; {field}" in err["error"], err
+
+
+def test_protocol_errors(served):
+    assert _post(served.url, b"{}", headers={"content-type": "text/plain"}).status_code == 415
+    r = _post(served.url, b"{" + b" " * (5 << 20) + b"}")
+    assert r.status_code == 413 and r.json()["fields"] == ["body"]
+    assert httpx.get(f"{served.url}/rank").status_code == 405
+    assert httpx.post(f"{served.url}/nope", json={}).status_code == 404
+
+
+def test_probes_and_metrics(served):
+    assert httpx.get(f"{served.url}/livez").status_code == 200
+    assert httpx.get(f"{served.url}/readyz").status_code == 200
+    m = httpx.get(f"{served.url}/metrics").text
+    assert 'transact_requests_total{code="200"}' in m and 'transact_requests_total{code="400"}' in m
+    for name in ("transact_candidates_total", "transact_log_dropped_rows_total", "transact_stage_seconds_count"):
+        assert name in m
+    dropped = [ln for ln in m.splitlines() if ln.startswith("transact_log_dropped_rows_total")]
+    assert dropped and float(dropped[0].split()[-1]) == 0.0
+
+
+def test_binds_loopback_by_default():
+    from transact.serving.settings import ServeSettings as S
+
+    assert S().host == "127.0.0.1"
+    import transact.serving.service as svc
+
+    assert svc.TransActRanker.config["http"]["host"] in ("127.0.0.1", svc.SETTINGS.host)
+
+
+def _fuzz(url: str, positive: int, negative: int) -> collections.Counter:
+    """Schemathesis cases (positive and negative) from the service's own OpenAPI: never a 5xx."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    spec = httpx.get(f"{url}/docs.json").json()
+    op = schemathesis.openapi.from_dict(spec)["/rank"]["POST"]
+    codes, failures = collections.Counter(), []
+    session = requests.Session()
+    for mode, n in ((schemathesis.GenerationMode.POSITIVE, positive), (schemathesis.GenerationMode.NEGATIVE, negative)):
+        @given(case=op.as_strategy(generation_mode=mode))
+        @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        def run(case):
+            r = case.call(base_url=url, session=session, timeout=60)
+            codes[r.status_code] += 1
+            if r.status_code >= 500:
+                failures.append((case.body, r.status_code, r.text[:300]))
+
+        run()
+    assert not failures, failures[:5]
+    assert codes[200] > 0 and any(400 <= c < 500 for c in codes), codes
+    return codes
+
+
+def test_fuzz_quick_finds_no_5xx(served):
+    codes = _fuzz(served.url, 100, 100)
+    assert sum(codes.values()) >= 200
+
+
+@pytest.mark.slow
+def test_fuzz_1000_cases_finds_no_5xx(served):
+    codes = _fuzz(served.url, 500, 550)
+    assert sum(codes.values()) >= 1000, codes
+
+
+def test_served_log_after_shutdown_equals_offline_rows(served):
+    """Stopping the server flushes the log; with labels attached it equals the offline rows.
+
+    The log also holds the other tests' requests; the world's requests were served first,
+    and attach_labels keeps the first served copy of a (request_id, position).
+    """
+    from transact.serving.served_log import attach_labels, read_served_log
+
+    assert not list((served.root / "log").glob("served-*.parquet"))  # held in memory so far
+    served.stop()
+    log = read_served_log(served.root / "log")
+    assert log.num_rows >= served.requests.num_rows
+    train = attach_labels(log, served.requests)
+    assert train.equals(served.rows.cast(nn_rows_schema(CFG)))
+
+
+def test_packaging_round_trip_and_offline_bento_build(tmp_path):
+    import bentoml
+
+    from transact.serving.packaging import build_bento, stored_model_dir
+
+    torch.manual_seed(3)
+    model = build_model("v2", CFG)
+    save_model(tmp_path / "model", model)
+    with bentoml_home(tmp_path / "bentoml"):
+        a = package_model(tmp_path / "model")
+        b = package_model(tmp_path / "model")
+        assert a["created"] and not b["created"] and a["tag"] == b["tag"]
+        d = stored_model_dir(a["tag"])
+        assert sorted(p.name for p in d.iterdir() if p.name != "model.yaml") == ["config.json", "model.safetensors"]
+        assert not list(d.rglob("*.pkl")) and not list(d.rglob("*.pickle"))
+        again = load_model(d)
+        for k, v in model.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v)
+        assert bentoml.models.get(a["tag"]).info.metadata["sha256"] == a["sha256"]
+        torch.manual_seed(4)
+        save_model(tmp_path / "model2", build_model("v2", CFG))
+        c = package_model(tmp_path / "model2")
+        assert c["tag"] != a["tag"]
+        bento_tag = build_bento(a["tag"])
+        bento = bentoml.get(bento_tag)
+        assert [str(m.tag) for m in bento.info.all_models] == [a["tag"]]
+        assert (Path(bento.path_of("src")) / "serving" / "service.py").exists()
+
+
+def test_service_class_instantiated_directly(tmp_path, monkeypatch):
+    """Unit level: the BentoML service class without a server."""
+    write_world(tmp_path / "w")
+    torch.manual_seed(5)
+    save_model(tmp_path / "model", build_model("v2", CFG))
+    with bentoml_home(tmp_path / "bentoml"):
+        tag = package_model(tmp_path / "model")["tag"]
+        monkeypatch.setenv("TRANSACT_MODEL_TAG", tag)
+        monkeypatch.setenv("TRANSACT_WORLD", str(tmp_path / "w"))
+        from transact.serving.service import TransActRanker
+
+        svc = TransActRanker()
+        try:
+            out = asyncio.run(svc.rank(user_id=11, item_ids=[3, 10]))
+            assert [x.item_id for x in out.ranked] and out.model_version.startswith("transact-ranker:")
+            err = asyncio.run(svc.rank(user_id=11, item_ids=[3, 5]))  # 5 is not an item
+            assert err.status_code == 400 and json.loads(err.body)["fields"] == ["item_ids"]
+        finally:
+            svc.shutdown()

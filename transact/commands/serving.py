@@ -1,0 +1,108 @@
+"""Serving commands: ``transact package``, ``transact serve``, ``transact bench serving``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from transact.commands._common import fail_on_user_error
+
+
+def sample_curl(url: str = "http://127.0.0.1:3000", api_key: bool = False) -> str:
+    key = " -H 'X-API-Key: $TRANSACT_API_KEY'" if api_key else ""
+    return (f"curl -s -X POST {url}/rank -H 'Content-Type: application/json'{key} "
+            "-d '{\"user_id\": 42, \"item_ids\": [1, 4, 7], \"surface\": \"homefeed\"}'")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @app.command()
+    @fail_on_user_error
+    def package(
+        model_dir: Path = typer.Option(..., help="Trained model folder (config.json + model.safetensors)."),
+        name: str = typer.Option("transact-ranker", help="Model name in the BentoML model store."),
+        build: bool = typer.Option(False, help="Also build the bento (serving/bentofile.yaml, offline)."),
+    ) -> None:
+        """Put a trained model into the BentoML model store (same weights, same tag)."""
+        from transact.serving.packaging import build_bento, package_model
+
+        info = package_model(model_dir, name=name)
+        typer.echo(f"{'stored' if info['created'] else 'already stored'}: {info['tag']}  ({info['path']})")
+        if build:
+            typer.echo(f"bento: {build_bento(info['tag'])}")
+        typer.echo(f"start the service:  transact serve --model {info['tag']} --world <world folder>")
+        typer.echo(f"then:               {sample_curl()}")
+
+    @app.command()
+    @fail_on_user_error
+    def serve(
+        model: str = typer.Option("transact-ranker:latest", help="Model tag in the BentoML model store."),
+        world: Optional[Path] = typer.Option(None, help="World folder: sequences and items from its parquet events."),
+        feast_repo: Optional[Path] = typer.Option(None, help="Feast repo: sequences and items from the online store."),
+        host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 exposes the service to the network)."),
+        port: int = typer.Option(3000, help="Port."),
+        log_dir: Optional[Path] = typer.Option(None, help="Served NN-feature log folder (off when not given)."),
+        score_weights: Optional[str] = typer.Option(None, help="Head weights, e.g. click=1,repin=1,hide=-1."),
+        device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+        threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+        max_candidates: int = typer.Option(1024, help="Candidates per request."),
+        max_wait_ms: float = typer.Option(0.0, help="Extra wait to grow cross-request batches."),
+        api_key_env: Optional[str] = typer.Option(None, help="Name of an environment variable holding the API "
+                                                             "key that /rank requires (X-API-Key header)."),
+    ) -> None:
+        """Start the ranking service (foreground; Ctrl+C stops it and flushes the served log)."""
+        import os
+
+        import bentoml
+
+        from transact.serving.launch import SERVICE, service_env
+        from transact.model.metrics import parse_score_weights
+        from transact.serving.settings import ServeSettings
+
+        api_key = None
+        if api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"--api-key-env {api_key_env}: that environment variable is empty")
+        settings = ServeSettings(
+            model_tag=model, world=str(world) if world else None, feast_repo=str(feast_repo) if feast_repo else None,
+            device=device, threads=threads, score_weights=parse_score_weights(score_weights),
+            max_candidates=max_candidates, max_batch_candidates=max(2048, max_candidates),
+            max_wait_ms=max_wait_ms, api_key=api_key, log_dir=str(log_dir) if log_dir else None,
+            host=host, port=port)
+        with service_env(settings):
+            ServeSettings.from_env()  # fail here, not in the worker, on bad values
+            typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
+            bentoml.serve(SERVICE, host=host, port=port, blocking=True)
+
+    @bench_app.command("serving")
+    @fail_on_user_error
+    def bench_serving(
+        out: Optional[Path] = typer.Option(None, help="JSON output (default bench/results/serving-<device>.json)."),
+        seconds: float = typer.Option(30.0, help="Load duration per path (dedup, naive)."),
+        candidates: int = typer.Option(256, help="Candidates per request (N)."),
+        ll: int = typer.Option(16_384, help="Lifelong sequence length L_LL."),
+        rt: int = typer.Option(100, help="Realtime sequence length."),
+        imp: int = typer.Option(100, help="Impression sequence length."),
+        concurrency: int = typer.Option(1, help="Concurrent clients of the load generator."),
+        threads: int = typer.Option(1, help="torch threads of the server and of the forward timing (0: default)."),
+        min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
+        log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
+    ) -> None:
+        """Loopback load test: de-duplicated vs naive (broadcast) requests, vs the model's forward."""
+        from transact.serving.bench import device_slug, run_serving_bench
+
+        out = out or Path("bench/results") / f"serving-{device_slug()}.json"
+        r = run_serving_bench(out, seconds=seconds, candidates=candidates, ll=ll, rt=rt, imp=imp,
+                              concurrency=concurrency, threads=threads or None, min_requests=min_requests,
+                              log_rows=log_rows, progress=typer.echo)
+        d, n, f, q = r["dedup"], r["naive"], r["model_forward"], r["ratios"]
+        typer.echo(f"\n{'path':<8} {'p50 ms':>9} {'p99 ms':>9} {'cand/s':>9} {'H2D bytes/req':>15}")
+        for name, p in (("dedup", d), ("naive", n)):
+            typer.echo(f"{name:<8} {p['latency_ms_p50']:>9.0f} {p['latency_ms_p99']:>9.0f} "
+                       f"{p['candidates_per_s']:>9.0f} {p['h2d_bytes_per_request']:>15,}")
+        typer.echo(f"model forward p50 {f['model_forward_ms_p50']:.0f} ms; throughput x{q['throughput_dedup_over_naive']:.1f}, "
+                   f"bytes /{q['h2d_bytes_naive_over_dedup']:.0f}, p99/forward {q['dedup_p99_over_model_forward']:.2f}")
+        typer.echo(json.dumps(r["targets"]))
+        typer.echo(f"-> {out}")
