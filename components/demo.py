@@ -1,52 +1,59 @@
-"""The demo run: every step of the system on one machine, each artefact under one folder.
+"""``make demo``: the training pipeline, run locally on the ``demo`` world.
 
-Steps are skipped when their output already exists for the same inputs, so a re-run
-after an interruption picks up where it stopped.
+Everything lands under one run folder: the pipeline's artefacts (``pipeline/``), the
+Feast repo of this run (``feature_repo/``), the validation reference and quarantine,
+and the champion model. A re-run reuses the world (same profile and seed) and gates
+the new model against the champion of the previous run.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
 
+#: Optimiser steps of the demo's training run: a time budget for 2 CPU cores; the
+#: learning-rate schedule is laid over it (see ``train(step_budget=...)``).
+DEMO_STEPS = 250
 
-def _step(title: str) -> float:
-    typer.secho(f"\n== {title}", bold=True)
-    return time.perf_counter()
+
+def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_STEPS) -> dict:
+    from transact.pipelines.runner import run_local
+
+    out = Path(out).resolve()
+    params = dict(profile=profile, seed=seed, epochs=1, max_steps=steps,
+                  quarantine_dir=str(out / "quarantine"),
+                  reference=str(out / "validation-reference.json"),
+                  feature_repo=str(out / "feature_repo"),
+                  champion_dir=str(out / "champion"))
+    typer.secho(f"running the training pipeline locally on the '{profile}' world -> {out}", bold=True)
+    summary = run_local("training", out, **params)
+    _print_results(summary, out)
+    return summary
 
 
-def run_demo(out: Path, profile: str = "demo", seed: int = 0) -> dict:
-    from transact.components.nn_logging import log_nn_features
-    from transact.data.simulator import get_profile, simulate
-    from transact.model.config import FeatureConfig
+def _print_results(s: dict, out: Path) -> None:
+    typer.secho("\n" + "=" * 78, bold=True)
+    typer.secho(f"outcome: {s['outcome']}  ({s['seconds']:.0f} s)", bold=True)
+    if s.get("metrics"):
+        from transact.model.evaluate import format_metrics
 
-    out = Path(out)
-    world = out / "world"
-    paths: dict[str, str] = {}
-    t_all = time.perf_counter()
+        typer.echo("\nHIT@3 on the evaluation window (the last days of the world):\n")
+        typer.echo(format_metrics(s["metrics"]))
+    typer.echo("\nwhere things are:")
+    rows = [("run summary", out / "summary.md"), ("pipeline artefacts", s["run"])]
+    rows += [(f"report: {k.removesuffix('-op')}", v) for k, v in s.get("reports", {}).items()]
+    if s.get("package"):
+        rows += [("champion model", s["package"].get("champion")),
+                 ("bento model tag", s["package"].get("tag"))]
+    for name, path in rows:
+        typer.echo(f"  {name:<22} {path}")
+    if s.get("package"):
+        tag = s["package"].get("tag", "transact-ranker:latest")
+        world = Path(s["run"]) / "ingest-op" / "world"
+        typer.echo("\nserve it and rank:")
+        typer.echo(f"  .venv/bin/transact serve --model {tag} --world {world}")
+        from transact.commands.serving import sample_curl
 
-    t = _step(f"simulate the '{profile}' world (seed {seed})")
-    meta = world / "world.json"
-    done = meta.exists() and json.loads(meta.read_text()).get("seed") == seed \
-        and json.loads(meta.read_text()).get("profile", profile) == profile
-    if not done:
-        simulate(get_profile(profile), world, seed=seed)
-    summary = json.loads(meta.read_text())
-    typer.echo(f"rows: {summary.get('rows')}  ({time.perf_counter() - t:.1f} s)")
-    paths["world"] = str(world)
-
-    t = _step("log NN features (one row per request x candidate)")
-    rows = world / "nn_rows.parquet"
-    if not rows.exists():
-        log_nn_features(world, rows, FeatureConfig())
-    typer.echo(f"{json.loads(rows.with_suffix('.json').read_text())['rows']:,} rows "
-               f"({time.perf_counter() - t:.1f} s)")
-    paths["nn_rows"] = str(rows)
-
-    typer.secho(f"\n== done in {time.perf_counter() - t_all:.0f} s; results:", bold=True)
-    for name, p in paths.items():
-        typer.echo(f"  {name:<10} {p}")
-    (out / "demo.json").write_text(json.dumps(paths, indent=2))
-    return paths
+        typer.echo(f"  {sample_curl()}")
+    (out / "demo.json").write_text(json.dumps(s, indent=2, default=str))

@@ -49,11 +49,22 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     return result.to_dict() if hasattr(result, "to_dict") else dict(result)
 
 
-def materialize_features(world_dir: str, repo_dir: str) -> dict:
-    """Writes the world's sequences into the Feast sources, applies and materialises."""
-    from transact.components.features import materialize_world
+def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -> dict:
+    """Feast: the world's sequences into the offline sources, ``feast apply``, then
+    materialisation into the online store. Re-running rewrites the same rows (idempotent).
 
-    return materialize_world(world_dir, repo_dir)
+    ``repo_dir`` is created from the project's ``feature_repo`` definitions when it has no
+    ``feature_store.yaml`` yet.
+    """
+    from transact.components import features as F
+
+    repo = Path(repo_dir)
+    if not (repo / "feature_store.yaml").exists():
+        F.init_repo(repo)
+    written = F.write_offline(world_dir, repo, progress=progress)
+    applied = F.apply(repo)
+    loaded = F.materialize(repo, progress=progress)
+    return {"repo": str(repo), "offline": written, "apply": applied, "materialize": loaded}
 
 
 ROWS_FILE = "nn_rows.parquet"
