@@ -14,7 +14,7 @@ import typer
 
 #: Optimiser steps of the demo's training run: a time budget for 2 CPU cores; the
 #: learning-rate schedule is laid over it (see ``train(step_budget=...)``).
-DEMO_STEPS = 250
+DEMO_STEPS = 200
 
 
 def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_STEPS) -> dict:

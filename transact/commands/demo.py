@@ -15,7 +15,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), help="Run folder for every artefact."),
         profile: str = typer.Option("demo", help="World profile."),
         seed: int = typer.Option(0, help="Seed of the world and of training."),
-        steps: int = typer.Option(250, help="Training steps (time budget on small machines)."),
+        steps: int = typer.Option(200, help="Training steps (time budget on small machines)."),
     ) -> None:
         """Run the training pipeline locally; print HIT@3 and where everything is."""
         from transact.components.demo import run_demo
