@@ -1,1 +1,17 @@
-"""monitoring"""
+"""Drift monitoring with Evidently (DESIGN §9): served logs vs the training reference.
+
+- :mod:`~transact.monitoring.features`  NN-feature rows / served logs -> flat monitoring
+  frame (scalar features, expanded embeddings, predictions);
+- :mod:`~transact.monitoring.drift`     the Evidently report of a window and the drift rule
+  (:class:`~transact.monitoring.drift.DriftRule`, documented there);
+- :mod:`~transact.monitoring.trigger`   retrain or not (cooldown), the JSONL decision log,
+  local pipeline run or cluster submission;
+- :mod:`~transact.monitoring.monitor`   the monitoring job (``transact monitor``);
+- :mod:`~transact.monitoring.dashboard` the Evidently UI workspace, project, panels, and
+  ``evidently ui`` (``transact dashboard``);
+- :mod:`~transact.monitoring.replay`    served logs without HTTP (the Ranker replaying a
+  simulated world, with or without injected drift);
+- :mod:`~transact.monitoring.bench`     ``transact bench drift``.
+
+Modules import Evidently lazily: importing this package is cheap.
+"""

@@ -1,0 +1,182 @@
+"""The Evidently UI workspace: one project, one run (snapshot) per monitoring window.
+
+:func:`ensure_project` creates (or finds) the project and its panels:
+
+- counter: share of drifted scalar features in the last window;
+- line: share of drifted scalar features over time (``DriftedColumnsCount`` share);
+- line: history-match drift over time (``ValueDrift`` of the candidate-history similarities);
+- line: embedding drift over time (``EmbeddingsDrift``: classifier ROC AUC, cand and seq);
+- line: prediction means over time (``MeanValue`` of each head's prediction);
+- line: prediction drift over time (``ValueDrift`` of each head's prediction);
+- bar: rows per window (``RowCount``).
+
+:func:`serve` starts ``evidently ui --workspace PATH`` on 127.0.0.1 as a child process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
+
+DEFAULT_PROJECT = "TransAct drift monitoring"
+MATCH_COLUMNS = ("sim_ll_nn", "sim_rt_nn", "sim_rt_recent", "sim_max")
+HEADS = ("click", "repin", "hide")
+
+
+def open_workspace(path: str | Path):
+    """The local workspace at ``path`` (created when missing)."""
+    from evidently.ui.workspace import Workspace
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Workspace.create(str(path))
+
+
+def panels(heads=HEADS) -> list:
+    """The project's dashboard panels (module docstring)."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import bar_plot_panel, counter_panel, line_plot_panel
+
+    share = PanelMetric(legend="share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
+    return [
+        counter_panel(title="Drifted scalar features (last window)", values=[share], size="half",
+                      aggregation="last"),
+        bar_plot_panel(title="Rows per window", size="half",
+                       values=[PanelMetric(legend="rows", metric="RowCount", metric_labels={})]),
+        line_plot_panel(title="Share of drifted scalar features", values=[share],
+                        description="DriftedColumnsCount share over the scalar features"),
+        line_plot_panel(title="History match drift (normed Wasserstein)", values=[
+            PanelMetric(legend=c, metric="ValueDrift", metric_labels={"column": c}) for c in MATCH_COLUMNS],
+            description="candidate-to-history cosine features; half of them >= 0.2 is drift"),
+        line_plot_panel(title="Embedding drift (classifier ROC AUC)", values=[
+            PanelMetric(legend=f"{name} embedding", metric="EmbeddingsDrift",
+                        metric_labels={"embeddings_name": name}) for name in ("cand", "seq")],
+            description="0.5 = reference and window indistinguishable"),
+        line_plot_panel(title="Prediction means", values=[
+            PanelMetric(legend=f"p({h})", metric="MeanValue", metric_labels={"column": f"pred_{h}"})
+            for h in heads]),
+        line_plot_panel(title="Prediction drift (normed Wasserstein)", values=[
+            PanelMetric(legend=h, metric="ValueDrift", metric_labels={"column": f"pred_{h}"}) for h in heads]),
+    ]
+
+
+def ensure_project(workspace, name: str = DEFAULT_PROJECT, heads=HEADS):
+    """The project called ``name`` (created with its panels when missing)."""
+    found = workspace.search_project(name)
+    if found:  # add the panels an older version of this module did not have
+        project = found[0]
+        have = {p.title for p in workspace.get_dashboard(project.id).panels}
+        missing = [p for p in panels(heads) if p.title not in have]
+        for p in missing:
+            project.dashboard.add_panel(p)
+        if missing:
+            project.save()
+        return project
+    project = workspace.create_project(name)
+    project.description = ("Served logs vs the training reference, one run per monitoring window: "
+                           "scalar-feature drift, embedding drift, predictions.")
+    for p in panels(heads):
+        project.dashboard.add_panel(p)
+    project.save()
+    return project
+
+
+def add_window(workspace, project, snapshot, name: str) -> str:
+    """Adds one window's snapshot as a run of the project; returns the run id."""
+    ref = workspace.add_run(project.id, snapshot, include_data=False, name=name)
+    return str(ref.id)
+
+
+def describe(path: str | Path, name: str = DEFAULT_PROJECT) -> dict:
+    """{"project", "project_id", "panels": [titles], "runs": n} of a workspace's project."""
+    ws = open_workspace(path)
+    found = ws.search_project(name)
+    if not found:
+        return {"project": None, "panels": [], "runs": 0}
+    project = found[0]
+    model = ws.get_dashboard(project.id)
+    titles = [p.title for p in model.panels]
+    return {"project": project.name, "project_id": str(project.id), "panels": titles,
+            "runs": len(ws.list_runs(project.id))}
+
+
+def panel_series(address: str, project_id: str, workspace: str | Path) -> dict[str, list]:
+    """{panel title: [series values...]} as the running UI serves them to its dashboard
+    (``/api/v2/snapshots/<project>/data_series_batch``): what each panel would draw."""
+    import json
+    import urllib.request
+
+    dash = open_workspace(workspace).get_dashboard(project_id)
+    out: dict[str, list] = {}
+    for panel in dash.panels:  # one request per panel, as the UI does
+        filters = [{"tags": v.tags, "metadata": v.metadata, "metric": v.metric, "metric_labels": v.metric_labels}
+                   for v in panel.values]
+        if not filters:
+            out[panel.title] = []
+            continue
+        req = urllib.request.Request(f"{address}/api/v2/snapshots/{project_id}/data_series_batch",
+                                     data=json.dumps({"series_filter": filters}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            data = json.loads(r.read())
+        out[panel.title] = [s["values"] for s in data.get("series", [])]
+    return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ui_command(workspace: str | Path, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """``evidently ui`` for this Python (the console script of the same environment)."""
+    exe = Path(sys.executable).with_name("evidently")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "evidently"]
+    return base + ["ui", "--workspace", str(workspace), "--host", host, "--port", str(port)]
+
+
+def serve(workspace: str | Path, host: str = "127.0.0.1", port: int = 8000, wait_s: float = 60.0,
+          log_path: str | Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts the Evidently UI on ``workspace``; returns (process, address) once it answers.
+
+    The caller stops it (``proc.terminate()``). Raises RuntimeError when it does not answer
+    within ``wait_s`` seconds (the process is stopped then)."""
+    import urllib.request
+
+    Path(workspace).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ITERATIVE_DO_NOT_TRACK="1")
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(ui_command(workspace, host, port), stdout=out, stderr=subprocess.STDOUT, env=env)
+    address = f"http://{host}:{port}"
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"evidently ui exited with code {proc.returncode}"
+                                   + (f"; see {log_path}" if log_path else ""))
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, address
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"evidently ui did not answer on {address} within {wait_s:g} s")
+    except BaseException:  # not answering, or interrupted while waiting: do not leave it behind
+        stop(proc)
+        raise
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminates the UI process (kills it when it does not stop in ``timeout`` s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

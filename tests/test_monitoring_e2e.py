@@ -1,0 +1,247 @@
+"""The monitoring loop end to end on a simulated ``tiny`` world.
+
+serve (offline Ranker replay, the /rank code path) a world with an injected interest
+shift -> monitor (Evidently report per window, drift rule) -> retrain (a light local
+retrain: the served log + labels -> a tiny model -> promoted and packaged into the
+BentoML store) -> a second drifted window inside the cooldown does not retrain; the
+same days without drift do not trigger; the decision log records every window; the
+dashboard workspace holds the project and its panels, and ``transact dashboard`` serves
+it on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+DAY = 86_400_000
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    from transact.components import steps
+    from transact.data.io import read_table, table_path
+    from transact.data import schema as S
+    from transact.data.simulator import DriftConfig, get_profile, simulate
+    from transact.model.train import train
+    from transact.monitoring.monitor import load_current, load_reference, run_monitor
+    from transact.monitoring.replay import log_rows, serve_world
+    from transact.monitoring.trigger import DecisionLog, RetrainTrigger
+    from transact.serving.packaging import bentoml_home
+    from transact.serving.served_log import attach_labels, read_served_log
+
+    root = tmp_path_factory.mktemp("monitoring-e2e")
+    t0 = time.perf_counter()
+    with bentoml_home(root / "bentoml"):
+        cfg = get_profile("tiny")
+        simulate(cfg, root / "w-none", 0, progress=False)
+        shifted = simulate(cfg, root / "w-shift", 0, drift=DriftConfig(kind="interest_shift"), progress=False)
+        drift_ts = int(shifted["drift"]["start_ts"])
+        req0 = int(shifted["request_start_ts"])
+
+        # the champion: a tiny model trained on the pre-drift rows, promoted and packaged
+        ref_rows = root / "reference" / "rows.parquet"
+        log_rows(root / "w-none", ref_rows, start_ts=req0 + 2 * DAY, end_ts=drift_ts)
+        train(ref_rows, root / "m0", "v2", epochs=1, batch_size=32, max_steps=2, train_end_ts=drift_ts,
+              progress=False, num_threads=1)
+        champion = root / "champion"
+        steps.promote(str(root / "m0"), str(champion), {"model": "m0"})
+        first = steps.package(str(champion / "model"))
+
+        # serving: two drifted days, and the same first day without drift
+        serve_world(root / "w-shift", champion / "model", root / "served-shift", start_ts=drift_ts,
+                    end_ts=drift_ts + 2 * DAY)
+        serve_world(root / "w-none", champion / "model", root / "served-none", start_ts=drift_ts,
+                    end_ts=drift_ts + DAY)
+
+        requests = read_table(table_path(root / "w-shift", "requests"), S.REQUESTS)
+        retrains = []
+
+        def retrain(ctx):
+            """Light retrain: this window's served rows + their labels -> a tiny model -> champion + package."""
+            served = read_served_log(root / "served-shift")
+            ts = served.column("ts")
+            served = served.filter(pc.and_(pc.greater_equal(ts, ctx["start_ts"]), pc.less(ts, ctx["end_ts"])))
+            rows = attach_labels(served, requests)
+            run = root / "retrain" / ctx["window"].replace(":", "")
+            run.mkdir(parents=True)
+            pq.write_table(rows, run / "rows.parquet")
+            train(run / "rows.parquet", run / "model", "v2", epochs=1, batch_size=32, max_steps=2,
+                  train_end_ts=2**62, progress=False, num_threads=1, seed=1)
+            steps.promote(str(run / "model"), str(champion), {"model": "retrained", "window": ctx["window"]})
+            pkg = steps.package(str(champion / "model"))
+            retrains.append(pkg)
+            return {"outcome": "packaged", "tag": pkg["tag"], "rows": rows.num_rows}
+
+        reference, ref_heads, ref_info = load_reference(ref_rows, root / "m0")
+        current, heads = load_current(root / "served-shift")
+        out = root / "monitor"
+        trigger = RetrainTrigger(DecisionLog(out / "decisions.jsonl"), mode="local", retrain=retrain,
+                                 cooldown_hours=72)
+        summary = run_monitor(reference, ref_heads, current, heads, out, trigger=trigger, plot_points=40)
+        import bentoml
+
+        tags = sorted(str(m.tag) for m in bentoml.models.list("transact-ranker"))
+    return {"root": root, "summary": summary, "first": first, "retrains": retrains, "tags": tags,
+            "reference": reference, "ref_heads": ref_heads, "current": current, "heads": heads,
+            "drift_ts": drift_ts, "seconds": time.perf_counter() - t0}
+
+
+def test_drift_triggers_one_retrain_and_the_cooldown_holds_the_second(loop):
+    s = loop["summary"]
+    actions = [a["action"] for a in s["actions"]]
+    assert s["windows"] == 2 and all(a["drift"] for a in s["actions"]), s["actions"]
+    assert actions == ["retrain", "cooldown"], s["actions"]
+    assert len(loop["retrains"]) == 1
+    # the new model is packaged next to the first one, and it is the champion now
+    new = loop["retrains"][0]
+    assert new["created"] and new["tag"] != loop["first"]["tag"]
+    assert set(loop["tags"]) == {loop["first"]["tag"], new["tag"]}
+    champ = json.loads((loop["root"] / "champion" / "metrics.json").read_text())
+    assert champ["model"] == "retrained"
+
+
+def test_decision_log_records_every_window(loop):
+    from transact.monitoring.trigger import DecisionLog
+
+    recs = DecisionLog(Path(loop["summary"]["decision_log"])).read()
+    assert [r["window"] for r in recs] == [a["window"] for a in loop["summary"]["actions"]]
+    first, second = recs
+    assert first["action"] == "retrain" and first["retrain"]["tag"] == loop["retrains"][0]["tag"]
+    assert second["action"] == "cooldown" and "cooldown" in second["reason"]
+    for r in recs:
+        sc = r["scores"]
+        assert {"drift_share", "columns", "embeddings", "predictions", "prediction_means"} <= set(sc)
+        assert set(sc["embeddings"]) == {"cand", "seq"} and set(sc["predictions"]) == set(loop["heads"])
+        assert r["reasons"] and Path(r["report"]).exists()
+        html = Path(r["report"]).read_text()
+        assert "Dataset Drift" in html and "Drift in embeddings" in html and len(html) > 10_000
+
+
+def test_fast_scores_match_the_report(loop):
+    """The benchmark's path (same Evidently tests, no widgets) gives the report's numbers."""
+    from transact.monitoring.drift import DriftRule, compute_scores, split_windows
+    from transact.monitoring.trigger import DecisionLog
+
+    recs = {r["window"]: r for r in DecisionLog(Path(loop["summary"]["decision_log"])).read()}
+    for name, _, _, rows in split_windows(loop["current"], 24):
+        fast = compute_scores(loop["reference"], rows, loop["heads"], DriftRule())
+        logged = recs[name]["scores"]
+        assert fast["drift_share"] == pytest.approx(logged["drift_share"])
+        for group in ("columns", "embeddings", "predictions", "prediction_means"):
+            assert fast[group].keys() == logged[group].keys()
+            for k in fast[group]:
+                assert fast[group][k] == pytest.approx(logged[group][k], rel=1e-9, abs=1e-12), (group, k)
+
+
+def test_stationary_window_does_not_trigger_via_the_cli(loop, tmp_path):
+    from typer.testing import CliRunner
+
+    from transact.cli import app
+
+    root = loop["root"]
+    out = tmp_path / "monitor-none"
+    res = CliRunner().invoke(app, [
+        "monitor", "--reference", str(root / "reference" / "rows.parquet"), "--current", str(root / "served-none"),
+        "--model", str(root / "m0"), "--out", str(out), "--retrain", "off"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["drift"] is False and recs[0]["action"] == "none", recs
+    assert "report:" in res.output and Path(recs[0]["report"]).exists()
+    # a bad input is one line and exit code 2
+    bad = CliRunner().invoke(app, ["monitor", "--reference", str(tmp_path / "nope"), "--current", str(out)])
+    assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_workspace_has_the_project_and_panels(loop):
+    from transact.monitoring import dashboard
+
+    d = dashboard.describe(loop["summary"]["workspace"])
+    assert d["project"] == dashboard.DEFAULT_PROJECT and d["runs"] == 2
+    titles = " | ".join(d["panels"]).lower()
+    for word in ("drifted scalar features", "embedding drift", "prediction means"):
+        assert word in titles
+
+
+def test_transact_dashboard_serves_the_workspace_on_localhost(loop):
+    from transact.monitoring import dashboard
+
+    ws = loop["summary"]["workspace"]
+    port = dashboard.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "transact.cli", "dashboard", "--workspace", ws,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, ITERATIVE_DO_NOT_TRACK="1"))
+    try:
+        address, lines = None, []
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and address is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Evidently UI: "):
+                address = line.split(": ", 1)[1].strip()
+        assert address == f"http://127.0.0.1:{port}", "".join(lines)
+        projects = json.loads(urllib.request.urlopen(f"{address}/api/projects", timeout=10).read())
+        assert [p["name"] for p in projects] == [dashboard.DEFAULT_PROJECT]
+        series = dashboard.panel_series(address, projects[0]["id"], ws)
+        for title, values in series.items():  # every panel has a series with one point per window
+            assert values and all(len(v) == 2 for v in values), (title, values)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    # the UI went down with the command
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=3)
+
+
+@pytest.mark.slow
+def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monkeypatch):
+    """The default local retrain: the KFP `retrain` pipeline (kfp.local) on the drifted world's
+    logs, gate, package -- then the cooldown holds the second drifted window (~4-5 min)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from transact.cli import app
+    from transact.serving.packaging import bentoml_home
+
+    root = loop["root"]
+    repo = tmp_path / "feature_repo"
+    src = Path(__file__).resolve().parents[1] / "feature_repo"
+    shutil.copytree(src, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    out = tmp_path / "monitor"
+    # the retrain pipeline keeps its validation reference at runs/validation-reference.json
+    # relative to the working directory: keep it out of the checkout
+    monkeypatch.chdir(tmp_path)
+    with bentoml_home(tmp_path / "bentoml"):
+        res = CliRunner().invoke(app, [
+            "monitor", "--reference", str(root / "reference" / "rows.parquet"),
+            "--current", str(root / "served-shift"), "--model", str(root / "m0"), "--out", str(out),
+            "--retrain", "local", "--retrain-source", str(root / "w-shift"),
+            "--champion-dir", str(tmp_path / "champion"), "-p", f"feature_repo={repo}",
+            "-p", f"quarantine_dir={tmp_path / 'quarantine'}", "-p", "epochs=1"])
+        assert res.exit_code == 0, res.output
+        import bentoml
+
+        tags = [str(m.tag) for m in bentoml.models.list("transact-ranker")]
+    recs = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in recs] == ["retrain", "cooldown"], recs
+    run = recs[0]["retrain"]
+    assert run["mode"] == "local" and run["outcome"].startswith("packaged"), run
+    assert run["package"]["tag"] in tags
+    assert (tmp_path / "champion" / "model" / "model.safetensors").exists()

@@ -1,0 +1,153 @@
+"""``transact monitor``, ``transact dashboard`` and ``transact bench drift``: Evidently drift
+monitoring of served logs, the retrain trigger and its dashboards (``monitoring/``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from transact.commands._common import fail_on_user_error
+
+
+def _params(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _seeds(spec: str) -> list[int]:
+    """"10" -> 0..9; "3-7" -> 3..7; "1,4,9" -> those."""
+    spec = spec.strip()
+    if "," in spec:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    if "-" in spec:
+        a, b = spec.split("-", 1)
+        return list(range(int(a), int(b) + 1))
+    return list(range(int(spec)))
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @app.command("monitor")
+    @fail_on_user_error
+    def monitor(
+        reference: Path = typer.Option(..., help="Training reference: NN-feature rows (file or folder), "
+                                                 "or a served log."),
+        current: Path = typer.Option(..., help="Served log to judge (folder of served-*.parquet or a file)."),
+        model: Optional[Path] = typer.Option(None, help="Served model folder: computes the reference "
+                                                        "predictions (prediction drift)."),
+        out: Path = typer.Option(Path("runs/monitor"), help="Reports, decision log, summary, workspace."),
+        window_hours: float = typer.Option(24.0, help="Window length (request time, epoch-aligned)."),
+        reference_start: Optional[str] = typer.Option(None, help="Reference rows from this ts (ms or ISO)."),
+        reference_end: Optional[str] = typer.Option(None, help="Reference rows before this ts (default: "
+                                                               "train_end_ts of the world.json beside the rows)."),
+        current_start: Optional[str] = typer.Option(None, help="Served rows from this ts (ms or ISO)."),
+        current_end: Optional[str] = typer.Option(None, help="Served rows before this ts (ms or ISO)."),
+        reference_max_rows: int = typer.Option(50_000, help="Sample the reference (whole requests) to this."),
+        max_window_rows: Optional[int] = typer.Option(None, help="Sample each window to this many rows."),
+        rule: Optional[Path] = typer.Option(None, help="JSON file of DriftRule thresholds to override."),
+        retrain: str = typer.Option("off", help="On drift: local (run the retrain pipeline here), "
+                                                "cluster (submit it to --kfp-host) or off (log only)."),
+        retrain_source: Optional[str] = typer.Option(None, help="Logs folder (generic schema) the retrain "
+                                                                 "pipeline trains on."),
+        champion_dir: Path = typer.Option(Path("runs/champion"), help="Champion folder of the retrain pipeline."),
+        kfp_host: Optional[str] = typer.Option(None, help="Kubeflow Pipelines API for --retrain cluster."),
+        param: List[str] = typer.Option([], "--param", "-p", help="Extra retrain pipeline parameter key=value."),
+        cooldown_hours: float = typer.Option(72.0, help="No second retrain within this many hours "
+                                                        "(request time) of the last one."),
+        cooldown_windows: int = typer.Option(0, help="... nor within this many windows."),
+        workspace: Optional[Path] = typer.Option(None, help="Evidently UI workspace (default <out>/workspace)."),
+        project: Optional[str] = typer.Option(None, help="Evidently UI project name."),
+    ) -> None:
+        """Judge served-log windows against the training reference; retrain on drift."""
+        from transact.monitoring.drift import DriftRule
+        from transact.monitoring.monitor import format_record, load_current, load_reference, run_monitor
+        from transact.monitoring.trigger import DecisionLog, RetrainTrigger
+
+        drift_rule = DriftRule.from_dict(json.loads(rule.read_text())) if rule else DriftRule()
+        params = {"champion_dir": str(champion_dir), **_params(param)}
+        if retrain_source:
+            params["source"] = str(retrain_source)
+        if retrain in ("local", "cluster") and not retrain_source:
+            raise ValueError(f"--retrain {retrain} needs --retrain-source (the logs folder the retrain pipeline "
+                             "trains on; for a cluster, the path as its workers see it)")
+        trigger = RetrainTrigger(DecisionLog(out / "decisions.jsonl"), mode=retrain, kfp_host=kfp_host,
+                                 pipeline_params=params, run_root=out / "retrain", cooldown_hours=cooldown_hours,
+                                 cooldown_windows=cooldown_windows)
+        ref, ref_heads, info = load_reference(reference, model, start_ts=reference_start, end_ts=reference_end,
+                                              max_rows=reference_max_rows)
+        cur, cur_heads = load_current(current, start_ts=current_start, end_ts=current_end)
+        if len(cur) == 0:
+            raise ValueError(f"{current}: no served rows in the selected range")
+        typer.echo(f"reference: {info['rows']} rows ({info['end_ts_source']}), predictions: "
+                   f"{info['predictions'] or 'none (pass --model for prediction drift)'}")
+        typer.echo(f"current: {len(cur)} rows; windows of {window_hours:g} h")
+        summary = run_monitor(ref, ref_heads, cur, cur_heads, out, rule=drift_rule, window_hours=window_hours,
+                              trigger=trigger, workspace=workspace, project=project,
+                              max_window_rows=max_window_rows, progress=typer.echo)
+        typer.echo(f"{summary['windows']} windows, {summary['drift_windows']} with drift, "
+                   f"{summary['retrains']} retrain(s); decision log {summary['decision_log']}")
+        if summary.get("workspace"):
+            typer.echo(f"dashboard workspace: {summary['workspace']} (transact dashboard --workspace "
+                       f"{summary['workspace']})")
+        if summary.get("last_report"):
+            typer.echo(f"report: {summary['last_report']}")
+
+    @app.command("dashboard")
+    @fail_on_user_error
+    def dashboard_cmd(
+        workspace: Path = typer.Option(Path("runs/monitor/workspace"), help="Evidently UI workspace."),
+        port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 = a free one)."),
+        wait_s: float = typer.Option(60.0, help="Seconds to wait for the UI to answer."),
+    ) -> None:
+        """Start the Evidently UI on 127.0.0.1 for the monitoring workspace (Ctrl-C stops it)."""
+        from transact.monitoring import dashboard
+
+        if not workspace.exists():
+            raise FileNotFoundError(f"{workspace}: no workspace (run `transact monitor` first)")
+        import signal
+
+        def _stop(signum, frame):  # SIGTERM/SIGHUP: stop the UI with us
+            raise KeyboardInterrupt
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
+        proc, address = dashboard.serve(workspace, "127.0.0.1", port or dashboard.free_port(), wait_s=wait_s)
+        try:
+            typer.echo(f"Evidently UI: {address}")
+            typer.echo("Ctrl-C stops it.")
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            dashboard.stop(proc)
+
+    @bench_app.command("drift")
+    @fail_on_user_error
+    def bench_drift_cmd(
+        seeds: str = typer.Option("10", help="Seeds: N (0..N-1), A-B, or a comma list."),
+        users: int = typer.Option(300, help="Users of the tiny world (tiny has 50)."),
+        fraction: float = typer.Option(0.3, help="Share of requests served/logged (sampled per request)."),
+        strength: Optional[float] = typer.Option(None, help="Drift strength (default: the simulator's 0.5)."),
+        train_steps: int = typer.Option(20, help="Steps of the one small model trained for the benchmark."),
+        model: Optional[Path] = typer.Option(None, help="Use this model instead of training one."),
+        work: Path = typer.Option(Path("runs/bench-drift"), help="Worlds, logs and decisions."),
+        out: Path = typer.Option(Path("bench/results/drift-tiny300.json"), help="JSON result path."),
+    ) -> None:
+        """Injected drift vs stationary windows: retrain-trigger and false-alarm rates."""
+        from transact.monitoring.bench import bench_drift, format_table
+
+        res = bench_drift(work, _seeds(seeds), users=users, fraction=fraction, strength=strength,
+                          train_steps=train_steps, model_dir=model, progress=typer.echo)
+        typer.echo(format_table(res))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text((work / "drift.json").read_text())
+        typer.echo(f"written {out}")
