@@ -29,7 +29,26 @@ def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_
     typer.secho(f"running the training pipeline locally on the '{profile}' world -> {out}", bold=True)
     summary = run_local("training", out, **params)
     _print_results(summary, out)
+    if summary.get("package"):
+        summary["monitoring"] = _monitoring_pass(out, summary, profile, seed)
+        (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _monitoring_pass(out: Path, s: dict, profile: str, seed: int) -> dict:
+    """Serves a day of the same world with an injected interest shift through the real
+    ranker (5% of its requests), then runs the drift monitor (retraining off)."""
+    from transact.monitoring.demo import monitoring_pass
+
+    typer.secho("\n== monitoring pass: serve a drifted day, compare with the training reference", bold=True)
+    run = Path(s["run"])
+    m = monitoring_pass(out / "monitoring", run / "ingest-op" / "world", run / "log-nn-op" / "rows" / "nn_rows.parquet",
+                        s["package"]["champion"], profile=profile, seed=seed, days=1, fraction=0.05,
+                        progress=typer.echo)
+    typer.echo(f"  drift report (HTML)     {m.get('last_report')}")
+    typer.echo(f"  dashboard workspace     {m.get('workspace')}")
+    typer.echo(f"  open the dashboard:     .venv/bin/transact dashboard --workspace {m.get('workspace')}")
+    return m
 
 
 def _print_results(s: dict, out: Path) -> None:

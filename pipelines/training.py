@@ -81,13 +81,14 @@ def retrain_pipeline(
     epochs: int = 2,
     seed: int = 0,
     quarantine_dir: str = "runs/quarantine",
+    reference: str = "runs/validation-reference.json",
     feature_repo: str = "feature_repo",
     champion_dir: str = "runs/champion",
     gate_tolerance: float = 0.02,
 ) -> None:
     training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
                       epochs=epochs, batch_size=256, lr=0.002, max_steps=0, quarantine_dir=quarantine_dir,
-                      reference="runs/validation-reference.json", feature_repo=feature_repo, champion_dir=champion_dir,
+                      reference=reference, feature_repo=feature_repo, champion_dir=champion_dir,
                       gate_tolerance=gate_tolerance)
 
 
