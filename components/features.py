@@ -1326,31 +1326,18 @@ def encoding_sizes(item_emb_q: np.ndarray, length: int = 16_384, seed: int = 0) 
             "ratio": a_bytes / p_bytes}
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a spawned
-    child inherits from the parent it was forked from)."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _materialize_child(repo: str, engine: str, batch_rows: int) -> dict:
     """Runs in a fresh process: materialises and reports time and peak memory."""
+    from transact.machine import peak_rss_mib
+
     store = open_store(repo)
     store.list_feature_views()  # registry loaded before the baseline
-    base = _peak_rss_mib()
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     out = materialize(store, engine=engine, batch_rows=batch_rows, progress=False)
     out["wall_s"] = time.perf_counter() - t0
     out["rss_base_mib"] = base
-    out["rss_peak_mib"] = _peak_rss_mib()
+    out["rss_peak_mib"] = peak_rss_mib()
     return out
 
 

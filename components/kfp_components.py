@@ -13,7 +13,7 @@ image with CUDA for the GPU steps).
 import os
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 BASE_IMAGE = os.environ.get("TRANSACT_BASE_IMAGE", "ghcr.io/transact-v2/transact:0.1.0")
 _opts = dict(base_image=BASE_IMAGE, install_kfp_package=False)

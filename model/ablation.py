@@ -143,7 +143,7 @@ def format_table(result: dict) -> str:
 
 
 def format_markdown(result: dict) -> str:
-    lines = [f"# Offline ablation (paper Table 2 layout)", "",
+    lines = ["# Offline ablation (paper Table 2 layout)", "",
              f"Relative change of HIT@3 vs **{LABELS.get(result['baseline'], result['baseline'])}**; "
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
              f"({result['n_boot']} resamples, {result['n_users']} users, {result['seeds']} seed(s) averaged). "

@@ -21,11 +21,9 @@ import numpy as np
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS, REQUESTS
 from transact.model.config import SEGMENTS, FeatureConfig
-from transact.model.quantization import dequantize
 
 PAD_AGE: int = -1  # tok_age_s of a padding slot
 

@@ -274,19 +274,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tuple[int, ...] | list[int] = (256,),
                 steps: int = 20, warmup: int = 3, device: str | None = None, num_threads: int | None = None,
                 seed: int = 0) -> dict:
@@ -298,7 +285,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     CPU (reset before each configuration where the kernel allows), else
     ``torch.cuda.max_memory_allocated``.
     """
-    from transact.machine import device_label, machine_info
+    from transact.machine import device_label, machine_info, peak_rss_mib
     from transact.model.config import FeatureConfig
     from transact.model.dataset import synthetic_rows, table_to_batch
 
@@ -346,7 +333,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                 rec["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
                 rec["model_state_mb"] = round(base / 2**20, 1)
             else:
-                rec["peak_mem_mb"] = round(_peak_rss_mb(), 1)
+                rec["peak_mem_mb"] = round(peak_rss_mib(), 1)
                 rec["peak_mem_kind"] = "process peak RSS" + ("" if reset else " (not reset between runs)")
             results.append(rec)
             del net, opt, batch

@@ -58,3 +58,21 @@ def _memory_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Reads VmHWM (reset by exec and resettable through ``/proc/self/clear_refs``), falling
+    back to ``ru_maxrss``, which a spawned child inherits from the parent it forked from.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

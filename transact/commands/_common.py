@@ -2,8 +2,23 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import typer
+
+
+def parse_params(items: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they are (numbers, booleans), else strings."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def fail_on_user_error(fn):

@@ -8,20 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from transact.commands._common import fail_on_user_error
-
-
-def _params(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from transact.commands._common import fail_on_user_error, parse_params
 
 
 def _seeds(spec: str) -> list[int]:
@@ -69,11 +56,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Judge served-log windows against the training reference; retrain on drift."""
         from transact.monitoring.drift import DriftRule
-        from transact.monitoring.monitor import format_record, load_current, load_reference, run_monitor
+        from transact.monitoring.monitor import load_current, load_reference, run_monitor
         from transact.monitoring.trigger import DecisionLog, RetrainTrigger
 
         drift_rule = DriftRule.from_dict(json.loads(rule.read_text())) if rule else DriftRule()
-        params = {"champion_dir": str(champion_dir), **_params(param)}
+        params = {"champion_dir": str(champion_dir), **parse_params(param)}
         if retrain_source:
             params["source"] = str(retrain_source)
         if retrain in ("local", "cluster") and not retrain_source:

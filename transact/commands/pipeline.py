@@ -1,27 +1,12 @@
 """``transact pipeline run|compile|submit``: the KFP pipelines."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from transact.commands._common import fail_on_user_error
-
-
-def _params(items: list[str]) -> dict:
-    """key=value pairs; values parsed as JSON when they are (numbers, booleans), else strings."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from transact.commands._common import fail_on_user_error, parse_params
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -39,7 +24,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Run the pipeline on this machine (kfp.local, one subprocess per step)."""
         from transact.pipelines.runner import run_local
 
-        summary = run_local(name, run_dir, **_params(param))
+        summary = run_local(name, run_dir, **parse_params(param))
         typer.echo((run_dir / "summary.md").read_text())
         if not summary["outcome"].startswith("packaged"):
             raise typer.Exit(1)
@@ -70,5 +55,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Compile and submit a run to a Kubeflow cluster."""
         from transact.pipelines.runner import submit
 
-        result = submit(host, name, _params(param), experiment, namespace, run_name, token)
+        result = submit(host, name, parse_params(param), experiment, namespace, run_name, token)
         typer.echo(f"submitted: run id {getattr(result, 'run_id', result)}")
