@@ -72,25 +72,50 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
         s0 = seq_lo[u]
         dots = cand[c0:c1] @ seq[s0 : s0 + n].T  # [M_u, L_u]
         # cosine = dot / |s| / |c| (a zero vector scores 0); "+ 0.0" turns -0.0 into +0.0.
-        sc = torch.nan_to_num(dots / seq_norm[s0 : s0 + n][None, :] / cand_norm[c0:c1, None], nan=0.0) + 0.0
+        # In place: the same operations in the same order, without four fresh [M_u, L_u] buffers.
+        sc = dots.div_(seq_norm[s0 : s0 + n][None, :]).div_(cand_norm[c0:c1, None]).nan_to_num_(nan=0.0).add_(0.0)
         kk = min(k, n)
-        top = torch.topk(_tie_break_key(sc), kk, dim=1).indices  # [M_u, kk]
+        top = topk_tie_break(sc, kk)  # [M_u, kk]
         idx[c0:c1, :kk] = top
         score[c0:c1, :kk] = torch.gather(sc, 1, top)
     return idx, score
 
 
-def _tie_break_key(scores: torch.Tensor) -> torch.Tensor:
+def topk_tie_break(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [M, k]: each row's k best columns ordered (score desc, index asc).
+
+    A float ``topk`` of k + 1 finds each row's k-th and (k+1)-th best scores. Where they
+    differ (no tie straddles the cut -- almost always) the first k are the answer's set
+    and only those k are ordered by the tie rule; rows with a straddling tie take the
+    exact full-row key (:func:`_tie_break_key`). Same result as
+    ``topk(_tie_break_key(scores))`` at a fraction of the cost: building the int64 key
+    of every score dominated the NN search on CPU. ``scores``: no NaN, no -0.0.
+    """
+    L = scores.shape[1]
+    if k == 0:
+        return torch.empty(scores.shape[0], 0, dtype=torch.int64, device=scores.device)
+    vals, top = torch.topk(scores, min(k + 1, L), dim=1)  # [M, k(+1)] desc, any order among ties
+    order = torch.argsort(_tie_break_key(vals[:, :k], top[:, :k]), dim=1, descending=True)  # [M, k]
+    out = torch.gather(top[:, :k], 1, order)  # [M, k] (score desc, index asc)
+    if k < L:
+        straddle = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()  # a tie at the cut
+        if straddle.numel():
+            out[straddle] = torch.topk(_tie_break_key(scores[straddle]), k, dim=1).indices
+    return out
+
+
+def _tie_break_key(scores: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [N, L] -> int64 [N, L] whose order is (score desc, index asc).
 
     The float's bits are mapped to an order-preserving int32 (negative floats have
     their magnitude bits flipped) in the high half; the low half holds
-    ``2^32 - 1 - index``, so one ``topk`` gives the contract's tie rule exactly
-    without a full sort.
+    ``2^32 - 1 - index`` (``index``: the column by default), so one ``topk`` gives the
+    contract's tie rule exactly without a full sort.
     """
     bits = scores.contiguous().view(torch.int32).to(torch.int64)  # [N, L]
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # [N, L] monotonic in the float
-    index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)  # [L]
+    if index is None:
+        index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)  # [L]
     return (ordered << 32) | (0xFFFFFFFF - index)  # [N, L]
 
 

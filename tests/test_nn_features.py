@@ -151,3 +151,19 @@ def test_arrow_round_trip_of_a_sliced_multi_chunk_table():
     for f in ("emb_q", "action", "surface", "age_s", "seg_len"):
         assert torch.equal(getattr(s2, f), getattr(s, f)[1:4]), f
     assert torch.equal(cand2, cand[1:4])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), L=st.integers(1, 300), k=st.integers(1, 40),
+       levels=st.sampled_from([2, 5, 50, 0]))
+def test_topk_tie_break_equals_the_full_key(seed, m, L, k, levels):
+    """The fast top-k equals topk over the exact (score desc, index asc) key, ties included."""
+    from transact.model.nn_features import _tie_break_key, topk_tie_break
+
+    rng = np.random.default_rng(seed)
+    k = min(k, L)
+    # few distinct levels: ties everywhere, many straddling the cut; 0: continuous scores
+    x = rng.integers(0, levels, (m, L)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(m, L))
+    scores = torch.from_numpy(x.astype(np.float32)) + 0.0
+    exp = torch.topk(_tie_break_key(scores), k, dim=1).indices
+    assert torch.equal(topk_tie_break(scores, k), exp)

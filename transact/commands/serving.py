@@ -86,7 +86,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rt: int = typer.Option(100, help="Realtime sequence length."),
         imp: int = typer.Option(100, help="Impression sequence length."),
         concurrency: int = typer.Option(1, help="Concurrent clients of the load generator."),
-        threads: int = typer.Option(1, help="torch threads of the server and of the forward timing (0: default)."),
+        threads: int = typer.Option(0, help="torch threads of the server and of the forward timing (0: torch default, all cores)."),
         min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
         log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
     ) -> None:
