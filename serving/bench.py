@@ -148,11 +148,54 @@ def _metric(text: str, name: str) -> float:
     return tot
 
 
+def forward_variants(model, batch, reps: int = 5) -> dict:
+    """The CPU forward path candidates, timed on one batch in this process: eager PyTorch
+    against ``torch.compile`` with a static and a dynamic batch dimension; each with its
+    first-call (compile) time and its max |prob - eager prob|.
+
+    The service runs the dynamic compile on CPU (``TRANSACT_COMPILE=1``, the default): a
+    static compile would recompile for every new batch size, and cross-request batches vary.
+    """
+    import torch
+
+    def timed(fn) -> tuple[float, list[float], torch.Tensor]:
+        t = time.perf_counter()
+        out = fn()
+        first = time.perf_counter() - t
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return first, ts, out
+
+    def probs_of(m):
+        return lambda: torch.sigmoid(m(batch).logits)
+
+    res = {}
+    with torch.inference_mode():
+        _, ts, ref = timed(probs_of(model))
+        res["eager"] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": None, "max_abs_diff": 0.0}
+        for name, dynamic in (("compile_static", False), ("compile_dynamic", True)):
+            try:
+                torch._dynamo.reset()
+                first, ts, out = timed(probs_of(torch.compile(model, dynamic=dynamic)))
+                res[name] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": first,
+                             "max_abs_diff": float((out - ref).abs().max())}
+            except Exception as e:  # noqa: BLE001 - a missing C++ toolchain is a result too
+                res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        torch._dynamo.reset()
+    for v in res.values():
+        if "ms_p50" in v:
+            v["speedup_vs_eager"] = res["eager"]["ms_p50"] / v["ms_p50"]
+    return res
+
+
 def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, candidates: int = 256,
                       ll: int = 16_384, rt: int = 100, imp: int = 100, concurrency: int = 1,
                       threads: int | None = 1, min_requests: int = 3, forward_reps: int = 10,
                       log_rows: bool = True, workdir: str | Path | None = None, seed: int = 0,
-                      progress=print) -> dict:
+                      compile: bool = True, compare_compile: bool = True, progress=print) -> dict:
     """Runs the benchmark; returns the result dict and writes it to ``out`` when given."""
     import httpx
     import torch
@@ -161,7 +204,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     from transact.model.checkpoint import load_model, save_model
     from transact.model.config import FeatureConfig
     from transact.model.sequences import EventStore
-    from transact.model.transact import build_model
+    from transact.model.transact import Batch, build_model
     from transact.serving.device import StagingArena
     from transact.serving.launch import running_server
     from transact.serving.packaging import bentoml_home, package_model
@@ -189,7 +232,9 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             torch.set_num_threads(threads)
         model = load_model(root / "model", "cpu")
         store = EventStore.from_dir(root / "world", cfg)
-        ranker = Ranker(model, store, "cpu")
+        # The forward floor is timed with the server's own forward path (compiled on CPU).
+        ranker = Ranker(model, store, "cpu", compile=compile)
+        ranker.warmup()
         seqs = store.sequences(np.array([user]), np.array([t_req]))
         n_tok = {k: int(s.lengths[0]) for k, s in zip(("ll", "rt", "imp"), seqs)}
         cand_q = torch.from_numpy(store.item_emb_q_of(items))
@@ -211,6 +256,14 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         same = bool(torch.equal(probs, probs_naive))
         h2d = {"dedup": StagingArena.nbytes(dedup_inputs), "naive": StagingArena.nbytes(naive_inputs)}
         del naive_inputs, probs_naive
+        variants = None
+        if compare_compile:
+            progress("forward variants: eager vs torch.compile (static, dynamic batch)")
+            s_all, _, _, _ = ranker.compute(dedup_inputs)
+            variants = forward_variants(model, Batch.from_s_all(s_all, dedup_inputs["cand_emb_q"],
+                                                                dedup_inputs["cand_surface"]))
+            progress("  " + ", ".join(f"{k} {v['ms_p50']:.0f} ms" if "ms_p50" in v else f"{k}: {v['error']}"
+                                      for k, v in variants.items()))
         torch.set_num_threads(prev_threads)
         forward = {
             "threads": threads or prev_threads,
@@ -224,6 +277,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
                            "encoder_heads_ms": 1e3 * fw_naive_s},
             "naive_equals_dedup": same,
             "tokens": n_tok,
+            "variants": variants,
         }
         progress(f"  forward p50 {forward['model_forward_ms_p50']:.0f} ms (NN {forward['nn_search_ms_p50']:.0f} + "
                  f"encoder/heads {forward['encoder_heads_ms_p50']:.0f}); naive once "
@@ -236,7 +290,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             for assembly in ("dedup", "naive"):
                 log_dir = root / f"served-{assembly}"
                 settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
-                                         threads=threads, log_dir=str(log_dir) if log_rows else None,
+                                         threads=threads, compile=compile, log_dir=str(log_dir) if log_rows else None,
                                          request_timeout_s=600, max_batch_candidates=max(candidates, 1024))
                 progress(f"{assembly}: starting the service")
                 with running_server(settings, bentoml_home=str(root / "bentoml")) as url:
@@ -283,6 +337,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             "load_avg_before": load_before,
             "load_avg_after": _load(),
             "config": {"candidates": candidates, "ll": ll, "rt": rt, "imp": imp, "seconds_per_phase": seconds,
+                       "compile": compile,
                        "concurrency": concurrency, "threads": threads, "log_rows": log_rows,
                        "min_requests": min_requests, "feature_config": cfg.to_dict()},
             "model_forward": forward,

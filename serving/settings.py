@@ -26,6 +26,7 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_LOG_FLUSH_S | 5 | max seconds a row waits before its file is written |
 | TRANSACT_ASSEMBLY | dedup | ``naive`` broadcasts sequences per candidate (benchmark only) |
 | TRANSACT_CUDA_GRAPHS | 1 | CUDA graphs for the model forward on GPU |
+| TRANSACT_COMPILE | 1 | ``torch.compile`` (dynamic batch) of the model forward on CPU |
 | TRANSACT_HOST / TRANSACT_PORT | 127.0.0.1 / 3000 | default bind address of the service |
 """
 from __future__ import annotations
@@ -92,6 +93,7 @@ class ServeSettings:
     log_flush_s: float = 5.0
     assembly: str = "dedup"
     cuda_graphs: bool = True
+    compile: bool = True
     host: str = "127.0.0.1"
     port: int = 3000
 
@@ -123,6 +125,7 @@ class ServeSettings:
             log_flush_s=_float("TRANSACT_LOG_FLUSH_S", cls.log_flush_s, lo=0.01),
             assembly=assembly,
             cuda_graphs=_env("TRANSACT_CUDA_GRAPHS", "1") not in ("0", "false", "no"),
+            compile=_env("TRANSACT_COMPILE", "1") not in ("0", "false", "no"),
             host=_env("TRANSACT_HOST", cls.host),
             port=_int("TRANSACT_PORT", cls.port, lo=1),
         )
@@ -147,6 +150,7 @@ class ServeSettings:
             "TRANSACT_LOG_FLUSH_S": str(self.log_flush_s),
             "TRANSACT_ASSEMBLY": self.assembly,
             "TRANSACT_CUDA_GRAPHS": "1" if self.cuda_graphs else "0",
+            "TRANSACT_COMPILE": "1" if self.compile else "0",
             "TRANSACT_HOST": self.host,
             "TRANSACT_PORT": str(self.port),
         }

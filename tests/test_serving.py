@@ -84,6 +84,23 @@ def test_online_scores_match_offline_rows_for_both_assemblies(world):
     np.testing.assert_array_equal(out["dedup"], out["naive"])
 
 
+def test_compiled_cpu_forward_equals_eager_for_varying_batch_sizes(world):
+    """The service's default CPU path (torch.compile, dynamic batch) gives the eager scores."""
+    model, rows = world["model"], world["rows"]
+    exp = offline_probs(model, rows)
+    ranker = Ranker(model, world["store"], compile=True)
+    ranker.warmup()
+    qs = queries_of(world["requests"], ranker.weights)
+    got = {}
+    for chunk in (qs[:1], qs[1:4], qs[4:]):  # batches of different sizes, one recompile at most
+        for r in ranker.rank(chunk)[0]:
+            for pos in range(r.query.n):
+                got[(r.query.request_id, pos)] = r.probs[pos]
+    assert ranker.runner.compiled is not None  # compiled and did not fall back to eager
+    key = zip(rows.column("request_id").to_numpy(), rows.column("position").to_numpy())
+    np.testing.assert_allclose(np.stack([got[(int(r), int(p))] for r, p in key]), exp, rtol=0, atol=1e-6)
+
+
 def test_dedup_moves_far_fewer_bytes_than_broadcasting(world):
     store = world["store"]
     users = np.array([11, 22])
