@@ -27,6 +27,24 @@ def sample_requests(request_ids: np.ndarray, fraction: float, seed: int = 0) -> 
     return (u < fraction)[inv.reshape(-1)]
 
 
+def select_requests(world: str | Path, start_ts: int | None = None, end_ts: int | None = None,
+                    fraction: float = 1.0, sample_seed: int = 0):
+    """The world's request rows with ts in [start_ts, end_ts), sampled by :func:`sample_requests`."""
+    import pyarrow as pa
+
+    from transact.data import schema as S
+
+    req = read_table(table_path(world, "requests"), S.REQUESTS, what="requests")
+    ts = req.column("ts").to_numpy()
+    keep = np.ones(len(ts), dtype=bool)
+    if start_ts is not None:
+        keep &= ts >= start_ts
+    if end_ts is not None:
+        keep &= ts < end_ts
+    keep &= sample_requests(req.column("request_id").to_numpy(), fraction, sample_seed)
+    return req.filter(pa.array(keep))
+
+
 def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *,
                 start_ts: int | None = None, end_ts: int | None = None, fraction: float = 1.0,
                 sample_seed: int = 0, batch_requests: int = 64, model_version: str | None = None,
@@ -37,7 +55,6 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
     """
     import torch
 
-    from transact.data import schema as S
     from transact.model.checkpoint import load_model
     from transact.model.sequences import EventStore
     from transact.serving.ranker import RankQuery, Ranker
@@ -53,15 +70,7 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
             from transact.serving.packaging import model_digest
 
             model_version = model_digest(model_dir)[:16]
-        req = read_table(table_path(world, "requests"), S.REQUESTS, what="requests")
-        ts = req.column("ts").to_numpy()
-        keep = np.ones(len(ts), dtype=bool)
-        if start_ts is not None:
-            keep &= ts >= start_ts
-        if end_ts is not None:
-            keep &= ts < end_ts
-        keep &= sample_requests(req.column("request_id").to_numpy(), fraction, sample_seed)
-        req = req.filter(keep).sort_by([("ts", "ascending"), ("request_id", "ascending"),
+        req = select_requests(world, start_ts, end_ts, fraction, sample_seed).sort_by([("ts", "ascending"), ("request_id", "ascending"),
                                         ("position", "ascending")])
         rid = req.column("request_id").to_numpy()
         starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]])) if len(rid) else np.zeros(0, int)
@@ -104,11 +113,9 @@ def log_rows(world: str | Path, out: str | Path, *, start_ts: int | None = None,
     import os
     import shutil
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from transact.components.nn_logging import log_nn_features
-    from transact.data import schema as S
 
     world, out = Path(world), Path(out)
     side = out.parent / f"{out.stem}.world"
@@ -120,15 +127,7 @@ def log_rows(world: str | Path, out: str | Path, *, start_ts: int | None = None,
             os.symlink(src, table_path(side, name))
         except OSError:  # no symlinks here: copy
             shutil.copy2(src, table_path(side, name))
-    req = read_table(table_path(world, "requests"), S.REQUESTS, what="requests")
-    ts = req.column("ts").to_numpy()
-    keep = np.ones(len(ts), dtype=bool)
-    if start_ts is not None:
-        keep &= ts >= start_ts
-    if end_ts is not None:
-        keep &= ts < end_ts
-    keep &= sample_requests(req.column("request_id").to_numpy(), fraction, sample_seed)
-    pq.write_table(req.filter(pa.array(keep)), table_path(side, "requests"))
+    pq.write_table(select_requests(world, start_ts, end_ts, fraction, sample_seed), table_path(side, "requests"))
     if (world / "world.json").exists():
         shutil.copy2(world / "world.json", side / "world.json")
     return log_nn_features(side, out, progress=False)
