@@ -10,9 +10,20 @@ os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
 
 import numpy as np
 import pyarrow as pa
+import pytest
+import torch
 
 from transact.data import schema as S
 from transact.model.quantization import quantize
+
+#: Kernel parity tests: CPU runs the Triton interpreter, CUDA the compiled kernel.
+#: ``TRITON_INTERPRET=0 pytest tests/test_kernels_*.py`` on a GPU machine runs the CUDA
+#: cases only (compiled kernels need CUDA tensors).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter off (TRITON_INTERPRET!=1)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
+]
 
 
 def make_items(n: int, rng: np.random.Generator) -> pa.Table:

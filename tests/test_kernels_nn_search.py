@@ -20,16 +20,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import KERNEL_DEVICES as DEVICES
 from transact.kernels import dispatch
 from transact.kernels.triton.nn_search import launch_config, nn_search_triton
 from transact.model.nn_features import nn_search as reference
 from transact.model.quantization import dequantize
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter off (TRITON_INTERPRET!=1)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
-]
 D = 32
 TOL = 1e-5  # fp32 cosine; reference and kernel sum in different orders
 

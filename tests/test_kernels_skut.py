@@ -23,15 +23,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
+from conftest import KERNEL_DEVICES as DEVICES
 from transact.kernels import dispatch
 from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
 from transact.model.encoder import encoder_reference, make_encoder
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter off (TRITON_INTERPRET!=1)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
-]
 #: max |SKUT - fp32 reference| per input dtype (outputs are LayerNorm'd, O(1)).
 ATOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
 
