@@ -19,6 +19,7 @@ and counts every response of the route by status code (``transact_requests_total
 from __future__ import annotations
 
 import hmac
+import logging
 import json
 from typing import Callable
 
@@ -169,3 +170,43 @@ class _ErrorRewriter:
             await self.send({"type": "http.response.body", "body": body})
             return
         return await self.send(msg)
+
+
+#: The logger BentoML reports every failed API call on, with a full traceback.
+BENTOML_ERROR_LOGGER = "bentoml._internal.server.http_app"
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """Turns BentoML's error-with-traceback for a *client* error into one INFO line.
+
+    BentoML logs every request that fails pydantic validation (a 400 the client caused and
+    is told about) as an ERROR with a traceback, which buries real server errors. Client
+    errors -- pydantic ``ValidationError`` and 4xx ``BentoMLException`` -- become
+    ``client error on /rank [POST]: <summary>`` at INFO; everything else passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _is_client_error(exc):
+            return True
+        record.msg = record.msg.replace("Exception on", "client error on") + ": %s"
+        record.args = tuple(record.args or ()) + (str(exc).splitlines()[0][:200],)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return True
+    code = getattr(getattr(exc, "error_code", None), "value", None)
+    return isinstance(code, int) and 400 <= code < 500
+
+
+def quiet_client_error_tracebacks() -> None:
+    """Installs :class:`ClientErrorLogFilter` once on BentoML's error logger."""
+    logger = logging.getLogger(BENTOML_ERROR_LOGGER)
+    if not any(isinstance(f, ClientErrorLogFilter) for f in logger.filters):
+        logger.addFilter(ClientErrorLogFilter())

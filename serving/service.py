@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 
 from transact.data.schema import SURFACES
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
-from transact.serving.guard import GuardMiddleware
+from transact.serving.guard import GuardMiddleware, quiet_client_error_tracebacks
 from transact.serving.ranker import RankQuery, Ranked, RequestError, SourceUnavailable, quantize_embeddings
 from transact.serving.schema import RankedItem, RankRequest, RankResponse
 from transact.serving.settings import API_KEY_HEADER, ServeSettings
@@ -85,6 +85,7 @@ class TransActRanker:
         from transact.serving.served_log import ServedLogWriter
         from transact.serving.sources import open_source
 
+        quiet_client_error_tracebacks()  # here: in the worker, after BentoML set up its logging
         s = self.settings = ServeSettings.from_env()
         ref = type(self).__dict__.get("model_ref")
         # The class attribute is what `bentoml build` bundles; a process whose settings name

@@ -494,3 +494,36 @@ def test_a_failing_source_is_a_server_side_error(world):
     ranker = Ranker(world["model"], Down())
     with pytest.raises(SourceUnavailable, match="redis is down"):
         ranker.rank([RankQuery(11, np.array([3]), None, 0, 1_700_500_000_000, 1, ranker.weights)])
+
+
+def test_client_errors_are_logged_as_one_line_server_errors_keep_their_traceback():
+    import logging
+    import sys
+
+    from pydantic import BaseModel, ValidationError
+
+    from transact.serving.guard import ClientErrorLogFilter
+
+    class M(BaseModel):
+        x: int
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]",
+                                 ("/rank", "POST"), info)
+
+    try:
+        M(x="no")
+    except ValidationError as e:
+        bad_request = record(e)
+    f = ClientErrorLogFilter()
+    assert f.filter(bad_request)
+    assert bad_request.levelno == logging.INFO and bad_request.exc_info is None
+    assert bad_request.getMessage().startswith("client error on /rank [POST]: 1 validation error")
+    crash = record(RuntimeError("boom"))
+    assert f.filter(crash)
+    assert crash.levelno == logging.ERROR and crash.exc_info is not None
+    assert crash.getMessage() == "Exception on /rank [POST]"
