@@ -123,7 +123,8 @@ class ModelRunner:
         if compile and self.device.type == "cpu":
             self.compiled = torch.compile(self.model, dynamic=True)
 
-    def eager(self, batch) -> torch.Tensor:
+    def direct(self, batch) -> torch.Tensor:
+        """The forward without CUDA graphs: the compiled model when there is one, else eager."""
         with torch.inference_mode():
             if self.compiled is not None:
                 try:
@@ -137,17 +138,17 @@ class ModelRunner:
     def __call__(self, batch) -> torch.Tensor:
         B = len(batch)
         if not self.use_graphs or B == 0 or B > self.max_graph_batch:
-            return self.eager(batch)
+            return self.direct(batch)
         bucket = 1 << max(0, math.ceil(math.log2(B)))
         if bucket in self._failed:
-            return self.eager(batch)
+            return self.direct(batch)
         if bucket not in self._graphs:
             try:
                 self._capture(bucket, batch)
             except Exception as e:  # noqa: BLE001 - never fail a request for an optimisation
                 log.warning("CUDA graph capture failed for batch %d (%s); running eager", bucket, e)
                 self._failed.add(bucket)
-                return self.eager(batch)
+                return self.direct(batch)
         graph, static, out = self._graphs[bucket]
         self._fill(static, batch, B)
         graph.replay()
