@@ -331,6 +331,11 @@ class TransActModel(nn.Module):
             n_pos = fcfg.seq_len + (1 if cfg.fusion == "append" else 0)
             # Token embedding tables (all d-wide so that they add, Eq. 4).
             self.act_emb = nn.Parameter(torch.randn(len(ACTIONS), d) * 0.02) if cfg.action_emb else None
+            # Multi-hot action byte -> its bits as floats, by lookup: the same 0/1 values as
+            # shifting and masking, and exportable (ONNX has no shift of signed integers).
+            codes = torch.arange(256)[:, None]  # [256, 1]
+            bits = ((codes >> torch.arange(len(ACTIONS))) & 1).float()  # [256, A]
+            self.register_buffer("action_bits", bits, persistent=False)
             self.surf_emb = nn.Embedding(len(SURFACES), d) if cfg.surface_emb else None
             self.pos_emb = nn.Parameter(torch.randn(n_pos, d) * 0.02) if cfg.pos_emb else None
             if self.surf_emb is not None:
@@ -369,7 +374,7 @@ class TransActModel(nn.Module):
         else:
             x = torch.cat([emb, emb.new_zeros(emb.shape[:-1] + (cfg.d_model - EMB_DIM,))], dim=-1)  # [B, L, d]
         if self.act_emb is not None:
-            bits = (act.long()[..., None] >> torch.arange(len(ACTIONS), device=act.device)) & 1  # [B, L, A]
+            bits = self.action_bits[act.long()]  # [B, L, A] 0/1
             x = x + bits.to(x.dtype) @ self.act_emb  # [B, L, d], sum of per-bit embeddings
         if self.surf_emb is not None:
             x = x + self.surf_emb(batch.tok_surface[:, slots].long())  # [B, L, d]
