@@ -150,8 +150,9 @@ def _metric(text: str, name: str) -> float:
 
 def forward_variants(model, batch, reps: int = 5) -> dict:
     """The CPU forward path candidates, timed on one batch in this process: eager PyTorch
-    against ``torch.compile`` with a static and a dynamic batch dimension; each with its
-    first-call (compile) time and its max |prob - eager prob|.
+    against ``torch.compile`` with a static and a dynamic batch dimension and against ONNX
+    Runtime (when installed, :mod:`transact.serving.onnx_runtime`); each with its
+    first-call (compile / export) time and its max |prob - eager prob|.
 
     The service runs the dynamic compile on CPU (``TRANSACT_COMPILE=1``, the default): a
     static compile would recompile for every new batch size, and cross-request batches vary.
@@ -185,6 +186,19 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
             except Exception as e:  # noqa: BLE001 - a missing C++ toolchain is a result too
                 res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         torch._dynamo.reset()
+        try:
+            from transact.serving.onnx_runtime import OnnxForward
+
+            t = time.perf_counter()
+            onnx = OnnxForward(model, batch)
+            export_s = time.perf_counter() - t
+            first, ts, out = timed(lambda: onnx(batch))
+            res["onnxruntime"] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": export_s + first,
+                                  "max_abs_diff": float((out - ref).abs().max())}
+        except ImportError as e:
+            res["onnxruntime"] = {"error": f"not installed ({e.name}): pip install onnxruntime onnx onnxscript"}
+        except Exception as e:  # noqa: BLE001 - an export failure is a result too
+            res["onnxruntime"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     for v in res.values():
         if "ms_p50" in v:
             v["speedup_vs_eager"] = res["eager"]["ms_p50"] / v["ms_p50"]

@@ -527,3 +527,19 @@ def test_client_errors_are_logged_as_one_line_server_errors_keep_their_traceback
     assert f.filter(crash)
     assert crash.levelno == logging.ERROR and crash.exc_info is not None
     assert crash.getMessage() == "Exception on /rank [POST]"
+
+
+def test_onnx_runtime_forward_equals_eager_for_any_batch_size(world):
+    """The optional ONNX Runtime forward (measured by the serving bench) gives the eager scores."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional)")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed (optional)")
+    from transact.serving.onnx_runtime import OnnxForward
+
+    model, rows = world["model"], world["rows"]
+    s_all, cand = arrow_to_s_all(rows, model.fcfg)
+    surface = torch.from_numpy(rows.column("surface").to_numpy().astype(np.int64))
+    batch = Batch.from_s_all(s_all, cand, surface)
+    onnx = OnnxForward(model, batch.index(slice(0, 8)))
+    for n in (len(batch), 3, 1):
+        part = batch.index(slice(0, n))
+        np.testing.assert_allclose(onnx(part).numpy(), model.predict_proba(part).numpy(), rtol=0, atol=1e-6)

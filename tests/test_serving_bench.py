@@ -23,7 +23,7 @@ def test_serving_bench_small(tmp_path):
     assert r["naive"]["h2d_bytes_per_request"] > 10 * r["dedup"]["h2d_bytes_per_request"]
     assert set(r["targets"]) and "cpu_count" in r["machine"]
     v = r["model_forward"]["variants"]
-    assert set(v) == {"eager", "compile_static", "compile_dynamic"}
-    for name in ("compile_static", "compile_dynamic"):
+    assert set(v) == {"eager", "compile_static", "compile_dynamic", "onnxruntime"}
+    for name in ("compile_static", "compile_dynamic", "onnxruntime"):
         # a compiled forward must give the eager probabilities (or say why it could not run)
         assert "error" in v[name] or v[name]["max_abs_diff"] < 1e-4, v[name]
