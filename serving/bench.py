@@ -154,8 +154,8 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
     Runtime (when installed, :mod:`transact.serving.onnx_runtime`); each with its
     first-call (compile / export) time and its max |prob - eager prob|.
 
-    The service runs the dynamic compile on CPU (``TRANSACT_COMPILE=1``, the default): a
-    static compile would recompile for every new batch size, and cross-request batches vary.
+    The service picks one with ``TRANSACT_CPU_FORWARD`` (a static compile is not offered:
+    it would recompile for every new batch size, and cross-request batches vary).
     """
     import torch
 
@@ -209,7 +209,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
                       ll: int = 16_384, rt: int = 100, imp: int = 100, concurrency: int = 1,
                       threads: int | None = 1, min_requests: int = 3, forward_reps: int = 10,
                       log_rows: bool = True, workdir: str | Path | None = None, seed: int = 0,
-                      compile: bool = True, compare_compile: bool = True, progress=print) -> dict:
+                      cpu_forward: str = "compile", compare: bool = True, progress=print) -> dict:
     """Runs the benchmark; returns the result dict and writes it to ``out`` when given."""
     import httpx
     import torch
@@ -246,8 +246,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             torch.set_num_threads(threads)
         model = load_model(root / "model", "cpu")
         store = EventStore.from_dir(root / "world", cfg)
-        # The forward floor is timed with the server's own forward path (compiled on CPU).
-        ranker = Ranker(model, store, "cpu", compile=compile)
+        # The forward floor is timed with the server's own CPU forward backend.
+        ranker = Ranker(model, store, "cpu", cpu_forward=cpu_forward)
         ranker.warmup()
         seqs = store.sequences(np.array([user]), np.array([t_req]))
         n_tok = {k: int(s.lengths[0]) for k, s in zip(("ll", "rt", "imp"), seqs)}
@@ -271,8 +271,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         h2d = {"dedup": StagingArena.nbytes(dedup_inputs), "naive": StagingArena.nbytes(naive_inputs)}
         del naive_inputs, probs_naive
         variants = None
-        if compare_compile:
-            progress("forward variants: eager vs torch.compile (static, dynamic batch)")
+        if compare:
+            progress("forward variants: eager vs torch.compile (static, dynamic batch) vs ONNX Runtime")
             s_all, _, _, _ = ranker.compute(dedup_inputs)
             variants = forward_variants(model, Batch.from_s_all(s_all, dedup_inputs["cand_emb_q"],
                                                                 dedup_inputs["cand_surface"]))
@@ -304,7 +304,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             for assembly in ("dedup", "naive"):
                 log_dir = root / f"served-{assembly}"
                 settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
-                                         threads=threads, compile=compile, log_dir=str(log_dir) if log_rows else None,
+                                         threads=threads, cpu_forward=cpu_forward, log_dir=str(log_dir) if log_rows else None,
                                          request_timeout_s=600, max_batch_candidates=max(candidates, 1024))
                 progress(f"{assembly}: starting the service")
                 with running_server(settings, bentoml_home=str(root / "bentoml")) as url:
@@ -351,7 +351,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             "load_avg_before": load_before,
             "load_avg_after": _load(),
             "config": {"candidates": candidates, "ll": ll, "rt": rt, "imp": imp, "seconds_per_phase": seconds,
-                       "compile": compile,
+                       "cpu_forward": cpu_forward,
                        "concurrency": concurrency, "threads": threads, "log_rows": log_rows,
                        "min_requests": min_requests, "feature_config": cfg.to_dict()},
             "model_forward": forward,

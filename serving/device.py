@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from transact.serving.settings import CPU_FORWARDS
+
 log = logging.getLogger("transact.serving")
 
 ALIGN = 64
@@ -99,19 +101,26 @@ class StagingArena:
 
 
 class ModelRunner:
-    """probs [B, H] = sigmoid(model(batch).logits): eager or ``torch.compile``d on CPU,
-    CUDA-graph replay on GPU.
+    """probs [B, H] = sigmoid(model(batch).logits): on CPU through the chosen backend,
+    on GPU eager or by CUDA-graph replay.
 
-    On CPU, ``compile=True`` runs the model through ``torch.compile(dynamic=True)``: one
-    compilation serves every batch size (cross-request batches vary), the outputs equal
-    eager PyTorch to float rounding, and ``transact bench serving`` measures it against
-    eager and a static-shape compile. Compilation happens at the first call (the
-    service's warm-up); if it fails (e.g. no C++ toolchain), the runner logs why and
-    stays eager -- an optimisation never fails a request.
+    CPU backends (``cpu_forward``), all equal to eager PyTorch to float rounding
+    (tested at 1e-6) and timed against each other by ``transact bench serving``:
+
+    - ``onnxruntime``: the whole model exported to ONNX with a dynamic batch dimension
+      and run by ONNX Runtime (:mod:`transact.serving.onnx_runtime`);
+    - ``compile``: ``torch.compile(dynamic=True)`` -- one compilation for every batch size;
+    - ``eager``: plain PyTorch.
+
+    The backend is built at the first call (the service's warm-up: export or
+    compilation, seconds). If it cannot be built or fails, the runner logs why and runs
+    eager from then on -- an optimisation never fails a request.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str, cuda_graphs: bool = True,
-                 max_graph_batch: int = 2048, compile: bool = False) -> None:
+                 max_graph_batch: int = 2048, cpu_forward: str = "eager") -> None:
+        if cpu_forward not in CPU_FORWARDS:
+            raise ValueError(f"cpu_forward must be one of {CPU_FORWARDS}, got {cpu_forward!r}")
         self.model = model.eval()
         self.device = torch.device(device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -119,20 +128,30 @@ class ModelRunner:
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static batch, static out)
         self._failed: set[int] = set()
         self._pool = None
-        self.compiled = None
-        if compile and self.device.type == "cpu":
-            self.compiled = torch.compile(self.model, dynamic=True)
+        #: the backend that runs (``eager`` on GPU, and after a failure)
+        self.backend = cpu_forward if self.device.type == "cpu" else "eager"
+        self._fast = None  # the built CPU backend: batch -> probs
+
+    def _build(self, batch):
+        if self.backend == "compile":
+            compiled = torch.compile(self.model, dynamic=True)
+            return lambda b: torch.sigmoid(compiled(b).logits)
+        from transact.serving.onnx_runtime import OnnxForward
+
+        return OnnxForward(self.model, batch)
 
     def direct(self, batch) -> torch.Tensor:
-        """The forward without CUDA graphs: the compiled model when there is one, else eager."""
+        """The forward without CUDA graphs: the CPU backend, or eager."""
         with torch.inference_mode():
-            if self.compiled is not None:
+            if self.backend != "eager":
                 try:
-                    return torch.sigmoid(self.compiled(batch).logits)
+                    if self._fast is None:
+                        self._fast = self._build(batch)
+                    return self._fast(batch)
                 except Exception as e:  # noqa: BLE001 - never fail a request for an optimisation
-                    log.warning("torch.compile of the model failed (%s: %s); running eager",
-                                type(e).__name__, str(e)[:300])
-                    self.compiled = None
+                    log.warning("CPU forward backend %s failed (%s: %s); running eager from now on",
+                                self.backend, type(e).__name__, str(e)[:300])
+                    self.backend, self._fast = "eager", None
             return torch.sigmoid(self.model(batch).logits)
 
     def __call__(self, batch) -> torch.Tensor:

@@ -175,7 +175,7 @@ class Ranker:
     def __init__(self, model, source: SequenceSource, device: str | torch.device = "cpu",
                  model_version: str = "", score_weights: dict[str, float] | None = None,
                  assembly: str = "dedup", log_writer: ServedLogWriter | None = None,
-                 cuda_graphs: bool = True, compile: bool = False) -> None:
+                 cuda_graphs: bool = True, cpu_forward: str = "eager") -> None:
         if assembly not in ("dedup", "naive"):
             raise ValueError(f"assembly must be dedup or naive, got {assembly!r}")
         self.device = torch.device(device)
@@ -189,7 +189,7 @@ class Ranker:
         self.naive = assembly == "naive"
         self.log_writer = log_writer
         self.arena = StagingArena(self.device)
-        self.runner = ModelRunner(self.model, self.device, cuda_graphs=cuda_graphs, compile=compile)
+        self.runner = ModelRunner(self.model, self.device, cuda_graphs=cuda_graphs, cpu_forward=cpu_forward)
 
     def check_weights(self, weights: dict[str, float], field_name: str = "score_weights") -> None:
         unknown = sorted(set(weights) - set(self.heads))
@@ -305,8 +305,8 @@ class Ranker:
         """Cold-start batches through the whole compute path (lazy initialisation). On GPU,
         one per CUDA-graph bucket up to ``max_batch`` candidates, so no request pays a capture."""
         sizes = [8]
-        if self.runner.compiled is not None:
-            sizes = [8, 1]  # the dynamic-shape graph, and the specialisation for one candidate
+        if self.runner.backend != "eager":
+            sizes = [8, 1]  # build the backend; a compiled model specialises one candidate apart
         if self.runner.use_graphs:
             sizes = [1 << i for i in range(3, max(3, (max_batch - 1).bit_length()) + 1)]
         empty = JaggedSequences.empty(1)

@@ -105,12 +105,11 @@ class TransActRanker:
                                               on_written=LOGGED.inc, on_dropped=DROPPED.inc)
         self.ranker = Ranker(model, source, device, model_version=self.model_version,
                              score_weights=s.score_weights, assembly=s.assembly, log_writer=self.log_writer,
-                             cuda_graphs=s.cuda_graphs, compile=s.compile)
+                             cuda_graphs=s.cuda_graphs, cpu_forward=s.cpu_forward)
         self.ranker.warmup(min(s.max_batch_candidates, self.ranker.runner.max_graph_batch))
         self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0, s.max_queue)
         log.info("serving %s on %s (%s assembly, source %s, log %s, forward %s)", self.model_version, device,
-                 s.assembly, type(source).__name__, s.log_dir or "off",
-                 "compiled" if self.ranker.runner.compiled is not None else "eager")
+                 s.assembly, type(source).__name__, s.log_dir or "off", self.ranker.runner.backend)
 
     # --- probes ---------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_LOG_FLUSH_S | 5 | max seconds a row waits before its file is written |
 | TRANSACT_ASSEMBLY | dedup | ``naive`` broadcasts sequences per candidate (benchmark only) |
 | TRANSACT_CUDA_GRAPHS | 1 | CUDA graphs for the model forward on GPU |
-| TRANSACT_COMPILE | 1 | ``torch.compile`` (dynamic batch) of the model forward on CPU |
+| TRANSACT_CPU_FORWARD | compile | CPU model forward: ``onnxruntime``, ``compile`` (torch.compile) or ``eager`` |
 | TRANSACT_HOST / TRANSACT_PORT | 127.0.0.1 / 3000 | default bind address of the service |
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ DEFAULT_MODEL_NAME = "transact-ranker"
 DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:latest"
 API_KEY_HEADER = "X-API-Key"
 ASSEMBLIES = ("dedup", "naive")
+#: CPU model forward backends (see :class:`transact.serving.device.ModelRunner`).
+CPU_FORWARDS = ("onnxruntime", "compile", "eager")
 
 
 def _env(name: str, default=None):
@@ -93,7 +95,7 @@ class ServeSettings:
     log_flush_s: float = 5.0
     assembly: str = "dedup"
     cuda_graphs: bool = True
-    compile: bool = True
+    cpu_forward: str = "compile"
     host: str = "127.0.0.1"
     port: int = 3000
 
@@ -104,6 +106,9 @@ class ServeSettings:
         assembly = _env("TRANSACT_ASSEMBLY", "dedup")
         if assembly not in ASSEMBLIES:
             raise ValueError(f"TRANSACT_ASSEMBLY={assembly!r}: choose one of {ASSEMBLIES}")
+        cpu_forward = _env("TRANSACT_CPU_FORWARD", cls.cpu_forward)
+        if cpu_forward not in CPU_FORWARDS:
+            raise ValueError(f"TRANSACT_CPU_FORWARD={cpu_forward!r}: choose one of {CPU_FORWARDS}")
         threads = _int("TRANSACT_THREADS", 0, lo=0)
         s = cls(
             model_tag=_env("TRANSACT_MODEL_TAG", DEFAULT_MODEL_TAG),
@@ -125,7 +130,7 @@ class ServeSettings:
             log_flush_s=_float("TRANSACT_LOG_FLUSH_S", cls.log_flush_s, lo=0.01),
             assembly=assembly,
             cuda_graphs=_env("TRANSACT_CUDA_GRAPHS", "1") not in ("0", "false", "no"),
-            compile=_env("TRANSACT_COMPILE", "1") not in ("0", "false", "no"),
+            cpu_forward=cpu_forward,
             host=_env("TRANSACT_HOST", cls.host),
             port=_int("TRANSACT_PORT", cls.port, lo=1),
         )
@@ -150,7 +155,7 @@ class ServeSettings:
             "TRANSACT_LOG_FLUSH_S": str(self.log_flush_s),
             "TRANSACT_ASSEMBLY": self.assembly,
             "TRANSACT_CUDA_GRAPHS": "1" if self.cuda_graphs else "0",
-            "TRANSACT_COMPILE": "1" if self.compile else "0",
+            "TRANSACT_CPU_FORWARD": self.cpu_forward,
             "TRANSACT_HOST": self.host,
             "TRANSACT_PORT": str(self.port),
         }

@@ -84,21 +84,37 @@ def test_online_scores_match_offline_rows_for_both_assemblies(world):
     np.testing.assert_array_equal(out["dedup"], out["naive"])
 
 
-def test_compiled_cpu_forward_equals_eager_for_varying_batch_sizes(world):
-    """The service's default CPU path (torch.compile, dynamic batch) gives the eager scores."""
+@pytest.mark.parametrize("cpu_forward", ["compile", "onnxruntime"])
+def test_cpu_forward_backends_equal_eager_for_varying_batch_sizes(world, cpu_forward):
+    """The service's CPU backends (torch.compile / ONNX Runtime, dynamic batch) give the eager scores."""
+    if cpu_forward == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     model, rows = world["model"], world["rows"]
     exp = offline_probs(model, rows)
-    ranker = Ranker(model, world["store"], compile=True)
+    ranker = Ranker(model, world["store"], cpu_forward=cpu_forward)
     ranker.warmup()
     qs = queries_of(world["requests"], ranker.weights)
     got = {}
-    for chunk in (qs[:1], qs[1:4], qs[4:]):  # batches of different sizes, one recompile at most
+    for chunk in (qs[:1], qs[1:4], qs[4:]):  # batches of different sizes
         for r in ranker.rank(chunk)[0]:
             for pos in range(r.query.n):
                 got[(r.query.request_id, pos)] = r.probs[pos]
-    assert ranker.runner.compiled is not None  # compiled and did not fall back to eager
+    assert ranker.runner.backend == cpu_forward  # built, and did not fall back to eager
     key = zip(rows.column("request_id").to_numpy(), rows.column("position").to_numpy())
     np.testing.assert_allclose(np.stack([got[(int(r), int(p))] for r, p in key]), exp, rtol=0, atol=1e-6)
+
+
+def test_a_failing_cpu_backend_falls_back_to_eager(world, monkeypatch):
+    from transact.serving.device import ModelRunner
+
+    def broken(self, batch):
+        raise RuntimeError("no toolchain")
+
+    monkeypatch.setattr(ModelRunner, "_build", broken)
+    ranker = Ranker(world["model"], world["store"], cpu_forward="compile")
+    qs = queries_of(world["requests"], ranker.weights)
+    results, st = ranker.rank(qs[:2])
+    assert st.errors == 0 and ranker.runner.backend == "eager" and len(results) == 2
 
 
 def test_dedup_moves_far_fewer_bytes_than_broadcasting(world):

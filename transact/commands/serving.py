@@ -48,7 +48,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
         max_candidates: int = typer.Option(1024, help="Candidates per request."),
         max_wait_ms: float = typer.Option(0.0, help="Extra wait to grow cross-request batches."),
-        compile: bool = typer.Option(True, help="torch.compile the CPU forward (compiled at start-up, ~15 s)."),
+        cpu_forward: str = typer.Option("compile", help="CPU model forward: onnxruntime | compile | eager "
+                                                        "(built at start-up, seconds)."),
         api_key_env: Optional[str] = typer.Option(None, help="Name of an environment variable holding the API "
                                                              "key that /rank requires (X-API-Key header)."),
     ) -> None:
@@ -71,7 +72,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             device=device, threads=threads, score_weights=parse_score_weights(score_weights),
             max_candidates=max_candidates, max_batch_candidates=max(2048, max_candidates),
             max_wait_ms=max_wait_ms, api_key=api_key, log_dir=str(log_dir) if log_dir else None,
-            host=host, port=port, compile=compile)
+            host=host, port=port, cpu_forward=cpu_forward)
         with service_env(settings):
             ServeSettings.from_env()  # fail here, not in the worker, on bad values
             typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
@@ -90,8 +91,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         threads: int = typer.Option(0, help="torch threads of the server and of the forward timing (0: torch default, all cores)."),
         min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
         log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
-        compile: bool = typer.Option(True, help="torch.compile the CPU forward (server and forward floor)."),
-        compare_compile: bool = typer.Option(True, help="Also time eager vs torch.compile variants of the forward."),
+        cpu_forward: str = typer.Option("compile", help="CPU model forward of the server and the forward floor: "
+                                                        "onnxruntime | compile | eager."),
+        compare: bool = typer.Option(True, help="Also time the CPU forward variants (eager, torch.compile, "
+                                                "ONNX Runtime) against each other."),
     ) -> None:
         """Loopback load test: de-duplicated vs naive (broadcast) requests, vs the model's forward."""
         from transact.serving.bench import device_slug, run_serving_bench
@@ -99,7 +102,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out = out or Path("bench/results") / f"serving-{device_slug()}.json"
         r = run_serving_bench(out, seconds=seconds, candidates=candidates, ll=ll, rt=rt, imp=imp,
                               concurrency=concurrency, threads=threads or None, min_requests=min_requests,
-                              log_rows=log_rows, compile=compile, compare_compile=compare_compile,
+                              log_rows=log_rows, cpu_forward=cpu_forward, compare=compare,
                               progress=typer.echo)
         d, n, f, q = r["dedup"], r["naive"], r["model_forward"], r["ratios"]
         typer.echo(f"\n{'path':<8} {'p50 ms':>9} {'p99 ms':>9} {'cand/s':>9} {'H2D bytes/req':>15}")
