@@ -109,7 +109,8 @@ class TransActRanker:
         self.ranker.warmup(min(s.max_batch_candidates, self.ranker.runner.max_graph_batch))
         self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0, s.max_queue)
         log.info("serving %s on %s (%s assembly, source %s, log %s, forward %s)", self.model_version, device,
-                 s.assembly, type(source).__name__, s.log_dir or "off", self.ranker.runner.backend)
+                 s.assembly, type(source).__name__, s.log_dir or "off",
+                 "CUDA graphs" if self.ranker.runner.use_graphs else self.ranker.runner.backend)
 
     # --- probes ---------------------------------------------------------------------------------
 
