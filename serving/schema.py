@@ -4,8 +4,8 @@ The JSON body is an object keyed by these field names (BentoML passes each field
 API as a keyword). Validation is *strict*: JSON types must match exactly (``"5"`` or
 ``5.0`` is not an id, ``true`` is not a number), unknown fields are rejected (a typo such
 as ``item_id`` is an error, not silently ignored), floats must be finite (``NaN`` and
-``Infinity`` are rejected), ids are non-negative int64, and embeddings have exactly 32
-values. Every failure is an HTTP 400 whose message names the field
+``Infinity`` are rejected; score weights lie within +-1e6), ids are non-negative int64,
+and embeddings have exactly 32 values. Every failure is an HTTP 400 whose message names the field
 (:mod:`transact.serving.guard` formats it).
 
 Example::
@@ -26,14 +26,17 @@ from transact.serving.settings import ServeSettings, _int
 MAX_ID: int = 2**63 - 1
 #: Request timestamps: ms since the epoch, up to the year 9999.
 MAX_TS: int = 253_402_300_799_999
-#: Per-request score weights: at most this many heads.
+#: Per-request score weights: at most this many heads, each within +-MAX_WEIGHT (larger
+#: weights mean nothing for a ranking and would overflow S = sum_h w_h f_h to infinity).
 MAX_WEIGHTS: int = 16
+MAX_WEIGHT: float = 1e6
 
 #: Candidates per request; read once at import (the OpenAPI schema states it).
 MAX_CANDIDATES: int = _int("TRANSACT_MAX_CANDIDATES", ServeSettings.max_candidates, lo=1)
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 Embedding = Annotated[list[Finite], Field(min_length=EMB_DIM, max_length=EMB_DIM)]
 Surface = Literal[SURFACES]  # type: ignore[valid-type]
 
@@ -58,7 +61,7 @@ class RankRequest(BaseModel):
     request_id: Optional[Id] = Field(
         default=None, description="Caller's request id, logged with every served row so labels can be "
                                   "attached later (default: generated).")
-    score_weights: Optional[Annotated[dict[str, Finite], Field(max_length=MAX_WEIGHTS)]] = Field(
+    score_weights: Optional[Annotated[dict[str, Weight], Field(max_length=MAX_WEIGHTS)]] = Field(
         default=None, description="Per-request head weights w_h of S = sum_h w_h f_h (default: the "
                                   "service's); heads not named get weight 0.")
     top_k: Optional[Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]] = Field(

@@ -145,6 +145,7 @@ CLIENT_ERRORS = [
     ("embedding count", {"user_id": 1, "item_ids": [3, 10], "item_embeddings": [[0.1] * 32]}, 400, "item_embeddings"),
     ("unknown item", {"user_id": 1, "item_ids": [3, 424242]}, 400, "item_ids"),
     ("unknown head", {"user_id": 1, "item_ids": [3], "score_weights": {"like": 1}}, 400, "score_weights"),
+    ("huge weight", {"user_id": 1, "item_ids": [3], "score_weights": {"click": 1.7e308}}, 400, "score_weights.click"),
     ("unknown surface", {"user_id": 1, "item_ids": [3], "surface": "moon"}, 400, "surface"),
     ("unknown field", {"user_id": 1, "item_ids": [3], "item_id": 3}, 400, "item_id"),
     ("negative ts", {"user_id": 1, "item_ids": [3], "request_ts": -5}, 400, "request_ts"),
