@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run in Triton's CPU interpreter
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -24,6 +27,25 @@ KERNEL_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter off (TRITON_INTERPRET!=1)")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
 ]
+
+
+def ptxas_available() -> bool:
+    """Triton's bundled ptxas: kernels can be lowered to cubins without a GPU."""
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def aot_compile_in_subprocess(module: str, builds: list[dict]) -> None:
+    """``<module>.aot_compile(**kw)`` for each build in a fresh interpreter with
+    TRITON_INTERPRET unset; asserts every build yields a cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"from {module} import aot_compile\n"
+            f"for kw in {builds!r}:\n"
+            "    assert aot_compile(**kw).asm['cubin'], kw\n")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def make_items(n: int, rng: np.random.Generator) -> pa.Table:

@@ -11,16 +11,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import KERNEL_DEVICES as DEVICES
+from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
 from transact.kernels import dispatch
 from transact.kernels.triton.nn_search import launch_config, nn_search_triton
 from transact.model.nn_features import nn_search as reference
@@ -28,6 +25,8 @@ from transact.model.quantization import dequantize
 
 D = 32
 TOL = 1e-5  # fp32 cosine; reference and kernel sum in different orders
+
+KERNEL_MODULE = "transact.kernels.triton.nn_search"  # aot_compile() lives here
 
 
 def make_case(rng: np.random.Generator, lens: list[int], n_cand: list[int], dup: bool, zeros: bool):
@@ -194,37 +193,20 @@ def test_dispatcher_picks_the_reference_on_cpu(monkeypatch):
     assert torch.equal(idx, ref_idx) and torch.equal(score, ref_score)
 
 
-def _ptxas_available() -> bool:
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-def _compile(builds: list[dict]) -> None:
-    """aot_compile each build in a fresh interpreter with TRITON_INTERPRET unset."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from transact.kernels.triton.nn_search import aot_compile\n"
-            f"for kw in {builds!r}:\n"
-            "    assert aot_compile(**kw).asm['cubin'], kw\n")
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas not found")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's bundled ptxas not found")
 def test_kernel_compiles_for_gpus():
     """Lowers the kernel to a cubin for sm_90 (H100) without a GPU: catches code the
     interpreter accepts but the compiler does not."""
-    _compile([dict(cc=90, k=96), dict(cc=90, k=96, split=False), dict(cc=90, k=8)])
+    aot_compile_in_subprocess(KERNEL_MODULE, [dict(cc=90, k=96), dict(cc=90, k=96, split=False), dict(cc=90, k=8)])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas not found")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's bundled ptxas not found")
 def test_kernel_compiles_for_gpus_all_builds():
     """sm_86 (A10G, the paper's GPU) and sm_90, small to large K, fp16 and fp32 candidates,
     with and without sequence splits."""
-    _compile([dict(cc=cc, k=k) for cc in (86, 90) for k in (8, 96, 200)]
-             + [dict(cc=86, k=96, split=False), dict(cc=90, k=96, cand_dtype="fp32", split=False)])
+    aot_compile_in_subprocess(KERNEL_MODULE, [dict(cc=cc, k=k) for cc in (86, 90) for k in (8, 96, 200)]
+                              + [dict(cc=86, k=96, split=False), dict(cc=90, k=96, cand_dtype="fp32", split=False)])
 
 
 def test_benchmark_cpu_path(tmp_path):

@@ -12,10 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import copy
 import json
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,13 +20,15 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
-from conftest import KERNEL_DEVICES as DEVICES
+from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
 from transact.kernels import dispatch
 from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
 from transact.model.encoder import encoder_reference, make_encoder
 
 #: max |SKUT - fp32 reference| per input dtype (outputs are LayerNorm'd, O(1)).
 ATOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
+
+KERNEL_MODULE = "transact.kernels.triton.skut"  # aot_compile() lives here
 
 
 def random_encoder(seed: int, **kw) -> nn.TransformerEncoder:
@@ -166,40 +165,24 @@ def test_dispatcher_picks_the_reference_on_cpu(monkeypatch):
         torch.testing.assert_close(dispatch.encoder_forward(enc, x, valid), encoder_reference(enc, x, valid))
 
 
-def _ptxas_available() -> bool:
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-def _compile(builds: list[dict]) -> None:
-    """aot_compile each build in a fresh interpreter with TRITON_INTERPRET unset."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from transact.kernels.triton.skut import aot_compile\n"
-            f"for kw in {builds!r}:\n"
-            "    assert aot_compile(**kw).asm['cubin'], kw\n")
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas not found")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's bundled ptxas not found")
 def test_kernel_compiles_for_gpus():
     """Lowers SKUT to a cubin for sm_90 (H100) without a GPU, both modes, fp16 and bf16:
     catches code the interpreter accepts but the compiler does not."""
-    _compile([dict(cc=90, dtype="fp16", mode="fused", num_warps=8),
-              dict(cc=90, dtype="fp16", mode="per_layer", num_warps=8),
-              dict(cc=90, dtype="bf16", mode="fused", num_warps=8)])
+    aot_compile_in_subprocess(KERNEL_MODULE, [
+        dict(cc=90, dtype="fp16", mode="fused", num_warps=8),
+        dict(cc=90, dtype="fp16", mode="per_layer", num_warps=8),
+        dict(cc=90, dtype="bf16", mode="fused", num_warps=8)])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas not found")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's bundled ptxas not found")
 def test_kernel_compiles_for_gpus_all_builds():
     """sm_86 (A10G, the paper's GPU) and sm_90, every dtype (fp32: no-tf32 dots), both
     modes, 32- and 64-blocks."""
-    _compile([dict(cc=cc, dtype=dt, mode=m, block=b, num_warps=8 if b >= 64 or dt == "fp32" else 4)
-              for cc in (86, 90) for dt in ("fp16", "bf16", "fp32") for m in ("fused", "per_layer")
-              for b in (32, 64)])
+    aot_compile_in_subprocess(KERNEL_MODULE, [
+        dict(cc=cc, dtype=dt, mode=m, block=b, num_warps=8 if b >= 64 or dt == "fp32" else 4)
+        for cc in (86, 90) for dt in ("fp16", "bf16", "fp32") for m in ("fused", "per_layer") for b in (32, 64)])
 
 
 def test_benchmark_cpu_path(tmp_path):
