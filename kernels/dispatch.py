@@ -31,13 +31,18 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
 def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Encoder forward with the causal + padding mask; x [B, S, d], valid bool [B, S].
 
-    Inference on CUDA runs the fused SKUT kernel; training (autograd) always runs the
-    PyTorch module.
+    Inference on CUDA runs the fused SKUT kernel, inference elsewhere the flash-attention
+    layout of the same layers (:mod:`transact.kernels.pytorch.encoder_cpu`); training
+    (autograd) always runs the PyTorch module. Valid positions agree to float rounding.
     """
-    if _use_triton(x) and not encoder.training and not torch.is_grad_enabled():
+    inference = not encoder.training and not torch.is_grad_enabled()
+    if inference and _use_triton(x):
         from transact.kernels.triton.skut import skut_forward
 
         return skut_forward(encoder, x, valid)
+    from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
     from transact.model.encoder import encoder_reference
 
+    if inference and not x.is_cuda and unsupported_reason(encoder) is None:
+        return encoder_forward_cpu(encoder, x, valid)
     return encoder_reference(encoder, x, valid)

@@ -149,15 +149,23 @@ def _metric(text: str, name: str) -> float:
 
 
 def forward_variants(model, batch, reps: int = 5) -> dict:
-    """The CPU forward path candidates, timed on one batch in this process: eager PyTorch
-    against ``torch.compile`` with a static and a dynamic batch dimension and against ONNX
-    Runtime (when installed, :mod:`transact.serving.onnx_runtime`); each with its
-    first-call (compile / export) time and its max |prob - eager prob|.
+    """The CPU forward path candidates, timed on one batch in this process.
 
-    The service picks one with ``TRANSACT_CPU_FORWARD`` (a static compile is not offered:
-    it would recompile for every new batch size, and cross-request batches vary).
+    ``backends``: every ``TRANSACT_CPU_FORWARD`` backend (eager PyTorch, ``torch.compile``
+    with a dynamic batch dimension, ONNX Runtime when installed) through the service's own
+    :class:`~transact.serving.device.ModelRunner`, on the whole batch at once and in the
+    runner's row chunks; each with its first-call (compile / export) time and its
+    max |prob - eager prob|. ``encoder``: the encoder alone on the batch's tokens, the stock
+    module (dense mask) against the CPU inference path the dispatcher runs
+    (:mod:`transact.kernels.pytorch.encoder_cpu`).
     """
+    import importlib.util
+
     import torch
+
+    from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu
+    from transact.model.encoder import encoder_reference
+    from transact.serving.device import CPU_CHUNK_TOKENS, ModelRunner
 
     def timed(fn) -> tuple[float, list[float], torch.Tensor]:
         t = time.perf_counter()
@@ -170,38 +178,35 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
             ts.append(time.perf_counter() - t)
         return first, ts, out
 
-    def probs_of(m):
-        return lambda: torch.sigmoid(m(batch).logits)
-
-    res = {}
-    with torch.inference_mode():
-        _, ts, ref = timed(probs_of(model))
-        res["eager"] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": None, "max_abs_diff": 0.0}
-        for name, dynamic in (("compile_static", False), ("compile_dynamic", True)):
-            try:
-                torch._dynamo.reset()
-                first, ts, out = timed(probs_of(torch.compile(model, dynamic=dynamic)))
-                res[name] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": first,
-                             "max_abs_diff": float((out - ref).abs().max())}
-            except Exception as e:  # noqa: BLE001 - a missing C++ toolchain is a result too
-                res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        torch._dynamo.reset()
-        try:
-            from transact.serving.onnx_runtime import OnnxForward
-
-            t = time.perf_counter()
-            onnx = OnnxForward(model, batch)
-            export_s = time.perf_counter() - t
-            first, ts, out = timed(lambda: onnx(batch))
-            res["onnxruntime"] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": export_s + first,
-                                  "max_abs_diff": float((out - ref).abs().max())}
-        except ImportError as e:
-            res["onnxruntime"] = {"error": f"not installed ({e.name}): pip install onnxruntime onnx onnxscript"}
-        except Exception as e:  # noqa: BLE001 - an export failure is a result too
-            res["onnxruntime"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    for v in res.values():
+    res: dict = {"chunk_tokens": CPU_CHUNK_TOKENS, "backends": {}, "encoder": {}}
+    ref = None
+    for backend in ("eager", "compile", "onnxruntime"):
+        if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+            res["backends"][backend] = {"error": "not installed: pip install onnxruntime onnx onnxscript"}
+            continue
+        for chunk in (0, CPU_CHUNK_TOKENS):
+            name = backend if chunk == 0 else f"{backend}_chunked"
+            torch._dynamo.reset()
+            runner = ModelRunner(model, "cpu", cpu_forward=backend, cpu_chunk_tokens=chunk)
+            first, ts, out = timed(lambda: runner.direct(batch))
+            if runner.backend != backend:  # the runner logged why and fell back to eager
+                res["backends"][name] = {"error": f"{backend} failed; the runner fell back to eager (see log)"}
+                continue
+            ref = out if ref is None else ref
+            res["backends"][name] = {"ms_p50": 1e3 * _pct(ts, 50), "first_call_s": first,
+                                     "max_abs_diff": float((out - ref).abs().max())}
+    torch._dynamo.reset()
+    base = res["backends"]["eager"]["ms_p50"]
+    for v in res["backends"].values():
         if "ms_p50" in v:
-            v["speedup_vs_eager"] = res["eager"]["ms_p50"] / v["ms_p50"]
+            v["speedup_vs_eager"] = base / v["ms_p50"]
+    with torch.inference_mode():
+        x, valid = model.tokens(batch)  # [B, L, d], [B, L]
+        for name, fn in (("stock_module", encoder_reference), ("cpu_path", encoder_forward_cpu)):
+            _, ts, out = timed(lambda: fn(model.encoder, x, valid))
+            res["encoder"][name] = {"ms_p50": 1e3 * _pct(ts, 50)}
+        diff = (encoder_forward_cpu(model.encoder, x, valid) - encoder_reference(model.encoder, x, valid))[valid]
+        res["encoder"]["cpu_path"]["max_abs_diff_valid"] = float(diff.abs().max()) if diff.numel() else 0.0
     return res
 
 
@@ -272,12 +277,13 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         del naive_inputs, probs_naive
         variants = None
         if compare:
-            progress("forward variants: eager vs torch.compile (static, dynamic batch) vs ONNX Runtime")
+            progress("forward variants: eager vs torch.compile vs ONNX Runtime, whole batch and chunked")
             s_all, _, _, _ = ranker.compute(dedup_inputs)
             variants = forward_variants(model, Batch.from_s_all(s_all, dedup_inputs["cand_emb_q"],
                                                                 dedup_inputs["cand_surface"]))
             progress("  " + ", ".join(f"{k} {v['ms_p50']:.0f} ms" if "ms_p50" in v else f"{k}: {v['error']}"
-                                      for k, v in variants.items()))
+                                      for k, v in variants["backends"].items()))
+            progress("  encoder: " + ", ".join(f"{k} {v['ms_p50']:.0f} ms" for k, v in variants["encoder"].items()))
         torch.set_num_threads(prev_threads)
         forward = {
             "threads": threads or prev_threads,

@@ -15,8 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from torch import nn
 
 from transact.data import schema as S
+from transact.model.encoder import make_encoder
 from transact.model.quantization import quantize
 
 #: Kernel parity tests: CPU runs the Triton interpreter, CUDA the compiled kernel.
@@ -46,6 +48,35 @@ def aot_compile_in_subprocess(module: str, builds: list[dict]) -> None:
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def random_encoder(seed: int, **kw) -> nn.TransformerEncoder:
+    """make_encoder() with every parameter random, LayerNorm affine and biases included."""
+    torch.manual_seed(seed)
+    enc = make_encoder(**kw)
+    with torch.no_grad():
+        for layer in enc.layers:
+            for norm in (layer.norm1, layer.norm2):
+                norm.weight.normal_(1.0, 0.3)
+                norm.bias.normal_(0.0, 0.3)
+            for b in (layer.self_attn.in_proj_bias, layer.self_attn.out_proj.bias):
+                b.normal_(0.0, 0.3)
+    return enc.eval()
+
+
+def valid_pattern(rng: np.random.Generator, B: int, S: int, kind: str) -> torch.Tensor:
+    """bool [B, S]: random, segment-style (valid suffix), or mixed with all-0 / all-1 rows."""
+    if kind == "random":
+        v = rng.random((B, S)) < rng.uniform(0.2, 0.9)
+    elif kind == "suffix":
+        n = rng.integers(0, S + 1, B)
+        v = np.arange(S)[None, :] >= (S - n)[:, None]
+    else:  # "mixed": all-invalid, all-valid, then random rows
+        v = rng.random((B, S)) < 0.5
+        v[0] = False
+        if B > 1:
+            v[1] = True
+    return torch.from_numpy(np.ascontiguousarray(v))
 
 
 def make_items(n: int, rng: np.random.Generator) -> pa.Table:

@@ -36,11 +36,12 @@ def full_batch(B=3, seed=0) -> Batch:
 
 
 class Capture:
-    """Records the encoder output U of the model's forward (a forward hook)."""
+    """Records the encoder output U of the model's forward (a hook on the layer after the
+    encoder: whichever encoder path the dispatcher ran, U is seq_proj's input)."""
 
     def __init__(self, model: TransActModel):
         self.U = None
-        model.encoder.register_forward_hook(lambda m, i, o: setattr(self, "U", o.detach().clone()))
+        model.seq_proj.register_forward_hook(lambda m, i, o: setattr(self, "U", i[0].detach().clone()))
 
 
 @pytest.mark.parametrize("name", list(BASELINES))

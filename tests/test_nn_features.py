@@ -64,6 +64,30 @@ def test_nn_search_matches_brute_force(seed, n_users, k, dup):
                 sorted(score[n, : len(exp)].tolist()), sorted(s for _, s in exp), atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_users=st.integers(1, 4), k=st.integers(1, 9), dup=st.booleans())
+def test_int8_dot_path_equals_the_float_path(seed, n_users, k, dup):
+    """Candidates given as int8 codes take the int8 GEMM: indices and scores are bit-equal
+    to the fp32 product's (int8 dots are exact either way), ties included."""
+    from unittest import mock
+
+    import transact.model.nn_features as nf
+
+    rng = np.random.default_rng(seed)
+    seq = random_jagged(rng, rng.integers(0, 40, n_users), dup)
+    ncand = rng.integers(0, 5, n_users)
+    cand = torch.from_numpy(rng.integers(-128, 128, (int(ncand.sum()), 32)).astype(np.float32))
+    if dup and len(cand) and seq.emb_q.shape[0]:
+        cand[0] = seq.emb_q[0].float()  # exact match with tied tokens
+    cand_off = torch.from_numpy(np.concatenate([[0], np.cumsum(ncand)]).astype(np.int64))
+    assert nf._is_int8_valued(cand) and nf._int8_dots_available(seq.emb_q)
+    idx, score = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
+    with mock.patch.object(nf, "_int8_dots_available", lambda *_: False):
+        idx_f, score_f = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
+    assert torch.equal(idx, idx_f) and torch.equal(score, score_f)
+    assert not nf._is_int8_valued(torch.full((1, 32), 0.5)) and not nf._is_int8_valued(torch.full((1, 32), 128.0))
+
+
 def test_ties_prefer_the_most_recent_token():
     q = torch.full((5, 32), 10, dtype=torch.int8)  # five identical tokens
     idx, _ = nn_search(q, torch.tensor([0, 5]), torch.ones(1, 32), torch.tensor([0, 1]), 3)

@@ -1,0 +1,125 @@
+"""The encoder's CPU inference path (kernels/pytorch/encoder_cpu.py) against the stock
+module, and the dispatcher's choice between them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import random_encoder, valid_pattern
+from transact.kernels import dispatch
+from transact.kernels.pytorch import encoder_cpu
+from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
+from transact.model.config import FeatureConfig
+from transact.model.encoder import encoder_reference, make_encoder
+from transact.model.transact import Batch, build_model
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 6), S=st.integers(1, 40), heads=st.sampled_from([1, 2, 4]),
+       kind=st.sampled_from(["random", "suffix", "mixed"]), query_block=st.sampled_from([1, 3, 8, 32, 1000]))
+def test_valid_positions_match_the_stock_encoder(seed, B, S, heads, kind, query_block):
+    """Fresh random weights and inputs, padding patterns with empty and full rows, query
+    blocks from 1 to more than S: every valid position equals the stock module's; padded
+    positions are finite."""
+    rng = np.random.default_rng(seed)
+    enc = random_encoder(seed % 1000, n_heads=heads)
+    x = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32))
+    valid = valid_pattern(rng, B, S, kind)
+    with torch.inference_mode():
+        out = encoder_forward_cpu(enc, x, valid, query_block=query_block)  # [B, S, 64]
+        ref = encoder_reference(enc, x, valid)  # [B, S, 64]
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out[valid], ref[valid], rtol=0, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_padded_keys_get_exactly_zero_weight():
+    """A valid query's output does not depend on padded tokens' values at all (the -1e9 key
+    mask underflows to weight 0), however large those values are."""
+    rng = np.random.default_rng(3)
+    enc = random_encoder(3)
+    x = torch.from_numpy(rng.normal(size=(3, 17, 64)).astype(np.float32))
+    valid = valid_pattern(rng, 3, 17, "random")
+    x2 = x.clone()
+    x2[~valid] = torch.from_numpy(rng.normal(size=(int((~valid).sum()), 64)).astype(np.float32)) * 1e3
+    with torch.inference_mode():
+        a, b = encoder_forward_cpu(enc, x, valid), encoder_forward_cpu(enc, x2, valid)
+    assert torch.equal(a[valid], b[valid])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_are_finite_and_close(dtype):
+    """fp16 cannot hold -1e9 (the mask is clipped to its range): no NaN on empty rows."""
+    rng = np.random.default_rng(5)
+    enc = random_encoder(5).to(dtype)
+    x = torch.from_numpy(rng.normal(size=(4, 9, 64))).to(dtype)
+    valid = valid_pattern(rng, 4, 9, "mixed")
+    with torch.inference_mode():
+        out, ref = encoder_forward_cpu(enc, x, valid), encoder_reference(enc, x, valid)
+    assert torch.isfinite(out).all()
+    tol = {torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(out[valid], ref[valid], rtol=0, atol=tol)
+
+
+def test_empty_batch_and_bad_block():
+    enc = random_encoder(0)
+    with torch.inference_mode():
+        assert encoder_forward_cpu(enc, torch.randn(0, 5, 64), torch.zeros(0, 5, dtype=torch.bool)).shape == (0, 5, 64)
+        with pytest.raises(ValueError, match="query_block"):
+            encoder_forward_cpu(enc, torch.randn(1, 5, 64), torch.ones(1, 5, dtype=torch.bool), query_block=0)
+
+
+def test_unsupported_encoders_are_named():
+    assert "training" in unsupported_reason(make_encoder())
+    enc = make_encoder().eval()
+    enc.layers[0].norm_first = True
+    assert "pre-LN" in unsupported_reason(enc)
+    enc = make_encoder().eval()
+    enc.norm = torch.nn.LayerNorm(64)
+    assert "final norm" in unsupported_reason(enc)
+    assert unsupported_reason(make_encoder(n_heads=2).eval()) is None
+
+
+def test_dispatcher_sends_inference_here_and_training_to_the_stock_module(monkeypatch):
+    calls = []
+    real = encoder_cpu.encoder_forward_cpu
+    monkeypatch.setattr(encoder_cpu, "encoder_forward_cpu", lambda *a: calls.append(1) or real(*a))
+    enc = random_encoder(2)
+    x, valid = torch.randn(2, 8, 64), torch.rand(2, 8) < 0.7
+    with torch.inference_mode():
+        dispatch.encoder_forward(enc, x, valid)
+    assert calls == [1]
+    enc.train()  # dropout 0: the same function, but autograd must go through the stock module
+    out = dispatch.encoder_forward(enc, x.requires_grad_(), valid)
+    assert calls == [1] and out.requires_grad
+    enc.eval()
+    with torch.no_grad():  # an unsupported encoder falls back to the reference
+        enc.norm = torch.nn.LayerNorm(64)
+        dispatch.encoder_forward(enc, x, valid)
+    assert calls == [1]
+
+
+def test_model_logits_match_the_stock_encoder(monkeypatch):
+    """The whole model in eval: logits with the CPU path equal those with the stock encoder
+    (rows with short and empty segments included)."""
+    fcfg = FeatureConfig(ll_cap=64, rt_cap=20, imp_cap=10, k_ll=8, k_rt=4, r=4, k_imp=4)
+    torch.manual_seed(0)
+    m = build_model("v2", fcfg).eval()
+    B, S = 7, fcfg.seq_len
+    g = torch.Generator().manual_seed(1)
+    seg_len = torch.randint(0, 5, (B, 4), generator=g).to(torch.int16)
+    seg_len[0] = 0  # cold start
+    b = Batch(emb_q=torch.randint(-127, 128, (B, S, 32), generator=g, dtype=torch.int8),
+              action=torch.randint(1, 16, (B, S), generator=g).to(torch.uint8),
+              tok_surface=torch.zeros(B, S, dtype=torch.int8), age_s=torch.ones(B, S, dtype=torch.int32),
+              seg_len=seg_len, cand_emb_q=torch.randint(-127, 128, (B, 32), generator=g, dtype=torch.int8),
+              surface=torch.zeros(B, dtype=torch.long))
+    with torch.inference_mode():
+        fast = m(b)
+        monkeypatch.setattr(encoder_cpu, "unsupported_reason", lambda enc: "forced reference")
+        ref = m(b)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=0, atol=1e-6)
+    valid = fast.nal_query_valid
+    torch.testing.assert_close(fast.nal_user[valid], ref.nal_user[valid], rtol=0, atol=1e-6)
