@@ -26,14 +26,14 @@ class AtomicParquetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, compression: str = "zstd",
-                 row_group_size: int = 65_536) -> None:
+                 row_group_size: int = 65_536, use_dictionary: bool | list[str] = True) -> None:
         self.path = Path(path)
         self.schema = schema
         self.row_group_size = row_group_size
         self.rows = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression=compression)
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression=compression, use_dictionary=use_dictionary)
 
     def write(self, data: pa.Table | pa.RecordBatch | dict) -> None:
         if isinstance(data, dict):

@@ -7,14 +7,16 @@ One run, on one machine, in this order:
    request time; a random-weight TransAct V2 model (latency does not depend on the
    weights) packaged into a private BentoML home;
 2. the model's own forward time for the request's batch, in this process, with the
-   server's thread setting: S_all (NN search over the de-duplicated sequences) + encoder
-   + heads, timed separately -- the floor the service latency is compared with;
-   plus a check that the naive (broadcast) assembly gives the same probabilities;
+   server's thread setting and CPU backend: S_all (NN search over the de-duplicated
+   sequences) + encoder + heads, timed separately -- the floor the service latency is
+   compared with (timed before the load and again in every load round); plus a check
+   that the naive (broadcast) assembly gives the same probabilities, and the CPU forward
+   variants (:func:`forward_variants`);
 3. host-to-device bytes per request of both assemblies (the staged input tensors;
    on CPU nothing is copied, the bytes are what a GPU server would transfer);
-4. for the de-duplicated and then the naive assembly: a real server over loopback
-   (``bentoml.serve``, served-row logging on), warmed up, then a closed-loop load
-   generator with ``concurrency`` clients for ``seconds`` (a phase always completes at
+4. a real server over loopback per assembly (``bentoml.serve``, served-row logging on),
+   both warmed up, then a closed-loop load generator with ``concurrency`` clients,
+   ``seconds`` per assembly in ``rounds`` alternating slices (each path completes at
    least ``min_requests``), recording each request's latency.
 
 The JSON (``bench/results/serving-<device>.json``) holds the machine, the load average
@@ -22,6 +24,7 @@ before and after (other processes share the cores), every figure and the targets
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -211,7 +214,7 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
 
 
 def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, candidates: int = 256,
-                      ll: int = 16_384, rt: int = 100, imp: int = 100, concurrency: int = 1,
+                      ll: int = 16_384, rt: int = 100, imp: int = 100, concurrency: int = 1, rounds: int = 6,
                       threads: int | None = 1, min_requests: int = 3, forward_reps: int = 10,
                       log_rows: bool = True, workdir: str | Path | None = None, seed: int = 0,
                       cpu_forward: str = "compile", compare: bool = True, progress=print) -> dict:
@@ -230,6 +233,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     from transact.serving.ranker import Ranker, assemble
     from transact.serving.settings import ServeSettings
 
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     load_before = _load()
     tmp = tempfile.TemporaryDirectory(prefix="transact-bench-serving-") if workdir is None else None
     root = Path(workdir or tmp.name)
@@ -266,7 +271,6 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             if i >= 2:
                 nn_t.append(nn_s)
                 fw_t.append(fw_s)
-        total_t = [a + b for a, b in zip(nn_t, fw_t)]
         progress("naive assembly check (same S_all and probabilities)")
         t = time.perf_counter()
         naive_inputs = assemble(*args, naive=True)
@@ -284,10 +288,73 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             progress("  " + ", ".join(f"{k} {v['ms_p50']:.0f} ms" if "ms_p50" in v else f"{k}: {v['error']}"
                                       for k, v in variants["backends"].items()))
             progress("  encoder: " + ", ".join(f"{k} {v['ms_p50']:.0f} ms" for k, v in variants["encoder"].items()))
+        # --- the served paths over loopback --------------------------------------------------------
+        # Both servers run side by side and the load alternates between them in ``rounds``
+        # slices: slow drifts of the machine (other tenants, frequency) hit both paths alike,
+        # which one phase after the other did not guarantee.
+        phases = {}
+        headers = {"content-type": "application/json"}
+        runs = {a: {"latencies_s": [], "errors": [], "wall_s": 0.0} for a in ("dedup", "naive")}
+        with bentoml_home(root / "bentoml"):
+            tag = package_model(root / "model")["tag"]
+            with contextlib.ExitStack() as servers:
+                urls = {}
+                for assembly in runs:
+                    settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
+                                             threads=threads, cpu_forward=cpu_forward,
+                                             log_dir=str(root / f"served-{assembly}") if log_rows else None,
+                                             request_timeout_s=600, max_batch_candidates=max(candidates, 1024))
+                    progress(f"{assembly}: starting the service")
+                    url = urls[assembly] = servers.enter_context(
+                        running_server(settings, bentoml_home=str(root / "bentoml")))
+                    for _ in range(2):  # warm-up
+                        httpx.post(f"{url}/rank", content=body, timeout=600).raise_for_status()
+                slice_s, per_slice = seconds / rounds, -(-min_requests // rounds)
+                for i in range(rounds):
+                    for assembly, url in urls.items():
+                        res = _load_phase(url, body, slice_s, concurrency, per_slice, headers)
+                        run = runs[assembly]
+                        run["latencies_s"] += res["latencies_s"]
+                        run["errors"] += res["errors"]
+                        run["wall_s"] += res["wall_s"]
+                    for _ in range(max(1, forward_reps // rounds)):  # the floor, in the same conditions
+                        _, _, nn_s, fw_s = ranker.compute(dedup_inputs)
+                        nn_t.append(nn_s)
+                        fw_t.append(fw_s)
+                    progress(f"  round {i + 1}/{rounds}: " + ", ".join(
+                        f"{a} {len(r['latencies_s'])} requests" for a, r in runs.items()))
+                metrics = {a: httpx.get(f"{url}/metrics").text for a, url in urls.items()}
+        # the servers are stopped: their logs are flushed
+        for assembly, res in runs.items():
+            lat, m = res["latencies_s"], metrics[assembly]
+            n_ok = len(lat)
+            phases[assembly] = {
+                "requests": n_ok,
+                "errors": len(res["errors"]),
+                "error_examples": res["errors"][:3],
+                "wall_s": res["wall_s"],
+                "latency_ms_p50": 1e3 * _pct(lat, 50),
+                "latency_ms_p99": 1e3 * _pct(lat, 99),
+                "latency_ms_max": 1e3 * max(lat) if lat else float("nan"),
+                "requests_per_s": n_ok / res["wall_s"],
+                "candidates_per_s": n_ok * candidates / res["wall_s"],
+                "h2d_bytes_per_request": h2d[assembly],
+                "server_stage_ms_mean": {
+                    st: 1e3 * _metric(m, f'transact_stage_seconds_sum{{stage="{st}"}}')
+                    / max(_metric(m, f'transact_stage_seconds_count{{stage="{st}"}}'), 1)
+                    for st in ("fetch", "assemble", "nn", "forward", "post", "total")},
+                # rows on disk after the shutdown flush (warm-up requests included)
+                "logged_rows": _rows_on_disk(root / f"served-{assembly}") if log_rows else 0,
+                "dropped_log_rows": _metric(m, "transact_log_dropped_rows_total"),
+            }
+            progress(f"  {assembly}: {n_ok} requests, p50 {phases[assembly]['latency_ms_p50']:.0f} ms, "
+                     f"p99 {phases[assembly]['latency_ms_p99']:.0f} ms, "
+                     f"{phases[assembly]['candidates_per_s']:.0f} candidates/s")
         torch.set_num_threads(prev_threads)
+        total_t = [a + b for a, b in zip(nn_t, fw_t)]
         forward = {
             "threads": threads or prev_threads,
-            "reps": forward_reps,
+            "reps": len(total_t),
             "model_forward_ms_p50": 1e3 * _pct(total_t, 50),
             "model_forward_ms_mean": 1e3 * statistics.mean(total_t),
             "model_forward_ms_min": 1e3 * min(total_t),
@@ -302,48 +369,6 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         progress(f"  forward p50 {forward['model_forward_ms_p50']:.0f} ms (NN {forward['nn_search_ms_p50']:.0f} + "
                  f"encoder/heads {forward['encoder_heads_ms_p50']:.0f}); naive once "
                  f"{assemble_naive_s * 1e3 + (nn_naive_s + fw_naive_s) * 1e3:.0f} ms")
-
-        # --- the served paths over loopback --------------------------------------------------------
-        phases = {}
-        with bentoml_home(root / "bentoml"):
-            tag = package_model(root / "model")["tag"]
-            for assembly in ("dedup", "naive"):
-                log_dir = root / f"served-{assembly}"
-                settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
-                                         threads=threads, cpu_forward=cpu_forward, log_dir=str(log_dir) if log_rows else None,
-                                         request_timeout_s=600, max_batch_candidates=max(candidates, 1024))
-                progress(f"{assembly}: starting the service")
-                with running_server(settings, bentoml_home=str(root / "bentoml")) as url:
-                    for _ in range(2):  # warm-up
-                        r = httpx.post(f"{url}/rank", content=body, timeout=600)
-                        r.raise_for_status()
-                    progress(f"{assembly}: load for {seconds:g} s, concurrency {concurrency}")
-                    res = _load_phase(url, body, seconds, concurrency, min_requests, {"content-type": "application/json"})
-                    metrics = httpx.get(f"{url}/metrics").text
-                lat = res["latencies_s"]
-                n_ok = len(lat)
-                phases[assembly] = {
-                    "requests": n_ok,
-                    "errors": len(res["errors"]),
-                    "error_examples": res["errors"][:3],
-                    "wall_s": res["wall_s"],
-                    "latency_ms_p50": 1e3 * _pct(lat, 50),
-                    "latency_ms_p99": 1e3 * _pct(lat, 99),
-                    "latency_ms_max": 1e3 * max(lat) if lat else float("nan"),
-                    "requests_per_s": n_ok / res["wall_s"],
-                    "candidates_per_s": n_ok * candidates / res["wall_s"],
-                    "h2d_bytes_per_request": h2d[assembly],
-                    "server_stage_ms_mean": {
-                        st: 1e3 * _metric(metrics, f'transact_stage_seconds_sum{{stage="{st}"}}')
-                        / max(_metric(metrics, f'transact_stage_seconds_count{{stage="{st}"}}'), 1)
-                        for st in ("fetch", "assemble", "nn", "forward", "post", "total")},
-                    # rows on disk after the shutdown flush (warm-up requests included)
-                    "logged_rows": _rows_on_disk(log_dir) if log_rows else 0,
-                    "dropped_log_rows": _metric(metrics, "transact_log_dropped_rows_total"),
-                }
-                progress(f"  {assembly}: {n_ok} requests, p50 {phases[assembly]['latency_ms_p50']:.0f} ms, "
-                         f"p99 {phases[assembly]['latency_ms_p99']:.0f} ms, "
-                         f"{phases[assembly]['candidates_per_s']:.0f} candidates/s")
         d, n = phases["dedup"], phases["naive"]
         ratios = {
             "throughput_dedup_over_naive": d["candidates_per_s"] / n["candidates_per_s"] if n["candidates_per_s"] else None,
@@ -356,7 +381,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "load_avg_before": load_before,
             "load_avg_after": _load(),
-            "config": {"candidates": candidates, "ll": ll, "rt": rt, "imp": imp, "seconds_per_phase": seconds,
+            "config": {"candidates": candidates, "ll": ll, "rt": rt, "imp": imp, "seconds_per_phase": seconds, "rounds": rounds,
                        "cpu_forward": cpu_forward,
                        "concurrency": concurrency, "threads": threads, "log_rows": log_rows,
                        "min_requests": min_requests, "feature_config": cfg.to_dict()},

@@ -37,10 +37,11 @@ def service_env(settings: ServeSettings, bentoml_home: str | None = None) -> Ite
                 del os.environ[k]
         os.environ.update(settings.to_env())
         os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-        # OpenMP threads sleep instead of spinning between ops: on shared cores a spinning
-        # thread waiting for a descheduled peer costs far more than a wake-up (measured: a
-        # small forward went from ~10 ms to ~800 ms with busy neighbours).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # OpenMP keeps its default wait policy (spin briefly, then sleep): forcing PASSIVE
+        # made every parallel region pay a wake-up, ~20% of the bench forward on 2 dedicated
+        # cores. On cores shared with other busy processes PASSIVE is the safer choice (a
+        # spinning thread waiting for a descheduled peer): export OMP_WAIT_POLICY=PASSIVE
+        # and the service inherits it.
         if bentoml_home:
             os.environ["BENTOML_HOME"] = str(bentoml_home)
         yield

@@ -88,6 +88,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rt: int = typer.Option(100, help="Realtime sequence length."),
         imp: int = typer.Option(100, help="Impression sequence length."),
         concurrency: int = typer.Option(1, help="Concurrent clients of the load generator."),
+        rounds: int = typer.Option(6, min=1, help="Alternating load slices per path (dedup, naive, dedup, ...)."),
         threads: int = typer.Option(0, help="torch threads of the server and of the forward timing (0: torch default, all cores)."),
         min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
         log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
@@ -101,7 +102,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         out = out or Path("bench/results") / f"serving-{device_slug()}.json"
         r = run_serving_bench(out, seconds=seconds, candidates=candidates, ll=ll, rt=rt, imp=imp,
-                              concurrency=concurrency, threads=threads or None, min_requests=min_requests,
+                              concurrency=concurrency, rounds=rounds, threads=threads or None, min_requests=min_requests,
                               log_rows=log_rows, cpu_forward=cpu_forward, compare=compare,
                               progress=typer.echo)
         d, n, f, q = r["dedup"], r["naive"], r["model_forward"], r["ratios"]
