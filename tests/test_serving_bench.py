@@ -20,6 +20,7 @@ def test_serving_bench_small(tmp_path):
         p = r[path]
         assert p["requests"] >= 2 and p["errors"] == 0 and p["dropped_log_rows"] == 0
         assert p["logged_rows"] >= 16 * p["requests"]
+        assert p["server_batches"] == p["requests"] + 2  # its own server's metrics (+2 warm-up)
     assert r["naive"]["h2d_bytes_per_request"] > 10 * r["dedup"]["h2d_bytes_per_request"]
     assert set(r["targets"]) and "cpu_count" in r["machine"]
     v = r["model_forward"]["variants"]
