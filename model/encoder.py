@@ -19,6 +19,7 @@ Attention mask, for query position i and key position j of one example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,6 +30,21 @@ def make_encoder(d_model: int = 64, n_heads: int = 1, ffn_dim: int = 32, n_layer
         activation="relu", batch_first=True, norm_first=False,
     )
     return nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False)
+
+
+def stock_layer_issue(layer: nn.TransformerEncoderLayer) -> str | None:
+    """How ``layer`` differs from the layer :func:`make_encoder` builds (packed, batch-first
+    Q/K/V without extra biases, post-LN, ReLU), or None: what the fused kernels assume."""
+    attn = layer.self_attn
+    if not attn._qkv_same_embed_dim or not attn.batch_first:
+        return "separate q/k/v dims or batch_first=False"
+    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+        return "add_bias_kv / add_zero_attn"
+    if layer.norm_first:
+        return "pre-LN (norm_first=True)"
+    if not (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU)):
+        return "activation is not ReLU"
+    return None
 
 
 def attention_mask(valid: torch.Tensor) -> torch.Tensor:

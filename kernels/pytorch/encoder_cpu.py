@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transact.model.encoder import stock_layer_issue
+
 #: additive mask of a padded key: finite (no NaN on a query without valid keys), and far
 #: below any attention score, so that exp underflows to exactly 0 (see the module docstring)
 PAD_SCORE: float = -1e9
@@ -54,15 +56,8 @@ def unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
     if encoder.training:
         return "training mode"
     for i, layer in enumerate(encoder.layers):
-        attn = layer.self_attn
-        if not attn._qkv_same_embed_dim or not attn.batch_first:
-            return f"layer {i}: separate q/k/v dims or batch_first=False"
-        if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
-            return f"layer {i}: add_bias_kv / add_zero_attn"
-        if layer.norm_first:
-            return f"layer {i}: pre-LN (norm_first=True)"
-        if not (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU)):
-            return f"layer {i}: activation is not ReLU"
+        if (issue := stock_layer_issue(layer)) is not None:
+            return f"layer {i}: {issue}"
     if encoder.norm is not None:
         return "a final norm"
     return None

@@ -64,7 +64,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from torch.nn import functional as F
+
+from transact.model.encoder import stock_layer_issue
 
 DEFAULT_BLOCK = 64
 
@@ -222,14 +223,8 @@ def unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
         d = attn.embed_dim
         if attn.num_heads != 1:
             return f"layer {i}: {attn.num_heads} heads (SKUT folds single-head attention)"
-        if not attn._qkv_same_embed_dim or not attn.batch_first:
-            return f"layer {i}: separate q/k/v dims or batch_first=False"
-        if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
-            return f"layer {i}: add_bias_kv / add_zero_attn"
-        if layer.norm_first:
-            return f"layer {i}: pre-LN (norm_first=True)"
-        if not (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU)):
-            return f"layer {i}: activation is not ReLU"
+        if (issue := stock_layer_issue(layer)) is not None:
+            return f"layer {i}: {issue}"
         ffn = layer.linear1.out_features
         for name, v in (("d_model", d), ("dim_feedforward", ffn)):
             if v < 16 or v > 256 or v & (v - 1):
