@@ -7,7 +7,7 @@ One run, on one machine, in this order:
    request time; a random-weight TransAct V2 model (latency does not depend on the
    weights) packaged into a private BentoML home;
 2. the model's own forward time for the request's batch, in this process, with the
-   server's thread setting and CPU backend: S_all (NN search over the de-duplicated
+   server's thread setting, CPU backend and heap settings (:mod:`transact.serving.malloc`): S_all (NN search over the de-duplicated
    sequences) + encoder + heads, timed separately -- the floor the service latency is
    compared with (timed before the load and again in every load round); plus a check
    that the naive (broadcast) assembly gives the same probabilities, and the CPU forward
@@ -230,6 +230,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     from transact.model.transact import Batch, build_model
     from transact.serving.device import StagingArena
     from transact.serving.launch import running_server
+    from transact.serving.malloc import tune_malloc
     from transact.serving.packaging import bentoml_home, package_model
     from transact.serving.ranker import Ranker, assemble
     from transact.serving.settings import ServeSettings
@@ -251,7 +252,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         body = json.dumps({"user_id": int(user), "item_ids": [int(i) for i in items], "request_ts": int(t_req),
                            "request_id": 1}).encode()
 
-        # --- the model's own forward time, in this process, same thread setting ---------------
+        # --- the model's own forward time, in this process, same thread and heap settings -------
+        malloc_tuned = tune_malloc()
         prev_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -363,6 +365,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         total_t = [a + b for a, b in zip(nn_t, fw_t)]
         forward = {
             "threads": threads or prev_threads,
+            "malloc_tuned": malloc_tuned,
             "reps": len(total_t),
             "model_forward_ms_p50": 1e3 * _pct(total_t, 50),
             "model_forward_ms_mean": 1e3 * statistics.mean(total_t),

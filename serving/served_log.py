@@ -23,6 +23,7 @@ queued before it returns; the service calls it on shutdown.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from transact.model.nn_features import SAll, nn_rows_schema, s_all_to_arrow
 
 log = logging.getLogger("transact.serving")
 
-#: nice value of the writer thread (see :func:`_lower_thread_priority`)
+#: nice value of the writer thread when it has to catch up (see :class:`WriterPriority`)
 WRITER_NICE = 10
 
 META_COLUMNS = ("request_id", "user_id", "item_id", "ts", "surface", "position")
@@ -139,6 +140,7 @@ class ServedLogWriter:
         self.files: list[Path] = []
         self._seq = 0
         self._closed = False
+        self.priority: WriterPriority | None = None  # set by the writer thread, on itself
         self._thread = threading.Thread(target=self._run, name="served-log-writer", daemon=True)
         self._thread.start()
 
@@ -184,7 +186,7 @@ class ServedLogWriter:
     # --- writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        _lower_thread_priority(WRITER_NICE)
+        self.priority = WriterPriority(self.max_queue_rows)
         buf: list[pa.Table] = []
         rows = 0
         deadline = None
@@ -194,6 +196,7 @@ class ServedLogWriter:
                 item = self._q.get(timeout=timeout)
             except queue.Empty:
                 item = "tick"
+            self.priority.update(self._pending)
             if isinstance(item, LogRecord):
                 n = len(item)
                 try:
@@ -243,18 +246,50 @@ class ServedLogWriter:
             self._on_dropped(n)
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Lowers the calling thread's scheduling priority (Linux: threads have their own nice).
+class WriterPriority:
+    """The writer thread's CPU priority: idle while it keeps up, nice 10 when it falls behind.
 
-    A flush encodes thousands of rows (zstd, ~0.1 s of CPU); at normal priority it takes a
-    core from the model thread's forward and shows up in the latency tail. At nice 10 the
-    scheduler gives it ~10% of a contended core -- several times what the writer needs at
-    full load -- and the idle time between batches otherwise.
+    On 2 cores the model's forward runs one OpenMP thread per core, and its parallel regions
+    end in barriers: whenever another thread takes one core, the forward stops on both.
+    A flush encodes thousands of rows (zstd, ~0.1 s of CPU); even at nice 10 that showed up
+    as a +20-40% slower forward for the ~0.5 s it took (the bench's p99). Linux's
+    ``SCHED_IDLE`` runs the writer only on a core nothing else wants -- the gaps between
+    batches and the forward's serial stretches -- which under the bench's load still wrote
+    every row. Should the queue fill past half its bound anyway (a saturated CPU never
+    idles), the thread returns to the normal policy at nice 10 until it is down to a
+    quarter, so rows are not dropped to spare latency. Where a policy cannot be set (not
+    Linux, not permitted), the thread keeps what it has and says so once.
     """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as e:  # not Linux, or not allowed: run at normal priority
-        log.debug("served log: thread priority unchanged (%s)", e)
+
+    def __init__(self, max_queue_rows: int) -> None:
+        self.high, self.low = max_queue_rows // 2, max_queue_rows // 4
+        self.tid = threading.get_native_id()
+        self.idle = False
+        self.switching = True  # False once the OS refused: the thread keeps what it has
+        if not self._set(idle=True):
+            with contextlib.suppress(AttributeError, OSError):  # no SCHED_IDLE: at least nice 10
+                os.setpriority(os.PRIO_PROCESS, self.tid, WRITER_NICE)
+
+    def update(self, pending_rows: int) -> None:
+        """Switches policy on the queue's fill (hysteresis between a quarter and a half)."""
+        if self.switching and self.idle and pending_rows > self.high:
+            self._set(idle=False)
+        elif self.switching and not self.idle and pending_rows < self.low:
+            self._set(idle=True)
+
+    def _set(self, idle: bool) -> bool:
+        try:
+            if idle:
+                os.sched_setscheduler(self.tid, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.sched_setscheduler(self.tid, os.SCHED_OTHER, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, self.tid, WRITER_NICE)  # Linux: a thread's own nice
+        except (AttributeError, OSError) as e:
+            log.info("served log: writer thread priority left as it is (%s)", e)
+            self.switching = False
+            return False
+        self.idle = idle
+        return True
 
 
 def read_served_log(path: str | Path) -> pa.Table:

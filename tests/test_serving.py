@@ -3,6 +3,10 @@ micro-batching, the staging arena, the error format, settings and packaging."""
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,7 +28,8 @@ from transact.model.transact import Batch, build_model
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
 from transact.serving.device import StagingArena
 from transact.serving.ranker import RankQuery, Ranker, RequestError, assemble, default_weights
-from transact.serving.served_log import ServedLogWriter, attach_labels, read_served_log, served_log_schema
+from transact.serving.served_log import (WRITER_NICE, ServedLogWriter, WriterPriority, attach_labels,
+                                         read_served_log, served_log_schema)
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 
@@ -276,6 +281,32 @@ def test_log_flushes_by_time_and_survives_a_write_error(world, tmp_path):
     assert writer.written_rows == 6 and writer.pending_rows == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_log_writer_runs_idle_and_catches_up_at_normal_policy_when_behind(world, tmp_path):
+    writer = ServedLogWriter(tmp_path / "log", CFG, world["model"].cfg.heads, max_queue_rows=100)
+    writer.flush()  # the thread has started and set its priority
+    assert writer.priority.idle and os.sched_getscheduler(writer.priority.tid) == os.SCHED_IDLE
+    writer.close()
+
+    policies = []
+
+    def in_a_thread():
+        p = WriterPriority(max_queue_rows=100)
+        for pending in (10, 51, 40, 26, 24):  # above a half: catch up; below a quarter: idle again
+            p.update(pending)
+            policies.append((p.idle, p.switching, os.sched_getscheduler(p.tid), os.getpriority(os.PRIO_PROCESS, p.tid)))
+
+    th = threading.Thread(target=in_a_thread)
+    th.start()
+    th.join()
+    assert policies[0][:3] == (True, True, os.SCHED_IDLE)
+    if policies[1][1]:  # the OS let the thread leave SCHED_IDLE (root, or RLIMIT_NICE allows it)
+        assert [p[0] for p in policies] == [True, False, False, False, True]
+        assert policies[1][2:] == (os.SCHED_OTHER, WRITER_NICE) and policies[4][2] == os.SCHED_IDLE
+    else:  # refused: the thread stays idle and stops trying
+        assert all(p[:3] == (True, False, os.SCHED_IDLE) for p in policies[1:])
+
+
 # --- micro-batching -------------------------------------------------------------------------------
 
 def test_micro_batcher_groups_waiting_requests_and_isolates_errors():
@@ -347,6 +378,44 @@ def test_micro_batcher_waits_to_grow_a_batch_when_asked():
     assert [f.result(5) for f in futs] == [0, 1, 2, 3]
     assert sizes == [4]
     b.close()
+
+
+def test_micro_batcher_sets_up_and_processes_on_one_thread():
+    threads = []
+
+    def setup():
+        threads.append(threading.get_ident())
+
+    def process(items):
+        threads.append(threading.get_ident())
+        return items
+
+    b = MicroBatcher(process, max_batch_size=4, setup=setup)
+    assert len(threads) == 1  # the constructor returned after the setup
+    assert b.call("x", 1, 5) == "x"
+    assert threads[0] == threads[1] != threading.get_ident()
+    b.close()
+
+
+def test_micro_batcher_raises_the_setup_error_in_the_constructor():
+    def setup():
+        raise FileNotFoundError("no model here")
+
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        MicroBatcher(lambda items: items, max_batch_size=4, setup=setup)
+    with pytest.raises(TimeoutError, match="setup"):
+        MicroBatcher(lambda items: items, max_batch_size=4, setup=lambda: time.sleep(1), setup_timeout_s=0.05)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize("tunables, expected", [(None, "True"), ("glibc.malloc.arena_max=2", "False")])
+def test_tune_malloc_applies_unless_the_user_set_glibc_tunables(tunables, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    code = "from transact.serving.malloc import tune_malloc; print(tune_malloc(), tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, expected]
 
 
 # --- staging arena --------------------------------------------------------------------------------
