@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -86,6 +87,18 @@ def test_int8_dot_path_equals_the_float_path(seed, n_users, k, dup):
         idx_f, score_f = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
     assert torch.equal(idx, idx_f) and torch.equal(score, score_f)
     assert not nf._is_int8_valued(torch.full((1, 32), 0.5)) and not nf._is_int8_valued(torch.full((1, 32), 128.0))
+
+
+@pytest.mark.parametrize("int_codes", [True, False])
+def test_zero_vectors_score_plus_zero_never_nan(int_codes):
+    """A zero token or a zero candidate has cosine +0.0 on both dot paths (its norm is
+    taken as +inf): no NaN, no -0.0, and the tie rule then orders the zeros by recency."""
+    seq = torch.tensor([[3] * 32, [0] * 32, [-3] * 32, [0] * 32], dtype=torch.int8)  # newest first
+    cand = torch.tensor([[0.0] * 32, [-1.0] * 32]) if int_codes else torch.tensor([[-0.0] * 32, [-0.5] * 32])
+    idx, score = nn_search(seq, torch.tensor([0, 4]), cand, torch.tensor([0, 2]), 4)
+    assert not torch.isnan(score).any() and not torch.signbit(score[score == 0]).any()
+    assert idx[0].tolist() == [0, 1, 2, 3] and (score[0] == 0).all()  # all tie at +0: recency order
+    assert idx[1].tolist() == [2, 1, 3, 0] and score[1, 1:3].eq(0).all()  # zeros tie between +-1
 
 
 def test_ties_prefer_the_most_recent_token():
@@ -191,3 +204,26 @@ def test_topk_tie_break_equals_the_full_key(seed, m, L, k, levels):
     scores = torch.from_numpy(x.astype(np.float32)) + 0.0
     exp = torch.topk(_tie_break_key(scores), k, dim=1).indices
     assert torch.equal(topk_tie_break(scores, k), exp)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 5), L=st.integers(1, 200), k=st.integers(1, 30),
+       block=st.integers(1, 9), levels=st.sampled_from([2, 5, 0]))
+def test_topk_by_groups_equals_topk(seed, m, L, k, block, levels):
+    """The grouped top-k (forced at small shapes) gives topk's values, at columns holding
+    them, and the tie-break top-k built on it still equals the full key."""
+    from transact.model import nn_features as nf
+
+    rng = np.random.default_rng(seed)
+    k = min(k, L)
+    x = rng.integers(0, levels, (m, L)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(m, L))
+    scores = torch.from_numpy(x.astype(np.float32)) + 0.0
+    exp = torch.topk(nf._tie_break_key(scores), k, dim=1).indices
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nf, "TOPK_BLOCK", block)
+        mp.setattr(nf, "TOPK_BLOCKS_PER_VALUE", 1)  # grouped whenever L >= k x block
+        vals, cols = nf._topk_by_blocks(scores, k)
+        fast = nf.topk_tie_break(scores, k)
+    assert torch.equal(vals, torch.topk(scores, k, dim=1).values)
+    assert torch.equal(torch.gather(scores, 1, cols), vals) and (cols.sort(1).values.diff(dim=1) > 0).all()
+    assert torch.equal(fast, exp)
