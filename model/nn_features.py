@@ -77,13 +77,12 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
         if n == 0 or c1 == c0:
             continue
         s0 = seq_lo[u]
-        # cosine = dot / |s| / |c|, two passes over [M_u, L_u] (the int32 -> float conversion
-        # rides on the first); a zero vector's norm is +inf, so its scores are +0.0.
+        # cosine = dot / |s| / |c|, in place (a zero vector's norm is +inf: its scores are +0.0)
         if int_dots:
-            dots = torch._int_mm(cand[c0:c1], seq_t[:, s0 : s0 + n])  # [M_u, L_u] int32, exact
+            dots = torch._int_mm(cand[c0:c1], seq_t[:, s0 : s0 + n]).float()  # [M_u, L_u], exact
         else:
             dots = cand[c0:c1] @ seq[s0 : s0 + n].T  # [M_u, L_u]
-        sc = torch.div(dots, seq_norm[s0 : s0 + n][None, :]).div_(cand_norm[c0:c1, None])  # [M_u, L_u]
+        sc = dots.div_(seq_norm[s0 : s0 + n][None, :]).div_(cand_norm[c0:c1, None])  # [M_u, L_u]
         if not int_dots:
             sc.add_(0.0)  # float candidates: a -0.0 dot (all-zero token) becomes +0.0
         kk = min(k, n)
@@ -213,7 +212,10 @@ class JaggedSequences:
         return torch.arange(self.ts.numel(), device=self.ts.device) - self.offsets[self.token_user()]
 
     def select(self, keep: torch.Tensor) -> "JaggedSequences":
-        """Keeps the tokens where ``keep`` (bool [T]) is True; order is preserved."""
+        """Keeps the tokens where ``keep`` (bool [T]) is True; order is preserved (``self``,
+        not a copy, when every token is kept)."""
+        if bool(keep.all()):
+            return self
         user = self.token_user()[keep]
         counts = torch.bincount(user, minlength=self.num_users)  # [U]
         offsets = torch.zeros(self.num_users + 1, dtype=torch.int64, device=self.offsets.device)
