@@ -383,6 +383,10 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             "encoder_heads_ms_p50": 1e3 * _pct(fw_t, 50),
             "naive_once": {"assemble_ms": 1e3 * assemble_naive_s, "nn_search_ms": 1e3 * nn_naive_s,
                            "encoder_heads_ms": 1e3 * fw_naive_s},
+            # every sample, in order: ``forward_reps`` before the load, then the ones taken
+            # after each load round
+            "samples_ms": {"nn_search": [round(1e3 * x, 1) for x in nn_t],
+                           "encoder_heads": [round(1e3 * x, 1) for x in fw_t]},
             "naive_equals_dedup": same,
             "tokens": n_tok,
             "variants": variants,
@@ -395,6 +399,10 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             "throughput_dedup_over_naive": d["candidates_per_s"] / n["candidates_per_s"] if n["candidates_per_s"] else None,
             "h2d_bytes_naive_over_dedup": h2d["naive"] / h2d["dedup"],
             "dedup_p99_over_model_forward": d["latency_ms_p99"] / forward["model_forward_ms_p50"],
+            # cross-check, not the target: the same p99 over the server's own NN + forward
+            # stage means (its forward timed inside the service process)
+            "dedup_p99_over_server_nn_forward": d["latency_ms_p99"] / (
+                d["server_stage_ms_mean"]["nn"] + d["server_stage_ms_mean"]["forward"]),
         }
         result = {
             "benchmark": "serving",
