@@ -23,6 +23,11 @@ def test_serving_bench_small(tmp_path):
         assert p["server_batches"] == p["requests"] + 2  # its own server's metrics (+2 warm-up)
     assert r["naive"]["h2d_bytes_per_request"] > 10 * r["dedup"]["h2d_bytes_per_request"]
     assert set(r["targets"]) and "cpu_count" in r["machine"]
+    f, q = r["model_forward"], r["ratios"]
+    # the floor: 2 reps before the load, then 2 after each of the 6 rounds, all kept
+    assert len(f["samples_ms"]["nn_search"]) == len(f["samples_ms"]["encoder_heads"]) == f["reps"] == 2 + 6 * 2
+    assert f["model_forward_ms_min"] <= f["model_forward_ms_p50"] <= f["model_forward_ms_p99"]
+    assert q["dedup_p99_over_model_forward_p99"] == pytest.approx(r["dedup"]["latency_ms_p99"] / f["model_forward_ms_p99"])
     v = r["model_forward"]["variants"]
     backends = v["backends"]
     assert {"eager", "eager_chunked", "compile", "compile_chunked"} <= set(backends)
