@@ -283,10 +283,25 @@ def test_log_flushes_by_time_and_survives_a_write_error(world, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_log_writer_runs_idle_and_catches_up_at_normal_policy_when_behind(world, tmp_path):
-    writer = ServedLogWriter(tmp_path / "log", CFG, world["model"].cfg.heads, max_queue_rows=100)
+    rec = _record(world["model"], world["store"])  # 3 rows
+    writer = ServedLogWriter(tmp_path / "log", CFG, world["model"].cfg.heads, max_queue_rows=16, flush_rows=3,
+                             flush_s=60)
     writer.flush()  # the thread has started and set its priority
-    assert writer.priority.idle and os.sched_getscheduler(writer.priority.tid) == os.SCHED_IDLE
+    prio = writer.priority
+    assert prio.idle and os.sched_getscheduler(prio.tid) == os.SCHED_IDLE
+    gate, real = threading.Event(), writer._write
+    writer._write = lambda tables, rows: (gate.wait(10), real(tables, rows))  # a writer that falls behind
+    for _ in range(3):
+        writer.submit(rec)  # 3, 6, 9 rows pending: past half of 16, raised by the submitting thread
+    assert prio.idle is not prio.switching  # raised, or (not permitted) left idle and no more tries
+    if prio.switching:
+        assert os.sched_getscheduler(prio.tid) == os.SCHED_OTHER
+    gate.set()
+    writer.flush()
+    writer.submit(rec)  # 3 pending: below a quarter, idle again
+    assert prio.idle and os.sched_getscheduler(prio.tid) == os.SCHED_IDLE
     writer.close()
+    assert writer.written_rows == 12 and writer.dropped_rows == 0
 
     policies = []
 
