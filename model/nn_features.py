@@ -122,24 +122,24 @@ def topk_tie_break(scores: torch.Tensor, k: int) -> torch.Tensor:
     L = scores.shape[1]
     if k == 0:
         return torch.empty(scores.shape[0], 0, dtype=torch.int64, device=scores.device)
-    vals, top = _topk_by_blocks(scores, min(k + 1, L))  # [M, k(+1)] desc, any order among ties
+    vals, top = _topk_by_groups(scores, min(k + 1, L))  # [M, k(+1)] desc, any order among ties
     order = torch.argsort(_tie_break_key(vals[:, :k], top[:, :k]), dim=1, descending=True)  # [M, k]
     out = torch.gather(top[:, :k], 1, order)  # [M, k] (score desc, index asc)
     if k < L:
         straddle = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()  # a tie at the cut
         if straddle.numel():
-            out[straddle] = _topk_by_blocks(_tie_break_key(scores[straddle]), k)[1]  # unique keys: exact order
+            out[straddle] = _topk_by_groups(_tie_break_key(scores[straddle]), k)[1]  # unique keys: exact order
     return out
 
 
-#: columns per group of :func:`_topk_by_blocks`, and how many groups per selected value
+#: columns per group of :func:`_topk_by_groups`, and how many groups per selected value
 #: a row needs before the group pass pays (the NN search's top-k over 256 x 16,384 scores,
 #: k = 96, on the 2-core bench machine, same process: 7.5 -> 6.2 ms)
-TOPK_BLOCK = 8
-TOPK_BLOCKS_PER_VALUE = 4
+TOPK_GROUP_SIZE = 8
+TOPK_GROUPS_PER_VALUE = 4
 
 
-def _topk_by_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_by_groups(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=1)`` for long rows: the same k values, best first, and
     columns holding them (any order among equal values, as ``topk``).
 
@@ -151,9 +151,9 @@ def _topk_by_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     and ``topk`` runs over those k x B scores plus the L mod B last columns.
     """
     M, L = scores.shape
-    B = TOPK_BLOCK
+    B = TOPK_GROUP_SIZE
     nb = L // B
-    if nb < TOPK_BLOCKS_PER_VALUE * k:
+    if nb < TOPK_GROUPS_PER_VALUE * k:
         return torch.topk(scores, k, dim=1)
     gmax = scores[:, : nb * B].unflatten(1, (B, nb)).amax(dim=1)  # [M, nb]
     groups = torch.topk(gmax, k, dim=1).indices  # [M, k]

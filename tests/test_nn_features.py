@@ -220,9 +220,9 @@ def test_topk_by_groups_equals_topk(seed, m, L, k, block, levels):
     scores = torch.from_numpy(x.astype(np.float32)) + 0.0
     exp = torch.topk(nf._tie_break_key(scores), k, dim=1).indices
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(nf, "TOPK_BLOCK", block)
-        mp.setattr(nf, "TOPK_BLOCKS_PER_VALUE", 1)  # grouped whenever L >= k x block
-        vals, cols = nf._topk_by_blocks(scores, k)
+        mp.setattr(nf, "TOPK_GROUP_SIZE", block)
+        mp.setattr(nf, "TOPK_GROUPS_PER_VALUE", 1)  # grouped whenever L >= k x block
+        vals, cols = nf._topk_by_groups(scores, k)
         fast = nf.topk_tie_break(scores, k)
     assert torch.equal(vals, torch.topk(scores, k, dim=1).values)
     assert torch.equal(torch.gather(scores, 1, cols), vals) and (cols.sort(1).values.diff(dim=1) > 0).all()
