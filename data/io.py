@@ -23,10 +23,16 @@ class AtomicParquetWriter:
 
     Use as a context manager; on an exception the temporary file is removed and the
     destination is left untouched.
+
+    ``use_dictionary`` defaults to every column except fixed-size binary and fixed-size
+    list ones: those hold per-row blocks (a row's S_all tokens, KBs of packed bytes) that
+    never repeat, and trying a dictionary on them cost ~20% of a write's CPU for nothing.
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, compression: str = "zstd",
-                 row_group_size: int = 65_536, use_dictionary: bool | list[str] = True) -> None:
+                 row_group_size: int = 65_536, use_dictionary: bool | list[str] | None = None) -> None:
+        if use_dictionary is None:
+            use_dictionary = dictionary_columns(schema)
         self.path = Path(path)
         self.schema = schema
         self.row_group_size = row_group_size
@@ -65,6 +71,12 @@ class AtomicParquetWriter:
             self.close()
         else:
             self.abort()
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth a dictionary: all but fixed-size binary / fixed-size list ones."""
+    return [f.name for f in schema
+            if not (pa.types.is_fixed_size_binary(f.type) or pa.types.is_fixed_size_list(f.type))]
 
 
 def write_table(path: str | os.PathLike, table: pa.Table, schema: pa.Schema | None = None) -> Path:

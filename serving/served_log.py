@@ -126,10 +126,6 @@ class ServedLogWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.heads = cfg, tuple(heads)
         self.schema = served_log_schema(cfg, self.heads)
-        # Dictionary encoding is for repeated values; the per-row token blocks (KBs of packed
-        # bytes) never repeat, and trying it cost ~20% of a flush's CPU.
-        self._dictionary_columns = [f.name for f in self.schema
-                                    if not (pa.types.is_fixed_size_binary(f.type) or pa.types.is_fixed_size_list(f.type))]
         self.max_queue_rows, self.flush_rows, self.flush_s = max_queue_rows, flush_rows, flush_s
         self._on_written, self._on_dropped = on_written, on_dropped
         self._q: queue.Queue = queue.Queue()
@@ -227,8 +223,7 @@ class ServedLogWriter:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = self.out_dir / f"served-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
         try:
-            with AtomicParquetWriter(path, self.schema, row_group_size=max(rows, 1),
-                                     use_dictionary=self._dictionary_columns) as w:
+            with AtomicParquetWriter(path, self.schema, row_group_size=max(rows, 1)) as w:
                 w.write(pa.concat_tables(tables))
             self.files.append(path)
             self.written_rows += rows

@@ -71,3 +71,23 @@ def test_atomic_writer_publishes_only_on_success(tmp_path):
     with AtomicParquetWriter(path, S.ACTIONS_TABLE) as w:
         w.write({"user_id": [1], "item_id": [2], "ts": [3], "action": [1], "surface": [0]})
     assert pq.read_table(path).num_rows == 1
+
+
+def test_atomic_writer_skips_dictionaries_for_per_row_blocks_only(tmp_path):
+    """Fixed-size binary / list columns (per-row token blocks) are written without a
+    dictionary by default; repeated scalars keep theirs; an explicit choice wins."""
+    schema = pa.schema([("user_id", pa.int64()), ("tok", pa.binary(64)), ("age", pa.list_(pa.int32(), 4))])
+    data = {"user_id": [7] * 50, "tok": [bytes(range(i, i + 64)) for i in range(50)], "age": [[i, 1, 2, 3] for i in range(50)]}
+
+    def encodings(path):
+        rg = pq.ParquetFile(path).metadata.row_group(0)
+        return {rg.column(i).path_in_schema.split(".")[0]: any("DICTIONARY" in e for e in rg.column(i).encodings)
+                for i in range(rg.num_columns)}
+
+    with AtomicParquetWriter(tmp_path / "a.parquet", schema) as w:
+        w.write(data)
+    assert encodings(tmp_path / "a.parquet") == {"user_id": True, "tok": False, "age": False}
+    with AtomicParquetWriter(tmp_path / "b.parquet", schema, use_dictionary=True) as w:
+        w.write(data)
+    assert encodings(tmp_path / "b.parquet")["tok"] is True
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
