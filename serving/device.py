@@ -18,8 +18,8 @@ outputs are read. The NN search has data-dependent shapes (sequence lengths), so
 runs eagerly. Anything that cannot be captured falls back to eager with a warning.
 On CPU it is the chosen CPU backend (see :class:`ModelRunner`), run over the batch in
 row chunks of about ``cpu_chunk_tokens`` tokens: rows are independent, and a chunk's
-activations stay in the cores' caches between the encoder's ops (measured on the
-2-core bench machine, N=256 x 192 tokens: whole batch ~125 ms, 32-64-row chunks ~90 ms).
+activations stay in the cores' caches between the encoder's ops (``transact bench
+serving`` times every backend whole and chunked in one run: the README's variant table).
 
 These CUDA paths only run on a GPU; the CPU test suite exercises the arena's packing
 with a plain (unpinned) buffer.

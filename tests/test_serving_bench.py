@@ -28,6 +28,15 @@ def test_serving_bench_small(tmp_path):
     assert len(f["samples_ms"]["nn_search"]) == len(f["samples_ms"]["encoder_heads"]) == f["reps"] == 2 + 6 * 2
     assert f["model_forward_ms_min"] <= f["model_forward_ms_p50"] <= f["model_forward_ms_p99"]
     assert q["dedup_p99_over_model_forward_p99"] == pytest.approx(r["dedup"]["latency_ms_p99"] / f["model_forward_ms_p99"])
+    # one paired throughput ratio per round, both paths timed in each
+    assert len(r["rounds"]) == 6
+    for rnd in r["rounds"]:
+        assert rnd["dedup"]["requests"] >= 1 and rnd["naive"]["requests"] >= 1
+        assert rnd["throughput_dedup_over_naive"] == pytest.approx(
+            rnd["dedup"]["candidates_per_s"] / rnd["naive"]["candidates_per_s"])
+    rr = q["throughput_dedup_over_naive_rounds"]
+    assert rr["min"] <= rr["median"] <= rr["max"]
+    assert sum(rnd["dedup"]["requests"] for rnd in r["rounds"]) == r["dedup"]["requests"]
     v = r["model_forward"]["variants"]
     backends = v["backends"]
     assert {"eager", "eager_chunked", "compile", "compile_chunked"} <= set(backends)

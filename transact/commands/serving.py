@@ -114,5 +114,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                    f"bytes /{q['h2d_bytes_naive_over_dedup']:.0f}, p99/forward {q['dedup_p99_over_model_forward']:.2f} "
                    f"(p50/forward p50 {q['dedup_p50_over_model_forward']:.2f}, "
                    f"p99/forward p99 {q['dedup_p99_over_model_forward_p99']:.2f})")
+        if (rr := q.get("throughput_dedup_over_naive_rounds")) is not None:
+            typer.echo(f"throughput ratio per round (paired slices): median x{rr['median']:.1f}, "
+                       f"range x{rr['min']:.1f}-x{rr['max']:.1f} over {len(r['rounds'])} rounds")
         typer.echo(json.dumps(r["targets"]))
         typer.echo(f"-> {out}")
