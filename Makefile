@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast env clean
+.PHONY: demo test test-fast env clean gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine (no .venv needed: its own python3 with torch + triton): the CUDA tests
+# with compiled kernels and the kernel benchmarks, results under bench/results/.
+gpu-check:
+	PYTHON=$(PYTHON) bench/gpu-check.sh bench/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -90,18 +90,19 @@ def test_final_norm_and_empty_shapes(device):
         assert out.shape == shape
 
 
-def test_weight_cache_follows_parameter_updates():
-    enc = random_encoder(8)
-    w1 = cached_weights(enc, torch.float32, "cpu")
-    assert cached_weights(enc, torch.float32, "cpu") is w1  # a hit: no re-folding
-    x = torch.randn(1, 17, 64)
-    valid = torch.ones(1, 17, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)  # it launches the kernel: interpreter or GPU
+def test_weight_cache_follows_parameter_updates(device):
+    enc = random_encoder(8).to(device)
+    w1 = cached_weights(enc, torch.float32, device)
+    assert cached_weights(enc, torch.float32, device) is w1  # a hit: no re-folding
+    x = torch.randn(1, 17, 64, device=device)
+    valid = torch.ones(1, 17, dtype=torch.bool, device=device)
     with torch.no_grad():
         before = skut_forward(enc, x, valid, block=16)
         enc.layers[1].norm2.bias.add_(1.0)  # an in-place update bumps the parameter's version
         after = skut_forward(enc, x, valid, block=16)
         ref = encoder_reference(enc, x, valid)
-    assert cached_weights(enc, torch.float32, "cpu") is not w1
+    assert cached_weights(enc, torch.float32, device) is not w1
     torch.testing.assert_close(after, ref, atol=1e-4, rtol=0)
     assert not torch.allclose(before, after)
 
