@@ -54,7 +54,9 @@ print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "n
 EOF
 # GPU_CHECK_ON_CPU=1 runs the steps without a GPU: a check of this script's plumbing only
 # (the CUDA tests skip, the benchmarks time the CPU references).
-if [ "${GPU_CHECK_ON_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+HAVE_GPU=0
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && HAVE_GPU=1
+if [ "$HAVE_GPU" != 1 ] && [ "${GPU_CHECK_ON_CPU:-0}" != 1 ]; then
   echo "no CUDA GPU visible to $PY: nothing to check" | tee -a "$LOG"
   exit 1
 fi
@@ -64,19 +66,16 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0
 step cuda-tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml" \
   "$ROOT"/tests/test_kernels_nn_search.py "$ROOT"/tests/test_kernels_skut.py "$ROOT"/tests/test_serving_cuda.py
-step bench-nn-search 90 "$PY" -m transact.cli bench nn-search --out "$OUT_DIR/nn-search-gpu.json"
-step bench-skut 120 "$PY" -m transact.cli bench skut --out "$OUT_DIR/skut-gpu.json"
-
-# name the result files after the GPU, as `transact bench` does by default
-slug=$(cd "$WORK" && "$PY" -c "from transact.serving.bench import device_slug; print(device_slug())" 2>/dev/null || echo gpu)
-for f in nn-search skut; do
-  [ -f "$OUT_DIR/$f-gpu.json" ] && mv "$OUT_DIR/$f-gpu.json" "$OUT_DIR/$f-$slug.json"
-done
+# result files named after the device, as `transact bench` names them by default
+slug=$(cd "$WORK" && "$PY" -c "from transact.kernels.benchmarks.common import device_slug; print(device_slug())" \
+  2>/dev/null || echo gpu)
+step bench-nn-search 90 "$PY" -m transact.cli bench nn-search --out "$OUT_DIR/nn-search-$slug.json"
+step bench-skut 120 "$PY" -m transact.cli bench skut --out "$OUT_DIR/skut-$slug.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]} (see $LOG)" | tee -a "$LOG"
   exit 1
 fi
-if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$HAVE_GPU" != 1 ]; then
   echo "plumbing check passed (no GPU: nothing ran on a GPU); results in $OUT_DIR" | tee -a "$LOG"
 else
   echo "all GPU checks passed; results in $OUT_DIR" | tee -a "$LOG"

@@ -128,27 +128,25 @@ def topk_tie_break(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k < L:
         straddle = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()  # a tie at the cut
         if straddle.numel():
-            out[straddle] = _settle_straddling_ties(scores[straddle], vals[straddle], top[straddle], k)
+            out[straddle] = _settle_straddling_ties(scores[straddle], vals[straddle, :k], out[straddle], k)
     return out
 
 
-def _settle_straddling_ties(scores: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, k: int) -> torch.Tensor:
+def _settle_straddling_ties(scores: torch.Tensor, vals: torch.Tensor, ordered: torch.Tensor,
+                            k: int) -> torch.Tensor:
     """int64 [R, k]: the exact (score desc, index asc) top k of rows whose k-th best score
     v ties with the (k+1)-th.
 
-    ``vals`` / ``top`` [R, k + 1]: each row's k + 1 best scores (descending) and their
-    columns. Fewer than k scores exceed v, so all of them are among the k + 1 found: they
-    come first, ordered by the tie rule; the remaining slots go to the lowest-index
-    columns scoring exactly v, in index order. One comparison and one running count over
-    the rows instead of an int64 key of every score (measured on the serving bench's
-    lifelong search, 20 of 256 rows straddling: ~2 ms saved).
+    ``vals`` [R, k]: each row's k best scores, descending; ``ordered`` [R, k]: their
+    columns in the tie rule's order. Fewer than k scores exceed v, so all of them are
+    there and come first, already in order; the remaining slots go to the lowest-index
+    columns scoring exactly v, in index order -- one comparison and one running count
+    over the row instead of an int64 key of every score (the README's table has the
+    measurement).
     """
     v = vals[:, k - 1]  # [R] the k-th best score
-    above = vals[:, :k] > v[:, None]  # [R, k] (vals[:, k] == v is never above)
-    n_above = above.sum(1)  # [R] < k
-    key = _tie_break_key(vals[:, :k], top[:, :k]).masked_fill(~above, torch.iinfo(torch.int64).min)  # [R, k]
-    order = torch.argsort(key, dim=1, descending=True)  # [R, k] the above ones first, in order
-    out = torch.gather(top[:, :k], 1, order)  # [R, k], right in its first n_above slots
+    n_above = (vals > v[:, None]).sum(1)  # [R] < k: the first n_above of ``ordered`` stand
+    out = ordered.clone()  # [R, k]
     tied = scores == v[:, None]  # [R, L]
     rank = tied.cumsum(1)  # [R, L] 1-based rank of a tied column among its row's, by index
     take = tied & (rank <= (k - n_above)[:, None])  # [R, L] the lowest-index tied columns

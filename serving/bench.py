@@ -341,6 +341,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
                         this_round[assembly] = {
                             "requests": len(res["latencies_s"]), "wall_s": res["wall_s"],
                             "candidates_per_s": len(res["latencies_s"]) * candidates / res["wall_s"]}
+                    d_cps, n_cps = this_round["dedup"]["candidates_per_s"], this_round["naive"]["candidates_per_s"]
+                    this_round["throughput_dedup_over_naive"] = d_cps / n_cps if n_cps else None
                     per_round.append(this_round)
                     for _ in range(max(2, forward_reps // 2)):  # the floor, in the same conditions
                         _, _, nn_s, fw_s = ranker.compute(dedup_inputs)
@@ -424,10 +426,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         # measurement: the machine's drift over minutes (other tenants, +-30% here) moves
         # both of its slices alike, and the spread over rounds shows what the one overall
         # ratio hides.
-        round_ratios = [r["dedup"]["candidates_per_s"] / r["naive"]["candidates_per_s"]
-                        for r in per_round if r["naive"]["candidates_per_s"] > 0]
-        for r, q in zip(per_round, round_ratios):
-            r["throughput_dedup_over_naive"] = q
+        round_ratios = [q for r in per_round if (q := r["throughput_dedup_over_naive"]) is not None]
         if round_ratios:
             ratios["throughput_dedup_over_naive_rounds"] = {
                 "median": statistics.median(round_ratios), "min": min(round_ratios), "max": max(round_ratios)}
@@ -460,13 +459,3 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     finally:
         if tmp is not None:
             tmp.cleanup()
-
-
-def device_slug() -> str:
-    import re
-
-    import torch
-
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    return "cpu"

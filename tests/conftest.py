@@ -154,3 +154,16 @@ def write_world(path, seed: int = 0, n_users: int = 5):
     for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
         pq.write_table(t, path / f"{name}.parquet")
     return items, actions, impressions, requests
+
+
+def queries_of(requests: pa.Table, weights) -> list:
+    """One serving RankQuery per request of a requests table (candidates in position order)."""
+    from transact.serving.ranker import RankQuery
+
+    df = requests.to_pandas().sort_values(["request_id", "position"])
+    out = []
+    for rid, g in df.groupby("request_id", sort=True):
+        out.append(RankQuery(user_id=int(g.user_id.iloc[0]), item_ids=g.item_id.to_numpy(np.int64), item_emb_q=None,
+                             surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid),
+                             weights=dict(weights)))
+    return out

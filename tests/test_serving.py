@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import write_world
+from conftest import queries_of, write_world
 from transact.components.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.schema import LABEL_COLUMNS
@@ -44,17 +44,6 @@ def world(tmp_path_factory):
     log_nn_features(root / "w", rows, CFG, progress=False)
     return {"root": root, "items": items, "requests": requests, "rows": pq.read_table(rows),
             "store": EventStore(items, actions, impressions, CFG), "model": load_model(root / "model")}
-
-
-def queries_of(requests: pa.Table, weights) -> list[RankQuery]:
-    """One RankQuery per request of a requests table (candidates in position order)."""
-    df = requests.to_pandas().sort_values(["request_id", "position"])
-    out = []
-    for rid, g in df.groupby("request_id", sort=True):
-        out.append(RankQuery(user_id=int(g.user_id.iloc[0]), item_ids=g.item_id.to_numpy(np.int64), item_emb_q=None,
-                             surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid),
-                             weights=dict(weights)))
-    return out
 
 
 def offline_probs(model, rows: pa.Table) -> np.ndarray:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_world
+from conftest import queries_of, write_world
 from transact.model.config import FeatureConfig
 from transact.model.sequences import EventStore
 from transact.model.transact import Batch, build_model
-from transact.serving.device import StagingArena, ModelRunner
-from transact.serving.ranker import RankQuery, Ranker
+from transact.serving.device import ModelRunner, StagingArena
+from transact.serving.ranker import Ranker, assemble
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
@@ -116,10 +116,7 @@ def test_ranker_on_cuda_equals_the_cpu_ranker(tmp_path):
     gpu = Ranker(copy.deepcopy(cpu_model), store, "cuda")
     cpu = Ranker(cpu_model, store, "cpu")
     gpu.warmup(max_batch=64)
-    df = requests.to_pandas().sort_values(["request_id", "position"])
-    qs = [RankQuery(user_id=int(g.user_id.iloc[0]), item_ids=g.item_id.to_numpy(np.int64), item_emb_q=None,
-                    surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid), weights=cpu.weights)
-          for rid, g in df.groupby("request_id", sort=True)]
+    qs = queries_of(requests, cpu.weights)
     for chunk in (qs[:1], qs[1:7], qs[7:]):  # micro-batches of different sizes
         got, st_gpu = gpu.rank(chunk)
         exp, st_cpu = cpu.rank(chunk)
@@ -129,8 +126,6 @@ def test_ranker_on_cuda_equals_the_cpu_ranker(tmp_path):
             np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-4)
     assert gpu.runner._failed == set() and gpu.runner._graphs
     # S_all on both devices, on the whole request set at once
-    from transact.serving.ranker import assemble
-
     users = np.array([q.user_id for q in qs])
     ts = np.array([q.ts for q in qs])
     seqs = store.sequences(users, ts)

@@ -98,9 +98,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                 "ONNX Runtime) against each other."),
     ) -> None:
         """Loopback load test: de-duplicated vs naive (broadcast) requests, vs the model's forward."""
-        from transact.serving.bench import device_slug, run_serving_bench
+        from transact.kernels.benchmarks.common import default_output
+        from transact.serving.bench import run_serving_bench
 
-        out = out or Path("bench/results") / f"serving-{device_slug()}.json"
+        out = out or default_output("serving")
         r = run_serving_bench(out, seconds=seconds, candidates=candidates, ll=ll, rt=rt, imp=imp,
                               concurrency=concurrency, rounds=rounds, threads=threads or None, min_requests=min_requests,
                               log_rows=log_rows, cpu_forward=cpu_forward, compare=compare,
