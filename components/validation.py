@@ -45,18 +45,31 @@ import pyarrow.parquet as pq
 
 from transact.data import schema as S
 from transact.data.io import table_path
+from transact.components.validation_links import impression_links, label_links
 from transact.model.quantization import MAX_ERROR, QMAX, SCALE, STEP
 
 #: The world tables, in validation order (items first: the others reference it).
 WORLD_TABLES: tuple[str, ...] = ("items", "actions", "impressions", "requests")
 ROWS_TABLE = "nn_rows"
-#: Default lower bound of every ``ts``: 2010-01-01 UTC (ms).
-MIN_TS_MS: int = 1_262_304_000_000
+#: Default lower bound of every ``ts``: 2010-01-01 UTC (ms), used when neither the
+#: caller (``--min-ts``) nor the world's ``world.json`` (``min_ts``) gives one.
+MIN_TS_MS: int = S.DEFAULT_MIN_TS_MS
 #: Clock skew allowed beyond ``now`` before a timestamp counts as "in the future".
 FUTURE_SKEW_MS: int = 5 * 60_000
 #: Candidates per request allowed when world.json does not give ``chunk_size``.
 DEFAULT_MAX_CANDIDATES: int = 1_000
 DEFAULT_MAX_DUPLICATE_RATE: float = 0.01
+#: Shares of items allowed with an all-zero int8 embedding, and of int8 values allowed at
+#: ±QMAX (saturated: the float embedding was beyond ±SCALE, e.g. not normalised).
+DEFAULT_MAX_ZERO_EMBEDDING_SHARE: float = 0.01
+DEFAULT_MAX_SATURATED_SHARE: float = 0.01
+#: Share of request rows allowed with an engagement in the label window that no label
+#: counts (the same item shown again within the window can attribute one engagement to
+#: two requests).
+DEFAULT_MAX_MISSED_LABEL_SHARE: float = 0.01
+#: How far before a request an engagement that should have been its label is looked for
+#: (a clock or time-zone shift moves it there): one day covers every time-zone offset.
+LEAK_WINDOW_MS: int = 86_400_000
 #: Slack on the quantisation bound for float rounding (fp32 division and rint).
 QUANT_TOL: float = 1e-6
 #: Every action bit, explicit or not (valid NN-row tokens may carry ``impression``).
@@ -105,6 +118,13 @@ class Params:
     max_candidates: int = DEFAULT_MAX_CANDIDATES
     max_duplicate_rate: float = DEFAULT_MAX_DUPLICATE_RATE
     tolerance: Tolerance = Tolerance()
+    min_ts_source: str = "the default (2010-01-01)"
+    label_window_ms: int = S.DEFAULT_LABEL_WINDOW_MS
+    label_window_source: str = "the default (one hour)"
+    leak_window_ms: int = LEAK_WINDOW_MS
+    max_missed_label_share: float = DEFAULT_MAX_MISSED_LABEL_SHARE
+    max_zero_embedding_share: float = DEFAULT_MAX_ZERO_EMBEDDING_SHARE
+    max_saturated_share: float = DEFAULT_MAX_SATURATED_SHARE
 
 
 # ----------------------------------------------------------------------------- results
@@ -123,6 +143,7 @@ class Failure:
     examples: list[dict] = field(default_factory=list)
     exception: str | None = None
     gx: bool = True
+    hint: str | None = None  # what the bound was and how to change it, or how to fix the data
 
 
 @dataclass
@@ -172,6 +193,7 @@ class Check:
     expectation: Any  # a great_expectations.expectations.Expectation
     show: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()  # frame columns it reads (skipped when one is absent)
+    hint: str = ""  # shown with a failure: the bound in words, the option that sets it
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -300,18 +322,67 @@ def _packed_bytes(arr: pa.Array, width: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- derived frames
 def derive_frame(name: str, table: pa.Table, known_items: np.ndarray | None = None,
-                 cfg=None) -> pd.DataFrame:
+                 cfg=None, others: dict[str, pa.Table] | None = None,
+                 params: Params | None = None) -> pd.DataFrame:
     """The pandas frame GX validates for table ``name``: its scalar columns plus derived
     scalar columns (list columns are replaced by per-row lengths, counts, extrema).
 
     ``known_items``: the items table's ids (referential checks; None skips them).
     ``cfg``: the :class:`~transact.model.config.FeatureConfig` of an NN-row table.
+    ``others``: the world's other tables, for the cross-table columns (labels against
+    actions, impressions against requests; skipped when absent). ``params``: their
+    windows (default :class:`Params` values).
+    Columns whose type is not the schema's are listed in ``frame.attrs["type_errors"]``.
     """
-    if name == "items":
-        return _derive_items(table)
     if name == ROWS_TABLE:
-        return _derive_rows(table, cfg, known_items)
-    return _derive_events(name, table, known_items)
+        from transact.model.nn_features import nn_rows_schema
+
+        wrong = _type_errors(name, table, nn_rows_schema(cfg))
+        df = _derive_rows(table, cfg, known_items)
+    elif name == "items":
+        wrong = _type_errors(name, table, S.ITEMS)
+        df = _derive_items(table)
+    else:
+        wrong = _type_errors(name, table, S.TABLES[name])
+        df = _derive_events(name, table, known_items, others or {}, params or Params(now_ms=0), wrong)
+    df.attrs[TYPE_ERRORS] = wrong
+    return df
+
+
+#: ``frame.attrs`` key: column -> (expected type, what was found, how to fix it).
+TYPE_ERRORS = "type_errors"
+_ID_COLUMNS = ("user_id", "item_id", "request_id")
+
+
+def _type_errors(name: str, table: pa.Table, schema: pa.Schema) -> dict[str, tuple[str, str, str]]:
+    """The schema's integer columns that hold something else (strings, timestamps,
+    floats): each check reading them would be wrong or raise, so they are reported once,
+    with the fix, and their checks are skipped."""
+    out = {}
+    for f in schema:
+        if f.name not in table.column_names or not pa.types.is_integer(f.type):
+            continue
+        got = table.column(f.name).type
+        if pa.types.is_integer(got):
+            continue
+        want = "int64" if f.type == pa.int64() else "an integer type"
+        found = f"{name}: column '{f.name}' is {got}, expected {want}"
+        if pa.types.is_timestamp(got):
+            tz = f" with time zone {got.tz}" if got.tz else ""
+            found = f"{name}: column '{f.name}' is a timestamp{tz} ({got}), expected int64 ms since the epoch (UTC)"
+            fix = ("store ts as int64 epoch milliseconds UTC: `transact import-logs` converts timestamp "
+                   "columns, time zones included")
+        elif pa.types.is_string(got) or pa.types.is_large_string(got):
+            found = f"{name}: column '{f.name}' holds strings, expected {want}"
+            fix = ("ids must be integers: `transact import-logs` parses strings of digits; map other ids "
+                   "to integers (a dictionary or a stable 63-bit hash)" if f.name in _ID_COLUMNS
+                   else f"write {f.name} as integers")
+        elif pa.types.is_floating(got):
+            fix = f"write {f.name} as integers (floats lose exactness past 2^53)"
+        else:
+            fix = f"write {f.name} as {f.type}"
+        out[f.name] = (want, found, fix)
+    return out
 
 
 def _widths(lens: np.ndarray) -> list[int]:
@@ -338,6 +409,8 @@ def _derive_items(table: pa.Table) -> pd.DataFrame:
     absmax = np.full(n, np.nan)
     max_err = np.full(n, np.nan)
     sat_err = np.full(n, np.nan)
+    all_zero = np.full(n, np.nan)
+    saturated = np.full(n, np.nan)
     e_rows = {}
     if emb is not None:
         for w in _widths(e_len):
@@ -350,6 +423,8 @@ def _derive_items(table: pa.Table) -> pd.DataFrame:
             rows = np.flatnonzero(q_len == w)
             q = _list_matrix(emb_q, rows, w)  # [r, w]
             absmax[rows] = np.nanmax(np.abs(q), axis=1, initial=0.0)
+            all_zero[rows] = (q == 0).all(1)  # a missing embedding written as zeros
+            saturated[rows] = (np.abs(q) >= QMAX).mean(1)  # the float value was past ±SCALE
             if w in e_rows:  # quantisation consistency where both widths agree
                 er, e = e_rows[w]
                 both = np.intersect1d(rows, er)
@@ -366,34 +441,82 @@ def _derive_items(table: pa.Table) -> pd.DataFrame:
     df["emb_q_absmax"] = absmax
     df["emb_q_max_err"] = max_err
     df["emb_q_saturation_errors"] = sat_err
+    df["emb_q_all_zero"] = all_zero
+    df["emb_q_saturated_share"] = saturated
     return df
 
 
-def _derive_events(name: str, table: pa.Table, known_items: np.ndarray | None) -> pd.DataFrame:
+def _flag(bad: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """float64 0/1 flag (1 = the row breaks the rule), NaN where it cannot be told."""
+    out = bad.astype(np.float64)
+    return out if known is None else np.where(known, out, np.nan)
+
+
+def _derive_events(name: str, table: pa.Table, known_items: np.ndarray | None,
+                   others: dict[str, pa.Table], p: Params, wrong: dict) -> pd.DataFrame:
     schema = S.TABLES[name]
     df = pd.DataFrame({f.name: _scalar(table, f.name) for f in schema if f.name in table.column_names})
     n = len(df)
-    if "item_id" in df and known_items is not None:
+    if "item_id" in df and known_items is not None and "item_id" not in wrong:
         df["item_known"] = np.isin(df["item_id"].to_numpy(), known_items)
     keys = [k for k in EVENT_KEYS[name] if k in df]
     if keys and n:
         df["is_duplicate"] = df.duplicated(subset=keys, keep="first").to_numpy()
     elif keys:
         df["is_duplicate"] = np.zeros(0, dtype=bool)
+    # the same event logged twice, every column equal: a replayed log segment or a retried
+    # write, never a real second event -- rejected at any rate
+    every = [f.name for f in schema if f.name in df]
+    df["exact_duplicate"] = _flag(df.duplicated(subset=every, keep="first").to_numpy()) if n \
+        else np.zeros(0)
     if name == "actions" and "action" in df:
         a = pd.to_numeric(df["action"], errors="coerce").to_numpy(dtype=np.float64)
         finite = np.isfinite(a)
         ai = np.where(finite, a, 0).astype(np.int64)
         for act in S.EXPLICIT_ACTIONS:  # 0/1 per action type: the mix the reference compares
             df[f"has_{act}"] = np.where(finite, (ai & S.ACTION_BIT[act]) > 0, np.nan)
-    if name == "requests" and "request_id" in df:
-        _derive_request_groups(df)
+        df["action_contradicts"] = _flag(((ai & S.ACTION_BIT["hide"]) > 0)
+                                         & ((ai & S.CONTRADICTS_HIDE_MASK) > 0), finite)
+    if name == "requests" and all(c in df for c in ("label_hide", *(f"label_{a}" for a in S.CONTRADICTS_HIDE))):
+        hide = pd.to_numeric(df["label_hide"], errors="coerce").to_numpy(dtype=np.float64)
+        pos = np.zeros(n, dtype=bool)
+        known = np.isfinite(hide)
+        for a in S.CONTRADICTS_HIDE:
+            v = pd.to_numeric(df[f"label_{a}"], errors="coerce").to_numpy(dtype=np.float64)
+            pos |= v == 1
+            known &= np.isfinite(v)
+        df["labels_contradict"] = _flag((hide == 1) & pos, known)
+    if name in ("requests", "impressions") and "request_id" in df:
+        _derive_request_groups(df, consistency=name == "requests")
+    if name == "requests" and "actions" in others:
+        links = label_links(table, others["actions"], p.label_window_ms, p.leak_window_ms)
+        if links is not None:
+            for k, v in links.items():
+                df[k] = _flag(v)
+    if name in ("requests", "impressions") and "impressions" in others.keys() | {name} \
+            and "requests" in others.keys() | {name}:
+        imp = table if name == "impressions" else others["impressions"]
+        req = table if name == "requests" else others["requests"]
+        links = impression_links(imp, req)
+        if links is not None:
+            if name == "impressions":
+                df["impression_unmatched"] = _flag(~links["impression_matched"])
+            else:
+                df["request_not_impressed"] = _flag(~links["request_impressed"])
     return df
 
 
-def _derive_request_groups(df: pd.DataFrame) -> None:
+def _derive_request_groups(df: pd.DataFrame, consistency: bool = True) -> None:
     g = df.groupby("request_id", sort=False, dropna=True)
-    df["request_size"] = g["request_id"].transform("size")
+    size = g["request_id"].transform("size")
+    if "position" in df and pd.api.types.is_numeric_dtype(df["position"]):
+        # a request's n rows hold positions 0..n-1, each once (what the ranker returned)
+        pos = df["position"]
+        bad = (pos < 0) | (pos >= size) | df.duplicated(subset=["request_id", "position"], keep=False)
+        df["position_bad"] = np.where(df["request_id"].notna() & pos.notna(), bad.astype(np.float64), np.nan)
+    if not consistency:
+        return
+    df["request_size"] = size
     consistent = pd.Series(True, index=df.index)
     for c in ("user_id", "ts"):
         if c in df:
@@ -490,11 +613,12 @@ def _gxe():
     return gxe
 
 
-def _check(table: str, name: str, cls_name: str, show: Iterable[str] = (), **kw) -> Check:
+def _check(table: str, name: str, cls_name: str, show: Iterable[str] = (), hint: str = "",
+           **kw) -> Check:
     full = f"{table}: {name}"
     cls = getattr(_gxe(), cls_name)
     exp = cls(meta={"name": full, "table": table}, description=full, **kw)
-    return Check(full, table, exp, tuple(show), tuple(c for c in (kw.get("column"),) if c))
+    return Check(full, table, exp, tuple(show), tuple(c for c in (kw.get("column"),) if c), hint)
 
 
 def _not_null(table: str, cols: Iterable[str], keys: tuple[str, ...]) -> list[Check]:
@@ -503,9 +627,17 @@ def _not_null(table: str, cols: Iterable[str], keys: tuple[str, ...]) -> list[Ch
 
 
 def _ts_check(table: str, p: Params, keys: tuple[str, ...]) -> Check:
+    hi = p.now_ms + p.future_skew_ms
     return _check(table, "ts in range (not before min_ts, not in the future)",
                   "ExpectColumnValuesToBeBetween", keys + ("ts",), column="ts",
-                  min_value=p.min_ts_ms, max_value=p.now_ms + p.future_skew_ms)
+                  min_value=p.min_ts_ms, max_value=hi,
+                  hint=f"allowed ts: {p.min_ts_ms} ({_iso(p.min_ts_ms)}) to {hi} ({_iso(hi)}); min_ts from "
+                       f"{p.min_ts_source}: logs older than that need --min-ts (or min_ts in world.json)")
+
+
+def _id_checks(table: str, cols: Iterable[str], keys: tuple[str, ...]) -> list[Check]:
+    return [_check(table, f"{c} is non-negative", "ExpectColumnValuesToBeBetween", keys + (c,),
+                   column=c, min_value=0) for c in cols]
 
 
 def _surface_check(table: str, keys: tuple[str, ...]) -> Check:
@@ -579,6 +711,18 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
             _check(table, f"emb_q saturates at ±{QMAX} where |emb| > {SCALE}",
                    "ExpectColumnValuesToBeBetween", k + ("emb_q_saturation_errors",),
                    column="emb_q_saturation_errors", min_value=0, max_value=0),
+            *_id_checks(table, ["item_id"], ()),
+            _check(table, "all-zero embedding share within max_zero_embedding_share",
+                   "ExpectColumnValuesToBeInSet", k + ("emb_q_all_zero",), column="emb_q_all_zero",
+                   value_set=[False], mostly=1.0 - p.max_zero_embedding_share,
+                   hint=f"at most {p.max_zero_embedding_share:.2%} of items may have an all-zero int8 "
+                        f"embedding (a missing embedding written as zeros, or values far below one "
+                        f"quantisation step {STEP:.4f})"),
+            _check(table, "saturated emb_q value share within max_saturated_share",
+                   "ExpectColumnMeanToBeBetween", column="emb_q_saturated_share", min_value=0,
+                   max_value=p.max_saturated_share,
+                   hint=f"at most {p.max_saturated_share:.2%} of int8 values may sit at ±{QMAX}: values "
+                        f"beyond ±{SCALE} saturate (normalise the embeddings before import)"),
         ]
     if table in EVENT_KEYS:
         schema = S.TABLES[table]
@@ -596,14 +740,29 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
         if with_items:
             checks.append(_check(table, "item_id refers to a known item", "ExpectColumnValuesToBeInSet",
                                  keys + ("item_known",), column="item_known", value_set=[True]))
+        checks += _id_checks(table, [c for c in _ID_COLUMNS if c in schema.names], keys)
+        checks.append(_check(table, "no event is logged twice (exact duplicate rows)",
+                             "ExpectColumnValuesToBeBetween", EVENT_KEYS[table] + ("exact_duplicate",),
+                             column="exact_duplicate", min_value=0, max_value=0))
         if "position" in schema.names:
             checks.append(_check(table, "position is non-negative", "ExpectColumnValuesToBeBetween",
                                  keys + ("position",), column="position", min_value=0))
+            checks.append(_check(table, "positions of a request are 0..n-1, each once",
+                                 "ExpectColumnValuesToBeBetween", ("request_id", "item_id", "position",
+                                                                   "position_bad"),
+                                 column="position_bad", min_value=0, max_value=0))
+        if table == "impressions":
+            checks.append(_check(table, "every impression matches a request row (request_id, item_id)",
+                                 "ExpectColumnValuesToBeBetween", keys + ("impression_unmatched",),
+                                 column="impression_unmatched", min_value=0, max_value=0))
         if table == "actions":
             allowed = [m for m in range(1, 256) if m & ~S.EXPLICIT_MASK == 0]
             checks.append(_check(table, "action is a non-empty mask of explicit action bits",
                                  "ExpectColumnValuesToBeInSet", keys + ("action",), column="action",
                                  value_set=allowed))
+            checks.append(_check(table, "action does not combine hide with click or repin",
+                                 "ExpectColumnValuesToBeBetween", keys + ("action",),
+                                 column="action_contradicts", min_value=0, max_value=0))
             checks += _rate_checks(table, [(f"has_{a}", a) for a in S.EXPLICIT_ACTIONS], ref,
                                    n_rows, p, "'{key}' share of actions matches the reference")
         if table == "requests":
@@ -618,6 +777,32 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
                        "ExpectColumnValuesToBeInSet", ("request_id", "user_id", "ts",
                                                       "request_consistent"),
                        column="request_consistent", value_set=[True]),
+                _check(table, "labels do not combine hide with click or repin",
+                       "ExpectColumnValuesToBeBetween", keys + S.LABEL_COLUMNS,
+                       column="labels_contradict", min_value=0, max_value=0),
+                _check(table, "every request row has its impression", "ExpectColumnValuesToBeBetween",
+                       keys + ("request_not_impressed",), column="request_not_impressed",
+                       min_value=0, max_value=0),
+                _check(table, "positive labels have their engagement in actions within the label window",
+                       "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
+                       column="label_unbacked", min_value=0, max_value=0,
+                       hint=f"a label counts an action of its type on (user_id, item_id) logged at "
+                            f"most label_window_ms = {p.label_window_ms:,} ms after the request "
+                            f"(from {p.label_window_source}; set --label-window-ms or label_window_ms "
+                            f"in world.json)"),
+                _check(table, "no labelled engagement logged only before its request (clock shift)",
+                       "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
+                       column="label_before_only", min_value=0, max_value=0,
+                       hint=f"the engagement a label counts is in actions up to {p.leak_window_ms:,} ms "
+                            f"before the request instead of after it: the request and action clocks "
+                            f"disagree (time zone?), and the label leaks into the request's own S_RT"),
+                _check(table, "label rates match the action log (unlabelled engagements within "
+                              "max_missed_label_share)",
+                       "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
+                       column="label_missed", min_value=0, max_value=0,
+                       mostly=1.0 - p.max_missed_label_share,
+                       hint=f"at most {p.max_missed_label_share:.2%} of request rows may have an action "
+                            f"on the candidate within the label window that no label counts"),
             ]
             checks += _rate_checks(table, [(c, c) for c in S.LABEL_COLUMNS], ref, n_rows, p,
                                    "{key} rate matches the reference")
@@ -639,6 +824,7 @@ def _rows_checks(p: Params, ref: dict | None, n_rows: int, cfg, with_items: bool
         _columns_check(t, nn_rows_schema(cfg)),
         _check(t, "table is not empty", "ExpectTableRowCountToBeBetween", min_value=1),
         *_not_null(t, meta, keys),
+        *_id_checks(t, _ID_COLUMNS, keys),
         _surface_check(t, keys),
         _ts_check(t, p, keys),
         *[_check(t, f"{c} is 0 or 1", "ExpectColumnValuesToBeInSet", keys + (c,), column=c,
@@ -762,6 +948,7 @@ def _collect(checks: list[Check], vr, df: pd.DataFrame) -> list[Failure]:
         idx = res.get("partial_unexpected_index_list") or []
         failures.append(Failure(
             name=name, table=check.table if check else "?", expectation=cfg.type, kwargs=kwargs,
+            hint=(check.hint or None) if check else None,
             unexpected_count=res.get("unexpected_count"), element_count=res.get("element_count"),
             observed=_json_safe(res["details"]["mismatched"] if isinstance(res.get("details"), dict)
                                 and "mismatched" in res["details"]
@@ -778,12 +965,17 @@ def _collect(checks: list[Check], vr, df: pd.DataFrame) -> list[Failure]:
 
 
 def _validate_frame(gxr: _GX, table: str, df: pd.DataFrame, checks: list[Check]):
-    """Runs the checks whose columns exist; the others count as skipped (the columns check
-    already names the missing columns)."""
-    run = [c for c in checks if all(col in df.columns for col in c.columns)]
+    """Runs the checks whose columns exist and have the schema's type; the others count as
+    skipped (the columns check names the missing columns, the type check the wrong types)."""
+    wrong = df.attrs.get(TYPE_ERRORS, {})
+    run = [c for c in checks if all(col in df.columns and col not in wrong for col in c.columns)]
     vr = gxr.run(table, df, run)
-    failures = _collect(run, vr, df)
-    stats = {"evaluated": len(run), "failed": len(failures), "skipped": len(checks) - len(run)}
+    failures = [Failure(f"{table}: {col} has type {want}", table, "column type", {"column": col},
+                        gx=False, exception=msg, hint=fix)
+                for col, (want, msg, fix) in wrong.items()]
+    failures += _collect(run, vr, df)
+    stats = {"evaluated": len(run) + len(wrong), "failed": len(failures),
+             "skipped": len(checks) - len(run)}
     return vr, failures, stats
 
 
@@ -875,13 +1067,45 @@ def _finish(result: ValidationResult, gx_results: dict, params: Params, report_d
     _write_text(Path(result.reports["markdown"]), result.summary)
 
 
-def _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance) -> Params:
+def world_meta(world: Path) -> dict:
+    """``world.json`` of a world folder ({} when absent or unreadable: the defaults apply)."""
+    try:
+        meta = json.loads((Path(world) / "world.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance, meta: dict | None = None,
+                 label_window_ms: int | None = None) -> Params:
+    """The checks' parameters: an explicit argument wins, then the world's ``world.json``
+    (``min_ts``, ``label_window_ms``, ``config.chunk_size``), then the defaults."""
+    meta = meta or {}
     if not 0 <= max_duplicate_rate < 1:
         raise ValueError("max_duplicate_rate must be in [0, 1)")
+    if max_candidates is None:
+        try:
+            max_candidates = int(meta["config"]["chunk_size"])
+        except (KeyError, TypeError, ValueError):
+            max_candidates = DEFAULT_MAX_CANDIDATES
     if max_candidates < 1:
         raise ValueError("max_candidates must be >= 1")
+    min_ts_source = "--min-ts"
+    if min_ts is None:
+        min_ts, min_ts_source = MIN_TS_MS, "the default (2010-01-01)"
+        if isinstance(meta.get("min_ts"), int):
+            min_ts, min_ts_source = meta["min_ts"], "world.json"
+    window_source = "--label-window-ms"
+    if label_window_ms is None:
+        label_window_ms, window_source = S.DEFAULT_LABEL_WINDOW_MS, "the default (one hour)"
+        if isinstance(meta.get("label_window_ms"), int):
+            label_window_ms, window_source = meta["label_window_ms"], "world.json"
+    if label_window_ms <= 0:
+        raise ValueError(f"label_window_ms must be > 0, got {label_window_ms}")
     return Params(now_ms=now_ms(now), min_ts_ms=int(min_ts), max_candidates=int(max_candidates),
-                  max_duplicate_rate=float(max_duplicate_rate), tolerance=tolerance or Tolerance())
+                  max_duplicate_rate=float(max_duplicate_rate), tolerance=tolerance or Tolerance(),
+                  min_ts_source=min_ts_source, label_window_ms=int(label_window_ms),
+                  label_window_source=window_source)
 
 
 def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLike,
@@ -889,7 +1113,8 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
                    reference_out: str | os.PathLike | None = None, update_reference: bool = True,
                    max_candidates: int | None = None,
                    max_duplicate_rate: float = DEFAULT_MAX_DUPLICATE_RATE,
-                   min_ts: int = MIN_TS_MS, tolerance: Tolerance | None = None) -> ValidationResult:
+                   min_ts: int | None = None, tolerance: Tolerance | None = None,
+                   label_window_ms: int | None = None) -> ValidationResult:
     """Validates the four tables of a world folder and decides.
 
     Args:
@@ -906,8 +1131,11 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
         max_candidates: rows per request allowed; default ``chunk_size`` from
             ``world.json``, else :data:`DEFAULT_MAX_CANDIDATES`.
         max_duplicate_rate: share of duplicated events allowed per event table.
-        min_ts: lower bound of every ``ts`` (epoch ms).
+        min_ts: lower bound of every ``ts`` (epoch ms); default ``min_ts`` from
+            ``world.json``, else :data:`MIN_TS_MS` (2010-01-01).
         tolerance: bands of the distribution checks.
+        label_window_ms: how long after its request a label's engagement may be logged;
+            default ``label_window_ms`` from ``world.json``, else one hour.
 
     Returns:
         A :class:`ValidationResult`; on fail the batch is no longer at ``world_dir``
@@ -922,15 +1150,8 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
     quarantine = Path(quarantine_dir).resolve()
     if quarantine.is_relative_to(world):
         raise ValueError(f"validate: the quarantine folder {quarantine} must not be inside the batch {world}")
-    if max_candidates is None:
-        max_candidates = DEFAULT_MAX_CANDIDATES
-        meta = world / "world.json"
-        if meta.exists():
-            try:
-                max_candidates = int(json.loads(meta.read_text())["config"]["chunk_size"])
-            except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-                pass
-    params = _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance)
+    params = _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance,
+                          world_meta(world), label_window_ms)
     ref, ref_note = load_reference(reference)
     if reference_out is None and update_reference and reference is not None \
             and not isinstance(reference, dict) and str(reference):
@@ -971,7 +1192,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
         if name not in tables:
             continue
         t = time.perf_counter()
-        df = derive_frame(name, tables[name], known)
+        df = derive_frame(name, tables[name], known, others=tables, params=params)
         frames[name] = df
         timings["derive"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -1029,7 +1250,7 @@ def validate_rows(rows_path: str | os.PathLike, quarantine_dir: str | os.PathLik
                   reference: str | os.PathLike | dict | None = None, now: Any = None, *,
                   cfg=None, items: str | os.PathLike | None = None,
                   reference_out: str | os.PathLike | None = None, update_reference: bool = True,
-                  min_ts: int = MIN_TS_MS, tolerance: Tolerance | None = None) -> ValidationResult:
+                  min_ts: int | None = None, tolerance: Tolerance | None = None) -> ValidationResult:
     """Validates a file of logged NN-feature rows (:func:`~transact.model.nn_features.nn_rows_schema`).
 
     Checks ids, labels, surfaces, timestamps, the widths of the token blocks, segment
@@ -1049,7 +1270,8 @@ def validate_rows(rows_path: str | os.PathLike, quarantine_dir: str | os.PathLik
     if not path.is_file():
         raise FileNotFoundError(f"validate: no row file {path}")
     quarantine = Path(quarantine_dir).resolve()
-    params = _make_params(now, min_ts, DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_DUPLICATE_RATE, tolerance)
+    params = _make_params(now, min_ts, DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_DUPLICATE_RATE, tolerance,
+                          world_meta(path.parent))  # rows live beside a copy of their world.json
     ref, ref_note = load_reference(reference)
     if reference_out is None and update_reference and reference is not None \
             and not isinstance(reference, dict) and str(reference):

@@ -104,7 +104,10 @@ def render_markdown(result) -> str:
             lines += [f"### `{f.name}`", "",
                       f"- table: {f.table}; check: `{f.expectation}`"
                       + (f"({_kwargs(f.kwargs)})" if f.kwargs else ""),
-                      f"- {_what_failed(f)}", ""]
+                      f"- {_what_failed(f)}"]
+            if getattr(f, "hint", None):
+                lines.append(f"- how to read / fix: {f.hint}")
+            lines.append("")
             ex = _examples_table(f.examples)
             if ex:
                 lines += ["Example rows:", ""] + ex + [""]
@@ -133,6 +136,8 @@ def render_console(result, max_examples: int = 3) -> str:
     for f in result.failures:
         out.append(f"  x {f.name}")
         out.append(f"      {_what_failed(f)}")
+        if getattr(f, "hint", None):
+            out.append(f"      {f.hint}")
         for e in f.examples[:max_examples]:
             out.append("      e.g. " + ", ".join(f"{k}={_fmt(v)}" for k, v in e.items()))
     out += [f"quarantined to: {result.quarantine}",

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +50,24 @@ KINDS: dict[str, tuple[str, str]] = {
     "click_rate_shift": ("requests", "label_click flipped to 1 on 40% of request rows"),
     "action_mix_shift": ("actions", "50% of action rows turned into hide-only actions"),
     "missing_table": ("impressions", "impressions table deleted"),
+    "exact_duplicate_events": ("actions", "3 action rows logged twice, every column equal (below any rate)"),
+    "contradictory_actions": ("actions", "hide and click set together on ~2% of action rows"),
+    "contradictory_labels": ("requests", "label_hide and label_click both 1 on ~2% of request rows"),
+    "labels_without_actions": ("requests", "label_repin set to 1 on ~2% of unlabelled request rows "
+                                           "(no repin in actions)"),
+    "labels_dropped": ("requests", "label_click cleared on half of the clicked request rows"),
+    "clock_shift": ("requests", "every request stamped 2 hours later (request clock ahead of the "
+                                "action clock): labels precede their requests"),
+    "orphan_impressions": ("impressions", "~2% of impressions point at request ids that do not exist"),
+    "requests_without_impressions": ("impressions", "the impressions of ~2% of requests deleted"),
+    "zero_embeddings": ("items", "emb and emb_q of 5% of items written as zeros"),
+    "saturated_embeddings": ("items", "emb of 10% of items scaled by 8 (not normalised), emb_q "
+                                      "quantised from it"),
+    "negative_ids": ("actions", "user_id negative on ~2% of action rows"),
+    "bad_positions": ("requests", "positions of ~2% of requests start at 1 instead of 0"),
+    "string_ids": ("actions", "user_id stored as strings"),
+    "tz_timestamps": ("requests", "ts stored as a timestamp with a time zone instead of int64 ms"),
+    "seconds_timestamps": ("actions", "ts of ~2% of action rows in seconds instead of milliseconds"),
 }
 
 #: kind -> the expectation (name) that must reject it. The distribution kinds need a
@@ -71,6 +90,22 @@ CAUGHT_BY: dict[str, str] = {
     "click_rate_shift": "requests: label_click rate matches the reference",
     "action_mix_shift": "actions: 'hide' share of actions matches the reference",
     "missing_table": "world: impressions table is present",
+    "exact_duplicate_events": "actions: no event is logged twice (exact duplicate rows)",
+    "contradictory_actions": "actions: action does not combine hide with click or repin",
+    "contradictory_labels": "requests: labels do not combine hide with click or repin",
+    "labels_without_actions": "requests: positive labels have their engagement in actions within the label window",
+    "labels_dropped": "requests: label rates match the action log (unlabelled engagements within "
+                      "max_missed_label_share)",
+    "clock_shift": "requests: no labelled engagement logged only before its request (clock shift)",
+    "orphan_impressions": "impressions: every impression matches a request row (request_id, item_id)",
+    "requests_without_impressions": "requests: every request row has its impression",
+    "zero_embeddings": "items: all-zero embedding share within max_zero_embedding_share",
+    "saturated_embeddings": "items: saturated emb_q value share within max_saturated_share",
+    "negative_ids": "actions: user_id is non-negative",
+    "bad_positions": "requests: positions of a request are 0..n-1, each once",
+    "string_ids": "actions: user_id has type int64",
+    "tz_timestamps": "requests: ts has type int64",
+    "seconds_timestamps": "actions: ts in range (not before min_ts, not in the future)",
 }
 NEEDS_REFERENCE: frozenset[str] = frozenset({"click_rate_shift", "action_mix_shift"})
 
@@ -238,13 +273,109 @@ def corrupt(world_dir: str | os.PathLike, kind: str, seed: int = 0,
         t = _set(t, "label_click", v)
         touched = len(flip)
     elif kind == "action_mix_shift":
+        # Only actions that no label counts change, so the labels still agree with the
+        # action log: a shift of the mix that only the reference profile can see.
         v = t.column("action").to_numpy().copy()
-        flip = _pick(rng, n, 0.5)
+        req = pq.read_table(table_path(world, "requests"), columns=["user_id", "item_id"]).to_pandas()
+        pairs = pd.MultiIndex.from_frame(req)
+        free = np.flatnonzero(~pd.MultiIndex.from_arrays(
+            [t.column("user_id").to_numpy(), t.column("item_id").to_numpy()]).isin(pairs))
+        flip = np.sort(rng.choice(free, size=min(len(free), n // 2), replace=False))
         v[flip] = S.ACTION_BIT["hide"]
         t = _set(t, "action", v)
         touched = len(flip)
+    elif kind in NEW_KINDS:
+        t, touched = _corrupt_more(kind, t, rows, rng, world)
     _write(path, t)
     return _summary(kind, name, touched, world)
+
+
+#: The kinds :func:`_corrupt_more` injects (faults of real logs that pass every
+#: single-table check: cross-table links, shares, types).
+NEW_KINDS: frozenset[str] = frozenset({
+    "exact_duplicate_events", "contradictory_actions", "contradictory_labels",
+    "labels_without_actions", "labels_dropped", "clock_shift", "orphan_impressions",
+    "requests_without_impressions", "zero_embeddings", "saturated_embeddings", "negative_ids",
+    "bad_positions", "string_ids", "tz_timestamps", "seconds_timestamps"})
+
+
+def _requests_hit(rng: np.random.Generator, rid: np.ndarray, frac: float = 0.02) -> np.ndarray:
+    """bool [rows]: the rows of ~``frac`` of the requests (whole requests are hit)."""
+    ids = np.unique(rid)
+    return np.isin(rid, rng.choice(ids, size=max(1, int(len(ids) * frac)), replace=False))
+
+
+def _corrupt_more(kind: str, t: pa.Table, rows: np.ndarray, rng: np.random.Generator,
+                  world: Path) -> tuple[pa.Table, int]:
+    """(corrupted table, rows touched) for the kinds of :data:`NEW_KINDS`."""
+    from transact.model.quantization import quantize
+
+    n = t.num_rows
+    if kind == "exact_duplicate_events":
+        dup = rows[:3]
+        return pa.concat_tables([t, t.take(pa.array(dup))]), len(dup)
+    if kind == "contradictory_actions":
+        v = t.column("action").to_numpy().copy()
+        v[rows] |= S.ACTION_BIT["hide"] | S.ACTION_BIT["click"]
+        return _set(t, "action", v), len(rows)
+    if kind == "contradictory_labels":
+        for c in ("label_hide", "label_click"):
+            v = t.column(c).to_numpy().copy()
+            v[rows] = 1
+            t = _set(t, c, v)
+        return t, len(rows)
+    if kind == "labels_without_actions":
+        v = t.column("label_repin").to_numpy().copy()
+        free = np.flatnonzero(v == 0)
+        hit = np.sort(rng.choice(free, size=max(1, len(free) // 50), replace=False))
+        v[hit] = 1
+        return _set(t, "label_repin", v), len(hit)
+    if kind == "labels_dropped":
+        v = t.column("label_click").to_numpy().copy()
+        pos = np.flatnonzero(v == 1)
+        hit = np.sort(rng.choice(pos, size=max(1, len(pos) // 2), replace=False))
+        v[hit] = 0
+        return _set(t, "label_click", v), len(hit)
+    if kind == "clock_shift":
+        return _set(t, "ts", t.column("ts").to_numpy() + 2 * 3_600_000), n
+    if kind == "orphan_impressions":
+        v = t.column("request_id").to_numpy().copy()
+        v[rows] = v.max() + 1_000 + np.arange(len(rows))
+        return _set(t, "request_id", v), len(rows)
+    if kind == "requests_without_impressions":
+        hit = _requests_hit(rng, t.column("request_id").to_numpy())
+        return t.filter(pa.array(~hit)), int(hit.sum())
+    if kind == "zero_embeddings":
+        hit = _pick(rng, n, 0.05)
+        e, q = _list_np(t, "emb", np.float16), _list_np(t, "emb_q", np.int8)
+        e[hit], q[hit] = 0, 0
+        t = _set(t, "emb", _fixed_list(e, pa.float16()))
+        return _set(t, "emb_q", _fixed_list(q, pa.int8())), len(hit)
+    if kind == "saturated_embeddings":
+        hit = _pick(rng, n, 0.10)
+        e = _list_np(t, "emb", np.float16)
+        e[hit] = (e[hit].astype(np.float32) * 8).astype(np.float16)
+        t = _set(t, "emb", _fixed_list(e, pa.float16()))
+        return _set(t, "emb_q", _fixed_list(quantize(e), pa.int8())), len(hit)
+    if kind == "negative_ids":
+        v = t.column("user_id").to_numpy().copy()
+        v[rows] = -v[rows] - 1
+        return _set(t, "user_id", v), len(rows)
+    if kind == "bad_positions":
+        hit = _requests_hit(rng, t.column("request_id").to_numpy())
+        v = t.column("position").to_numpy().copy()
+        v[hit] += 1
+        return _set(t, "position", v), int(hit.sum())
+    if kind == "string_ids":
+        return _set(t, "user_id", pa.array([str(u) for u in t.column("user_id").to_pylist()])), n
+    if kind == "tz_timestamps":
+        ts = pa.array(t.column("ts").to_numpy(), pa.timestamp("ms", tz="Europe/Berlin"))
+        return _set(t, "ts", ts), n
+    if kind == "seconds_timestamps":
+        v = t.column("ts").to_numpy().copy()
+        v[rows] //= 1000
+        return _set(t, "ts", v), len(rows)
+    raise AssertionError(kind)
 
 
 def _summary(kind: str, table: str, rows: int, world: Path) -> dict:
@@ -328,12 +459,6 @@ def synthetic_world(out: str | os.PathLike, n_items: int = 200_000, n_actions: i
     items = pa.table({"item_id": item_ids, "topic": np.zeros(n_items, np.int32),
                       "emb": _fixed_list(emb, pa.float16()), "emb_q": _fixed_list(q, pa.int8())},
                      schema=S.ITEMS)
-    actions = pa.table({
-        "user_id": rng.integers(0, n_users, n_actions), "item_id": rng.integers(0, n_items, n_actions),
-        "ts": t0_ms + np.sort(rng.integers(0, span, n_actions)),
-        "action": rng.choice(np.array([1, 2, 4, 8, 9, 3], np.uint8), n_actions,
-                             p=[0.45, 0.2, 0.08, 0.17, 0.06, 0.04]),
-        "surface": rng.integers(0, len(S.SURFACES), n_actions).astype(np.int8)}, schema=S.ACTIONS_TABLE)
     n_req = n_request_rows // chunk
     n = n_req * chunk
     req_user = rng.integers(0, n_users, n_req)
@@ -346,7 +471,23 @@ def synthetic_world(out: str | os.PathLike, n_items: int = 200_000, n_actions: i
               "position": np.tile(np.arange(chunk, dtype=np.int16), n_req)}
     labels = {c: (rng.random(n) < p).astype(np.uint8)
               for c, p in zip(S.LABEL_COLUMNS, (0.1, 0.07, 0.015, 0.09))}
+    hide = labels["label_hide"] == 1
+    for a in S.CONTRADICTS_HIDE:  # a hidden item is not also clicked or repinned
+        labels[f"label_{a}"][hide] = 0
     requests = pa.table({**common, **labels}, schema=S.REQUESTS)
+    # Every label's engagement is in the action log, a second after its request; the rest
+    # of the log is background activity.
+    bits = sum(labels[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS)
+    eng = np.flatnonzero(bits)
+    n_bg = max(0, n_actions - len(eng))
+    actions = pa.table({
+        "user_id": np.concatenate([rng.integers(0, n_users, n_bg), common["user_id"][eng]]),
+        "item_id": np.concatenate([rng.integers(0, n_items, n_bg), common["item_id"][eng]]),
+        "ts": np.concatenate([t0_ms + np.sort(rng.integers(0, span, n_bg)), common["ts"][eng] + 1_000]),
+        "action": np.concatenate([rng.choice(np.array([1, 2, 4, 8, 9, 3], np.uint8), n_bg,
+                                             p=[0.45, 0.2, 0.08, 0.17, 0.06, 0.04]), bits[eng]]),
+        "surface": np.concatenate([rng.integers(0, len(S.SURFACES), n_bg).astype(np.int8),
+                                   common["surface"][eng]])}, schema=S.ACTIONS_TABLE)
     impressions = pa.table({k: common[k] for k in S.IMPRESSIONS.names}, schema=S.IMPRESSIONS)
     for name, t in (("items", items), ("actions", actions), ("impressions", impressions),
                     ("requests", requests)):

@@ -37,6 +37,11 @@ POSITIVE_ACTIONS: tuple[str, ...] = ("click", "repin", "closeup")
 POSITIVE_MASK: int = sum(ACTION_BIT[a] for a in POSITIVE_ACTIONS)
 EXPLICIT_MASK: int = sum(ACTION_BIT[a] for a in EXPLICIT_ACTIONS)
 
+#: Engagements that never come with a ``hide`` of the same item in the same event or
+#: label row: a row holding both is a logging fault.
+CONTRADICTS_HIDE: tuple[str, ...] = ("click", "repin")
+CONTRADICTS_HIDE_MASK: int = sum(ACTION_BIT[a] for a in CONTRADICTS_HIDE)
+
 SURFACES: tuple[str, ...] = ("homefeed", "search", "related", "profile")
 
 LABEL_COLUMNS: tuple[str, ...] = tuple(f"label_{a}" for a in EXPLICIT_ACTIONS)
@@ -85,6 +90,15 @@ REQUESTS = pa.schema(
     ]
     + [pa.field(c, pa.uint8(), nullable=False) for c in LABEL_COLUMNS]
 )
+
+#: World metadata (``world.json``) every reader may rely on, with the defaults used when a
+#: world does not state them:
+#: - ``min_ts``: no event is older (epoch ms); validation's lower time bound. Public
+#:   data sets go back further than a live service's logs: state it at import.
+#: - ``label_window_ms``: a label counts an engagement logged at most this long after
+#:   its request; validation matches labels against the actions table within it.
+DEFAULT_MIN_TS_MS: int = 1_262_304_000_000  # 2010-01-01 UTC
+DEFAULT_LABEL_WINDOW_MS: int = 3_600_000  # one hour
 
 #: Table name -> schema; file name is ``<name>.parquet`` (or a directory of parts).
 TABLES: dict[str, pa.Schema] = {

@@ -102,6 +102,7 @@ from transact.data.io import AtomicParquetWriter, table_path
 from transact.data.schema import (
     ACTION_BIT,
     ACTIONS_TABLE,
+    CONTRADICTS_HIDE,
     EMB_DIM,
     EXPLICIT_ACTIONS,
     IMPRESSIONS,
@@ -126,6 +127,9 @@ ROWS_PER_GROUP: int = 65_536  # fixed row-group size: file bytes do not depend o
 N_ACT = len(EXPLICIT_ACTIONS)
 _POSITIVE = np.array([a != "hide" for a in EXPLICIT_ACTIONS])  # user/surface bias applies
 _BITS = np.array([ACTION_BIT[a] for a in EXPLICIT_ACTIONS], dtype=np.uint8)
+_HIDE = EXPLICIT_ACTIONS.index("hide")
+#: The engagements a hide excludes on the same impression.
+_POSITIVE_OF_HIDE = [EXPLICIT_ACTIONS.index(a) for a in CONTRADICTS_HIDE]
 _S_SESSION, _S_RECENT, _S_LIFELONG, _S_POPULAR, _S_RANDOM = range(len(SOURCES))
 
 
@@ -665,6 +669,9 @@ def _engage(rng, ctx: _Context, p: UserProfile, support, lt_topic, st, item, sur
     logit = logit + (offset[..., None] * _POSITIVE)
     logit = logit - cfg.position_bias * (np.arange(C) / C)[None, :, None]
     hit = rng.random((n, C, N_ACT)) < 1.0 / (1.0 + np.exp(-logit))
+    # A user who hides an item does not also click or repin it: the labels of a real log
+    # never combine them, and validation rejects a row that does.
+    hit[..., _POSITIVE_OF_HIDE] &= ~hit[..., _HIDE, None]
     return (hit * _BITS).sum(-1).astype(np.uint8)
 
 
@@ -842,6 +849,9 @@ def _summary(cfg, drift, seed, uids, n_items, rows, n_requests, ll_lens) -> dict
         "n_items": n_items,
         "n_requests": n_requests,
         "start_ts": EPOCH_MS,
+        "min_ts": EPOCH_MS,  # no event is older (validation's lower time bound)
+        # every engagement is logged within this long after its request
+        "label_window_ms": cfg.action_delay_ms * (cfg.chunk_size + 1),
         "request_start_ts": EPOCH_MS + (cfg.days - cfg.request_days) * DAY_MS,
         "train_end_ts": end_ts - eval_days * DAY_MS,
         "end_ts": end_ts,

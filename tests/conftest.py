@@ -148,12 +148,41 @@ def write_world(path, seed: int = 0, n_users: int = 5):
 
     rng = np.random.default_rng(seed)
     items = make_items(60, rng)
-    actions, impressions = make_events(items, n_users, 400, 400, rng)
+    actions, _ = make_events(items, n_users, 400, 400, rng)
     requests = make_requests(items, n_users, 30, 6, rng)
+    actions, impressions, requests = linked(actions, requests)
     path.mkdir(parents=True, exist_ok=True)
     for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
         pq.write_table(t, path / f"{name}.parquet")
     return items, actions, impressions, requests
+
+
+def linked(actions: pa.Table, requests: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(actions, impressions, requests) that agree the way one real log does: every request
+    row is an impression, every label an engagement in actions (position + 1) seconds after its request,
+    and no row combines hide with click or repin. Random tables break all three."""
+    def no_hide_conflict(bits: np.ndarray) -> np.ndarray:
+        hide = (bits & S.ACTION_BIT["hide"]) > 0
+        return np.where(hide, bits & ~np.uint8(S.CONTRADICTS_HIDE_MASK), bits).astype(np.uint8)
+
+    req = {c: requests.column(c).to_numpy() for c in requests.column_names}
+    # an item twice in one request: one engagement, so both rows carry the first row's labels
+    first = requests.to_pandas().groupby(["request_id", "item_id"])["position"].transform("idxmin").to_numpy()
+    for c in S.LABEL_COLUMNS:
+        req[c] = req[c][first]
+    for a in S.CONTRADICTS_HIDE:
+        req[f"label_{a}"] = np.where(req["label_hide"] == 1, 0, req[f"label_{a}"]).astype(np.uint8)
+    requests = pa.table(req, schema=S.REQUESTS)
+    bits = sum(req[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS)
+    eng = np.flatnonzero(bits)
+    engaged = pa.table({"user_id": req["user_id"][eng], "item_id": req["item_id"][eng],
+                        "ts": req["ts"][eng] + 1_000 * (req["position"][eng].astype(np.int64) + 1), "action": bits[eng].astype(np.uint8),
+                        "surface": req["surface"][eng]}, schema=S.ACTIONS_TABLE)
+    cols = {c: actions.column(c).to_numpy() for c in actions.column_names}
+    cols["action"] = no_hide_conflict(cols["action"])
+    actions = pa.concat_tables([pa.table(cols, schema=S.ACTIONS_TABLE), engaged])
+    impressions = requests.select(list(S.IMPRESSIONS.names)).cast(S.IMPRESSIONS)
+    return actions, impressions, requests
 
 
 def queries_of(requests: pa.Table, weights) -> list:

@@ -165,12 +165,23 @@ def test_corruption_is_rejected_by_its_named_expectation(kind, clean, reference,
 
 
 def test_distribution_kinds_pass_without_reference(clean, tmp_path):
-    """Shifts are only visible against a reference: without one the batch is valid."""
-    for kind in sorted(NEEDS_REFERENCE):
-        world = tmp_path / kind
-        corrupt(clean, kind, seed=0, out=world)
-        result = validate_world(world, tmp_path / "q")
-        assert result.passed, result.summary
+    """A shift of the action mix that the labels agree with is only visible against a
+    reference: without one the batch is valid."""
+    world = tmp_path / "action_mix_shift"
+    corrupt(clean, "action_mix_shift", seed=0, out=world)
+    result = validate_world(world, tmp_path / "q")
+    assert result.passed, result.summary
+
+
+def test_label_rate_shift_without_actions_is_caught_without_reference(clean, tmp_path):
+    """Labels flipped on without their engagement in the action log: the batch's own
+    actions expose it, no reference needed (the reference check names it when given)."""
+    world = tmp_path / "click_rate_shift"
+    corrupt(clean, "click_rate_shift", seed=0, out=world)
+    result = validate_world(world, tmp_path / "q")
+    assert not result.passed
+    assert CAUGHT_BY["labels_without_actions"] in result.failed_names
+    assert CAUGHT_BY["click_rate_shift"] not in result.failed_names  # no reference: not evaluated
 
 
 def test_future_is_relative_to_now(clean, tmp_path):

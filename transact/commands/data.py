@@ -47,11 +47,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Folder with items/actions/impressions/requests (.parquet or .csv)."),
         out: Path = typer.Option(Path("runs/world"), help="Output world folder."),
         eval_fraction: float = typer.Option(0.2, help="Share of the latest requests kept for evaluation."),
+        min_ts: str = typer.Option("2010-01-01", help="No event is older than this (ISO date or epoch ms); "
+                                                      "recorded in world.json, validation's lower time bound."),
+        label_window_ms: int = typer.Option(3_600_000, help="A label's engagement is logged at most this "
+                                                            "long after its request (ms); recorded in world.json."),
     ) -> None:
         """Check a team's own logs against the generic schema and write a world folder."""
         from transact.data.adapter import import_logs
+        from transact.data.times import to_epoch_ms
 
-        summary = import_logs(src, out, eval_fraction)
+        summary = import_logs(src, out, eval_fraction, min_ts=to_epoch_ms(min_ts, "--min-ts"),
+                              label_window_ms=label_window_ms)
         typer.echo(json.dumps(summary, indent=2))
 
     @app.command("log-nn")

@@ -31,19 +31,28 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         max_candidates: Optional[int] = typer.Option(None, help="Rows per request allowed (default: world.json "
                                                                 "chunk_size, else 1000)."),
         max_duplicate_rate: float = typer.Option(0.01, help="Share of duplicated events allowed."),
+        min_ts: Optional[str] = typer.Option(None, help="No event may be older (ISO date or epoch ms); default: "
+                                                        "min_ts of world.json, else 2010-01-01."),
+        label_window_ms: Optional[int] = typer.Option(None, help="A label's engagement is logged at most this long "
+                                                                 "after its request (ms); default: world.json, else 1 h."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of text."),
     ) -> None:
         """Validate a batch with Great Expectations; exit 1 (and quarantine it) if it fails."""
         from transact.components.validation import validate_rows, validate_world
         from transact.components.validation_report import render_console
 
+        from transact.data.times import to_epoch_ms
+
+        lower = None if min_ts is None else to_epoch_ms(min_ts, "--min-ts")
         if rows:
             result = validate_rows(path, quarantine, reference=reference, now=now, items=items,
-                                   reference_out=reference_out, update_reference=update_reference)
+                                   reference_out=reference_out, update_reference=update_reference,
+                                   min_ts=lower)
         else:
             result = validate_world(path, quarantine, reference=reference, now=now,
                                     reference_out=reference_out, update_reference=update_reference,
-                                    max_candidates=max_candidates, max_duplicate_rate=max_duplicate_rate)
+                                    max_candidates=max_candidates, max_duplicate_rate=max_duplicate_rate,
+                                    min_ts=lower, label_window_ms=label_window_ms)
         if json_out:
             d = result.to_dict()
             d.pop("summary", None)

@@ -1,0 +1,102 @@
+"""Cross-table facts of a world, per row, for validation's named expectations.
+
+A world's tables describe one log: each labelled request row is an impression of a
+candidate, and each positive label is an engagement the actions table holds too. The
+faults a real pipeline produces break these links while every table on its own still
+looks fine:
+
+* a label whose engagement is not in ``actions`` within ``label_window_ms`` after the
+  request (labels joined from the wrong source, or a clock / time-zone shift between
+  the request log and the action log);
+* the same engagement found only *before* the request (what a shift of the request
+  clock produces): the label leaks into the realtime sequence S_RT of its own request;
+* an engagement within the window that no label counts (labels dropped);
+* impressions that match no request row, and request rows without their impression.
+
+Everything is exact and vectorised: ``pandas.merge_asof`` by (user_id, item_id) over
+``ts`` -- no packed integer keys, so any int64 id works.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from transact.data import schema as S
+
+_KEY = ("user_id", "item_id")
+
+
+def _frame(table: pa.Table, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """The columns as a pandas frame of int64 with an ``row`` index column, or None when a
+    column is absent or not an integer column (the type checks report those)."""
+    for c in columns:
+        if c not in table.column_names or not pa.types.is_integer(table.column(c).type):
+            return None
+    df = pd.DataFrame({c: table.column(c).to_pandas() for c in columns})
+    df["row"] = np.arange(len(df))
+    return df.dropna()  # rows with null keys are the not-null checks' business
+
+
+def _as_int(df: pd.DataFrame, columns) -> pd.DataFrame:
+    return df.astype({c: np.int64 for c in columns})
+
+
+def label_links(requests: pa.Table, actions: pa.Table, window_ms: int,
+                leak_window_ms: int) -> dict[str, np.ndarray] | None:
+    """Per request row (bool [N]), or None when the keys cannot be read:
+
+    * ``label_unbacked``: a positive label with no engagement of its type on
+      (user, item) in ``[ts, ts + window_ms]``;
+    * ``label_before_only``: an unbacked positive label whose engagement is logged
+      in ``[ts - leak_window_ms, ts)`` instead (a clock shift);
+    * ``label_missed``: an engagement of some type in the window that the row's label
+      of that type does not count.
+    """
+    cols = ("user_id", "item_id", "ts")
+    req = _frame(requests, cols)
+    act = _frame(actions, cols + ("action",))
+    if req is None or act is None:
+        return None
+    n = requests.num_rows
+    out = {k: np.zeros(n, dtype=bool) for k in ("label_unbacked", "label_before_only", "label_missed")}
+    if not len(req):
+        return out
+    req = _as_int(req, cols).sort_values("ts", kind="stable")
+    act = _as_int(act, cols + ("action",))
+    rows = req["row"].to_numpy()
+    for a in S.EXPLICIT_ACTIONS:
+        label = f"label_{a}"
+        if label not in requests.column_names:
+            continue
+        lab = requests.column(label).to_numpy(zero_copy_only=False)[rows] == 1  # [n_req] sorted order
+        ev = act.loc[(act["action"].to_numpy() & S.ACTION_BIT[a]) > 0, list(cols)]
+        ev = ev.assign(found=ev["ts"]).sort_values("ts", kind="stable")
+        left = req[list(cols)]
+        after = pd.merge_asof(left, ev, on="ts", by=list(_KEY), direction="forward",
+                              tolerance=int(window_ms))["found"].notna().to_numpy()
+        before = pd.merge_asof(left, ev, on="ts", by=list(_KEY), direction="backward",
+                               allow_exact_matches=False,
+                               tolerance=int(leak_window_ms))["found"].notna().to_numpy()
+        out["label_unbacked"][rows] |= lab & ~after
+        out["label_before_only"][rows] |= lab & ~after & before
+        out["label_missed"][rows] |= ~lab & after
+    return out
+
+
+def impression_links(impressions: pa.Table, requests: pa.Table) -> dict[str, np.ndarray] | None:
+    """``impression_matched`` (bool [impressions]): a request row has the same
+    (request_id, item_id); ``request_impressed`` (bool [requests]): the reverse. None when
+    the keys cannot be read. Rows with null keys count as matched (the not-null checks
+    report them)."""
+    cols = ("request_id", "item_id")
+    imp, req = _frame(impressions, cols), _frame(requests, cols)
+    if imp is None or req is None:
+        return None
+    imp_ix = pd.MultiIndex.from_frame(_as_int(imp, cols)[list(cols)])
+    req_ix = pd.MultiIndex.from_frame(_as_int(req, cols)[list(cols)])
+    out = {"impression_matched": np.ones(impressions.num_rows, dtype=bool),
+           "request_impressed": np.ones(requests.num_rows, dtype=bool)}
+    out["impression_matched"][imp["row"].to_numpy()] = imp_ix.isin(req_ix)
+    out["request_impressed"][req["row"].to_numpy()] = req_ix.isin(imp_ix)
+    return out
