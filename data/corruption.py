@@ -48,7 +48,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "mixed_request": ("requests", "rows of one request spread over two users"),
     "duplicate_item_ids": ("items", "~2% of items repeat another item's id"),
     "click_rate_shift": ("requests", "label_click flipped to 1 on 40% of request rows"),
-    "action_mix_shift": ("actions", "50% of action rows turned into hide-only actions"),
+    "action_mix_shift": ("actions", "half of the action rows (those no label counts) turned into hide-only actions"),
     "missing_table": ("impressions", "impressions table deleted"),
     "exact_duplicate_events": ("actions", "3 action rows logged twice, every column equal (below any rate)"),
     "contradictory_actions": ("actions", "hide and click set together on ~2% of action rows"),
