@@ -64,6 +64,8 @@ from tqdm.auto import tqdm
 from transact.data import schema as S
 from transact.data.io import SchemaError, read_table, table_path
 from transact.model.config import FeatureConfig
+from transact.model.event_order import (ACTION_TIES, IMPRESSION_TIES, dense_rank, event_order,
+                                        group_offsets, search_in_groups)
 from transact.model.nn_features import JaggedSequences
 from transact.model.sequences import IMP_LOOKBACK, EventStore
 
@@ -393,66 +395,13 @@ def _write_user_rows(writers: dict, view: str, users, ts_ms, blobs: list[bytes],
                                schema=view_schema(iv)))
 
 
-class _ImpWindows:
-    """Impression windows with item ids and engagement flags, in EventStore's order
-    (events sorted by (user, ts), ties in table order, newest first)."""
-
-    _BITS = 42
-
-    def __init__(self, items: pa.Table, actions: pa.Table, impressions: pa.Table):
-        item_ids = items.column("item_id").to_numpy()
-        order = np.argsort(item_ids, kind="stable")
-        self.item_ids = item_ids[order]
-        self.item_emb = items.column("emb_q").combine_chunks().values.to_numpy(
-            zero_copy_only=False).reshape(-1, S.EMB_DIM)[order]
-        au, ai, at = (actions.column(c).to_numpy() for c in ("user_id", "item_id", "ts"))
-        iu, ii, it = (impressions.column(c).to_numpy() for c in ("user_id", "item_id", "ts"))
-        self.users = np.unique(np.concatenate([au, iu]))
-        self.t0 = int(min([int(t.min()) for t in (at, it) if len(t)], default=0))
-        key = self._key(np.searchsorted(self.users, iu), it)
-        o = np.argsort(key, kind="stable")
-        self.key, self.ts, self.item = key[o], it[o], ii[o]
-        self.surface = impressions.column("surface").to_numpy()[o]
-        self.row = np.searchsorted(self.item_ids, self.item)
-        # ts of the first action of the same (user, item) at or after each impression
-        n_items = max(len(self.item_ids), 1)
-        pair = np.concatenate([np.searchsorted(self.users, au) * n_items + np.searchsorted(self.item_ids, ai),
-                               np.searchsorted(self.users, iu) * n_items + np.searchsorted(self.item_ids, ii)])
-        _, inv = np.unique(pair, return_inverse=True)
-        a_key = self._key(inv[: len(au)], at)
-        i_key = self._key(inv[len(au):], it)[o]
-        a_key = np.sort(a_key)
-        j = np.searchsorted(a_key, i_key, side="left")
-        jc = np.minimum(j, max(len(a_key) - 1, 0))
-        never = np.iinfo(np.int64).max
-        if len(a_key):
-            same = (j < len(a_key)) & ((a_key[jc] >> self._BITS) == (i_key >> self._BITS))
-            self.next_action = np.where(same, (a_key[jc] & ((1 << self._BITS) - 1)) + self.t0, never)
-        else:
-            self.next_action = np.full(len(i_key), never, dtype=np.int64)
-
-    def _key(self, group: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        rel = np.clip(np.asarray(ts, np.int64) - self.t0, 0, (1 << self._BITS) - 1)
-        return (np.asarray(group, np.int64) << self._BITS) | rel
-
-    def windows(self, users: np.ndarray, tau: np.ndarray, size: int) -> Tokens:
-        """Last ``size`` impressions before each tau (newest first); engaged = acted on before tau."""
-        users, tau = np.asarray(users, np.int64), np.asarray(tau, np.int64)
-        rank = np.minimum(np.searchsorted(self.users, users), max(len(self.users) - 1, 0))
-        known = (self.users[rank] == users) if len(self.users) else np.zeros(len(users), bool)
-        lo = np.searchsorted(self.key, self._key(rank, np.full(len(users), self.t0)), side="left")
-        hi = np.searchsorted(self.key, self._key(rank, tau), side="left")
-        hi = np.where(known & (tau > self.t0), hi, lo)
-        start = np.maximum(lo, hi - size)
-        lens = hi - start
-        offsets = np.zeros(len(users) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
-        idx = np.repeat(hi - 1, lens) - within
-        return Tokens(ts=self.ts[idx], emb_q=self.item_emb[self.row[idx]],
-                      action=np.full(len(idx), S.ACTION_BIT["impression"], np.uint8),
-                      surface=self.surface[idx], offsets=offsets, item_id=self.item[idx],
-                      engaged=(self.next_action[idx] < np.repeat(tau, lens)).astype(np.uint8))
+def _imp_windows(store: EventStore, users: np.ndarray, tau: np.ndarray, size: int) -> Tokens:
+    """Last ``size`` impressions before each tau (newest first), with item ids and whether
+    the user engaged before tau: the window S_imp is cut from, in EventStore's order."""
+    seq, item_id, engaged = store.impression_window(users, tau, size)
+    tok = _jagged_tokens(seq)
+    tok.item_id, tok.engaged = item_id, engaged.astype(np.uint8)
+    return tok
 
 
 def _jagged_tokens(seq: JaggedSequences) -> Tokens:
@@ -471,6 +420,9 @@ def _caps(store: EventStore, **caps):
 
 
 def _load_world(world: str | Path) -> dict[str, pa.Table]:
+    from transact.data.world import check_world
+
+    check_world(world, ("items", "actions", "impressions"))  # a sealed world, never a mix
     return {n: read_table(table_path(world, n), S.TABLES[n], what=n)
             for n in ("items", "actions", "impressions")}
 
@@ -514,7 +466,6 @@ def write_offline(world: str | Path, repo: str | Path, cfg: FeatureConfig | None
         raise ValueError(f"since ({since}) is after until ({until})")
 
     store = EventStore(tables["items"], actions, impressions, cfg)
-    imp_win = _ImpWindows(tables["items"], actions, impressions)
     win_size = IMP_LOOKBACK * cfg.imp_cap
     users = np.unique(np.concatenate([a_user, i_user]))
 
@@ -525,7 +476,7 @@ def write_offline(world: str | Path, repo: str | Path, cfg: FeatureConfig | None
                for v, rg in ((ITEM_VIEW, 65_536), (LL_VIEW, 16), (RT_VIEW, 1024), (IMP_VIEW, 512),
                              *((iv, 65_536) for iv, _ in INDEX_VIEWS.values()))}
     try:
-        it = tables["items"]
+        it = tables["items"].sort_by("item_id")  # rows in key order, whatever the input's
         emb = it.column("emb_q").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, S.EMB_DIM)
         writers[ITEM_VIEW].write(pa.table(
             [it.column("item_id"), _ts_array(np.full(it.num_rows, ITEMS_TS_MS)),
@@ -565,7 +516,7 @@ def write_offline(world: str | Path, repo: str | Path, cfg: FeatureConfig | None
             prev_u, prev_b = None, None
             for s in range(0, len(q_u), 1024):
                 u, t = q_u[s:s + 1024], q_t[s:s + 1024]
-                win = imp_win.windows(u, t, win_size)
+                win = _imp_windows(store, u, t, win_size)
                 lens = np.diff(derive_imp(win, cfg.imp_cap).offsets)
                 blobs = _encode_rows(win)
                 keep = np.ones(len(u), bool)
@@ -858,10 +809,9 @@ def _tokens_of(blob: bytes | None, with_extras: bool) -> dict[str, np.ndarray]:
 
 
 def _prepend(state: dict, new: dict, cap: int) -> dict:
-    """Adds events (table order, one ts) to a newest-first state, keeping ``cap`` tokens.
-
-    Events newer than every token go first; an out-of-order event is placed by its ts
-    (ties: the new event first, as EventStore orders later rows of equal ts)."""
+    """Adds events (in :func:`event_order`, one ts) to a newest-first state, keeping ``cap``
+    tokens. Events newer than every token go first; an out-of-order event is placed by
+    its ts (ties with older tokens of that ts: the new event first)."""
     rev = {k: v[::-1] for k, v in new.items()}
     t = rev["ts"][0]
     pos = int(np.searchsorted(-state["ts"], -t, side="left"))
@@ -903,7 +853,7 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
     acts = conform(actions, S.ACTIONS_TABLE, "actions") if actions is not None else S.ACTIONS_TABLE.empty_table()
     imps = conform(impressions, S.IMPRESSIONS, "impressions") if impressions is not None else S.IMPRESSIONS.empty_table()
     a = {c: acts.column(c).to_numpy() for c in ("user_id", "item_id", "ts", "action", "surface")}
-    i = {c: imps.column(c).to_numpy() for c in ("user_id", "item_id", "ts", "surface")}
+    i = {c: imps.column(c).to_numpy() for c in ("user_id", "item_id", "ts", "surface", "request_id", "position")}
     users = np.unique(np.concatenate([a["user_id"], i["user_id"]]))
     if len(users) == 0:
         return {"users": 0, "actions": 0, "impressions": 0, "seconds": 0.0}
@@ -924,8 +874,9 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
 
     state = reader.raw(users, views=(RT_VIEW, IMP_VIEW))
     rt_blob_name, imp_blob_name = VIEW_FEATURES[RT_VIEW][0], VIEW_FEATURES[IMP_VIEW][0]
-    a_order = np.lexsort((a["ts"], a["user_id"]))
-    i_order = np.lexsort((i["ts"], i["user_id"]))
+    # EventStore's total order: events of one ts reach the state in the same order as offline
+    a_order = event_order(a["user_id"], a["ts"], *(a[c] for c in ACTION_TIES))
+    i_order = event_order(i["user_id"], i["ts"], *(i[c] for c in IMPRESSION_TIES))
     out = {RT_VIEW: ([], [], [], []), IMP_VIEW: ([], [], [], [])}  # users, taus, blobs, lens
     final = {RT_VIEW: {}, IMP_VIEW: {}}
     for n, u in enumerate(tqdm(users, desc="push", unit="user", disable=not progress)):
@@ -997,8 +948,6 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
 class _Payload:
     """Keyed reads of a sequence view's offline rows: (user, row time) -> blob."""
 
-    _BITS = 42
-
     def __init__(self, repo: Path, view: str):
         self.files = sorted((repo / OFFLINE_DIRS[view]).glob("part-*.parquet"))
         self.blob = VIEW_FEATURES[view][0]
@@ -1015,24 +964,22 @@ class _Payload:
         u, t, self.fid, self.row = (np.concatenate(x) if x else np.zeros(0, np.int64)
                                     for x in (us, ts, fid, row))
         self.users = np.unique(u)
-        self.t0 = int(t.min()) if len(t) else 0
-        key = self._key(np.searchsorted(self.users, u), t)
-        o = np.argsort(key, kind="stable")  # equal keys keep file order: the last one wins
-        self.key, self.fid, self.row = key[o], self.fid[o], self.row[o]
-
-    def _key(self, rank, ts):
-        return (np.asarray(rank, np.int64) << self._BITS) | (np.asarray(ts, np.int64) - self.t0)
+        rank = np.searchsorted(self.users, u)
+        o = np.lexsort((self.row, self.fid, t, rank))  # equal (user, ts) keep file order: the last one wins
+        self.ts, self.fid, self.row = t[o], self.fid[o], self.row[o]
+        self.offsets = group_offsets(rank[o], max(len(self.users), 1))  # rows of each user
 
     def get(self, users: np.ndarray, asof_ms: Sequence[int | None]) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(users)
         have = [k for k, a in enumerate(asof_ms) if a is not None]
-        if not have or not len(self.key):
+        if not have or not len(self.ts):
             return out
         u = np.asarray(users, np.int64)[have]
         a = np.asarray([asof_ms[k] for k in have], np.int64)
-        rank = np.minimum(np.searchsorted(self.users, u), len(self.users) - 1)
-        pos = np.searchsorted(self.key, self._key(rank, a), side="right") - 1
-        ok = (pos >= 0) & (self.users[rank] == u) & (self.key[np.maximum(pos, 0)] == self._key(rank, a))
+        rank, known = dense_rank(self.users, u)
+        lo = self.offsets[rank]
+        pos = search_in_groups(self.ts, lo, self.offsets[rank + 1], a, side="right") - 1
+        ok = known & (pos >= lo) & (self.ts[np.maximum(pos, 0)] == a)
         if not ok.all():
             raise ValueError(f"{int((~ok).sum())} rows named by the index are missing from {self.blob}'s source")
         fid, row = self.fid[pos], self.row[pos]
@@ -1352,6 +1299,9 @@ def _subset_world(world: Path, dest: Path, max_users: int) -> Path:
     for name in ("actions", "impressions"):
         t = tables[name]
         pq.write_table(t.filter(pa.array(np.isin(t.column("user_id").to_numpy(), keep))), dest / f"{name}.parquet")
+    from transact.data.world import seal_world
+
+    seal_world(dest)  # _load_world reads only sealed worlds
     return dest
 
 

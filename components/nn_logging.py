@@ -26,13 +26,14 @@ from transact.model.sequences import EventStore
 
 
 def sorted_requests(requests: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Sorts requests by (ts, request_id, position); returns it and each request's first row.
+    """Sorts requests by (ts, request_id, position, item_id) -- a total order on what
+    validation accepts, whatever the input's row order; returns it and each request's first row.
 
     Raises SchemaError when a request_id mixes users or timestamps: a request is one
     user's ranking call at one instant.
     """
     requests = requests.sort_by([("ts", "ascending"), ("request_id", "ascending"),
-                                 ("position", "ascending")])
+                                 ("position", "ascending"), ("item_id", "ascending")])
     rid = requests.column("request_id").to_numpy()
     starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]])) if len(rid) else np.zeros(0, int)
     if len(np.unique(rid)) != len(starts):
@@ -75,6 +76,9 @@ def log_nn_features(world: str | Path, out: str | Path, cfg: FeatureConfig | Non
 def _log(world, out, cfg: FeatureConfig, batch_requests: int, progress: bool, store: EventStore | None) -> dict:
     t_start = time.perf_counter()
     store = store or EventStore.from_dir(world, cfg)
+    from transact.data.world import check_world
+
+    check_world(world, ("requests",))  # a sealed world, never a mix of two
     requests, starts = sorted_requests(read_table(table_path(world, "requests"), S.REQUESTS,
                                                   what="requests"))
     ends = np.append(starts[1:], requests.num_rows)

@@ -1045,6 +1045,88 @@ def _parquet_rows(path: Path) -> int | None:
         return None
 
 
+def _world_manifest(world: Path) -> dict:
+    """The batch's manifest; refuses (one line, nothing touched) a folder that is not a
+    sealed world, so validation never moves a folder of something else to quarantine."""
+    from transact.data.world import SEAL_HINT, has_world_tables, read_manifest, recover
+
+    if not world.exists():
+        recover(world)  # a publish killed between its two renames
+    if not world.is_dir():
+        raise FileNotFoundError(f"validate: no world folder {world}")
+    manifest = read_manifest(world)
+    if manifest is None and not has_world_tables(world):
+        raise ValueError(f"validate: {world} is not a world folder (no manifest.json, no "
+                         f"{', '.join(WORLD_TABLES)} tables); nothing was moved")
+    if manifest is None:
+        raise ValueError(f"validate: {world} has no manifest.json (tables written by hand?); "
+                         f"{SEAL_HINT.format(dir=world)}; nothing was moved")
+    return manifest
+
+
+def _manifest_failures(world: Path, manifest: dict) -> list[Failure]:
+    """A present table (or world.json) that differs from the manifest: the batch changed
+    after it was published. Missing tables are the "table is present" failures."""
+    from transact.data.world import WORLD_JSON, manifest_differences
+
+    out = []
+    for name, what in manifest_differences(world, manifest).items():
+        path = world / (WORLD_JSON if name == WORLD_JSON else f"{name}.parquet")
+        if not path.exists():
+            continue
+        table = name if name in WORLD_TABLES else "world"
+        out.append(Failure(f"world: {name} matches the manifest", table, "matches manifest",
+                           {"path": str(path)}, gx=False, exception=what,
+                           hint="the batch was changed after it was published; re-publish it "
+                                "(or `transact seal-world` for tables written by hand)"))
+    for name in WORLD_TABLES:
+        if table_path(world, name).exists() and name not in manifest["tables"]:
+            out.append(Failure(f"world: {name} matches the manifest", name, "matches manifest",
+                               {"path": str(table_path(world, name))}, gx=False,
+                               exception=f"{name}.parquet is not in the manifest"))
+    return out
+
+
+def _move_dir(src: Path, dest: Path) -> None:
+    """Moves a folder in one rename; across file systems copies into a hidden folder
+    beside ``dest`` first, so ``dest`` appears whole or not at all."""
+    import errno
+
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    incoming = dest.with_name(f".{dest.name}.incoming-{os.getpid()}")
+    shutil.copytree(src, incoming)
+    os.rename(incoming, dest)
+    shutil.rmtree(src)
+
+
+def _quarantine_world(world: Path, quarantine: Path, result: ValidationResult, gx_results: dict,
+                      params: Params, rows_in: dict[str, int | None]) -> Path:
+    """Reports first, move last: the reports are written into the batch, which then moves
+    to quarantine in one rename; a kill at any point leaves the batch at its place or in
+    quarantine, always with its reasons."""
+    from transact.data.world import fault_point
+
+    dest = _quarantine_dest(quarantine, result.batch, _utc_stamp(int(time.time() * 1000)))
+    result.location = result.quarantine = str(dest)
+    result.rows = {t: {"in": n, "accepted": 0, "quarantined": n} for t, n in rows_in.items()}
+    (world / PROFILE_JSON).unlink(missing_ok=True)  # a stale profile from an earlier pass
+    _finish(result, gx_results, params, world)
+    fault_point("quarantine-reported")
+    _move_dir(world, dest)
+    fault_point("quarantine-moved")
+    for t, n in rows_in.items():  # the whole batch moved: every row is accounted for
+        p = table_path(dest, t)
+        if p.exists() and n is not None and _parquet_rows(p) != n:
+            raise RuntimeError(f"quarantine of {result.batch}: table {t} has {_parquet_rows(p)} rows "
+                               f"after the move, {n} before")
+    return dest
+
+
 def _results_json(result: ValidationResult, gx_results: dict, params: Params) -> dict:
     return {"batch": result.batch, "kind": result.kind, "passed": result.passed,
             "checked_at": result.checked_at, "source": result.source, "location": result.location,
@@ -1145,8 +1227,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
     _import_gx()  # paid once per process; not part of the batch's time
     t0 = time.perf_counter()
     world = Path(world_dir).resolve()
-    if not world.is_dir():
-        raise FileNotFoundError(f"validate: no world folder {world}")
+    manifest = _world_manifest(world)
     quarantine = Path(quarantine_dir).resolve()
     if quarantine.is_relative_to(world):
         raise ValueError(f"validate: the quarantine folder {quarantine} must not be inside the batch {world}")
@@ -1179,6 +1260,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
             rows_in[name] = _parquet_rows(path)
             failures.append(Failure(f"world: {name} table is readable", name, "table readable",
                                     {"path": str(path)}, gx=False, exception=f"{type(e).__name__}: {e}"))
+    failures += _manifest_failures(world, manifest)
 
     known = None
     if "items" in tables and "item_id" in tables["items"].column_names:
@@ -1216,17 +1298,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
             result.reference_written = str(_write_json(Path(reference_out), result.profile))
         report_dir = world
     else:
-        dest = _quarantine_dest(quarantine, batch, _utc_stamp(int(time.time() * 1000)))
-        shutil.move(str(world), str(dest))
-        result.location = result.quarantine = str(dest)
-        result.rows = {t: {"in": n, "accepted": 0, "quarantined": n} for t, n in rows_in.items()}
-        (dest / PROFILE_JSON).unlink(missing_ok=True)  # a stale profile from an earlier pass
-        for t, n in rows_in.items():  # the whole batch moved: every row is accounted for
-            p = table_path(dest, t)
-            if p.exists() and n is not None and _parquet_rows(p) != n:
-                raise RuntimeError(f"quarantine of {batch}: table {t} has {_parquet_rows(p)} rows "
-                                   f"after the move, {n} before")
-        report_dir = dest
+        report_dir = _quarantine_world(world, quarantine, result, gx_results, params, rows_in)
     timings["decide"] = time.perf_counter() - t_decide
     result.timings = {k: round(v, 3) for k, v in timings.items()}
     result.seconds = round(time.perf_counter() - t0, 3)
@@ -1318,15 +1390,20 @@ def validate_rows(rows_path: str | os.PathLike, quarantine_dir: str | os.PathLik
         result.seconds = round(time.perf_counter() - t0, 3)
         _finish(result, gx_results, params, path.parent, stem=f"{path.stem}.")
     else:
+        from transact.data.world import fault_point
+
         dest = _quarantine_dest(quarantine, batch, _utc_stamp(int(time.time() * 1000)))
         dest.mkdir(parents=True)
+        result.location = str(dest / path.name)
+        result.quarantine = str(dest)
+        result.rows = {ROWS_TABLE: {"in": n_in, "accepted": 0, "quarantined": n_in}}
+        _finish(result, gx_results, params, dest)  # the reasons first, then the move
+        fault_point("quarantine-reported")
         shutil.move(str(path), str(dest / path.name))
         side = path.with_suffix(".json")
         if side.exists():
             shutil.move(str(side), str(dest / side.name))
-        result.location = str(dest / path.name)
-        result.quarantine = str(dest)
-        result.rows = {ROWS_TABLE: {"in": n_in, "accepted": 0, "quarantined": n_in}}
+        fault_point("quarantine-moved")
         if n_in is not None and _parquet_rows(dest / path.name) != n_in:
             raise RuntimeError(f"quarantine of {path.name}: row count changed in the move")
         result.seconds = round(time.perf_counter() - t0, 3)

@@ -26,7 +26,6 @@ is written unless every table is valid.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from transact.data import schema as S
-from transact.data.io import SchemaError, conform, write_table
+from transact.data.io import SchemaError, conform, table_path, write_table
 from transact.data.times import iso_utc
+from transact.data.world import publishing, write_world_json
 from transact.model.quantization import SCALE, quantize
 
 FP16_MAX: float = float(np.finfo(np.float16).max)
@@ -206,8 +206,6 @@ def import_logs(src: str | Path, out: str | Path, eval_fraction: float = 0.2,
         n = pc.sum(unknown).as_py() or 0
         if n:
             raise SchemaError(f"{name}: {n} rows reference item_id values missing from items")
-    for name, table in tables.items():
-        write_table(out / f"{name}.parquet", table, S.TABLES[name])
     req_ts = tables["requests"].column("ts").to_numpy()
     summary = {
         "source": str(src),
@@ -216,5 +214,8 @@ def import_logs(src: str | Path, out: str | Path, eval_fraction: float = 0.2,
         "min_ts": int(min_ts),
         "label_window_ms": int(label_window_ms),
     }
-    (out / "world.json").write_text(json.dumps(summary, indent=2))
+    with publishing(out) as stage:  # the world and its manifest are swapped in as one unit
+        for name, table in tables.items():
+            write_table(table_path(stage, name), table, S.TABLES[name])
+        write_world_json(stage, summary, indent=2)
     return summary

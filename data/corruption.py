@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from transact.data import schema as S
 from transact.data.io import table_path
+from transact.data.world import publishing
 
 DAY_MS = 86_400_000
 #: An oversized request has at least this many rows (past validation's default cap of
@@ -135,6 +136,17 @@ def _write(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def _publish(world: Path, name: str, table: pa.Table | None) -> None:
+    """Re-publishes ``world`` with table ``name`` replaced (None: deleted), copy-on-write
+    and sealed by a *valid* manifest, the way a broken upstream publishes: validation's
+    named expectations must catch the fault, not a checksum."""
+    with publishing(world, copy_from=world) as stage:
+        if table is None:
+            table_path(stage, name).unlink()
+        else:
+            _write(table_path(stage, name), table)
+
+
 def _set(table: pa.Table, name: str, values, type_=None, nullable: bool | None = None) -> pa.Table:
     i = table.schema.get_field_index(name)
     f = table.schema.field(i)
@@ -179,7 +191,7 @@ def corrupt(world_dir: str | os.PathLike, kind: str, seed: int = 0,
     path = table_path(world, name)
     if kind == "missing_table":
         n = pq.ParquetFile(path).metadata.num_rows
-        path.unlink()
+        _publish(world, name, None)
         return _summary(kind, name, n, world)
     t = pq.read_table(path)
     n = t.num_rows
@@ -286,7 +298,7 @@ def corrupt(world_dir: str | os.PathLike, kind: str, seed: int = 0,
         touched = len(flip)
     elif kind in NEW_KINDS:
         t, touched = _corrupt_more(kind, t, rows, rng, world)
-    _write(path, t)
+    _publish(world, name, t)
     return _summary(kind, name, touched, world)
 
 
@@ -489,7 +501,8 @@ def synthetic_world(out: str | os.PathLike, n_items: int = 200_000, n_actions: i
         "surface": np.concatenate([rng.integers(0, len(S.SURFACES), n_bg).astype(np.int8),
                                    common["surface"][eng]])}, schema=S.ACTIONS_TABLE)
     impressions = pa.table({k: common[k] for k in S.IMPRESSIONS.names}, schema=S.IMPRESSIONS)
-    for name, t in (("items", items), ("actions", actions), ("impressions", impressions),
-                    ("requests", requests)):
-        _write(table_path(out, name), t)
+    with publishing(out) as stage:  # sealed and swapped in whole, like every world
+        for name, t in (("items", items), ("actions", actions), ("impressions", impressions),
+                        ("requests", requests)):
+            _write(table_path(stage, name), t)
     return out

@@ -7,11 +7,46 @@ that a later step could mistake for a complete one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+#: ``<name>.tmp-<pid>``: a file being written by process ``pid``.
+TMP_SUFFIX = re.compile(r"\.tmp-(?P<pid>\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host: a writer on another host sharing
+    the folder would look dead)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_tmp(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Removes ``<prefix>*.tmp-<pid>`` files in ``folder`` whose writer is dead (a kill
+    skips every cleanup; nothing else would ever remove them)."""
+    folder, removed = Path(folder), []
+    for p in folder.glob(f"{glob_escape(prefix)}*.tmp-*") if folder.is_dir() else ():
+        m = TMP_SUFFIX.search(p.name)
+        if m and p.is_file() and not pid_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
 
 
 class SchemaError(ValueError):
@@ -38,6 +73,7 @@ class AtomicParquetWriter:
         self.row_group_size = row_group_size
         self.rows = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(self.path.parent, prefix=self.path.name)  # left by killed writers
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._writer = pq.ParquetWriter(self._tmp, schema, compression=compression, use_dictionary=use_dictionary)
 

@@ -87,9 +87,7 @@ Determinism
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -99,6 +97,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from transact.data.io import AtomicParquetWriter, table_path
+from transact.data.world import publishing, write_world_json
 from transact.data.schema import (
     ACTION_BIT,
     ACTIONS_TABLE,
@@ -797,23 +796,23 @@ def simulate(config: WorldConfig, out: Path, seed: int, drift: DriftConfig | Non
     """Simulates the world and writes ``out/{items,actions,impressions,requests}.parquet``
     and ``out/world.json``; returns the summary written to ``world.json``.
 
-    All four tables are published together at the end (temporary files renamed);
-    on an error none is written. ``world.json`` is removed first and written last,
-    so its presence marks a complete world.
+    The world is written into a staging folder and published as one unit with its
+    ``manifest.json`` (:func:`transact.data.world.publishing`); on an error or a kill
+    the previous world at ``out`` (if any) stays as it was.
     """
     cfg, drift = config, drift or DriftConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "world.json").unlink(missing_ok=True)
     items = _make_items(cfg, seed, drift)
     ctx = _context(cfg, drift, items, seed)
     uids = list(cfg.user_ids) if cfg.user_ids is not None else list(range(cfg.n_users))
     ll_lens, next_request_id = [], 0
     schemas = {"actions": ACTIONS_TABLE, "impressions": IMPRESSIONS, "requests": REQUESTS}
-    with contextlib.ExitStack() as stack:
-        item_writer = stack.enter_context(AtomicParquetWriter(table_path(out, "items"), ITEMS))
+    # Everything goes into a staging folder, sealed by its manifest and swapped in whole
+    # (transact.data.world): a reader sees the old world or the new one, never a mix.
+    with publishing(out) as stage, contextlib.ExitStack() as stack:
+        item_writer = stack.enter_context(AtomicParquetWriter(table_path(stage, "items"), ITEMS))
         item_writer.write(_items_table(items))  # the writer cuts ROWS_PER_GROUP-row groups
-        writers = {name: stack.enter_context(AtomicParquetWriter(table_path(out, name), schema))
+        writers = {name: stack.enter_context(AtomicParquetWriter(table_path(stage, name), schema))
                    for name, schema in schemas.items()}
         buffers = {name: _RowBuffer(w) for name, w in writers.items()}
         bar = stack.enter_context(tqdm(total=len(uids), disable=not progress, unit="user",
@@ -827,11 +826,10 @@ def simulate(config: WorldConfig, out: Path, seed: int, drift: DriftConfig | Non
             bar.update(len(block))
         for b in buffers.values():
             b.finish()
+        stack.close()  # the tables are complete before world.json and the manifest
         rows = {"items": item_writer.rows, **{name: w.rows for name, w in writers.items()}}
-    summary = _summary(cfg, drift, seed, uids, len(items.topic), rows, next_request_id, ll_lens)
-    tmp = out / f"world.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, out / "world.json")
+        summary = _summary(cfg, drift, seed, uids, len(items.topic), rows, next_request_id, ll_lens)
+        write_world_json(stage, summary, indent=2, sort_keys=True)
     return summary
 
 

@@ -78,7 +78,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     """Rebuilds the model from config.json and loads model.safetensors (eval mode)."""
     cfg = read_config(model_dir)
     model = TransActModel(ModelConfig.from_dict(cfg["model_config"]),
-                          FeatureConfig.from_dict(cfg["feature_config"]))
+                          FeatureConfig.from_dict(cfg["feature_config"], where=f"{model_dir}/config.json: feature_config"))
     state = load_file(str(Path(model_dir) / WEIGHTS))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

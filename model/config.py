@@ -20,7 +20,7 @@ Differences from the paper's written order, and why:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 SEGMENTS: tuple[str, ...] = ("ll_nn", "rt_nn", "rt_recent", "imp_nn")
 
@@ -81,5 +81,23 @@ class FeatureConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureConfig":
+    def from_dict(cls, d: dict, where: str = "feature_config") -> "FeatureConfig":
+        """Inverse of :meth:`to_dict`; ``where`` names the source in errors. A field this
+        code does not know (rows or a model written by another version) is refused by
+        name: silently dropping it could change what S_all means."""
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ValueError(f"{where}: field {extra[0]!r} = {d[extra[0]]!r} is not a FeatureConfig "
+                             f"field of this code (it has {', '.join(sorted(known))})")
         return cls(**d)
+
+    def check_same(self, other: "FeatureConfig", mine: str, theirs: str,
+                   hint: str = "rows must be logged with the model's FeatureConfig") -> None:
+        """ValueError naming the first differing field and both values, e.g.
+        ``feature config: k_ll = 64 in the rows x.parquet, 96 in the model m/``."""
+        a, b = self.to_dict(), other.to_dict()
+        for name in a:
+            if a[name] != b[name]:
+                raise ValueError(f"feature config: {name} = {a[name]!r} in {mine}, {b[name]!r} in {theirs} "
+                                 f"({hint})")

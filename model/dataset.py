@@ -56,17 +56,19 @@ def row_files(path: str | Path) -> list[Path]:
 
 def read_feature_config(path: str | Path) -> FeatureConfig:
     """The FeatureConfig stored in the row files' schema metadata (all parts must agree)."""
-    cfgs = set()
+    cfgs: dict[FeatureConfig, Path] = {}  # config -> first file holding it
     for f in row_files(path):
         meta = pq.read_schema(f).metadata or {}
         raw = meta.get(b"feature_config")
         if raw is None:
             raise ValueError(f"{f}: no 'feature_config' in the parquet schema metadata "
                              "(not a `transact log-nn` row file?)")
-        cfgs.add(json.dumps(json.loads(raw), sort_keys=True))
+        cfg = FeatureConfig.from_dict(json.loads(raw), where=f"{f}: feature_config")
+        cfgs.setdefault(cfg, f)
     if len(cfgs) != 1:
-        raise ValueError(f"{path}: row files disagree on the feature config")
-    return FeatureConfig.from_dict(json.loads(cfgs.pop()))
+        (a, fa), (b, fb) = list(cfgs.items())[:2]
+        a.check_same(b, f"rows {fa}", f"rows {fb}")  # raises, naming the field
+    return next(iter(cfgs))
 
 
 def default_train_end_ts(path: str | Path) -> tuple[int, str]:

@@ -132,10 +132,10 @@ def evaluate(model_dir: str | Path, rows: str | Path, out: str | Path | None = N
     """
     model = load_model(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data, window = eval_split(model_dir, rows, train_end_ts, eval_end_ts)
+    # Before anything reads a row: rows of another S_all layout would fail in a reshape.
+    data.feature_config.check_same(model.fcfg, f"the rows {rows}", f"the model {model_dir}")
     if data.num_rows == 0:
         raise ValueError(f"{rows}: no rows in the eval window (ts >= {window['train_end_ts']})")
-    if data.feature_config != model.fcfg:
-        raise ValueError("the rows' feature config differs from the model's")
     pred = predict(model, data, batch_size, device, progress)
     heads = model.cfg.heads
     m = compute_metrics(pred, heads, score_weights, k, n_boot, seed)

@@ -8,7 +8,10 @@ by user with offsets -- nothing is broadcast to candidates before the NN search.
     NN(S, c) = top-K tokens of S by  <normalise(dequant(E(S))), normalise(e_c)>
 
 Ties are broken towards the lower index, i.e. the more recent token (sequences are
-stored newest first). ``nn_search`` below is the PyTorch reference; the fused Triton
+stored newest first). Identical tokens tie *exactly*: a token's score is a function of
+the token and the candidate alone, never of where the token sits in the batch (see
+:func:`unit_pieces` for float candidates, whose fp32 dots a BLAS sums in an order that
+depends on the column). ``nn_search`` below is the PyTorch reference; the fused Triton
 kernel in ``kernels/`` has the same signature, and callers go through
 ``transact.kernels.dispatch.nn_search``.
 """
@@ -62,10 +65,18 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     # Candidates given as int8 codes (the serving and logging paths): the dots in int32 on
     # the int8 GEMM (VNNI on x86), the same integers as the fp32 product; with the float
     # conversion 2.0 vs 4.6 ms at 256 x 16,384 on the 2-core bench machine.
-    int_dots = _int8_dots_available(seq_emb_q) and _is_int8_valued(cand)
+    int_valued = _is_int8_valued(cand)
+    int_dots = int_valued and _int8_dots_available(seq_emb_q)
     if int_dots:
         seq_t = seq_emb_q.T  # [D, T] int8 view
         cand = cand.to(torch.int8)  # [N, D]
+    if not int_valued:
+        # Any other float candidate: an fp32 dot with it is not exact, and a BLAS sums a
+        # column in an order that depends on where the column sits (the tail of a 4- or
+        # 8-wide block differs), so identical tokens could score an ulp apart and the tie
+        # rule would not decide. Its unit vector split into int8 pieces makes every dot
+        # an exact integer again; :func:`combine_pieces` then rounds in one fixed order.
+        pieces = unit_pieces(cand, cand_norm).float()  # [P, N, D] integer-valued
     seq_len = (seq_offsets[1:] - seq_offsets[:-1]).tolist()  # [U]
     cand_lo, cand_hi = cand_offsets[:-1].tolist(), cand_offsets[1:].tolist()
     seq_lo = seq_offsets[:-1].tolist()
@@ -78,11 +89,15 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
             continue
         s0 = seq_lo[u]
         # cosine = dot / |s| / |c|, in place (a zero vector's norm is +inf: its scores are +0.0)
-        if int_dots:
-            dots = torch._int_mm(cand[c0:c1], seq_t[:, s0 : s0 + n]).float()  # [M_u, L_u], exact
+        if not int_valued:  # |sum| <= 32 * 127 * 64 < 2^24: exact in fp32 in any order
+            dots = pieces[:, c0:c1] @ seq[s0 : s0 + n].T  # [P, M_u, L_u]
+            sc = combine_pieces(dots).div_(seq_norm[s0 : s0 + n][None, :])  # [M_u, L_u]
         else:
-            dots = cand[c0:c1] @ seq[s0 : s0 + n].T  # [M_u, L_u]
-        sc = dots.div_(seq_norm[s0 : s0 + n][None, :]).div_(cand_norm[c0:c1, None])  # [M_u, L_u]
+            if int_dots:
+                dots = torch._int_mm(cand[c0:c1], seq_t[:, s0 : s0 + n]).float()  # [M_u, L_u], exact
+            else:
+                dots = cand[c0:c1] @ seq[s0 : s0 + n].T  # [M_u, L_u], integers: exact
+            sc = dots.div_(seq_norm[s0 : s0 + n][None, :]).div_(cand_norm[c0:c1, None])  # [M_u, L_u]
         if not int_dots:
             sc.add_(0.0)  # float candidates: a -0.0 dot (all-zero token) becomes +0.0
         kk = min(k, n)
@@ -98,6 +113,44 @@ def _divisor_norm(x: torch.Tensor) -> torch.Tensor:
     so the scores need no NaN clean-up pass."""
     norm = x.square().sum(-1).sqrt()  # [R]
     return norm.masked_fill_(norm == 0, float("inf"))
+
+
+#: int8 pieces of a candidate's unit vector, and the scale of the first (later ones: 2^7)
+N_PIECES = 4
+FIRST_PIECE_SCALE = 64.0
+
+
+def unit_pieces(cand: torch.Tensor, cand_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """float [N, D] -> int8 [P, N, D] with  c / |c|  ~=  sum_p h_p * 2^-(6 + 7 p).
+
+        a_0 = 64 c / |c|,   h_p = round(a_p),   a_{p+1} = 128 (a_p - h_p)
+
+    |c_d| <= |c| gives |a_0| <= 64; ``a_p - h_p`` is exact (Sterbenz) and in [-1/2, 1/2],
+    so every |h_p| <= 64 fits int8. Four pieces keep 27 bits of each coordinate: the
+    cosine is off by at most sqrt(32) * 2^-28 < 3e-8, fp32 rounding's size. A dot of a
+    piece with int8 codes is an integer below 32 * 127 * 64 < 2^24, exact in fp32 and
+    int32 in any summation order -- the point: scores then depend on the token and the
+    candidate only. A zero candidate gives zero pieces (scores +0.0). The Triton kernel
+    takes these same pieces, so both implementations score from identical integers.
+    """
+    c = cand.float()  # [N, D]
+    norm = _divisor_norm(c) if cand_norm is None else cand_norm  # [N], +inf for a zero row
+    a = c / norm[:, None] * FIRST_PIECE_SCALE  # [N, D], |a| <= 64
+    out = []
+    for _ in range(N_PIECES):
+        h = torch.round(a)  # [N, D]
+        out.append(h.to(torch.int8))
+        a = (a - h) * 128.0  # exact: the residual, rescaled
+    return torch.stack(out)  # [P, N, D]
+
+
+def combine_pieces(dots: torch.Tensor) -> torch.Tensor:
+    """float [P, ...] exact piece dots -> float32 [...]: Horner from the smallest piece,
+    one fixed order (the kernel's), so equal dots give bit-equal results."""
+    acc = dots[N_PIECES - 1].float()
+    for p in range(N_PIECES - 2, -1, -1):
+        acc = acc * (1.0 / 128.0) + dots[p]  # the product is exact: a power of two
+    return acc * (1.0 / FIRST_PIECE_SCALE)
 
 
 def _int8_dots_available(seq_emb_q: torch.Tensor) -> bool:

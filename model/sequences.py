@@ -14,9 +14,12 @@ stored newest first:
   bounds the work per request; with typical engagement rates that window holds far
   more than ``imp_cap`` unengaged impressions.
 
-Everything is vectorised over a batch of requests: per-user time ranges are found
-with one ``searchsorted`` on a composite (user, time) key, and tokens are gathered
-with one fancy index per field.
+Events are kept in the total order of :mod:`transact.model.event_order` (ties of one
+timestamp decided by the other columns, never by storage order), so the sequences are a
+pure function of the set of events. Everything is vectorised over a batch of requests:
+per-user time ranges are found by one bisection of every request in its user's slice
+(exact for any ids and any number of users), and tokens are gathered with one fancy
+index per field.
 """
 from __future__ import annotations
 
@@ -30,16 +33,12 @@ import torch
 from transact.data import schema as S
 from transact.data.io import SchemaError, read_table, table_path
 from transact.model.config import FeatureConfig
+from transact.model.event_order import (ACTION_TIES, IMPRESSION_TIES, dense_rank, event_order,
+                                        group_offsets, pair_ids, search_in_groups)
 from transact.model.nn_features import JaggedSequences
 
 IMP_LOOKBACK: int = 3
-_TS_BITS: int = 42  # ms since the earliest event fit in 42 bits for ~139 years
 _NEVER: int = np.iinfo(np.int64).max
-
-
-def _composite(group: np.ndarray, ts_rel: np.ndarray) -> np.ndarray:
-    """Sortable int64 key of (group rank, relative time)."""
-    return (group.astype(np.int64) << _TS_BITS) | ts_rel.astype(np.int64)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +52,10 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @dataclass
 class _EventArrays:
-    """One event table's columns, sorted by (user, ts), with per-user key for search."""
+    """One event table's columns in :func:`event_order` (user, ts, ties), with the row
+    range of each user."""
 
-    key: np.ndarray  # int64 [E] composite (user rank, ts - t0)
+    offsets: np.ndarray  # int64 [U + 1] rows of user rank u: [offsets[u], offsets[u + 1])
     user_rank: np.ndarray  # int64 [E]
     item_row: np.ndarray  # int64 [E] row of the item in the item matrix
     ts: np.ndarray  # int64 [E]
@@ -86,8 +86,6 @@ class EventStore:
         a_user = actions.column("user_id").to_numpy()
         i_user = impressions.column("user_id").to_numpy()
         self._users = np.unique(np.concatenate([a_user, i_user]))
-        ts_all = [actions.column("ts").to_numpy(), impressions.column("ts").to_numpy()]
-        self._t0 = int(min((t.min() for t in ts_all if len(t)), default=0))
         self.actions = self._arrays(actions, "actions", with_action=True)
         self.impressions = self._arrays(impressions, "impressions", with_action=False)
         self._imp_next_action = self._next_action_ts()
@@ -95,6 +93,9 @@ class EventStore:
     @classmethod
     def from_dir(cls, world: str | Path, cfg: FeatureConfig | None = None) -> "EventStore":
         """Loads ``items``, ``actions`` and ``impressions`` parquet tables of a world folder."""
+        from transact.data.world import check_world
+
+        check_world(world, ("items", "actions", "impressions"))  # a sealed world, never a mix
         tables = {n: read_table(table_path(world, n), S.TABLES[n], what=n)
                   for n in ("items", "actions", "impressions")}
         return cls(tables["items"], tables["actions"], tables["impressions"], cfg)
@@ -113,45 +114,38 @@ class EventStore:
     def _arrays(self, t: pa.Table, what: str, with_action: bool) -> _EventArrays:
         user = t.column("user_id").to_numpy()
         ts = t.column("ts").to_numpy()
-        rank = np.searchsorted(self._users, user)
-        key = _composite(rank, ts - self._t0)
-        order = np.argsort(key, kind="stable")
+        rank, _ = dense_rank(self._users, user)  # every user is known: _users is their union
+        ties = ACTION_TIES if with_action else IMPRESSION_TIES
+        order = event_order(rank, ts, *(t.column(c).to_numpy() for c in ties))  # a total order
         item_row = self._item_rows(t.column("item_id").to_numpy(), what)
         n = len(order)
         action = (t.column("action").to_numpy()[order] if with_action
                   else np.full(n, S.ACTION_BIT["impression"], dtype=np.uint8))
-        return _EventArrays(key[order], rank[order], item_row[order], ts[order], action,
-                            t.column("surface").to_numpy()[order])
+        return _EventArrays(group_offsets(rank[order], max(len(self._users), 1)), rank[order], item_row[order],
+                            ts[order], action, t.column("surface").to_numpy()[order])
 
     def _next_action_ts(self) -> np.ndarray:
         """For each impression: ts of the user's first action on that item at or after it."""
         a, imp = self.actions, self.impressions
         if len(imp.ts) == 0:
             return np.zeros(0, dtype=np.int64)
-        # Dense id of each (user, item) pair seen in either table.
-        pairs = np.concatenate([(a.user_rank << 32) | a.item_row, (imp.user_rank << 32) | imp.item_row])
-        pair_ids, inverse = np.unique(pairs, return_inverse=True)
-        a_key = _composite(inverse[: len(a.ts)], a.ts - self._t0)
-        i_key = _composite(inverse[len(a.ts):], imp.ts - self._t0)
-        order = np.argsort(a_key, kind="stable")
-        a_key_sorted = a_key[order]
-        j = np.searchsorted(a_key_sorted, i_key, side="left")
-        j_clip = np.minimum(j, max(len(a_key_sorted) - 1, 0))
-        if len(a_key_sorted) == 0:
+        if len(a.ts) == 0:
             return np.full(len(imp.ts), _NEVER, dtype=np.int64)
-        same_pair = (j < len(a_key_sorted)) & ((a_key_sorted[j_clip] >> _TS_BITS) == (i_key >> _TS_BITS))
-        nxt = (a_key_sorted[j_clip] & ((1 << _TS_BITS) - 1)) + self._t0
-        return np.where(same_pair, nxt, _NEVER)
+        # Dense id of each (user, item) pair seen in either table; actions by (pair, ts).
+        a_pair, i_pair, n_pairs = pair_ids((a.user_rank, a.item_row), (imp.user_rank, imp.item_row))
+        order = np.lexsort((a.ts, a_pair))
+        a_ts = a.ts[order]
+        off = group_offsets(a_pair[order], n_pairs)
+        j = search_in_groups(a_ts, off[i_pair], off[i_pair + 1], imp.ts, side="left")
+        return np.where(j < off[i_pair + 1], a_ts[np.minimum(j, len(a_ts) - 1)], _NEVER)
 
     # --- point-in-time sequences -----------------------------------------------------------
 
     def _bounds(self, ev: _EventArrays, rank: np.ndarray, known: np.ndarray, t: np.ndarray):
         """Index range [lo, hi) of the user's events with ts < t (empty for unknown users)."""
-        t_rel = np.clip(t - self._t0, 0, (1 << _TS_BITS) - 1)
-        lo = np.searchsorted(ev.key, _composite(rank, np.zeros_like(t_rel)), side="left")
-        hi = np.searchsorted(ev.key, _composite(rank, t_rel), side="left")
-        hi = np.where(known & (t > self._t0), hi, lo)
-        return lo, hi
+        lo, end = ev.offsets[rank], ev.offsets[rank + 1]
+        hi = search_in_groups(ev.ts, lo, end, t, side="left")
+        return lo, np.where(known, hi, lo)
 
     def _jagged(self, ev: _EventArrays, idx: np.ndarray, offsets: np.ndarray) -> JaggedSequences:
         return JaggedSequences(
@@ -171,8 +165,7 @@ class EventStore:
         cfg = self.cfg
         user_ids = np.asarray(user_ids, dtype=np.int64)
         t = np.asarray(ts, dtype=np.int64)
-        rank = np.minimum(np.searchsorted(self._users, user_ids), max(len(self._users) - 1, 0))
-        known = (self._users[rank] == user_ids) if len(self._users) else np.zeros(len(user_ids), bool)
+        rank, known = dense_rank(self._users, user_ids)
 
         a = self.actions
         lo, hi = self._bounds(a, rank, known, t)
@@ -181,11 +174,9 @@ class EventStore:
         _, hi_ll = self._bounds(a, rank, known, t_ll)
         ll_idx, ll_off = _ranges(np.maximum(lo, hi_ll - cfg.ll_cap), hi_ll)
 
-        imp = self.impressions
-        ilo, ihi = self._bounds(imp, rank, known, t)
-        win_idx, win_off = _ranges(np.maximum(ilo, ihi - IMP_LOOKBACK * cfg.imp_cap), ihi)
+        win_idx, win_off, engaged = self._imp_window(rank, known, t, IMP_LOOKBACK * cfg.imp_cap)
         req_of_tok = np.repeat(np.arange(len(t)), np.diff(win_off))
-        unengaged = self._imp_next_action[win_idx] >= t[req_of_tok]
+        unengaged = ~engaged
         # Keep each request's first imp_cap unengaged tokens (the window is newest first).
         rank_in_req = np.cumsum(unengaged) - 1
         first = np.concatenate([[0], np.cumsum(unengaged)])[win_off[:-1]]
@@ -195,7 +186,25 @@ class EventStore:
         np.cumsum(np.bincount(req_of_tok[keep], minlength=len(t)), out=imp_off[1:])
 
         return (self._jagged(a, ll_idx, ll_off), self._jagged(a, rt_idx, rt_off),
-                self._jagged(imp, imp_idx, imp_off))
+                self._jagged(self.impressions, imp_idx, imp_off))
+
+    def _imp_window(self, rank: np.ndarray, known: np.ndarray, t: np.ndarray, size: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, offsets, engaged): each request's last ``size`` impressions before t,
+        newest first; engaged = the user acted on the item after the impression, before t."""
+        ilo, ihi = self._bounds(self.impressions, rank, known, t)
+        idx, off = _ranges(np.maximum(ilo, ihi - size), ihi)
+        engaged = self._imp_next_action[idx] < np.repeat(t, np.diff(off))
+        return idx, off, engaged
+
+    def impression_window(self, user_ids: np.ndarray, ts: np.ndarray, size: int
+                          ) -> tuple[JaggedSequences, np.ndarray, np.ndarray]:
+        """The last ``size`` impressions before each request, newest first, engaged or not
+        (the window S_imp is cut from): ``(tokens, item_id [T], engaged [T] bool)``."""
+        rank, known = dense_rank(self._users, np.asarray(user_ids, dtype=np.int64))
+        idx, off, engaged = self._imp_window(rank, known, np.asarray(ts, dtype=np.int64), size)
+        ev = self.impressions
+        return self._jagged(ev, idx, off), self._item_ids[ev.item_row[idx]], engaged
 
     def item_emb_q_of(self, item_ids: np.ndarray) -> np.ndarray:
         """int8 [N, D] embeddings of the given items (clear error on unknown ids)."""

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from transact.model import checkpoint as ckpt
+from transact.model.config import FeatureConfig
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
@@ -129,13 +130,49 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *,
         env.close()
 
 
+#: (lowest allowed, inclusive) of each numeric training argument; None values are skipped
+TRAIN_ARG_MIN = {"epochs": 1, "batch_size": 1, "seed": 0, "warmup_steps": 0, "max_steps": 1,
+                 "ckpt_every": 0, "num_threads": 1, "weight_decay": 0.0, "step_budget": 1,
+                 "train_end_ts": 0}
+
+
+def check_numeric(name: str, value, lo=None, *, positive: bool = False, hi=None) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number, >= ``lo`` (> 0
+    where ``positive``) and <= ``hi``. The CLI passes option names (``--max-steps``)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+
+
+def check_train_args(names: dict[str, str] | None = None, **args) -> None:
+    """Validates :func:`train`'s numeric arguments; ``names`` maps an argument to the name
+    errors should use (the CLI's option). ``max_steps`` = 0 used to run one step."""
+    names = names or {}
+    for arg, value in args.items():
+        name = names.get(arg, arg)
+        if arg == "lr":
+            check_numeric(name, value, positive=True)
+        elif arg == "seed":
+            check_numeric(name, value, TRAIN_ARG_MIN["seed"], hi=2**63 - 1)  # torch.manual_seed's range
+        else:
+            check_numeric(name, value, TRAIN_ARG_MIN[arg])
+
+
 def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
            weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
            log_every, overrides, step_budget=None) -> dict:
+    check_train_args(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=warmup_steps,
+                     max_steps=max_steps, ckpt_every=ckpt_every, num_threads=num_threads,
+                     weight_decay=weight_decay, step_budget=step_budget, train_end_ts=train_end_ts)
     if num_threads:
         torch.set_num_threads(num_threads)
-    if epochs < 1 or batch_size < 1:
-        raise ValueError("epochs and batch_size must be positive")
     end_src = "given"
     if train_end_ts is None:
         train_end_ts, end_src = default_train_end_ts(rows)
@@ -162,9 +199,14 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     if resume and ckpt.has_train_state(out):
         saved = ckpt.read_config(out)
         as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists)
-        if saved["model_config"] != as_json(mcfg.to_dict()) or saved["feature_config"] != as_json(fcfg.to_dict()):
-            raise ValueError(f"{out} holds a checkpoint of a different model/feature config; "
-                             "use another --out or --no-resume")
+        hint = "use another --out or --no-resume"
+        fcfg.check_same(FeatureConfig.from_dict(saved["feature_config"], where=f"{out}/config.json: feature_config"),
+                        f"the rows {rows}", f"the checkpoint in {out}", hint)
+        want = as_json(mcfg.to_dict())
+        for name in sorted(set(want) | set(saved["model_config"])):
+            if want.get(name) != saved["model_config"].get(name):
+                raise ValueError(f"model config: {name} = {want.get(name)!r} in this run, "
+                                 f"{saved['model_config'].get(name)!r} in the checkpoint in {out} ({hint})")
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(str(out / ckpt.WEIGHTS)), strict=True)

@@ -130,4 +130,8 @@ def log_rows(world: str | Path, out: str | Path, *, start_ts: int | None = None,
     pq.write_table(select_requests(world, start_ts, end_ts, fraction, sample_seed), table_path(side, "requests"))
     if (world / "world.json").exists():
         shutil.copy2(world / "world.json", side / "world.json")
+    from transact.data.world import check_world, seal_world
+
+    check_world(world)  # the source is a sealed world; its side view is sealed in turn
+    seal_world(side)
     return log_nn_features(side, out, progress=False)

@@ -87,6 +87,9 @@ def make_bench_world(out: str | Path, n_users: int = 2, ll: int = 16_384, rt: in
         "emb": items.column("emb"), "emb_q": items.column("emb_q")}, schema=S.ITEMS)])
     for name, t in (("items", items), ("actions", pa.concat_tables(acts)), ("impressions", pa.concat_tables(imps))):
         pq.write_table(t, out / f"{name}.parquet")
+    from transact.data.world import seal_world
+
+    seal_world(out)  # EventStore.from_dir reads sealed worlds only
     return {"path": str(out), "users": [1000 + u for u in range(n_users)], "item_ids": item_ids,
             "t_request": t_request}
 

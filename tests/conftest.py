@@ -152,8 +152,11 @@ def write_world(path, seed: int = 0, n_users: int = 5):
     requests = make_requests(items, n_users, 30, 6, rng)
     actions, impressions, requests = linked(actions, requests)
     path.mkdir(parents=True, exist_ok=True)
-    for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
-        pq.write_table(t, path / f"{name}.parquet")
+    from transact.data.world import publishing
+
+    with publishing(path) as stage:  # sealed like every world a reader accepts
+        for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
+            pq.write_table(t, stage / f"{name}.parquet")
     return items, actions, impressions, requests
 
 

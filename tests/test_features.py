@@ -20,6 +20,7 @@ import torch
 from conftest import make_events, make_items, make_requests
 from transact.components import features as F
 from transact.data.io import SchemaError
+from transact.data.world import seal_world
 from transact.model.config import DAY_MS, FeatureConfig
 from transact.model.sequences import EventStore
 
@@ -69,6 +70,7 @@ def _world(path: Path) -> dict:
     tables = {"items": items, "actions": actions, "impressions": imps, "requests": req}
     for name, t in tables.items():
         pq.write_table(t, path / f"{name}.parquet")
+    seal_world(path)
     return tables
 
 

@@ -10,6 +10,7 @@ from conftest import write_world
 from transact.components import nn_logging
 from transact.components.nn_logging import log_nn_features
 from transact.data.io import SchemaError
+from transact.data.world import seal_world
 from transact.model.config import FeatureConfig
 from transact.model.nn_features import arrow_to_s_all, build_s_all
 from transact.model.sequences import EventStore
@@ -65,5 +66,6 @@ def test_request_with_two_users_is_rejected(tmp_path):
     import pyarrow as pa
 
     pq.write_table(requests.set_column(1, "user_id", pa.array(uid, pa.int64())), tmp_path / "w" / "requests.parquet")
+    seal_world(tmp_path / "w")  # a bad table, published: the reader's own check must name it
     with pytest.raises(SchemaError, match="request_id 100 has rows with different user_id"):
         log_nn_features(tmp_path / "w", tmp_path / "rows.parquet", CFG, progress=False)

@@ -21,6 +21,7 @@ from transact.data import schema as S
 from transact.data.adapter import _items, import_logs
 from transact.data.corruption import CAUGHT_BY, corrupt
 from transact.data.io import SchemaError
+from transact.data.world import seal_world
 from transact.model.quantization import MAX_ERROR
 
 DAY = 86_400_000
@@ -77,12 +78,29 @@ def test_import_and_validation_agree_on_every_fp32_embedding(seed, scale, bounda
     assert (df["emb_q_saturation_errors"] == 0).all()
 
 
-def test_fp32_logs_round_trip_through_import_and_validate(tmp_path):
-    write_source(tmp_path / "src")
-    summary = import_logs(tmp_path / "src", tmp_path / "world")
-    assert summary["rows"]["items"] == 300
-    result = validate_world(tmp_path / "world", tmp_path / "q")
-    assert result.passed, result.summary
+def test_fp32_logs_round_trip_through_import_validate_and_log_nn(tmp_path):
+    """fp32 logs -> import-logs -> validate passes -> log-nn; the same logs with every
+    table's rows shuffled give byte-identical NN rows (issue 16, "done means")."""
+    from transact.components.nn_logging import log_nn_features
+    from transact.model.config import FeatureConfig
+
+    tables = write_source(tmp_path / "src")
+    rng = np.random.default_rng(3)
+    shuffled = {n: t.take(pa.array(rng.permutation(t.num_rows))) for n, t in tables.items()}
+    write_source(tmp_path / "src-shuffled", tables=shuffled)
+    cfg = FeatureConfig(ll_cap=64, rt_cap=16, imp_cap=8, k_ll=8, k_rt=4, r=4, k_imp=4)
+    rows = {}
+    for name in ("src", "src-shuffled"):
+        world = tmp_path / f"world-{name}"
+        summary = import_logs(tmp_path / name, world)
+        assert summary["rows"]["items"] == 300
+        result = validate_world(world, tmp_path / "q")
+        assert result.passed, result.summary
+        log_nn_features(world, tmp_path / f"{name}.parquet", cfg, progress=False)
+        rows[name] = pq.read_table(tmp_path / f"{name}.parquet")
+    assert rows["src"].num_rows == tables["requests"].num_rows
+    for col in rows["src"].column_names:
+        assert rows["src"].column(col).equals(rows["src-shuffled"].column(col)), col
 
 
 def test_embeddings_past_the_fp16_range_are_refused(tmp_path):
@@ -147,6 +165,7 @@ def test_validate_prints_the_time_bound_and_the_option(tmp_path):
     meta = json.loads((tmp_path / "w" / "world.json").read_text())
     meta.pop("min_ts")
     (tmp_path / "w" / "world.json").write_text(json.dumps(meta))
+    seal_world(tmp_path / "w")
     keep = tmp_path / "keep"
     import shutil
 

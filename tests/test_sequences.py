@@ -9,21 +9,23 @@ from hypothesis import given, settings, strategies as st
 from conftest import make_events, make_items
 from transact.data.io import SchemaError
 from transact.model.config import DAY_MS, FeatureConfig
+from transact.model.event_order import ACTION_TIES, IMPRESSION_TIES
 from transact.model.sequences import IMP_LOOKBACK, EventStore
 
 T0 = 1_700_000_000_000
 
 
 def brute_force(items, actions, impressions, cfg: FeatureConfig, user: int, t: int):
-    """Row-by-row definition of (S_LL, S_RT, S_imp) as (item_id, ts) lists, newest first."""
+    """Row-by-row definition of (S_LL, S_RT, S_imp) as (item_id, ts) lists, newest first
+    (events of one ts in the total order of every column, never table order)."""
     a = actions.to_pandas()
-    a = a[a.user_id == user].sort_values("ts", kind="stable")
+    a = a[a.user_id == user].sort_values(["ts", *ACTION_TIES], kind="stable")
     before = a[a.ts < t]
     rt = before.iloc[::-1].iloc[: cfg.rt_cap]
     t_ll = (t // cfg.ll_refresh_ms) * cfg.ll_refresh_ms if cfg.ll_refresh_ms else t
     ll = a[a.ts < t_ll].iloc[::-1].iloc[: cfg.ll_cap]
     im = impressions.to_pandas()
-    im = im[(im.user_id == user) & (im.ts < t)].sort_values("ts", kind="stable").iloc[::-1]
+    im = im[(im.user_id == user) & (im.ts < t)].sort_values(["ts", *IMPRESSION_TIES], kind="stable").iloc[::-1]
     im = im.iloc[: IMP_LOOKBACK * cfg.imp_cap]
     keep = []
     for row in im.itertuples():

@@ -2,9 +2,16 @@
 
 One kernel does, for every candidate c of user u and every token t of u's own sequence:
 
-    e_t   = q_t * 0.65 / 127                      (int8 dequantisation)
-    s(c,t) = <e_t / max(|e_t|, 1e-12), c / max(|c|, 1e-12)>   (cosine, F.normalize eps)
+    c / |c|  ~=  sum_p h_p(c) 2^-(6 + 7p),  h_p int8     (:func:`unit_pieces`, host side)
+    s(c,t) = (sum_p 2^-(6 + 7p) <h_p(c), q_t>) / |q_t|   (cosine on the int8 codes q_t)
     NN(c) = the K tokens of largest s(c, t), best first, ties to the lower t
+
+The dequantisation scale cancels in the cosine, so tokens are scored on their codes.
+Each <h_p, q_t> is an int8 x int8 dot accumulated in int32: exact, whatever order the
+hardware (or, under TRITON_INTERPRET, numpy's BLAS) sums it in. A float dot is not: two
+identical tokens in different columns of a tile could score an ulp apart, and the tie
+rule below would then not decide between them. Exact integer dots make a score a
+function of (token, candidate) only, so identical tokens tie exactly.
 
 Inputs stay jagged (values + offsets): each user's sequence is read once per block of
 candidates, never broadcast or padded. Semantics are those of the PyTorch reference
@@ -63,7 +70,10 @@ import torch
 import triton
 import triton.language as tl
 
-from transact.model.quantization import STEP
+from transact.model.nn_features import N_PIECES, unit_pieces
+
+if N_PIECES != 4:  # the kernel unrolls four pieces (h0..h3)
+    raise ImportError(f"nn_search kernel unrolls 4 candidate pieces, nn_features.N_PIECES is {N_PIECES}")
 
 #: INT64_MIN: an empty top-K slot, below every packed (score, index) key.
 EMPTY_KEY = tl.constexpr(-(2**63))
@@ -160,15 +170,14 @@ def _merge_rows(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, DESC: tl.constexpr)
 def _nn_search_kernel(
     seq_ptr,  # int8 [T, D], all users' tokens
     seq_off_ptr,  # int64 [U + 1]
-    cand_ptr,  # float [N, D]
+    piece_ptr,  # int8 [N_PIECES, N, D], the candidates' unit vectors in pieces
     cand_off_ptr,  # int64 [U + 1]
     idx_ptr,  # int64 [N, K] out
     score_ptr,  # fp32 [N, K] out
     part_ptr,  # int64 [n_cblocks, n_split, BLOCK_C, K_PAD] partial top-Ks (split mode)
     count_ptr,  # int32 [n_cblocks] zeros: splits finished per candidate block (split mode)
     N, U, K, D, n_steps,
-    SCALE: tl.constexpr,  # dequantisation step, 0.65 / 127
-    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two, >= 32 (an int8 dot's k)
     LOG_C: tl.constexpr,  # log2(BLOCK_C), candidates per program
     LOG_K: tl.constexpr,  # log2(K_PAD): K rounded up to a power of two; also the token block
     SPLIT: tl.constexpr,  # grid axis 1 splits each sequence (num_programs(1) > 1)
@@ -193,10 +202,14 @@ def _nn_search_kernel(
     part = tile_rows + kcol[None, :]  # [BLOCK_C, K_PAD] split 0's tile
     part_rev = tile_rows + (K_PAD - 1 - kcol)[None, :]  # [BLOCK_C, K_PAD] same, columns reversed
 
-    # Candidates, L2-normalised once (padding columns load as 0: norms and dots unchanged).
-    c = tl.load(cand_ptr + rows64[:, None] * D + dcol[None, :],
-                mask=(rows < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_C, BLOCK_D]
-    c = c / tl.maximum(tl.sqrt(tl.sum(c * c, 1)), 1e-12)[:, None]  # [BLOCK_C, BLOCK_D]
+    # The candidates' int8 pieces, loaded once (padding columns load as 0: dots unchanged).
+    h_ptr = piece_ptr + rows64[:, None] * D + dcol[None, :]  # [BLOCK_C, BLOCK_D] piece 0
+    h_mask = (rows < N)[:, None] & dmask[None, :]
+    piece = N.to(tl.int64) * D  # elements per piece
+    h0 = tl.load(h_ptr, mask=h_mask, other=0)  # [BLOCK_C, BLOCK_D] int8
+    h1 = tl.load(h_ptr + piece, mask=h_mask, other=0)
+    h2 = tl.load(h_ptr + 2 * piece, mask=h_mask, other=0)
+    h3 = tl.load(h_ptr + 3 * piece, mask=h_mask, other=0)
 
     u_first = _owner(cand_off_ptr, c0, U, n_steps)
     u_last = _owner(cand_off_ptr, c_end - 1, U, n_steps)
@@ -218,10 +231,17 @@ def _nn_search_kernel(
             pmask = pos < hi
             q = tl.load(seq_ptr + (t0 + pos)[:, None] * D + dcol[None, :],
                         mask=pmask[:, None] & dmask[None, :], other=0)  # [BLOCK_L, BLOCK_D] int8
-            e = q.to(tl.float32) * SCALE  # [BLOCK_L, BLOCK_D] dequantised
-            e = e / tl.maximum(tl.sqrt(tl.sum(e * e, 1)), 1e-12)[:, None]  # [BLOCK_L, BLOCK_D]
-            # fp32 dot without tf32: near-equal scores must rank as in the fp32 reference.
-            s = tl.dot(c, tl.trans(e), input_precision="ieee")  # [BLOCK_C, BLOCK_L]
+            qf = q.to(tl.float32)
+            q_norm = tl.sqrt(tl.sum(qf * qf, 1))  # [BLOCK_L], the sum is an exact integer
+            q_norm = tl.where(q_norm > 0, q_norm, 1.0)  # a zero token: dots 0, score +0.0
+            qt = tl.trans(q)  # [BLOCK_D, BLOCK_L] int8
+            # Exact int32 dots, combined as :func:`combine_pieces` does (Horner, smallest
+            # first; each product by a power of two is exact, so FMA contraction is harmless).
+            s = tl.dot(h3, qt, out_dtype=tl.int32).to(tl.float32)  # [BLOCK_C, BLOCK_L]
+            s = s * (1.0 / 128.0) + tl.dot(h2, qt, out_dtype=tl.int32).to(tl.float32)
+            s = s * (1.0 / 128.0) + tl.dot(h1, qt, out_dtype=tl.int32).to(tl.float32)
+            s = s * (1.0 / 128.0) + tl.dot(h0, qt, out_dtype=tl.int32).to(tl.float32)
+            s = s * (1.0 / 64.0) / q_norm[None, :]  # [BLOCK_C, BLOCK_L] cosine
             key = _pack(s, pos)  # [BLOCK_C, BLOCK_L]
             key = tl.where(pmask[None, :], key, EMPTY_KEY)
 
@@ -274,7 +294,7 @@ def launch_config(k: int, d: int, block_c: int = DEFAULT_BLOCK_C) -> dict:
     if block_c < 16 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a power of two >= 16 (tl.dot tile), got {block_c}")
     k_pad = max(32, _next_pow2(k))
-    return dict(SCALE=STEP, BLOCK_D=max(16, _next_pow2(d)), LOG_C=block_c.bit_length() - 1,
+    return dict(BLOCK_D=max(32, _next_pow2(d)), LOG_C=block_c.bit_length() - 1,
                 LOG_K=k_pad.bit_length() - 1, num_warps=4 if k_pad <= 128 else 8)
 
 
@@ -337,15 +357,16 @@ def nn_search_triton(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_em
     else:  # unused: valid pointers for the signature
         part = torch.empty(1, dtype=torch.int64, device=device)
         count = torch.empty(1, dtype=torch.int32, device=device)
+    pieces = unit_pieces(cand_emb).contiguous()  # [N_PIECES, N, D] int8, the reference's
     _nn_search_kernel[(n_cblocks, n_split)](
-        seq, seq_off, cand_emb.contiguous(), cand_off, idx, score, part, count,
+        seq, seq_off, pieces, cand_off, idx, score, part, count,
         N, U, k, D, max(U, 1).bit_length(),
         SPLIT=n_split > 1, **cfg,
     )
     return idx, score
 
 
-def aot_compile(cc: int = 90, k: int = 96, d: int = 32, cand_dtype: str = "fp16", split: bool = True):
+def aot_compile(cc: int = 90, k: int = 96, d: int = 32, split: bool = True):
     """Compiles the kernel for an NVIDIA GPU of compute capability ``cc`` without one.
 
     Checks that the kernel lowers to PTX and assembles (ptxas ships with triton); needs
@@ -359,7 +380,7 @@ def aot_compile(cc: int = 90, k: int = 96, d: int = 32, cand_dtype: str = "fp16"
     cfg = launch_config(k, d)
     num_warps = cfg.pop("num_warps")
     cfg["SPLIT"] = split
-    sig = {"seq_ptr": "*i8", "seq_off_ptr": "*i64", "cand_ptr": f"*{cand_dtype}", "cand_off_ptr": "*i64",
+    sig = {"seq_ptr": "*i8", "seq_off_ptr": "*i64", "piece_ptr": "*i8", "cand_off_ptr": "*i64",
            "idx_ptr": "*i64", "score_ptr": "*fp32", "part_ptr": "*i64", "count_ptr": "*i32",
            "N": "i32", "U": "i32", "K": "i32", "D": "i32",
            "n_steps": "i32", **{name: "constexpr" for name in cfg}}

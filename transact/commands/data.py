@@ -60,6 +60,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                               label_window_ms=label_window_ms)
         typer.echo(json.dumps(summary, indent=2))
 
+    @app.command("seal-world")
+    @fail_on_user_error
+    def seal_world_cmd(
+        world: Path = typer.Argument(..., help="World folder whose tables were written by hand."),
+    ) -> None:
+        """Write the manifest.json of a world folder (validates nothing: run `transact validate` next)."""
+        from transact.data.world import seal_world
+
+        manifest = seal_world(world)
+        rows = {n: e["rows"] for n, e in manifest["tables"].items()}
+        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(f"sealed {world} ({len(rows)} tables{', world.json' if manifest['world_json'] else ''})")
+
     @app.command("log-nn")
     @fail_on_user_error
     def log_nn(

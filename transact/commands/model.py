@@ -32,6 +32,22 @@ def _ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x.strip()]
 
 
+def _check_options(**options) -> None:
+    """One-line ValueError (exit 2 via :func:`fail_on_user_error`) naming the first bad
+    numeric option; ``options`` maps the option name without dashes to (value, rule):
+    rule ``"lr"`` (> 0), ``"seed"`` (0 .. 2^63 - 1), or the lowest allowed int/float."""
+    from transact.model.train import check_numeric
+
+    for key, (value, rule) in options.items():
+        name = "--" + key.replace("_", "-")
+        if rule == "lr":
+            check_numeric(name, value, positive=True)
+        elif rule == "seed":
+            check_numeric(name, value, 0, hi=2**63 - 1)
+        else:
+            check_numeric(name, value, rule)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command()
     @fail_on_user_error
@@ -59,6 +75,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Train a ranking model on the logged rows (DDP when launched by torchrun)."""
         from transact.model.train import train as run
+
+        _check_options(epochs=(epochs, 1), batch_size=(batch_size, 1), lr=(lr, "lr"), seed=(seed, "seed"),
+                       train_end_ts=(train_end_ts, 0), warmup_steps=(warmup_steps, 0), max_steps=(max_steps, 1),
+                       ckpt_every=(ckpt_every, 0), threads=(threads, 1), nal_weight=(nal_weight, 0.0),
+                       first_k=(first_k, 1))
 
         s = run(rows, out, model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 train_end_ts=train_end_ts, warmup_steps=warmup_steps, max_steps=max_steps,
@@ -90,6 +111,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.model.evaluate import evaluate as run, format_metrics
         from transact.model.metrics import parse_score_weights
 
+        _check_options(train_end_ts=(train_end_ts, 0), eval_end_ts=(eval_end_ts, 0), n_boot=(n_boot, 1),
+                       batch_size=(batch_size, 1))
+        if train_end_ts is not None and eval_end_ts is not None and eval_end_ts <= train_end_ts:
+            raise ValueError(f"--eval-end-ts ({eval_end_ts}) must be after --train-end-ts ({train_end_ts})")
+
         m = run(model_dir, rows, out, batch_size=batch_size, score_weights=parse_score_weights(score_weights),
                 n_boot=n_boot, train_end_ts=train_end_ts, eval_end_ts=eval_end_ts, device=device,
                 progress=progress)
@@ -118,6 +144,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.model.ablation import ablation as run, format_table
         from transact.model.metrics import parse_score_weights
 
+        _check_options(seeds=(seeds, 1), epochs=(epochs, 1), batch_size=(batch_size, 1), lr=(lr, "lr"),
+                       train_end_ts=(train_end_ts, 0), n_boot=(n_boot, 1), threads=(threads, 1),
+                       max_steps=(max_steps, 1))
+
         res = run(rows, out, baseline=baseline,
                   models=[m.strip() for m in models.split(",")] if models else None, seeds=seeds,
                   epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
@@ -139,6 +169,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Training throughput (examples/s) and peak memory."""
         from transact.model.train import bench_train, format_bench
+
+        _check_options(steps=(steps, 1), warmup=(warmup, 0), threads=(threads, 1))
+        for b in _ints(batch_sizes):
+            _check_options(batch_sizes=(b, 1))
 
         res = bench_train([m.strip() for m in models.split(",")], _ints(batch_sizes), steps, warmup,
                           device, threads)
