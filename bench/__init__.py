@@ -1,0 +1,1 @@
+"""Benchmarks: one home (`transact bench ...`), one writer (table + JSON naming the machine)."""
