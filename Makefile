@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast env clean gpu-check
+.PHONY: demo test test-fast lint env clean gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff over the tree; mypy over the typed rooms, through a tree that names them the way
+# they are installed (transact.<room>): the editable install maps folders, mypy cannot.
+MYPY_ROOT := build/mypy
+MYPY_PACKAGES := transact.kernels transact.model transact.serving
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	@rm -rf $(MYPY_ROOT) && mkdir -p $(MYPY_ROOT)/transact
+	@for d in data model kernels features validation serving components pipelines monitoring bench; do \
+	  ln -s $(CURDIR)/$$d $(MYPY_ROOT)/transact/$$d; done
+	@ln -s $(CURDIR)/transact/__init__.py $(CURDIR)/transact/cli.py $(CURDIR)/transact/commands $(MYPY_ROOT)/transact/
+	cd $(MYPY_ROOT) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml $(addprefix -p ,$(MYPY_PACKAGES))
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -35,4 +47,4 @@ gpu-check:
 	PYTHON=$(PYTHON) bench/gpu-check.sh bench/results
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs build .pytest_cache .hypothesis

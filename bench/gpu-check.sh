@@ -81,7 +81,7 @@ export TRITON_INTERPRET=0
 step cuda-tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml" \
   "$ROOT"/tests/test_kernels_nn_search.py "$ROOT"/tests/test_kernels_skut.py "$ROOT"/tests/test_serving_cuda.py
 # result files named after the device, as `transact bench` names them by default
-slug=$(cd "$WORK" && "$PY" -c "from transact.kernels.benchmarks.common import device_slug; print(device_slug())" \
+slug=$(cd "$WORK" && "$PY" -c "from transact.bench.report import device_slug; print(device_slug())" \
   2>/dev/null || echo gpu)
 step bench-nn-search 90 "$PY" -m transact.cli bench nn-search --out "$OUT_DIR/nn-search-$slug.json"
 step bench-skut 120 "$PY" -m transact.cli bench skut --out "$OUT_DIR/skut-$slug.json"

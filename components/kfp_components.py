@@ -15,7 +15,10 @@ import os
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-BASE_IMAGE = os.environ.get("TRANSACT_BASE_IMAGE", "ghcr.io/transact-v2/transact:0.1.0")
+from transact import __version__
+
+#: the image tag is the project's version (pyproject.toml), never written twice
+BASE_IMAGE = os.environ.get("TRANSACT_BASE_IMAGE", f"ghcr.io/transact-v2/transact:{__version__}")
 _opts = dict(base_image=BASE_IMAGE, install_kfp_package=False)
 
 
@@ -39,6 +42,8 @@ def validate_op(world: Input[Dataset], quarantine_dir: str, reference: str, repo
     result = steps.validate(world.path, quarantine_dir, reference)
     with open(report.path, "w") as f:
         f.write(result.get("summary", ""))
+    if result.get("data_docs"):  # the GX Data Docs index, for the run summary to link
+        report.metadata["data_docs"] = result["data_docs"]
     print(result.get("summary", ""))
     return "pass" if result["passed"] else "fail"
 

@@ -43,7 +43,7 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
 
     Returns ``{"passed": bool, "summary": markdown, ...}``.
     """
-    from transact.components.validation import validate_world
+    from transact.validation import validate_world
 
     result = validate_world(world_dir, quarantine_dir, reference=reference or None)
     return result.to_dict() if hasattr(result, "to_dict") else dict(result)
@@ -56,14 +56,16 @@ def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -
     ``repo_dir`` is created from the project's ``feature_repo`` definitions when it has no
     ``feature_store.yaml`` yet.
     """
-    from transact.components import features as F
+    from transact.features.materialize import materialize
+    from transact.features.offline import write_offline
+    from transact.features.store import apply, init_repo
 
     repo = Path(repo_dir)
     if not (repo / "feature_store.yaml").exists():
-        F.init_repo(repo)
-    written = F.write_offline(world_dir, repo, progress=progress)
-    applied = F.apply(repo)
-    loaded = F.materialize(repo, progress=progress)
+        init_repo(repo)
+    written = write_offline(world_dir, repo, progress=progress)
+    applied = apply(repo)
+    loaded = materialize(repo, progress=progress)
     return {"repo": str(repo), "offline": written, "apply": applied, "materialize": loaded}
 
 
@@ -73,7 +75,7 @@ ROWS_FILE = "nn_rows.parquet"
 def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: bool = True) -> dict:
     """Logs the NN-feature rows into ``rows_dir`` (with the world's ``world.json``, which
     carries the train/eval split point)."""
-    from transact.components.nn_logging import log_nn_features
+    from transact.model.nn_logging import log_nn_features
 
     rows = Path(rows_dir) / ROWS_FILE
     rows.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from transact.data import schema as S
 from transact.data.io import SchemaError, conform, table_path, write_table
 from transact.data.times import iso_utc
 from transact.data.world import publishing, write_world_json
-from transact.model.quantization import SCALE, quantize
+from transact.data.quantization import SCALE, quantize
 
 FP16_MAX: float = float(np.finfo(np.float16).max)
 
@@ -189,7 +189,7 @@ def import_logs(src: str | Path, out: str | Path, eval_fraction: float = 0.2,
     request its labelled engagement may be logged. Both are recorded in ``world.json``,
     where validation reads them.
     """
-    from transact.components.nn_logging import sorted_requests
+    from transact.data.requests import sorted_requests
 
     if not 0 < eval_fraction < 1:
         raise SchemaError(f"eval_fraction must be in (0, 1), got {eval_fraction}")

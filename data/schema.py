@@ -16,7 +16,7 @@ Conventions:
   a user who close-ups then repins the same item in one visit has both bits set.
 - ``surface`` is an index into :data:`SURFACES`.
 - ``emb`` is the item's 32-d fp16 content embedding; ``emb_q`` its int8 copy
-  (see :mod:`transact.model.quantization`).
+  (see :mod:`transact.data.quantization`).
 - ``requests`` carries one 0/1 label column per action type (``label_<action>``), so
   any head list and label-weight matrix can be built from it.
 """

@@ -1,4 +1,4 @@
-"""The synthetic world: a generative model of a Pinterest-like feed (DESIGN.md §6).
+"""The synthetic world: a generative model of a Pinterest-like feed (docs/design.md §6.1).
 
 No public data set has lifelong, realtime and impression sequences together, so the
 project ships this simulator. It writes the four event tables of
@@ -110,7 +110,7 @@ from transact.data.schema import (
     REQUESTS,
     SURFACES,
 )
-from transact.model.quantization import quantize
+from transact.data.quantization import quantize
 
 __all__ = [
     "DAY_MS", "DRIFT_KINDS", "DriftConfig", "EPOCH_MS", "PROFILES", "SOURCES", "UserProfile",

@@ -307,6 +307,27 @@ def write_world_json(folder: Path, summary: dict, **dumps) -> Path:
     return path
 
 
+def read_world_json(folder: str | os.PathLike) -> dict:
+    """``world.json`` of a world folder; {} when absent or unreadable (the defaults apply)."""
+    try:
+        meta = json.loads((Path(folder) / WORLD_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+#: world.json keys that end the training window, in order of preference
+TRAIN_END_KEYS: tuple[str, ...] = ("train_end_ts", "eval_start_ts")
+
+
+def train_end_of(meta: dict) -> int | None:
+    """The world's train/eval split instant from its world.json, if it names one."""
+    for key in TRAIN_END_KEYS:
+        if key in meta:
+            return int(meta[key])
+    return None
+
+
 def seal_world(world: str | os.PathLike) -> dict:
     """Writes the manifest of a world whose tables were written by hand (validates nothing)."""
     world = Path(world)

@@ -18,12 +18,12 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
               cand_offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`transact.model.nn_features.nn_search` for the contract."""
+    """See :func:`transact.kernels.pytorch.nn_search.nn_search` for the contract."""
     if _use_triton(seq_emb_q):
         from transact.kernels.triton.nn_search import nn_search_triton
 
         return nn_search_triton(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
-    from transact.model.nn_features import nn_search as reference
+    from transact.kernels.pytorch.nn_search import nn_search as reference
 
     return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
 
@@ -41,7 +41,7 @@ def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torc
 
         return skut_forward(encoder, x, valid)
     from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
-    from transact.model.encoder import encoder_reference
+    from transact.kernels.pytorch.encoder import encoder_reference
 
     if inference and not x.is_cuda and unsupported_reason(encoder) is None:
         return encoder_forward_cpu(encoder, x, valid)

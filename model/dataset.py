@@ -71,23 +71,40 @@ def read_feature_config(path: str | Path) -> FeatureConfig:
     return next(iter(cfgs))
 
 
+def rows_train_end_ts(path: str | Path) -> tuple[int, str] | None:
+    """The rows' train/eval split and where it came from: the ``train_end_ts`` that
+    `transact log-nn` stores in the row files' metadata, else a ``world.json`` beside the
+    rows (the rows' folder, or the one above it: a folder of parts sits in its run or
+    world folder); None when neither names one. The one place that looks (training,
+    evaluation and the drift monitor all ask here)."""
+    from transact.data.world import TRAIN_END_KEYS, read_world_json
+    from transact.model.nn_logging import TRAIN_END_META
+
+    path = Path(path)
+    for f in row_files(path):
+        raw = (pq.read_schema(f).metadata or {}).get(TRAIN_END_META)
+        if raw is not None:
+            return int(raw), f"{f}: train_end_ts"
+    for folder in ([path] if path.is_dir() else []) + [path.parent, path.parent.parent]:
+        meta = read_world_json(folder)
+        for key in TRAIN_END_KEYS:
+            if key in meta:
+                return int(meta[key]), f"{folder / 'world.json'}:{key}"
+    return None
+
+
 def default_train_end_ts(path: str | Path) -> tuple[int, str]:
-    """train_end_ts from ``world.json`` next to the rows, else the 80% quantile of row ts.
+    """train_end_ts of the rows (:func:`rows_train_end_ts`), else the 80% quantile of row ts.
 
     Returns (ts, where it came from).
     """
-    path = Path(path)
-    for folder in ([path] if path.is_dir() else []) + [path.parent, path.parent.parent]:
-        wj = folder / "world.json"
-        if wj.exists():
-            info = json.loads(wj.read_text())
-            for key in ("train_end_ts", "eval_start_ts"):
-                if key in info:
-                    return int(info[key]), f"{wj}:{key}"
+    found = rows_train_end_ts(path)
+    if found is not None:
+        return found
     ts = np.concatenate([pq.read_table(f, columns=["ts"]).column("ts").to_numpy() for f in row_files(path)])
     if len(ts) == 0:
         return 0, "empty rows"
-    return int(np.quantile(ts, 0.8)), "80% quantile of row ts (no world.json found)"
+    return int(np.quantile(ts, 0.8)), "80% quantile of row ts (no train_end_ts in the rows or world.json)"
 
 
 def table_to_batch(table: pa.Table, cfg: FeatureConfig) -> Batch:

@@ -1,4 +1,4 @@
-"""The three user sequences, built point-in-time (paper §3.2.1, DESIGN §2).
+"""The three user sequences, built point-in-time (paper §3.2.1, docs/design.md §2.4).
 
 For a request of user u at time t, built only from events strictly before t and
 stored newest first:

@@ -1,4 +1,4 @@
-"""Drift monitoring with Evidently (DESIGN §9): served logs vs the training reference.
+"""Drift monitoring with Evidently (docs/design.md §10): served logs vs the training reference.
 
 - :mod:`~transact.monitoring.features`  NN-feature rows / served logs -> flat monitoring
   frame (scalar features, expanded embeddings, predictions);
@@ -11,7 +11,7 @@
   ``evidently ui`` (``transact dashboard``);
 - :mod:`~transact.monitoring.replay`    served logs without HTTP (the Ranker replaying a
   simulated world, with or without injected drift);
-- :mod:`~transact.monitoring.bench`     ``transact bench drift``.
+- :mod:`~transact.bench.drift`     ``transact bench drift``.
 
 Modules import Evidently lazily: importing this package is cheap.
 """

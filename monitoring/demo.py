@@ -1,4 +1,4 @@
-"""The monitoring pass at the end of ``make demo`` (for ``transact.components.demo``).
+"""The monitoring pass at the end of ``make demo`` (for ``transact.commands.demo``).
 
 :func:`monitoring_pass` takes the demo's world, NN-feature rows and trained model, and
 

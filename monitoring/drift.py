@@ -42,7 +42,7 @@ Distances rather than p-values: with thousands of correlated rows per window (th
 candidates of one request share their user's history) p-value tests flag every
 harmless wobble. The thresholds were calibrated on simulated worlds with seeds
 disjoint from the benchmark's; ``transact bench drift`` measures the detection and
-false-alarm rates (figures in the README).
+false-alarm rates (figures in docs/monitoring.md).
 """
 from __future__ import annotations
 

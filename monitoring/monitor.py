@@ -85,14 +85,10 @@ def _read_parquet(path: str | Path, start_ts: int | None, end_ts: int | None):
 
 
 def _world_train_end(path: str | Path) -> int | None:
-    path = Path(path)
-    for folder in ([path] if path.is_dir() else []) + [path.parent, path.parent.parent]:
-        wj = folder / "world.json"
-        if wj.exists():
-            info = json.loads(wj.read_text())
-            if "train_end_ts" in info:
-                return int(info["train_end_ts"])
-    return None
+    from transact.model.dataset import rows_train_end_ts
+
+    found = rows_train_end_ts(path)
+    return found[0] if found is not None else None
 
 
 def _sample_requests(table, max_rows: int | None, seed: int):

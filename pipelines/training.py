@@ -8,11 +8,32 @@ validation report says why); a failed gate stops packaging (the gate report says
 which metric regressed).
 """
 
+from dataclasses import dataclass
+
 from kfp import dsl
 
 from transact.components.kfp_components import (
     evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, validate_op,
 )
+
+@dataclass(frozen=True)
+class Defaults:
+    """The pipelines' parameter defaults, defined once (both signatures read them)."""
+
+    seed: int = 0
+    model_name: str = "v2"
+    epochs: int = 2
+    batch_size: int = 256
+    lr: float = 0.002
+    max_steps: int = 0
+    quarantine_dir: str = "runs/quarantine"
+    reference: str = "runs/validation-reference.json"
+    feature_repo: str = "feature_repo"
+    champion_dir: str = "runs/champion"
+    gate_tolerance: float = 0.02
+
+
+D = Defaults()
 
 #: Steps that talk to storage or services and may fail transiently: retried with backoff.
 RETRIES = 3
@@ -28,19 +49,19 @@ def _gpu(task: dsl.PipelineTask, cpu: str = "4", memory: str = "32G") -> dsl.Pip
 @dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
 def training_pipeline(
     profile: str = "demo",
-    seed: int = 0,
+    seed: int = D.seed,
     source: str = "",
     drift: str = "none",
-    model_name: str = "v2",
-    epochs: int = 2,
-    batch_size: int = 256,
-    lr: float = 0.002,
-    max_steps: int = 0,
-    quarantine_dir: str = "runs/quarantine",
-    reference: str = "runs/validation-reference.json",
-    feature_repo: str = "feature_repo",
-    champion_dir: str = "runs/champion",
-    gate_tolerance: float = 0.02,
+    model_name: str = D.model_name,
+    epochs: int = D.epochs,
+    batch_size: int = D.batch_size,
+    lr: float = D.lr,
+    max_steps: int = D.max_steps,
+    quarantine_dir: str = D.quarantine_dir,
+    reference: str = D.reference,
+    feature_repo: str = D.feature_repo,
+    champion_dir: str = D.champion_dir,
+    gate_tolerance: float = D.gate_tolerance,
 ) -> None:
     ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
     ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
@@ -77,19 +98,19 @@ def training_pipeline(
 @dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")
 def retrain_pipeline(
     source: str,
-    model_name: str = "v2",
-    epochs: int = 2,
-    seed: int = 0,
-    quarantine_dir: str = "runs/quarantine",
-    reference: str = "runs/validation-reference.json",
-    feature_repo: str = "feature_repo",
-    champion_dir: str = "runs/champion",
-    gate_tolerance: float = 0.02,
+    model_name: str = D.model_name,
+    epochs: int = D.epochs,
+    seed: int = D.seed,
+    quarantine_dir: str = D.quarantine_dir,
+    reference: str = D.reference,
+    feature_repo: str = D.feature_repo,
+    champion_dir: str = D.champion_dir,
+    gate_tolerance: float = D.gate_tolerance,
 ) -> None:
     training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
-                      epochs=epochs, batch_size=256, lr=0.002, max_steps=0, quarantine_dir=quarantine_dir,
-                      reference=reference, feature_repo=feature_repo, champion_dir=champion_dir,
-                      gate_tolerance=gate_tolerance)
+                      epochs=epochs, batch_size=D.batch_size, lr=D.lr, max_steps=D.max_steps,
+                      quarantine_dir=quarantine_dir, reference=reference, feature_repo=feature_repo,
+                      champion_dir=champion_dir, gate_tolerance=gate_tolerance)
 
 
 PIPELINES = {"training": training_pipeline, "retrain": retrain_pipeline}

@@ -1,4 +1,4 @@
-"""The ranking service (DESIGN §8, paper §3.4).
+"""The ranking service (docs/design.md §8, paper §3.4).
 
 - :mod:`~transact.serving.service`: the BentoML service, ``POST /rank`` (+ /livez, /readyz, /metrics)
 - :mod:`~transact.serving.schema`: the strict request / response schema
@@ -10,6 +10,6 @@
 - :mod:`~transact.serving.guard`: API key, body limit, content type, 4xx format
 - :mod:`~transact.serving.packaging`: model store packaging, bento build
 - :mod:`~transact.serving.launch`: start / stop a real server (CLI, tests, benchmark)
-- :mod:`~transact.serving.bench`: ``transact bench serving``
+- :mod:`~transact.bench.serving`: ``transact bench serving``
 - :mod:`~transact.serving.settings`: ``TRANSACT_*`` environment settings
 """

@@ -19,7 +19,7 @@ runs eagerly. Anything that cannot be captured falls back to eager with a warnin
 On CPU it is the chosen CPU backend (see :class:`ModelRunner`), run over the batch in
 row chunks of about ``cpu_chunk_tokens`` tokens: rows are independent, and a chunk's
 activations stay in the cores' caches between the encoder's ops (``transact bench
-serving`` times every backend whole and chunked in one run: the README's variant table).
+serving`` times every backend whole and chunked in one run: the variant table in docs/serving.md).
 
 These CUDA paths only run on a GPU; the CPU test suite exercises the arena's packing
 with a plain (unpinned) buffer.

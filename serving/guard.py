@@ -15,6 +15,12 @@ body of the route into one format that names the field(s)::
      "fields": ["item_ids.3"], "detail": [...pydantic errors, when there are any...]}
 
 and counts every response of the route by status code (``transact_requests_total``).
+
+BentoML's generated OpenAPI (``/docs.json``) documents a 400 body with ``detail: string``,
+no 401/413/415/503, and optional request fields as not nullable; the middleware also
+rewrites that document (:func:`served_openapi`) so that it says what the route does:
+every error response points at :data:`ERROR_SCHEMA`, the body it really gets. A 4xx body
+that is not JSON is sent as a ``body`` error, so every 4xx of the route is that format.
 """
 from __future__ import annotations
 
@@ -24,6 +30,70 @@ import json
 from typing import Callable
 
 JSON_TYPES = ("application/json", "text/json")
+
+
+#: The JSON body of every error response of the route (what :func:`format_errors` and the
+#: service's own errors produce); ``detail`` only comes with schema violations.
+ERROR_SCHEMA: dict = {
+    "title": "TransActError",
+    "type": "object",
+    "description": "An error of POST /rank: a one-line message that starts with the field it names.",
+    "required": ["error", "fields"],
+    "properties": {
+        "error": {"type": "string", "description": "'<field>: <message>' (several joined by '; ')."},
+        "fields": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                   "description": "The fields at fault, dotted paths into the body (item_ids.3) or "
+                                  "'body', a header name, or 'service' for a 503."},
+        "detail": {"type": "array", "description": "pydantic's errors of a schema violation.",
+                   "items": {"type": "object", "required": ["loc", "msg", "type"],
+                             "properties": {"loc": {"type": "array", "items": {}},
+                                            "msg": {"type": "string"}, "type": {"type": "string"}}}},
+    },
+}
+
+#: Status -> description of each error response of the route (the body is ERROR_SCHEMA).
+ERROR_RESPONSES: dict[int, str] = {
+    400: "Schema or semantic error (the message names the field).",
+    401: "Missing or wrong API key (only when the service has one).",
+    413: "Body larger than the limit.",
+    415: "Content-Type is not JSON.",
+    503: "Not ready, overloaded, deadline passed or sequence source down; retry after Retry-After "
+         "seconds when that header is sent.",
+}
+
+
+def served_openapi(spec: dict, route: str = "/rank") -> dict:
+    """BentoML's OpenAPI document -> one that describes what ``POST route`` really does
+    (:func:`_document_nullable`, :func:`_document_errors`); other paths are left alone."""
+    op = spec.get("paths", {}).get(route, {}).get("post")
+    if op is not None:
+        _document_nullable(op)
+        _document_errors(spec, op)
+    return spec
+
+
+def _document_nullable(op: dict) -> None:
+    """BentoML flattens ``Optional[X]`` (``anyOf: [X, null]``) to X, so the document said
+    ``null`` is refused where the service takes it as "absent": a request property whose
+    default is null is marked ``nullable``."""
+    for media in op.get("requestBody", {}).get("content", {}).values():
+        for prop in media.get("schema", {}).get("properties", {}).values():
+            if "default" in prop and prop["default"] is None:
+                prop["nullable"] = True
+
+
+def _document_errors(spec: dict, op: dict) -> None:
+    """BentoML declares 400/404/500 of every API with its own body (``detail`` a string); the
+    route answers 400/401/413/415/503 with :data:`ERROR_SCHEMA` (never 404: the route
+    exists). 500 stays BentoML's: only BentoML itself answers one (a bug)."""
+    spec.setdefault("components", {}).setdefault("schemas", {})["TransActError"] = ERROR_SCHEMA
+    responses = op.setdefault("responses", {})
+    responses.pop("404", None)
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/TransActError"}}}
+    for code, text in ERROR_RESPONSES.items():
+        responses[str(code)] = {"description": text, "content": content}
+    responses["503"]["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                                   "schema": {"type": "integer"}}}
 
 
 def _field(loc) -> str:
@@ -69,16 +139,20 @@ class GuardMiddleware:
 
     def __init__(self, app, route: str = "/rank", max_body_bytes: int = 4 << 20,
                  api_key: str | None = None, header: str = "X-API-Key",
-                 on_status: Callable[[int], None] | None = None) -> None:
+                 on_status: Callable[[int], None] | None = None, docs: str = "/docs.json") -> None:
         self.app = app
         self.route = route
+        self.docs = docs
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.header = header.lower().encode()
         self.on_status = on_status
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "").rstrip("/") != self.route:
+        path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else None
+        if path == self.docs:
+            return await self.app(scope, receive, _SpecRewriter(send, self.route))
+        if path != self.route:
             return await self.app(scope, receive, send)
         status_seen = {"code": 500}
 
@@ -141,17 +215,26 @@ class GuardMiddleware:
         await self.app(scope, replay, _ErrorRewriter(send))
 
 
-class _ErrorRewriter:
-    """Buffers 4xx JSON responses and rewrites their body with :func:`format_errors`."""
+class _BodyRewriter:
+    """Buffers the body of responses that ``wants(status)`` and sends ``rewrite(bytes)`` instead."""
 
     def __init__(self, send) -> None:
         self.send = send
         self.start = None
         self.chunks: list[bytes] = []
 
+    def wants(self, status: int) -> bool:
+        raise NotImplementedError
+
+    def rewrite(self, raw: bytes) -> bytes:
+        raise NotImplementedError
+
+    def headers(self, start: dict) -> list:
+        return list(start.get("headers", []))
+
     async def __call__(self, msg):
         if msg["type"] == "http.response.start":
-            if 400 <= msg["status"] < 500:
+            if self.wants(msg["status"]):
                 self.start = msg
                 return
             return await self.send(msg)
@@ -159,17 +242,50 @@ class _ErrorRewriter:
             self.chunks.append(msg.get("body", b""))
             if msg.get("more_body", False):
                 return
-            raw = b"".join(self.chunks)
-            try:
-                body = json.dumps(format_errors(json.loads(raw))).encode()
-            except (ValueError, TypeError):
-                body = raw
-            hdrs = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+            body = self.rewrite(b"".join(self.chunks))
+            hdrs = [(k, v) for k, v in self.headers(self.start) if k.lower() != b"content-length"]
             hdrs.append((b"content-length", str(len(body)).encode()))
             await self.send({**self.start, "headers": hdrs})
             await self.send({"type": "http.response.body", "body": body})
             return
         return await self.send(msg)
+
+
+class _SpecRewriter(_BodyRewriter):
+    """``/docs.json``: BentoML's document with :func:`served_openapi` applied."""
+
+    def __init__(self, send, route: str) -> None:
+        super().__init__(send)
+        self.route = route
+
+    def wants(self, status: int) -> bool:
+        return status == 200
+
+    def rewrite(self, raw: bytes) -> bytes:
+        try:
+            return json.dumps(served_openapi(json.loads(raw), self.route)).encode()
+        except (ValueError, TypeError, AttributeError):
+            return raw
+
+
+class _ErrorRewriter(_BodyRewriter):
+    """4xx responses of the route: the body rewritten with :func:`format_errors` (a body that
+    is not JSON becomes the message of a ``body`` error), always ``application/json``."""
+
+    def wants(self, status: int) -> bool:
+        return 400 <= status < 500
+
+    def rewrite(self, raw: bytes) -> bytes:
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            text = " ".join(raw.decode("utf-8", "replace").split())[:300]
+            payload = {"error": f"body: {text or 'bad request'}", "fields": ["body"]}
+        return json.dumps(format_errors(payload)).encode()
+
+    def headers(self, start: dict) -> list:
+        return [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-type"] + [
+            (b"content-type", b"application/json")]
 
 
 #: The logger BentoML reports every failed API call on, with a full traceback.

@@ -44,10 +44,68 @@ def service_env(settings: ServeSettings, bentoml_home: str | None = None) -> Ite
         # and the service inherits it.
         if bentoml_home:
             os.environ["BENTOML_HOME"] = str(bentoml_home)
-        yield
+        with own_metrics_dir(settings, bentoml_home):
+            yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def own_metrics_dir(settings: ServeSettings, bentoml_home: str | None = None) -> Iterator[str]:
+    """Gives this server a Prometheus multiprocess folder of its own.
+
+    BentoML keeps every server's metric files in one folder per home
+    (``$BENTOML_HOME/prometheus_multiproc_dir``) and empties it whenever a server starts:
+    a second server (or a restarted one) under the same home silently erased the first
+    one's files, whose ``/metrics`` then answered 200 with an empty body for the rest of
+    its life. One folder per bound address ends that (a server restarted on the same
+    address starts from zero, as Prometheus counters may).
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    home = bentoml_home or BentoMLContainer.bentoml_home.get()
+    path = os.path.join(str(home), "prometheus_multiproc_dir", f"{settings.host}-{settings.port}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    provider = BentoMLContainer.prometheus_multiproc_dir
+    saved = provider._override  # noqa: SLF001 - simple_di keeps the override here
+    provider.set(path)
+    try:
+        yield path
+    finally:
+        provider._override = saved  # noqa: SLF001
+
+
+def check_config(settings: ServeSettings) -> None:
+    """What a worker needs, checked before a server starts: one-line ValueError naming
+    the setting. The model is in the BentoML store; exactly one sequence source is set;
+    a world folder is a sealed world (its manifest and tables agree); a Feast repo has
+    its ``feature_store.yaml``."""
+    from pathlib import Path
+
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        bentoml.models.get(settings.model_tag)
+    except BentoMLException as e:
+        raise ValueError(f"model {settings.model_tag!r}: {e} -- put one there with `transact package "
+                         f"--model-dir <trained model>` (BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})") from None
+    if settings.world and settings.feast_repo:
+        raise ValueError("--world and --feast-repo: give one sequence source, not both")
+    if settings.world:
+        from transact.data.world import check_world
+
+        try:
+            check_world(settings.world, ("items", "actions", "impressions"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--world: {e}") from None
+    elif settings.feast_repo:
+        if not (Path(settings.feast_repo) / "feature_store.yaml").is_file():
+            raise ValueError(f"--feast-repo {settings.feast_repo}: no feature_store.yaml there "
+                             "(run `transact features apply --world <world>` first)")
+    else:
+        raise ValueError("no sequence source: give --world (a world folder) or --feast-repo (a Feast repo)")
 
 
 def wait_ready(url: str, timeout: float, server=None) -> None:
@@ -94,3 +152,10 @@ def running_server(settings: ServeSettings, bentoml_home: str | None = None,
             yield url
         finally:
             server.stop()
+
+
+def sample_curl(url: str = "http://127.0.0.1:3000", api_key: bool = False) -> str:
+    """A curl command that ranks three items for one user: what to try once the service runs."""
+    key = " -H 'X-API-Key: $TRANSACT_API_KEY'" if api_key else ""
+    return (f"curl -s -X POST {url}/rank -H 'Content-Type: application/json'{key} "
+            "-d '{\"user_id\": 42, \"item_ids\": [1, 4, 7], \"surface\": \"homefeed\"}'")

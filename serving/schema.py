@@ -5,14 +5,16 @@ API as a keyword). Validation is *strict*: JSON types must match exactly (``"5"`
 ``5.0`` is not an id, ``true`` is not a number), unknown fields are rejected (a typo such
 as ``item_id`` is an error, not silently ignored), floats must be finite (``NaN`` and
 ``Infinity`` are rejected; score weights lie within +-1e6), ids are non-negative int64,
-and embeddings have exactly 32 values. Every failure is an HTTP 400 whose message names the field
-(:mod:`transact.serving.guard` formats it).
+and embeddings have exactly 32 values. ``request_ts`` must lie near the server clock
+(``TRANSACT_MAX_CLOCK_SKEW_S``, checked by the service). Every failure is an HTTP 400
+whose message names the field (:mod:`transact.serving.guard` formats it).
 
 Example::
 
     {"user_id": 42, "item_ids": [3, 10, 17], "surface": "homefeed"}
     {"user_id": 42, "item_ids": [3, 10], "item_embeddings": [[0.01, ...32], [...]],
-     "request_ts": 1700000000000, "request_id": 7, "score_weights": {"repin": 1, "hide": -2}}
+     "request_id": 7, "score_weights": {"repin": 1, "hide": -2}}
+    {"user_id": 42, "item_ids": [3], "request_ts": 1700000000000}   # a replay (skew check off)
 """
 from __future__ import annotations
 
@@ -56,8 +58,10 @@ class RankRequest(BaseModel):
                     "(quantised to int8 like the item table); for items the table does not know.")
     surface: Surface = Field(default="homefeed", description="Surface of the request (context feature).")
     request_ts: Optional[Annotated[int, Field(ge=0, le=MAX_TS)]] = Field(
-        default=None, description="Request time, ms since the epoch (default: now). Sequences are "
-                                  "cut point-in-time before it.")
+        default=None, description="Request time, ms since the epoch (default: the server clock). "
+                                  "Sequences are cut point-in-time before it. A client time further than "
+                                  "TRANSACT_MAX_CLOCK_SKEW_S (default 300 s) from the server clock is a 400, "
+                                  "unless the service trusts client times (=off, for replays).")
     request_id: Optional[Id] = Field(
         default=None, description="Caller's request id, logged with every served row so labels can be "
                                   "attached later (default: generated).")

@@ -14,12 +14,17 @@ returns exact training rows in :func:`nn_rows_schema` (sorted like the offline s
 by ts, request_id, position). ``position`` is the candidate's index in the request's
 ``item_ids``; the caller's ``request_id`` is what ties a served request to its labels.
 
-Writing is off the request path: :class:`ServedLogWriter` takes records into a bounded
-queue (bounded in rows; when full, new rows are dropped and counted -- serving never
-blocks on the log), and one background thread converts them to Arrow and writes one
-parquet file per ``flush_rows`` rows or per ``flush_s`` seconds, whichever comes first,
-each written atomically (temporary name, then rename). ``close()`` flushes everything
-queued before it returns; the service calls it on shutdown.
+Nothing answered is lost on a crash: :meth:`ServedLogWriter.submit` converts a batch to
+Arrow and appends it to a write-ahead segment (:mod:`transact.serving.wal`) on the
+calling (model) thread, before the batch's responses are sent; the rows are then durable
+against a process crash, and only then counted in ``transact_logged_rows_total``. The
+parquet encoding stays off the request path: a bounded queue (in rows; when full, new
+rows are dropped and counted -- serving never blocks on the log) feeds one background
+thread that writes one parquet file per ``flush_rows`` rows or per ``flush_s`` seconds,
+whichever comes first, each atomically (temporary name, then rename), and fsyncs the
+segment at each flush. A writer that starts recovers the segments of stopped processes
+into ``served-recovered-*.parquet`` files. ``close()`` flushes everything queued before it
+returns; the service calls it on shutdown.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from transact.data.io import AtomicParquetWriter, SchemaError
 from transact.data.schema import LABEL_COLUMNS
 from transact.model.config import FeatureConfig
 from transact.model.nn_features import SAll, nn_rows_schema, s_all_to_arrow
+from transact.serving.wal import WalStats, WriteAheadLog, recover, wal_metadata
 
 log = logging.getLogger("transact.serving")
 
@@ -115,19 +121,26 @@ class ServedLogWriter:
         max_queue_rows: rows waiting to be written; beyond this, rows are dropped.
         flush_rows: rows per file.
         flush_s: a queued row is written within about this many seconds.
-        on_written / on_dropped: callbacks with a row count (metrics).
+        on_logged: callback with a row count once rows are durable (in the write-ahead
+            segment); on_written: once in a parquet file; on_dropped: rows not logged.
+        wal: keep write-ahead segments (off: a crash loses what is queued).
     """
 
     def __init__(self, out_dir: str | Path, cfg: FeatureConfig, heads, max_queue_rows: int = 32_768,
                  flush_rows: int = 8192, flush_s: float = 5.0,
                  on_written: Callable[[int], None] | None = None,
-                 on_dropped: Callable[[int], None] | None = None) -> None:
+                 on_dropped: Callable[[int], None] | None = None,
+                 on_logged: Callable[[int], None] | None = None, wal: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.heads = cfg, tuple(heads)
         self.schema = served_log_schema(cfg, self.heads)
         self.max_queue_rows, self.flush_rows, self.flush_s = max_queue_rows, flush_rows, flush_s
-        self._on_written, self._on_dropped = on_written, on_dropped
+        self._on_written, self._on_dropped, self._on_logged = on_written, on_dropped, on_logged
+        # segments of stopped processes first: their rows were answered and must reach a file
+        self.recovered: WalStats = recover(self.out_dir, self._write_recovered) if wal else WalStats()
+        self.wal = WriteAheadLog(self.out_dir, self.schema, segment_rows=flush_rows) if wal else None
+        self.logged_rows = 0  # durable: in a write-ahead segment (or a file)
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # rows queued, not yet written
@@ -143,7 +156,8 @@ class ServedLogWriter:
     # --- request path -------------------------------------------------------------------------
 
     def submit(self, rec: LogRecord) -> bool:
-        """Queues a record without blocking; False (and counted) when the queue is full."""
+        """Makes a record durable (write-ahead segment) and queues it for the parquet
+        writer, without waiting for it; False (and counted) when the queue is full."""
         n = len(rec)
         with self._lock:
             if self._closed or self._pending + n > self.max_queue_rows:
@@ -156,7 +170,20 @@ class ServedLogWriter:
             if self._on_dropped:
                 self._on_dropped(n)
             return False
-        self._q.put(rec)
+        try:
+            table = record_to_arrow(rec, self.cfg, self.heads)
+            where = self.wal.append(table) if self.wal is not None else None
+        except Exception:  # noqa: BLE001 - a bad record or a full disk costs log rows, never requests
+            log.exception("served log: could not log %d rows; dropped", n)
+            with self._lock:
+                self._pending -= n
+            self._count_dropped(n)
+            return False
+        with self._lock:
+            self.logged_rows += n
+        if self._on_logged:
+            self._on_logged(n)
+        self._q.put((table, where))
         if self.priority is not None:  # a starved idle-priority writer cannot wake itself up
             self.priority.update(self._pending)
         return True
@@ -186,6 +213,7 @@ class ServedLogWriter:
     def _run(self) -> None:
         self.priority = WriterPriority(self.max_queue_rows)
         buf: list[pa.Table] = []
+        batches: list[tuple[str, int]] = []  # (segment, batch) of each buffered table
         rows = 0
         deadline = None
         while True:
@@ -195,46 +223,63 @@ class ServedLogWriter:
             except queue.Empty:
                 item = "tick"
             self.priority.update(self._pending)
-            if isinstance(item, LogRecord):
-                n = len(item)
-                try:
-                    buf.append(record_to_arrow(item, self.cfg, self.heads))
-                    rows += n
-                except Exception:  # noqa: BLE001 - a bad record must not stop the writer
-                    log.exception("served log: could not convert %d rows; dropped", n)
-                    self._count_dropped(n)
-                    with self._lock:
-                        self._pending -= n
+            if isinstance(item, tuple):
+                table, where = item
+                buf.append(table)
+                if where is not None:
+                    batches.append(where)
+                rows += table.num_rows
                 if deadline is None:
                     deadline = time.monotonic() + self.flush_s
                 if rows < self.flush_rows:
                     continue
             # a tick, a flush request, shutdown, or enough rows: write what is buffered
             if rows:
-                self._write(buf, rows)
-                buf, rows, deadline = [], 0, None
+                self._write(buf, rows, batches)
+                buf, batches, rows, deadline = [], [], 0, None
+            if self.wal is not None:
+                self._sync_wal()
             if isinstance(item, threading.Event):
                 item.set()
             elif item is None:
+                if self.wal is not None:
+                    self.wal.close()
                 return
 
-    def _write(self, tables: list[pa.Table], rows: int) -> None:
+    def _sync_wal(self) -> None:
+        try:
+            self.wal.sync()
+        except OSError:  # noqa: BLE001 - durability against power loss only; keep serving
+            log.exception("served log: fsync of the write-ahead segment failed")
+
+    def _write(self, tables: list[pa.Table], rows: int, batches: list[tuple[str, int]] | None = None) -> None:
         self._seq += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = self.out_dir / f"served-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+        schema = self.schema.with_metadata({**self.schema.metadata, **wal_metadata(batches or [])})
         try:
-            with AtomicParquetWriter(path, self.schema, row_group_size=max(rows, 1)) as w:
+            with AtomicParquetWriter(path, schema, row_group_size=max(rows, 1)) as w:
                 w.write(pa.concat_tables(tables))
             self.files.append(path)
             self.written_rows += rows
+            if self.wal is not None and batches:
+                self.wal.written(batches)  # their segment may go
             if self._on_written:
                 self._on_written(rows)
         except Exception:  # noqa: BLE001 - disk trouble costs log rows, never requests
-            log.exception("served log: writing %s failed; %d rows dropped", path, rows)
+            # the batches stay in their write-ahead segment: the next start recovers them
+            log.exception("served log: writing %s failed; %d rows not in a file (kept in the "
+                          "write-ahead segment for recovery at the next start)", path, rows)
             self._count_dropped(rows)
         finally:
             with self._lock:
                 self._pending -= rows
+
+    def _write_recovered(self, table: pa.Table, meta: dict[bytes, bytes], stem: str) -> None:
+        schema = table.schema.with_metadata({**(table.schema.metadata or {}), **meta})
+        with AtomicParquetWriter(self.out_dir / f"{stem}.parquet", schema,
+                                 row_group_size=max(table.num_rows, 1)) as w:
+            w.write(table)
 
     def _count_dropped(self, n: int) -> None:
         with self._lock:
@@ -318,7 +363,8 @@ def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | Non
 
     Rows are joined on (request_id, position); a served row without a label row is left
     out (its outcome is unknown yet). When one (request_id, position) was served more
-    than once (a retried request), the first served row is kept. ``user_id`` and
+    than once (a retried request), the first served row is kept (earliest ``served_ts``;
+    equal times: by model_version, then score -- never by file order). ``user_id`` and
     ``item_id`` must agree between the two tables (SchemaError otherwise). Output is
     sorted by (ts, request_id, position), like the offline logging step.
     """
@@ -343,7 +389,12 @@ def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | Non
         raise SchemaError("requests: a (request_id, position) pair has more than one label row")
     label_row = np.full(len(uniq), -1, np.int64)
     label_row[r_key] = np.arange(n_r)
-    _, first = np.unique(s_key, return_index=True)  # first served row of each key
+    # The first served copy of each key: earliest served_ts, ties by model_version and
+    # score -- a choice by content, never by file or row order (recovered files included).
+    version = served.column("model_version").to_numpy(zero_copy_only=False).astype(str)
+    order = np.lexsort((served.column("score").to_numpy(), version,
+                        served.column("served_ts").to_numpy(), s_key))
+    first = order[np.concatenate([[True], s_key[order][1:] != s_key[order][:-1]])] if n_s else order
     s_rows = np.sort(first)
     r_rows = label_row[s_key[s_rows]]
     s_rows, r_rows = s_rows[r_rows >= 0], r_rows[r_rows >= 0]

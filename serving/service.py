@@ -15,8 +15,9 @@ deadline passed, shutting down, sequence source down). A 5xx other than 503 is a
 
 Prometheus metrics on ``/metrics`` (besides BentoML's own):
 ``transact_requests_total{code}``, ``transact_candidates_total``,
-``transact_logged_rows_total``, ``transact_log_dropped_rows_total`` (stays 0 in normal
-operation), ``transact_batch_candidates`` and ``transact_stage_seconds{stage}``.
+``transact_logged_rows_total`` (rows durable before their response is sent),
+``transact_log_dropped_rows_total`` (stays 0 in normal operation),
+``transact_log_recovered_rows_total`` (rows of a crashed process written at start-up), ``transact_batch_candidates`` and ``transact_stage_seconds{stage}``.
 """
 from __future__ import annotations
 
@@ -54,12 +55,43 @@ def _metric(kind: str, name: str, doc: str, **kw):
 
 REQUESTS = _metric("Counter", "transact_requests", "/rank responses by status code", labelnames=["code"])
 CANDIDATES = _metric("Counter", "transact_candidates", "candidates ranked")
-LOGGED = _metric("Counter", "transact_logged_rows", "served rows written to the NN-feature log")
+LOGGED = _metric("Counter", "transact_logged_rows",
+                 "served rows made durable in the NN-feature log (write-ahead segment; before the response)")
+RECOVERED = _metric("Counter", "transact_log_recovered_rows",
+                    "served rows of a stopped process recovered from its write-ahead segments at start-up")
 DROPPED = _metric("Counter", "transact_log_dropped_rows", "served rows NOT logged (queue full or write error)")
 BATCH = _metric("Histogram", "transact_batch_candidates", "candidates per model batch",
                 buckets=(1, 16, 64, 128, 256, 512, 1024, 2048, 4096))
 STAGE = _metric("Histogram", "transact_stage_seconds", "seconds per batch and stage", labelnames=["stage"],
                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+NO_SOURCE = ("no sequence source: set TRANSACT_WORLD (a world folder) or TRANSACT_FEAST_REPO (a Feast "
+             "repo) -- `transact serve --world/--feast-repo`, or `bentoml serve` with the variable set")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message (the type when it has none)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def request_time(request_ts: int | None, now_ms: int, max_skew_s: float | None) -> int:
+    """The request time of a query: the server clock unless the client sent one it may trust.
+
+    A client time is what point-in-time sequences are cut at and what the served log (and
+    so the monitor's windows) is keyed by: a wrong one (0, year 9999) would be taken as is.
+    Within ``max_skew_s`` of the server clock it is used (clients stamp requests a moment
+    before they arrive); beyond it, a 400. ``max_skew_s=None`` trusts every client time
+    (a replay of a past world).
+    """
+    if request_ts is None:
+        return now_ms
+    if max_skew_s is not None and abs(int(request_ts) - now_ms) > max_skew_s * 1000:
+        raise RequestError("request_ts", f"{request_ts} is more than {max_skew_s:g} s from the server time "
+                                         f"{now_ms} (ms since the epoch); omit it to use the server clock "
+                                         "(TRANSACT_MAX_CLOCK_SKEW_S)")
+    return int(request_ts)
 
 
 def _error(status: int, field: str, message: str, retry: bool = False) -> JSONResponse:
@@ -84,18 +116,31 @@ class TransActRanker:
         quiet_client_error_tracebacks()  # here: in the worker, after BentoML set up its logging
         tune_malloc()  # before the model's first allocation
         s = self.settings = ServeSettings.from_env()
-        ref = type(self).__dict__.get("model_ref")
-        # The class attribute is what `bentoml build` bundles; a process whose settings name
-        # another tag (the module was imported earlier with other settings) looks it up.
-        stored = self.model_ref if ref is not None and str(ref.tag) == s.model_tag else bentoml.models.get(s.model_tag)
-        self.model_dir = Path(stored.path)
-        self.model_version = str(stored.tag)
         self.log_writer = None
         self.ranker = None
-        # The model is loaded and warmed up on the batcher's thread, the one that runs every
-        # batch: all tensor work of the process on one thread (see transact.serving.batching).
-        self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0, s.max_queue,
-                                    setup=self._load_model)
+        self.batcher = None
+        self.load_error: str | None = None
+        try:
+            ref = type(self).__dict__.get("model_ref")
+            # The class attribute is what `bentoml build` bundles; a process whose settings name
+            # another tag (the module was imported earlier with other settings) looks it up.
+            stored = (self.model_ref if ref is not None and str(ref.tag) == s.model_tag
+                      else bentoml.models.get(s.model_tag))
+            self.model_dir = Path(stored.path)
+            self.model_version = str(stored.tag)
+            if not s.world and not s.feast_repo:
+                raise ValueError(NO_SOURCE)
+            # The model is loaded and warmed up on the batcher's thread, the one that runs every
+            # batch: all tensor work of the process on one thread (see transact.serving.batching).
+            self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0,
+                                        s.max_queue, setup=self._load_model)
+        except Exception as e:  # noqa: BLE001 - any start-up failure: alive, not ready, one line
+            # Raising here made BentoML restart the worker, which failed the same way, forever
+            # (a traceback every second). The worker stays up instead: /readyz 503, /rank 503
+            # naming the cause; `transact serve` checks the same things before it starts.
+            self.load_error = one_line(e)
+            log.error("not ready: %s", self.load_error)
+            return
         log.info("serving %s on %s (%s assembly, source %s, log %s, forward %s)", self.model_version,
                  self.ranker.device, s.assembly, type(self.ranker.source).__name__, s.log_dir or "off",
                  "CUDA graphs" if self.ranker.runner.use_graphs else
@@ -120,7 +165,9 @@ class TransActRanker:
         if s.log_dir:
             self.log_writer = ServedLogWriter(s.log_dir, model.fcfg, model.cfg.heads, s.log_queue_rows,
                                               s.log_flush_rows, s.log_flush_s,
-                                              on_written=LOGGED.inc, on_dropped=DROPPED.inc)
+                                              on_logged=LOGGED.inc, on_dropped=DROPPED.inc)
+            if self.log_writer.recovered.rows_recovered:
+                RECOVERED.inc(self.log_writer.recovered.rows_recovered)
         self.ranker = Ranker(model, source, device, model_version=self.model_version,
                              score_weights=s.score_weights, assembly=s.assembly, log_writer=self.log_writer,
                              cuda_graphs=s.cuda_graphs, cpu_forward=s.cpu_forward)
@@ -134,14 +181,16 @@ class TransActRanker:
     # --- probes ---------------------------------------------------------------------------------
 
     def __is_alive__(self) -> bool:
-        return self.batcher.alive
+        # a worker that could not load stays alive (restarting it fails the same way)
+        return self.load_error is not None or self.batcher.alive
 
     def __is_ready__(self) -> bool:
-        return self.batcher.alive
+        return self.load_error is None and self.batcher.alive
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self.batcher.close()
+        if self.batcher is not None:
+            self.batcher.close()
         if self.log_writer is not None:
             self.log_writer.close()
 
@@ -150,6 +199,8 @@ class TransActRanker:
     @bentoml.api(route="/rank", input_spec=RankRequest, output_spec=RankResponse)
     async def rank(self, **request) -> RankResponse:
         """Rank the candidates of one user: per-head probabilities, score S and the ranked list."""
+        if self.load_error is not None:
+            return _error(503, "service", f"not ready: {self.load_error}")
         try:
             q = self.query(**request)
         except RequestError as e:
@@ -179,7 +230,7 @@ class TransActRanker:
             self.ranker.check_weights(weights)
         return RankQuery(
             user_id=int(user_id), item_ids=ids, item_emb_q=emb, surface=SURFACES.index(surface),
-            ts=int(time.time() * 1000) if request_ts is None else int(request_ts),
+            ts=request_time(request_ts, int(time.time() * 1000), self.settings.max_clock_skew_s),
             request_id=secrets.randbits(62) if request_id is None else int(request_id),
             weights=weights, top_k=top_k,
         )

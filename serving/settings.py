@@ -10,6 +10,7 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_MODEL_TAG | transact-ranker:latest | model in the BentoML model store |
 | TRANSACT_WORLD | (none) | world folder: sequences + item table from its parquet events |
 | TRANSACT_FEAST_REPO | (none) | Feast repo: sequences + items from the online store |
+| TRANSACT_SOURCE | (none) | the same in one variable: ``world:<folder>`` or ``feast:<repo>`` (the bento requires it) |
 | TRANSACT_DEVICE | cuda if available else cpu | torch device |
 | TRANSACT_THREADS | (torch default) | torch intra-op threads |
 | TRANSACT_SCORE_WEIGHTS | click=1,repin=1,hide=-1 | S = sum_h w_h f_h (heads absent get 0) |
@@ -19,6 +20,7 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_MAX_WAIT_MS | 0 | extra wait to grow a batch (0: batch what is queued) |
 | TRANSACT_MAX_QUEUE | 64 | queued requests before 503 (load shedding) |
 | TRANSACT_REQUEST_TIMEOUT_S | 30 | queue + compute deadline per request (-> 503) |
+| TRANSACT_MAX_CLOCK_SKEW_S | 300 | a client ``request_ts`` further than this from the server clock -> 400; ``off`` trusts client times (replays of a past world, tests) |
 | TRANSACT_API_KEY | (none) | when set, /rank needs header ``X-API-Key`` |
 | TRANSACT_LOG_DIR | (none) | served NN-feature log folder (off when unset) |
 | TRANSACT_LOG_QUEUE_ROWS | 32768 | bounded log queue; rows beyond are dropped and counted |
@@ -74,6 +76,33 @@ def _float(name: str, default: float, lo: float = 0.0) -> float:
     return v
 
 
+def parse_clock_skew(raw: str, name: str = "TRANSACT_MAX_CLOCK_SKEW_S") -> float | None:
+    """Seconds > 0, or ``off`` (None: client times are trusted). 0 is refused: it reads both
+    as "no skew allowed" (every client time refused) and as "no check", so neither is guessed."""
+    if raw.strip().lower() == "off":
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (0 < v < float("inf")):
+        raise ValueError(f"{name}={raw!r} must be a number of seconds > 0, or off to trust client times")
+    return v
+
+
+def _source() -> tuple[str | None, str | None]:
+    """(world, feast repo) from TRANSACT_WORLD / TRANSACT_FEAST_REPO or TRANSACT_SOURCE."""
+    world, repo, source = _env("TRANSACT_WORLD"), _env("TRANSACT_FEAST_REPO"), _env("TRANSACT_SOURCE")
+    if source is None:
+        return world, repo
+    kind, _, where = source.partition(":")
+    if kind not in ("world", "feast") or not where:
+        raise ValueError(f"TRANSACT_SOURCE={source!r}: write world:<folder> or feast:<repo>")
+    if world or repo:
+        raise ValueError("TRANSACT_SOURCE and TRANSACT_WORLD/TRANSACT_FEAST_REPO are both set: keep one")
+    return (where, None) if kind == "world" else (None, where)
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     model_tag: str = DEFAULT_MODEL_TAG
@@ -88,6 +117,8 @@ class ServeSettings:
     max_wait_ms: float = 0.0
     max_queue: int = 64
     request_timeout_s: float = 30.0
+    #: Bound on |client request_ts - server clock| in seconds; None trusts the client.
+    max_clock_skew_s: float | None = 300.0
     api_key: str | None = field(default=None, repr=False)
     log_dir: str | None = None
     log_queue_rows: int = 32_768
@@ -110,10 +141,11 @@ class ServeSettings:
         if cpu_forward not in CPU_FORWARDS:
             raise ValueError(f"TRANSACT_CPU_FORWARD={cpu_forward!r}: choose one of {CPU_FORWARDS}")
         threads = _int("TRANSACT_THREADS", 0, lo=0)
+        world, feast_repo = _source()
         s = cls(
             model_tag=_env("TRANSACT_MODEL_TAG", DEFAULT_MODEL_TAG),
-            world=_env("TRANSACT_WORLD"),
-            feast_repo=_env("TRANSACT_FEAST_REPO"),
+            world=world,
+            feast_repo=feast_repo,
             device=_env("TRANSACT_DEVICE"),
             threads=threads or None,
             score_weights=parse_score_weights(_env("TRANSACT_SCORE_WEIGHTS")),
@@ -123,6 +155,8 @@ class ServeSettings:
             max_wait_ms=_float("TRANSACT_MAX_WAIT_MS", cls.max_wait_ms),
             max_queue=_int("TRANSACT_MAX_QUEUE", cls.max_queue, lo=1),
             request_timeout_s=_float("TRANSACT_REQUEST_TIMEOUT_S", cls.request_timeout_s, lo=0.001),
+            max_clock_skew_s=(cls.max_clock_skew_s if _env("TRANSACT_MAX_CLOCK_SKEW_S") is None
+                              else parse_clock_skew(_env("TRANSACT_MAX_CLOCK_SKEW_S"))),
             api_key=_env("TRANSACT_API_KEY"),
             log_dir=_env("TRANSACT_LOG_DIR"),
             log_queue_rows=_int("TRANSACT_LOG_QUEUE_ROWS", cls.log_queue_rows, lo=1),
@@ -150,6 +184,7 @@ class ServeSettings:
             "TRANSACT_MAX_WAIT_MS": str(self.max_wait_ms),
             "TRANSACT_MAX_QUEUE": str(self.max_queue),
             "TRANSACT_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
+            "TRANSACT_MAX_CLOCK_SKEW_S": "off" if self.max_clock_skew_s is None else str(self.max_clock_skew_s),
             "TRANSACT_LOG_QUEUE_ROWS": str(self.log_queue_rows),
             "TRANSACT_LOG_FLUSH_ROWS": str(self.log_flush_rows),
             "TRANSACT_LOG_FLUSH_S": str(self.log_flush_s),

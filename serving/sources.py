@@ -4,7 +4,7 @@ A :class:`SequenceSource` has the two methods of
 :class:`transact.model.sequences.EventStore`, so the EventStore (a world folder's
 parquet events, point-in-time) plugs in as it is; the Feast online store plugs in
 through :class:`FeastSource` (an adapter over
-``transact.components.features.OnlineSequences``). Unknown users get empty sequences (cold start), never an error; unknown items
+``transact.features.online.OnlineSequences``). Unknown users get empty sequences (cold start), never an error; unknown items
 raise ``ValueError`` (the service answers 400 and asks for ``item_embeddings``).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class EmptySource:
 class FeastSource:
     """The Feast online store as a :class:`SequenceSource`.
 
-    Wraps :class:`transact.components.features.OnlineSequences` (one Feast
+    Wraps :class:`transact.features.online.OnlineSequences` (one Feast
     ``get_online_features`` call per batch for the sequences, one for the items). The
     online store holds each user's *current* state (the last lifelong materialisation and
     every pushed realtime action / impression), so ``ts`` does not cut the sequences
@@ -56,7 +56,7 @@ class FeastSource:
 
     @classmethod
     def from_repo(cls, repo: str, cfg: FeatureConfig) -> "FeastSource":
-        from transact.components.features import OnlineSequences
+        from transact.features.online import OnlineSequences
 
         return cls(OnlineSequences(repo, cfg))
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import make_items, write_world
-from transact.components.nn_logging import log_nn_features
+from transact.model.nn_logging import log_nn_features
 from transact.data import schema as S
 from transact.data.world import publishing
 from transact.model.config import FeatureConfig
@@ -69,7 +69,7 @@ def test_nn_rows_do_not_depend_on_row_order(tmp_path_factory, seed):
 
 def test_offline_feature_rows_do_not_depend_on_row_order(tmp_path):
     """The Feast path (what serving reads) cuts its windows in the same order."""
-    from transact.components import features as F
+    from transact.features.offline import write_offline
 
     tables = _world(tmp_path)
     _publish(tmp_path / "as-given", tables, None)
@@ -77,7 +77,7 @@ def test_offline_feature_rows_do_not_depend_on_row_order(tmp_path):
     out = {}
     for name in ("as-given", "shuffled"):
         repo = tmp_path / f"repo-{name}"
-        F.write_offline(tmp_path / name, repo, CFG, progress=False)
+        write_offline(tmp_path / name, repo, CFG, progress=False)
         out[name] = {p.relative_to(repo).as_posix(): pq.read_table(p)
                      for p in sorted((repo / "data" / "offline").rglob("*.parquet"))}
     assert out["as-given"].keys() == out["shuffled"].keys() and out["as-given"]

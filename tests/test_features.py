@@ -18,7 +18,16 @@ import pytest
 import torch
 
 from conftest import make_events, make_items, make_requests
-from transact.components import features as F
+from transact.bench.features import local_redis
+from transact.features.codec import HEADER_BYTES, TOKEN_BYTES, decode_tokens, encode_tokens
+from transact.features.historical import HistoricalSequences, historical_for_requests
+from transact.features.materialize import materialize
+from transact.features.offline import write_offline
+from transact.features.online import OnlineSequences, online_item_emb_q, online_sequences
+from transact.features.push import push_events
+from transact.features.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_SERVICE, ITEM_VIEW,
+                                     LL_VIEW, OFFLINE_DIRS, REPO_TEMPLATE, RT_PUSH, RT_VIEW, SERVICE, TRAIN_SERVICE,
+                                     TS_COL, USER_KEY, VIEW_FEATURES, apply, init_repo, open_store)
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
 from transact.model.config import DAY_MS, FeatureConfig
@@ -102,25 +111,25 @@ def reference(world):
 def redis_url():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    with F.local_redis() as url:
+    with local_redis() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def sqlite_repo(world, tmp_path_factory):
-    repo = F.init_repo(tmp_path_factory.mktemp("feast") / "repo")
-    summary = F.write_offline(world[0], repo, CFG, progress=False)
-    F.apply(repo)
-    F.materialize(repo, progress=False)
+    repo = init_repo(tmp_path_factory.mktemp("feast") / "repo")
+    summary = write_offline(world[0], repo, CFG, progress=False)
+    apply(repo)
+    materialize(repo, progress=False)
     return repo, summary
 
 
 @pytest.fixture(scope="module")
 def redis_repo(sqlite_repo, redis_url, tmp_path_factory):
-    repo = F.init_repo(tmp_path_factory.mktemp("feast-redis") / "repo", online="redis", redis=redis_url)
+    repo = init_repo(tmp_path_factory.mktemp("feast-redis") / "repo", online="redis", redis=redis_url)
     shutil.copytree(sqlite_repo[0] / "data" / "offline", repo / "data" / "offline")
-    F.apply(repo)
-    F.materialize(repo, progress=False)
+    apply(repo)
+    materialize(repo, progress=False)
     return repo, sqlite_repo[1]
 
 
@@ -144,37 +153,37 @@ def test_token_blob_roundtrip():
     emb = rng.integers(-127, 128, (T, 32)).astype(np.int8)
     act = rng.integers(0, 32, T).astype(np.uint8)
     surf = rng.integers(0, 4, T).astype(np.int8)
-    blob = F.encode_tokens(ts, emb, act, surf)
-    assert len(blob) == F.HEADER_BYTES + T * F.TOKEN_BYTES == 8 + 42 * T
-    empty = F.encode_tokens(ts[:0], emb[:0], act[:0], surf[:0])
-    assert len(empty) == F.HEADER_BYTES  # never an empty value
-    tok = F.decode_tokens([blob, None, empty, blob], cap=20)
+    blob = encode_tokens(ts, emb, act, surf)
+    assert len(blob) == HEADER_BYTES + T * TOKEN_BYTES == 8 + 42 * T
+    empty = encode_tokens(ts[:0], emb[:0], act[:0], surf[:0])
+    assert len(empty) == HEADER_BYTES  # never an empty value
+    tok = decode_tokens([blob, None, empty, blob], cap=20)
     assert tok.offsets.tolist() == [0, 20, 20, 20, 40]
     assert np.array_equal(tok.ts[:20], ts[:20]) and np.array_equal(tok.emb_q[20:], emb[:20])
     assert np.array_equal(tok.action[:20], act[:20]) and np.array_equal(tok.surface[:20], surf[:20])
     assert tok.item_id is None and tok.engaged is None
-    full = F.decode_tokens([F.encode_tokens(ts, emb, act, surf, item_id=ts + 1, engaged=act % 2)])
+    full = decode_tokens([encode_tokens(ts, emb, act, surf, item_id=ts + 1, engaged=act % 2)])
     assert np.array_equal(full.item_id, ts + 1) and np.array_equal(full.engaged, act % 2)
     with pytest.raises(ValueError):
-        F.decode_tokens([blob[:-1]])
+        decode_tokens([blob[:-1]])
     with pytest.raises(ValueError):
-        F.decode_tokens([b"XX" + blob[2:]])
+        decode_tokens([b"XX" + blob[2:]])
 
 
 def test_definitions_match_the_module_constants(sqlite_repo):
-    store = F.open_store(sqlite_repo[0])
+    store = open_store(sqlite_repo[0])
     views = {fv.name: fv for fv in store.list_feature_views()}
-    for view, feats in F.VIEW_FEATURES.items():
+    for view, feats in VIEW_FEATURES.items():
         assert [f.name for f in views[view].features] == list(feats)
         assert views[view].ttl.total_seconds() == 0 and views[view].online
-    for view, (iv, feat) in F.INDEX_VIEWS.items():
+    for view, (iv, feat) in INDEX_VIEWS.items():
         assert [f.name for f in views[iv].features] == [feat] and not views[iv].online
-    assert [f.name for f in views[F.ITEM_VIEW].features] == [F.ITEM_FEATURE]
-    assert {p.name for p in store.list_data_sources() if type(p).__name__ == "PushSource"} == {F.RT_PUSH, F.IMP_PUSH}
-    svc = store.get_feature_service(F.SERVICE)
-    assert sorted(p.name for p in svc.feature_view_projections) == sorted(F.VIEW_FEATURES)
-    assert [p.name for p in store.get_feature_service(F.ITEM_SERVICE).feature_view_projections] == [F.ITEM_VIEW]
-    for view, rel in F.OFFLINE_DIRS.items():
+    assert [f.name for f in views[ITEM_VIEW].features] == [ITEM_FEATURE]
+    assert {p.name for p in store.list_data_sources() if type(p).__name__ == "PushSource"} == {RT_PUSH, IMP_PUSH}
+    svc = store.get_feature_service(SERVICE)
+    assert sorted(p.name for p in svc.feature_view_projections) == sorted(VIEW_FEATURES)
+    assert [p.name for p in store.get_feature_service(ITEM_SERVICE).feature_view_projections] == [ITEM_VIEW]
+    for view, rel in OFFLINE_DIRS.items():
         src = views[view].batch_source
         assert src.path == rel, view
 
@@ -183,9 +192,9 @@ def test_definitions_match_the_module_constants(sqlite_repo):
 
 def test_online_sequences_are_exact(online_repo, world, reference):
     repo, summary = online_repo
-    store = F.open_store(repo)
+    store = open_store(repo)
     users = _all_users(world)
-    got = F.online_sequences(store, users, CFG)
+    got = online_sequences(store, users, CFG)
     want = reference.sequences(users, np.full(len(users), summary["until_ms"]))
     _assert_same(got, want, "online")
     cold = np.flatnonzero(np.isin(users, [COLD_USER, 123456]))
@@ -194,34 +203,34 @@ def test_online_sequences_are_exact(online_repo, world, reference):
     assert sum(int(s.offsets[-1]) for s in got) > 0
     items = world[1]["items"]
     ids = items.column("item_id").to_numpy()[::-3]
-    emb = F.online_item_emb_q(store, ids)
+    emb = online_item_emb_q(store, ids)
     assert np.array_equal(emb, reference.item_emb_q_of(ids))
     with pytest.raises(SchemaError):
-        F.online_item_emb_q(store, [ids[0], 10**12])
-    assert not F.online_item_emb_q(store, [10**12], unknown="zero").any()
+        online_item_emb_q(store, [ids[0], 10**12])
+    assert not online_item_emb_q(store, [10**12], unknown="zero").any()
 
 
 def test_only_cold_users(online_repo):
-    ll, rt, imp = F.online_sequences(F.open_store(online_repo[0]), [COLD_USER, 7_777_777], CFG)
+    ll, rt, imp = online_sequences(open_store(online_repo[0]), [COLD_USER, 7_777_777], CFG)
     for s in (ll, rt, imp):
         assert s.offsets.tolist() == [0, 0, 0] and s.emb_q.shape == (0, 32) and s.ts.dtype == torch.int64
 
 
 def test_sqlite_and_redis_store_identical_values(sqlite_repo, redis_repo, world):
     users = _all_users(world)
-    a = F.OnlineSequences(sqlite_repo[0]).raw(users)
-    b = F.OnlineSequences(redis_repo[0]).raw(users)
+    a = OnlineSequences(sqlite_repo[0]).raw(users)
+    b = OnlineSequences(redis_repo[0]).raw(users)
     assert a == b
-    assert sum(v is not None for v in a[F.VIEW_FEATURES[F.LL_VIEW][0]]) > 0
+    assert sum(v is not None for v in a[VIEW_FEATURES[LL_VIEW][0]]) > 0
 
 
 def test_feast_materialize_engine_matches_direct(sqlite_repo, world, tmp_path):
-    repo = F.init_repo(tmp_path / "repo")
+    repo = init_repo(tmp_path / "repo")
     shutil.copytree(sqlite_repo[0] / "data" / "offline", repo / "data" / "offline")
-    F.apply(repo)
-    F.materialize(repo, engine="feast", progress=False)
+    apply(repo)
+    materialize(repo, engine="feast", progress=False)
     users = _all_users(world)
-    assert F.OnlineSequences(repo).raw(users) == F.OnlineSequences(sqlite_repo[0]).raw(users)
+    assert OnlineSequences(repo).raw(users) == OnlineSequences(sqlite_repo[0]).raw(users)
 
 
 # --- point-in-time (training) reads ------------------------------------------------------------
@@ -250,7 +259,7 @@ def _probe_requests(world, summary):
 def test_historical_sequences_match_the_contract(sqlite_repo, world, reference, payload):
     repo, summary = sqlite_repo
     users, ts = _probe_requests(world, summary)
-    hist = F.HistoricalSequences(repo, CFG, payload=payload)
+    hist = HistoricalSequences(repo, CFG, payload=payload)
     got = hist.sequences(users, ts)
     _assert_same(got, reference.sequences(users, ts), f"historical/{payload}")
     ll, rt, imp = got
@@ -265,11 +274,11 @@ def test_historical_sequences_match_the_contract(sqlite_repo, world, reference, 
 
 def test_historical_refuses_times_outside_the_sources(sqlite_repo):
     repo, summary = sqlite_repo
-    hist = F.HistoricalSequences(repo, CFG)
+    hist = HistoricalSequences(repo, CFG)
     with pytest.raises(ValueError, match="must lie in"):
         hist.sequences([0], [summary["since_ms"] - 1])
     with pytest.raises(ValueError, match="exceeds"):
-        F.HistoricalSequences(repo, FeatureConfig(ll_cap=51, rt_cap=12, imp_cap=5, r=4))
+        HistoricalSequences(repo, FeatureConfig(ll_cap=51, rt_cap=12, imp_cap=5, r=4))
 
 
 def test_historical_with_smaller_caps(sqlite_repo, world):
@@ -278,15 +287,15 @@ def test_historical_with_smaller_caps(sqlite_repo, world):
     t = world[1]
     ref = EventStore(t["items"], t["actions"], t["impressions"], small)
     users, ts = _probe_requests(world, summary)
-    _assert_same(F.HistoricalSequences(repo, small).sequences(users, ts), ref.sequences(users, ts), "small caps")
+    _assert_same(HistoricalSequences(repo, small).sequences(users, ts), ref.sequences(users, ts), "small caps")
 
 
 def test_nn_rows_from_feast_equal_the_direct_path(sqlite_repo, world, tmp_path):
-    from transact.components.nn_logging import log_nn_features
+    from transact.model.nn_logging import log_nn_features
 
     repo, _ = sqlite_repo
     log_nn_features(world[0], tmp_path / "direct.parquet", CFG, batch_requests=16, progress=False)
-    hist = F.historical_for_requests(repo, world[0], CFG, chunk=50)
+    hist = historical_for_requests(repo, world[0], CFG, chunk=50)
     log_nn_features(world[0], tmp_path / "feast.parquet", CFG, batch_requests=16, progress=False, store=hist)
     a, b = pq.read_table(tmp_path / "direct.parquet"), pq.read_table(tmp_path / "feast.parquet")
     assert a.num_rows == world[1]["requests"].num_rows
@@ -316,58 +325,58 @@ def test_push_updates_realtime_and_impressions(kind, world, reference, tmp_path,
     url = request.getfixturevalue("redis_url") + ",db=1" if kind == "redis" else None
     t = world[1]
     cut = _split(world)
-    repo = F.init_repo(tmp_path / "repo", online=kind, redis=url)
-    s = F.write_offline(world[0], repo, CFG, until_ms=cut, progress=False)
-    store = F.open_store(repo)
-    F.apply(store)
-    F.materialize(store, progress=False)
+    repo = init_repo(tmp_path / "repo", online=kind, redis=url)
+    s = write_offline(world[0], repo, CFG, until_ms=cut, progress=False)
+    store = open_store(repo)
+    apply(store)
+    materialize(store, progress=False)
     users = _all_users(world)
-    before = F.online_sequences(store, users, CFG)
+    before = online_sequences(store, users, CFG)
     _assert_same(before, reference.sequences(users, np.full(len(users), cut)), "before push")
 
     end = int(max(t["actions"].column("ts").to_numpy().max(), t["impressions"].column("ts").to_numpy().max())) + 1
     mid = (cut + end) // 2
     for lo, hi in ((cut, mid), (mid, None)):  # two pushes, in time order
-        out = F.push_events(store, _after(t["actions"], lo, hi), _after(t["impressions"], lo, hi),
-                            to="online_and_offline")
-        assert out["users"] > 0 and out["rows"][F.RT_VIEW] > 0
-    ll, rt, imp = F.online_sequences(store, users, CFG)
+        out = push_events(store, _after(t["actions"], lo, hi), _after(t["impressions"], lo, hi),
+                          to="online_and_offline")
+        assert out["users"] > 0 and out["rows"][RT_VIEW] > 0
+    ll, rt, imp = online_sequences(store, users, CFG)
     want = reference.sequences(users, np.full(len(users), end))
     assert _same(rt, want[1]) and _same(imp, want[2])
     assert _same(ll, before[0])  # lifelong is a daily batch feature: pushes leave it alone
     assert not _same(rt, before[1]) and not _same(imp, before[2])
 
     # the offline log of the pushes equals what the batch job writes for the same events
-    full = F.init_repo(tmp_path / "full")
-    F.write_offline(world[0], full, CFG, since_ms=s["since_ms"], progress=False)
-    for view in (F.RT_VIEW, F.IMP_VIEW):
+    full = init_repo(tmp_path / "full")
+    write_offline(world[0], full, CFG, since_ms=s["since_ms"], progress=False)
+    for view in (RT_VIEW, IMP_VIEW):
         def rows(r):
-            tab = pq.read_table(r / F.OFFLINE_DIRS[view])
-            ms = tab.column(F.TS_COL).cast(pa.int64()).to_numpy() // 1000
-            return sorted((int(u), int(x), b) for u, x, b in zip(tab.column(F.USER_KEY).to_numpy(), ms,
-                                                               tab.column(F.VIEW_FEATURES[view][0]).to_pylist())
+            tab = pq.read_table(r / OFFLINE_DIRS[view])
+            ms = tab.column(TS_COL).cast(pa.int64()).to_numpy() // 1000
+            return sorted((int(u), int(x), b) for u, x, b in zip(tab.column(USER_KEY).to_numpy(), ms,
+                                                               tab.column(VIEW_FEATURES[view][0]).to_pylist())
                           if x > cut)
         assert rows(repo) == rows(full), view
 
 
 def test_push_to_a_cold_user_and_unknown_items(sqlite_repo, tmp_path):
-    repo = F.init_repo(tmp_path / "repo")
+    repo = init_repo(tmp_path / "repo")
     shutil.copytree(sqlite_repo[0] / "data" / "offline", repo / "data" / "offline")
-    store = F.open_store(repo)
-    F.apply(store)
-    F.materialize(store, progress=False)
-    items = pq.read_table(repo / F.OFFLINE_DIRS[F.ITEM_VIEW]).column(F.ITEM_KEY).to_numpy()
+    store = open_store(repo)
+    apply(store)
+    materialize(store, progress=False)
+    items = pq.read_table(repo / OFFLINE_DIRS[ITEM_VIEW]).column(ITEM_KEY).to_numpy()
     t = sqlite_repo[1]["until_ms"] + 10
     acts = pa.table({"user_id": [4242], "item_id": [int(items[3])], "ts": [t], "action": [2], "surface": [1]})
     imps = pa.table({"user_id": [4242, 4242], "item_id": [int(items[3]), int(items[4])], "ts": [t - 5, t - 5],
                      "surface": [0, 0], "request_id": [1, 1], "position": [0, 1]})
-    F.push_events(store, acts, imps)
-    ll, rt, imp = F.online_sequences(store, [4242], CFG)
+    push_events(store, acts, imps)
+    ll, rt, imp = online_sequences(store, [4242], CFG)
     assert ll.offsets.tolist() == [0, 0] and rt.ts.tolist() == [t] and rt.action.tolist() == [2]
     assert imp.ts.tolist() == [t - 5]  # the impression of items[3] was engaged at t
-    assert torch.equal(imp.emb_q[0], torch.from_numpy(F.online_item_emb_q(store, [items[4]])[0]))
+    assert torch.equal(imp.emb_q[0], torch.from_numpy(online_item_emb_q(store, [items[4]])[0]))
     with pytest.raises(SchemaError):
-        F.push_events(store, pa.table({"user_id": [1], "item_id": [10**12], "ts": [t], "action": [1], "surface": [0]}))
+        push_events(store, pa.table({"user_id": [1], "item_id": [10**12], "ts": [t], "action": [1], "surface": [0]}))
 
 
 # --- command lines -----------------------------------------------------------------------------
@@ -381,7 +390,7 @@ def test_feast_apply_as_a_user_types_it(tmp_path, sqlite_repo):
     """`cd feature_repo && feast apply` on a copy of the checked-in repo."""
     repo = tmp_path / "feature_repo"
     repo.mkdir()
-    for f in F.REPO_TEMPLATE.iterdir():
+    for f in REPO_TEMPLATE.iterdir():
         if f.is_file():
             shutil.copy2(f, repo / f.name)
     shutil.copytree(sqlite_repo[0] / "data" / "offline", repo / "data" / "offline")
@@ -389,10 +398,10 @@ def test_feast_apply_as_a_user_types_it(tmp_path, sqlite_repo):
     r = subprocess.run([_feast_exe(), "apply"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (repo / "data" / "registry.db").exists() and (repo / "data" / "online.db").exists()
-    store = F.open_store(repo)
-    assert {fv.name for fv in store.list_feature_views()} >= set(F.VIEW_FEATURES) | {F.ITEM_VIEW}
-    F.materialize(store, progress=False)
-    assert sum(int(s.offsets[-1]) for s in F.online_sequences(store, [0, 11, 22], CFG)) > 0
+    store = open_store(repo)
+    assert {fv.name for fv in store.list_feature_views()} >= set(VIEW_FEATURES) | {ITEM_VIEW}
+    materialize(store, progress=False)
+    assert sum(int(s.offsets[-1]) for s in online_sequences(store, [0, 11, 22], CFG)) > 0
 
 
 def test_transact_features_commands(tmp_path, world, reference):
@@ -417,7 +426,7 @@ def test_transact_features_commands(tmp_path, world, reference):
                             "--impressions", str(tmp_path / "i.parquet")])
     assert r.exit_code == 0, r.output
     end = int(max(t["actions"].column("ts").to_numpy().max(), t["impressions"].column("ts").to_numpy().max())) + 1
-    got = F.online_sequences(F.open_store(repo), [0, 11, COLD_USER], CFG)
+    got = online_sequences(open_store(repo), [0, 11, COLD_USER], CFG)
     want = reference.sequences(np.array([0, 11, COLD_USER]), np.full(3, end))
     assert _same(got[1], want[1]) and _same(got[2], want[2])
     r = runner.invoke(app, ["features", "show", "0", str(COLD_USER), "--repo", str(repo)])
@@ -452,19 +461,20 @@ def test_tiny_simulated_world_end_to_end(tmp_path):
     """The pipeline step on the simulator's tiny world: online state and the logged NN
     training rows through Feast equal the direct path."""
     sim = pytest.importorskip("transact.data.simulator")
-    from transact.components.nn_logging import log_nn_features
+    from transact.components.steps import materialize_features
+    from transact.model.nn_logging import log_nn_features
 
     world = tmp_path / "world"
     sim.simulate(sim.get_profile("tiny"), world, seed=0, progress=False)
     cfg = FeatureConfig(ll_cap=2048)
-    out = F.build_feature_store(world, tmp_path / "repo", cfg, progress=False)
-    assert out["materialize"]["views"][F.LL_VIEW]["entities"] > 0
+    out = materialize_features(str(world), str(tmp_path / "repo"), progress=False)  # default caps >= cfg's
+    assert out["materialize"]["views"][LL_VIEW]["entities"] > 0
     ref = EventStore.from_dir(world, cfg)
     users = np.unique(pq.read_table(world / "actions.parquet", columns=["user_id"]).column(0).to_numpy())
-    got = F.online_sequences(F.open_store(tmp_path / "repo"), users, cfg)
+    got = online_sequences(open_store(tmp_path / "repo"), users, cfg)
     _assert_same(got, ref.sequences(users, np.full(len(users), out["offline"]["until_ms"])), "tiny online")
     log_nn_features(world, tmp_path / "direct.parquet", cfg, progress=False, store=ref)
-    hist = F.historical_for_requests(tmp_path / "repo", world, cfg)
+    hist = historical_for_requests(tmp_path / "repo", world, cfg)
     log_nn_features(world, tmp_path / "feast.parquet", cfg, progress=False, store=hist)
     assert pq.read_table(tmp_path / "direct.parquet").equals(pq.read_table(tmp_path / "feast.parquet"))
 
@@ -477,10 +487,10 @@ def test_training_service_join_keeps_every_request(sqlite_repo, world):
     repo, summary = sqlite_repo
     users, ts = _probe_requests(world, summary)
     keys = np.unique(np.stack([users, ts], 1), axis=0)
-    store = F.open_store(repo)
+    store = open_store(repo)
     entity_df = pd.DataFrame({"user_id": keys[:, 0], "event_timestamp": pd.to_datetime(keys[:, 1], unit="ms", utc=True)})
     df = store.get_historical_features(entity_df=entity_df,
-                                       features=store.get_feature_service(F.TRAIN_SERVICE)).to_df()
+                                       features=store.get_feature_service(TRAIN_SERVICE)).to_df()
     known = ~np.isin(keys[:, 0], [COLD_USER])
     assert len(df) >= known.sum()
     got = df[df.user_id != COLD_USER]

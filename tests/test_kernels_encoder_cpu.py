@@ -12,7 +12,8 @@ from transact.kernels import dispatch
 from transact.kernels.pytorch import encoder_cpu
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
 from transact.model.config import FeatureConfig
-from transact.model.encoder import encoder_reference, make_encoder
+from transact.kernels.pytorch.encoder import encoder_reference
+from transact.model.encoder import make_encoder
 from transact.model.transact import Batch, build_model
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
 from transact.kernels import dispatch
 from transact.kernels.triton.nn_search import launch_config, nn_search_triton
-from transact.model.nn_features import nn_search as reference
+from transact.kernels.pytorch.nn_search import nn_search as reference
 from transact.model.quantization import dequantize
 
 D = 32
@@ -298,7 +298,8 @@ def test_kernel_compiles_for_gpus_all_builds():
 def test_benchmark_cpu_path(tmp_path):
     """The benchmark's CPU path at a tiny size: rows with the expected keys, JSON naming
     the machine (no timing assertions)."""
-    from transact.kernels.benchmarks import bench_nn_search, format_table, write_json
+    from transact.bench.nn_search import bench_nn_search
+    from transact.bench.report import format_table, write_json
 
     result = bench_nn_search(lengths=(40, 70), n_cand=5, k=8, n_requests=2, repeats=1, warmup=0, device="cpu")
     assert result["benchmark"] == "nn-search" and result["gpu"] is False

@@ -23,7 +23,8 @@ from torch import nn
 from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available, random_encoder, valid_pattern
 from transact.kernels import dispatch
 from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
-from transact.model.encoder import encoder_reference, make_encoder
+from transact.kernels.pytorch.encoder import encoder_reference
+from transact.model.encoder import make_encoder
 
 #: max |SKUT - fp32 reference| per input dtype (outputs are LayerNorm'd, O(1)).
 ATOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
@@ -161,7 +162,8 @@ def test_kernel_compiles_for_gpus_all_builds():
 def test_benchmark_cpu_path(tmp_path):
     """The benchmark's CPU path at a tiny size: rows with the expected keys, JSON naming
     the machine (no timing assertions)."""
-    from transact.kernels.benchmarks import bench_skut, write_json
+    from transact.bench.report import write_json
+    from transact.bench.skut import bench_skut
 
     result = bench_skut(table="both", lengths=(16, 24), batch=2, batches=(1, 3), length=16, repeats=1,
                         warmup=0, device="cpu")

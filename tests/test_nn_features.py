@@ -9,8 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from transact.data.schema import LABEL_COLUMNS
 from transact.model.config import FeatureConfig
+from transact.kernels.pytorch.nn_search import nn_search
 from transact.model.nn_features import (
-    JaggedSequences, PAD_AGE, arrow_to_s_all, build_s_all, nn_search, s_all_to_arrow, valid_mask,
+    JaggedSequences, PAD_AGE, arrow_to_s_all, build_s_all, s_all_to_arrow, valid_mask,
 )
 from transact.model.quantization import dequantize
 
@@ -72,7 +73,7 @@ def test_int8_dot_path_equals_the_float_path(seed, n_users, k, dup):
     to the fp32 product's (int8 dots are exact either way), ties included."""
     from unittest import mock
 
-    import transact.model.nn_features as nf
+    import transact.kernels.pytorch.nn_search as nns
 
     rng = np.random.default_rng(seed)
     seq = random_jagged(rng, rng.integers(0, 40, n_users), dup)
@@ -81,12 +82,12 @@ def test_int8_dot_path_equals_the_float_path(seed, n_users, k, dup):
     if dup and len(cand) and seq.emb_q.shape[0]:
         cand[0] = seq.emb_q[0].float()  # exact match with tied tokens
     cand_off = torch.from_numpy(np.concatenate([[0], np.cumsum(ncand)]).astype(np.int64))
-    assert nf._is_int8_valued(cand) and nf._int8_dots_available(seq.emb_q)
+    assert nns._is_int8_valued(cand) and nns._int8_dots_available(seq.emb_q)
     idx, score = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
-    with mock.patch.object(nf, "_int8_dots_available", lambda *_: False):
+    with mock.patch.object(nns, "_int8_dots_available", lambda *_: False):
         idx_f, score_f = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
     assert torch.equal(idx, idx_f) and torch.equal(score, score_f)
-    assert not nf._is_int8_valued(torch.full((1, 32), 0.5)) and not nf._is_int8_valued(torch.full((1, 32), 128.0))
+    assert not nns._is_int8_valued(torch.full((1, 32), 0.5)) and not nns._is_int8_valued(torch.full((1, 32), 128.0))
 
 
 @pytest.mark.parametrize("int_codes", [True, False])
@@ -195,7 +196,7 @@ def test_arrow_round_trip_of_a_sliced_multi_chunk_table():
        levels=st.sampled_from([2, 5, 50, 0]))
 def test_topk_tie_break_equals_the_full_key(seed, m, L, k, levels):
     """The fast top-k equals topk over the exact (score desc, index asc) key, ties included."""
-    from transact.model.nn_features import _tie_break_key, topk_tie_break
+    from transact.kernels.pytorch.nn_search import _tie_break_key, topk_tie_break
 
     rng = np.random.default_rng(seed)
     k = min(k, L)
@@ -212,18 +213,18 @@ def test_topk_tie_break_equals_the_full_key(seed, m, L, k, levels):
 def test_topk_by_groups_equals_topk(seed, m, L, k, block, levels):
     """The grouped top-k (forced at small shapes) gives topk's values, at columns holding
     them, and the tie-break top-k built on it still equals the full key."""
-    from transact.model import nn_features as nf
+    from transact.kernels.pytorch import nn_search as nns
 
     rng = np.random.default_rng(seed)
     k = min(k, L)
     x = rng.integers(0, levels, (m, L)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(m, L))
     scores = torch.from_numpy(x.astype(np.float32)) + 0.0
-    exp = torch.topk(nf._tie_break_key(scores), k, dim=1).indices
+    exp = torch.topk(nns._tie_break_key(scores), k, dim=1).indices
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(nf, "TOPK_GROUP_SIZE", block)
-        mp.setattr(nf, "TOPK_GROUPS_PER_VALUE", 1)  # grouped whenever L >= k x block
-        vals, cols = nf._topk_by_groups(scores, k)
-        fast = nf.topk_tie_break(scores, k)
+        mp.setattr(nns, "TOPK_GROUP_SIZE", block)
+        mp.setattr(nns, "TOPK_GROUPS_PER_VALUE", 1)  # grouped whenever L >= k x block
+        vals, cols = nns._topk_by_groups(scores, k)
+        fast = nns.topk_tie_break(scores, k)
     assert torch.equal(vals, torch.topk(scores, k, dim=1).values)
     assert torch.equal(torch.gather(scores, 1, cols), vals) and (cols.sort(1).values.diff(dim=1) > 0).all()
     assert torch.equal(fast, exp)

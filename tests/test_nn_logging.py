@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import write_world
-from transact.components import nn_logging
-from transact.components.nn_logging import log_nn_features
+from transact.model import nn_logging
+from transact.model.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
 from transact.model.config import FeatureConfig

@@ -58,7 +58,7 @@ def test_full_run_packages_then_worse_challenger_is_not_packaged(env):
 
 
 def test_corrupted_batch_stops_before_training(env, tmp_path):
-    from transact.data.corruption import corrupt
+    from transact.validation.corruption import corrupt
     from transact.data.simulator import get_profile, simulate
 
     src = tmp_path / "logs"

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import linked, make_events, make_requests
-from transact.components.validation import derive_frame, validate_world
+from transact.validation import derive_frame, validate_world
 from transact.data import schema as S
 from transact.data.adapter import _items, import_logs
-from transact.data.corruption import CAUGHT_BY, corrupt
+from transact.validation.corruption import CAUGHT_BY, corrupt
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
 from transact.model.quantization import MAX_ERROR
@@ -81,7 +81,7 @@ def test_import_and_validation_agree_on_every_fp32_embedding(seed, scale, bounda
 def test_fp32_logs_round_trip_through_import_validate_and_log_nn(tmp_path):
     """fp32 logs -> import-logs -> validate passes -> log-nn; the same logs with every
     table's rows shuffled give byte-identical NN rows (issue 16, "done means")."""
-    from transact.components.nn_logging import log_nn_features
+    from transact.model.nn_logging import log_nn_features
     from transact.model.config import FeatureConfig
 
     tables = write_source(tmp_path / "src")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import queries_of, write_world
-from transact.components.nn_logging import log_nn_features
+from transact.model.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.schema import LABEL_COLUMNS
 from transact.model.checkpoint import load_model, save_model
@@ -251,12 +251,12 @@ def test_log_flushes_by_time_and_survives_a_write_error(world, tmp_path):
     assert writer.written_rows == 3  # written by the timer, long before flush_rows
     real = writer._write
 
-    def broken(tables, rows):
+    def broken(tables, rows, *batches):
         writer._write = real
         raise_in = writer.out_dir
         writer.out_dir = tmp_path / "missing" / "deeper"
         try:
-            real(tables, rows)
+            real(tables, rows, *batches)
         finally:
             writer.out_dir = raise_in
 
@@ -279,7 +279,7 @@ def test_log_writer_runs_idle_and_catches_up_at_normal_policy_when_behind(world,
     prio = writer.priority
     assert prio.idle and os.sched_getscheduler(prio.tid) == os.SCHED_IDLE
     gate, real = threading.Event(), writer._write
-    writer._write = lambda tables, rows: (gate.wait(10), real(tables, rows))  # a writer that falls behind
+    writer._write = lambda *a: (gate.wait(10), real(*a))  # a writer that falls behind
     for _ in range(3):
         writer.submit(rec)  # 3, 6, 9 rows pending: past half of 16, raised by the submitting thread
     assert prio.idle is not prio.switching  # raised, or (not permitted) left idle and no more tries
@@ -549,15 +549,17 @@ def test_feast_source_adapts_online_sequences(world):
 @pytest.mark.slow
 def test_feast_online_store_serves_the_same_sequences(tmp_path):
     """Real Feast (SQLite online store): the adapter returns what the EventStore cuts."""
-    from transact.components import features as F
+    from transact.features.materialize import materialize
+    from transact.features.offline import write_offline
+    from transact.features.store import apply, init_repo
     from transact.serving.sources import open_source
 
     items, actions, impressions, _ = write_world(tmp_path / "w")
-    repo = F.init_repo(tmp_path / "repo")
-    F.apply(repo)
-    F.write_offline(tmp_path / "w", repo, CFG, progress=False)
+    repo = init_repo(tmp_path / "repo")
+    apply(repo)
+    write_offline(tmp_path / "w", repo, CFG, progress=False)
     end = int(max(actions.column("ts").to_numpy().max(), impressions.column("ts").to_numpy().max())) + 1
-    F.materialize(repo, end_ms=end, progress=False)
+    materialize(repo, end_ms=end, progress=False)
     src = open_source(None, str(repo), CFG)
     store = EventStore(items, actions, impressions, CFG)
     users = np.array([0, 11, 22, 987654])

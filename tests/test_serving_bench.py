@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_serving_bench_small(tmp_path):
-    from transact.serving.bench import run_serving_bench
+    from transact.bench.serving import run_serving_bench
 
     out = tmp_path / "serving-cpu.json"
     r = run_serving_bench(out, seconds=1, candidates=16, ll=256, rt=40, imp=40, forward_reps=2,

@@ -1,4 +1,4 @@
-"""The serving path on a CUDA GPU (DESIGN §8, paper §3.4.2): the pinned staging arena,
+"""The serving path on a CUDA GPU (docs/design.md §8, paper §3.4.2): the pinned staging arena,
 CUDA-graph replay of the encoder + heads, and the whole Ranker against the CPU path.
 
 These need compiled Triton kernels on a GPU: skipped without one, and under the Triton

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import write_world
-from transact.components.nn_logging import log_nn_features
+from transact.model.nn_logging import log_nn_features
 from transact.data.schema import SURFACES
 from transact.model.checkpoint import load_model, save_model
 from transact.model.config import FeatureConfig
@@ -58,7 +58,8 @@ def served(tmp_path_factory):
         info = package_model(root / "model")
         settings = ServeSettings(model_tag=info["tag"], world=str(root / "w"), log_dir=str(root / "log"),
                                  log_flush_rows=10**7, log_flush_s=3600, log_queue_rows=10**7,
-                                 max_candidates=MAX_CANDIDATES, threads=1)
+                                 max_candidates=MAX_CANDIDATES, threads=1,
+                                 max_clock_skew_s=None)  # replays the world's past request times
         ctx = running_server(settings, bentoml_home=str(root / "bentoml"))
         url = ctx.__enter__()
         s = Served(root, url, ctx, pq.read_table(root / "rows.parquet"), requests, load_model(root / "model"))

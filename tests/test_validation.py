@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from transact.components.validation import (
+from transact.validation import (
     PROFILE_JSON,
     REPORT_MD,
     RESULTS_JSON,
@@ -28,7 +28,7 @@ from transact.components.validation import (
     validate_world,
 )
 from transact.data import schema as S
-from transact.data.corruption import (
+from transact.validation.corruption import (
     CAUGHT_BY,
     KINDS,
     NEEDS_REFERENCE,
@@ -200,7 +200,7 @@ def test_quarantine_inside_batch_is_refused(clean, tmp_path):
 # ---------------------------------------------------------------------------- NN rows
 @pytest.fixture(scope="module")
 def rows_file(clean, tmp_path_factory) -> Path:
-    from transact.components.nn_logging import log_nn_features
+    from transact.model.nn_logging import log_nn_features
 
     out = tmp_path_factory.mktemp("rows") / "nn_rows.parquet"
     log_nn_features(clean, out, SMALL_CFG, progress=False)
@@ -214,6 +214,9 @@ def test_clean_rows_pass(rows_file, clean, tmp_path):
     assert result.passed, result.summary
     assert path.exists() and (tmp_path / f"nn_rows.{REPORT_MD}").exists()
     assert json.loads((tmp_path / "ref.json").read_text())["nn_rows"]["n"] == result.rows["nn_rows"]["in"]
+    # its Data Docs site beside it, prefixed like its reports
+    assert result.data_docs == str(tmp_path / "nn_rows.data_docs" / "index.html")
+    assert _docs_link(tmp_path / f"nn_rows.{REPORT_MD}") == Path(result.data_docs).resolve()
 
 
 @pytest.mark.parametrize("kind", list(ROW_KINDS))
@@ -229,6 +232,8 @@ def test_row_corruption_is_rejected(kind, rows_file, clean, tmp_path):
     assert pq.ParquetFile(q / "nn_rows.parquet").metadata.num_rows == n
     assert result.rows["nn_rows"] == {"in": n, "accepted": 0, "quarantined": n}
     assert ROWS_CAUGHT_BY[kind] in (q / REPORT_MD).read_text()
+    assert result.data_docs == str(q / "data_docs" / "index.html")  # built in quarantine
+    assert ROWS_CAUGHT_BY[kind] in _validation_pages(Path(result.data_docs), "nn_rows")
 
 
 # ---------------------------------------------------------------------------- derived columns
@@ -291,3 +296,97 @@ def test_cli_exit_codes(clean, tmp_path):
 
     res = runner.invoke(app, ["validate", str(tmp_path / "nope"), "--quarantine", str(tmp_path / "q")])
     assert res.exit_code == 2 and "no world folder" in res.output
+
+
+# ---------------------------------------------------------------------------- GX Data Docs
+def _docs_link(md_path: Path) -> Path:
+    """The Data Docs index the Markdown report links, resolved from the report's folder."""
+    import re
+
+    links = re.findall(r"\]\(([^)\s]*index\.html)\)", md_path.read_text())
+    assert len(links) == 1, md_path.read_text()[:2000]
+    assert not Path(links[0]).is_absolute()  # relative: still right after a move
+    return (md_path.parent / links[0]).resolve()
+
+
+def _validation_pages(index: Path, table: str) -> str:
+    pages = list((index.parent / "validations" / table).rglob("*.html"))
+    assert len(pages) == 1, pages
+    return pages[0].read_text()
+
+
+def test_data_docs_site_in_the_batch(clean, tmp_path):
+    """A passing world carries GX's own Data Docs: suites and results of every table,
+    linked from the Markdown report and recorded in the results JSON and the result."""
+    from transact.validation.docs import DATA_DOCS_DIR
+
+    world = shutil.copytree(clean, tmp_path / "batch")
+    result = validate_world(world, tmp_path / "quarantine")
+    assert result.passed, result.summary
+    index = world / DATA_DOCS_DIR / "index.html"
+    assert result.data_docs == str(index) and index.is_file()
+    assert _docs_link(world / REPORT_MD) == index.resolve()
+    assert json.loads((world / RESULTS_JSON).read_text())["data_docs"] == str(index)
+    assert result.to_dict()["data_docs"] == str(index) and result.reports["data_docs"] == str(index)
+    html = index.read_text()
+    for table in S.TABLES:
+        assert (index.parent / "expectations" / f"{table}.html").is_file()
+        assert f"expectations/{table}.html" in html  # the index lists the suite and its run
+        assert f"validations/{table}/{world.name}/" in html
+    name = "actions: action is a non-empty mask of explicit action bits"
+    assert name in (index.parent / "expectations" / "actions.html").read_text()
+    assert name in _validation_pages(index, "actions")
+    # GX's tutorial GIFs are not copied into every batch
+    assert sum(p.stat().st_size for p in index.parent.rglob("*") if p.is_file()) < 2_000_000
+    assert "docs" in result.timings
+
+
+def test_quarantined_batch_carries_its_data_docs(clean, tmp_path):
+    world = tmp_path / "batch"
+    corrupt(clean, "unknown_surface", seed=0, out=world)
+    result = validate_world(world, tmp_path / "quarantine")
+    q = Path(result.quarantine)
+    assert not result.passed and not world.exists()
+    index = q / "data_docs" / "index.html"
+    assert result.data_docs == str(index) and index.is_file()
+    assert _docs_link(q / REPORT_MD) == index.resolve()
+    assert json.loads((q / RESULTS_JSON).read_text())["data_docs"] == str(index)
+    page = _validation_pages(index, "requests")
+    assert CAUGHT_BY["unknown_surface"] in page  # the failed expectation, with its results
+
+
+def test_data_docs_are_written_before_the_move(clean, tmp_path, monkeypatch):
+    """Report first, move last: killed between the two, the batch is still in place with
+    its reports and its site (which then moves with it)."""
+    import transact.data.world as W
+
+    def stop_at(step):
+        if step == "quarantine-reported":
+            raise KeyboardInterrupt(step)
+
+    monkeypatch.setattr(W, "fault_point", stop_at)
+    world = tmp_path / "batch"
+    corrupt(clean, "unknown_surface", seed=0, out=world)
+    with pytest.raises(KeyboardInterrupt):
+        validate_world(world, tmp_path / "quarantine")
+    index = world / "data_docs" / "index.html"
+    assert index.is_file() and _docs_link(world / REPORT_MD) == index.resolve()
+    assert json.loads((world / RESULTS_JSON).read_text())["data_docs"] == str(index)
+
+
+def test_a_data_docs_error_never_blocks_the_decision(clean, tmp_path, monkeypatch):
+    import transact.validation.gx as G
+
+    def broken(ctx, site):
+        raise RuntimeError("renderer broke")
+
+    monkeypatch.setattr(G, "build_site", broken)
+    world = tmp_path / "batch"
+    corrupt(clean, "unknown_surface", seed=0, out=world)
+    result = validate_world(world, tmp_path / "quarantine")
+    q = Path(result.quarantine)
+    assert not result.passed and q.is_dir() and not world.exists()
+    assert result.data_docs is None and not (q / "data_docs").exists()
+    assert any("renderer broke" in n for n in result.notes)
+    assert "index.html" not in (q / REPORT_MD).read_text()
+    assert json.loads((q / RESULTS_JSON).read_text())["data_docs"] is None

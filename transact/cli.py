@@ -19,6 +19,20 @@ bench_app = typer.Typer(help="Benchmarks: print a table and write JSON naming th
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from transact import __version__
+
+        typer.echo(f"transact {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """TransAct V2: lifelong-sequence CTR ranking, from simulated events to a served model."""
+
 #: Command modules, each with ``register(app, bench_app)``.
 COMMAND_MODULES = ("data", "demo", "model", "kernels", "validation", "features", "serving", "pipeline", "monitoring")
 

@@ -1,15 +1,19 @@
 """PyTorch references of the kernels (same signatures as the Triton ones) and the naive
 serving baseline used by the benchmarks.
 
-- :func:`nn_search`: reference of the fused NN search (per-user padding, no broadcast).
-- :func:`encoder_reference`: reference of SKUT (the stock module with a dense mask).
+- :mod:`transact.kernels.pytorch.nn_search`: ``nn_search``, the reference of the fused NN
+  search (per-user padding, no broadcast), with its exact top-k helpers. Import it from
+  the module: the package attribute ``nn_search`` is that module, not the function (a
+  re-exported function of the same name would hide the module from ``import ... as`` and
+  from monkeypatch / ``mock.patch`` paths).
+- :func:`encoder_reference`: reference of SKUT (the stock module with a dense mask),
+  with :func:`attention_mask` (:mod:`transact.kernels.pytorch.encoder`).
 - :func:`encoder_forward_cpu`: the encoder's CPU inference path (the same layers through
   the CPU flash-attention kernel, no dense mask).
 - :func:`nn_search_unfused`: the broadcast-to-candidates baseline of paper §3.4.2.
 """
+from transact.kernels.pytorch.encoder import attention_mask, encoder_reference
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu
 from transact.kernels.pytorch.unfused import nn_search_unfused
-from transact.model.encoder import encoder_reference
-from transact.model.nn_features import nn_search
 
-__all__ = ["encoder_forward_cpu", "encoder_reference", "nn_search", "nn_search_unfused"]
+__all__ = ["attention_mask", "encoder_forward_cpu", "encoder_reference", "nn_search_unfused"]

@@ -1,7 +1,7 @@
 """The encoder's CPU inference path: the stock layers' math, laid out for PyTorch's CPU
 flash-attention kernel.
 
-Same computation as :func:`transact.model.encoder.encoder_reference` (post-LN layers,
+Same computation as :func:`transact.kernels.pytorch.encoder.encoder_reference` (post-LN layers,
 ReLU FFN), per layer::
 
     [Q | K | V] = X W_in^T + b_in                    [B, S, 3d]   one GEMM, views split it
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transact.model.encoder import stock_layer_issue
+from transact.kernels.pytorch.encoder import stock_layer_issue
 
 #: additive mask of a padded key: finite (no NaN on a query without valid keys), and far
 #: below any attention score, so that exp underflows to exactly 0 (see the module docstring)
@@ -66,7 +66,7 @@ def unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
 def encoder_forward_cpu(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor,
                         query_block: int = QUERY_BLOCK) -> torch.Tensor:
     """Encoder forward with the causal + padding mask; x [B, S, d] float, valid bool [B, S]
-    -> [B, S, d]. Valid positions equal :func:`~transact.model.encoder.encoder_reference`;
+    -> [B, S, d]. Valid positions equal :func:`~transact.kernels.pytorch.encoder.encoder_reference`;
     padded positions are finite and unspecified."""
     if query_block < 1:
         raise ValueError(f"query_block must be >= 1, got {query_block}")

@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transact.model.quantization import dequantize
+from transact.data.quantization import dequantize
 
 
 def nn_search_unfused(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
                       cand_offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`transact.model.nn_features.nn_search` (ties unordered)."""
+    """Same contract as :func:`transact.kernels.pytorch.nn_search.nn_search` (ties unordered)."""
     device = seq_emb_q.device
     N, D = cand_emb.shape
     U = seq_offsets.numel() - 1

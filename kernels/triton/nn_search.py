@@ -15,7 +15,7 @@ function of (token, candidate) only, so identical tokens tie exactly.
 
 Inputs stay jagged (values + offsets): each user's sequence is read once per block of
 candidates, never broadcast or padded. Semantics are those of the PyTorch reference
-:func:`transact.model.nn_features.nn_search` (same signature, same outputs).
+:func:`transact.kernels.pytorch.nn_search.nn_search` (same signature, same outputs).
 
 Design
 ------
@@ -70,10 +70,10 @@ import torch
 import triton
 import triton.language as tl
 
-from transact.model.nn_features import N_PIECES, unit_pieces
+from transact.kernels.pytorch.nn_search import N_PIECES, unit_pieces
 
 if N_PIECES != 4:  # the kernel unrolls four pieces (h0..h3)
-    raise ImportError(f"nn_search kernel unrolls 4 candidate pieces, nn_features.N_PIECES is {N_PIECES}")
+    raise ImportError(f"nn_search kernel unrolls 4 candidate pieces, kernels.pytorch.nn_search.N_PIECES is {N_PIECES}")
 
 #: INT64_MIN: an empty top-K slot, below every packed (score, index) key.
 EMPTY_KEY = tl.constexpr(-(2**63))
@@ -309,7 +309,7 @@ def choose_split(n_cblocks: int, avg_len: int, k_pad: int, device: torch.device)
 def nn_search_triton(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
                      cand_offsets: torch.Tensor, k: int, *, block_c: int = DEFAULT_BLOCK_C,
                      n_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused NN search; same contract as :func:`transact.model.nn_features.nn_search`.
+    """Fused NN search; same contract as :func:`transact.kernels.pytorch.nn_search.nn_search`.
 
     Args:
         seq_emb_q: int8 [T, D], the U users' sequences concatenated.

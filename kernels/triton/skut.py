@@ -8,7 +8,7 @@ one head, batch_first) in one Triton launch. Per layer, for a row x [S, d]:
     h       = LayerNorm1(x + a)
     y       = LayerNorm2(h + relu(h W1^T + b1) W2^T + b2)
 
-with the mask of :func:`transact.model.encoder.attention_mask`, computed on the fly
+with the mask of :func:`transact.kernels.pytorch.encoder.attention_mask`, computed on the fly
 from positions and the per-token valid flags (no [S, S] tensor):
 
     allowed(i, j) = (j <= i and valid[j]) or j == i
@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from transact.model.encoder import stock_layer_issue
+from transact.kernels.pytorch.encoder import stock_layer_issue
 
 DEFAULT_BLOCK = 64
 
@@ -312,11 +312,11 @@ def skut_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.T
 
     Returns:
         [B, S, D] in x's dtype. An encoder SKUT cannot run (see :func:`unsupported_reason`)
-        falls back to :func:`transact.model.encoder.encoder_reference` with a warning.
+        falls back to :func:`transact.kernels.pytorch.encoder.encoder_reference` with a warning.
     """
     reason = unsupported_reason(encoder)
     if reason is not None:
-        from transact.model.encoder import encoder_reference
+        from transact.kernels.pytorch.encoder import encoder_reference
 
         warnings.warn(f"SKUT falls back to the PyTorch encoder: {reason}", stacklevel=2)
         return encoder_reference(encoder, x, valid)

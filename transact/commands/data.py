@@ -83,7 +83,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Build the NN-feature training rows (one per request x candidate)."""
-        from transact.components.nn_logging import log_nn_features
+        from transact.model.nn_logging import log_nn_features
         from transact.model.config import FeatureConfig
 
         out = out or world / "nn_rows.parquet"
@@ -100,7 +100,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bench/results/storage.json"), help="JSON result path."),
     ) -> None:
         """Bytes per training example: logged NN features vs full sequences."""
-        from transact.components.storage_bench import bench_storage, format_storage, write_json
+        from transact.bench.storage import bench_storage, format_storage, write_json
         from transact.model.config import FeatureConfig
 
         result = bench_storage(examples, FeatureConfig(ll_cap=ll_cap), world)

@@ -17,7 +17,7 @@ ONLINE_HELP = ("Online store: sqlite (feature_store.yaml) or redis (feature_stor
 
 
 def _store(repo: Path, online: str, redis: Optional[str]):
-    from transact.components.features import REDIS_ENV, open_store
+    from transact.features.store import REDIS_ENV, open_store
 
     if online == "sqlite":
         return open_store(repo)
@@ -58,7 +58,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Write a world's events into the offline sources (with --world), then `feast apply`."""
-        from transact.components.features import REPO_TEMPLATE, apply, init_repo, write_offline
+        from transact.features.offline import write_offline
+        from transact.features.store import REPO_TEMPLATE, apply, init_repo
 
         if not (repo / "feature_store.yaml").exists():
             if repo.resolve() == REPO_TEMPLATE.resolve():
@@ -85,7 +86,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Load the latest offline rows into the online store."""
-        from transact.components.features import materialize
+        from transact.features.materialize import materialize
 
         out = materialize(_store(repo, online, redis), end_ms=end_ms, engine=engine,
                           batch_rows=batch_rows, progress=progress)
@@ -104,7 +105,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         offline: bool = typer.Option(False, help="Also append the new states to the offline sources."),
     ) -> None:
         """Push new events into the realtime and impression features (online store)."""
-        from transact.components.features import push_events
+        from transact.features.push import push_events
         from transact.data import schema as S
         from transact.data.io import read_table
 
@@ -124,7 +125,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
     ) -> None:
         """Print users' online sequences (lengths and newest token times)."""
-        from transact.components.features import OnlineSequences
+        from transact.features.online import OnlineSequences
 
         seqs = OnlineSequences(_store(repo, online, redis)).sequences(user_id)
         for n, u in enumerate(user_id):
@@ -150,7 +151,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(False, help="Show progress bars."),
     ) -> None:
         """Materialisation throughput and peak memory, online read latency (SQLite, Redis)."""
-        from transact.components.features import bench_features, format_bench, write_bench_json
+        from transact.bench.features import bench_features, format_bench, write_bench_json
         from transact.model.config import FeatureConfig
 
         res = bench_features(world, workdir, max_users, [x.strip() for x in online.split(",") if x.strip()],

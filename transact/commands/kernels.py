@@ -23,7 +23,7 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
 
 
 def _report(result: dict, columns: list[str], out: Optional[Path], name: str) -> None:
-    from transact.kernels.benchmarks import default_output, format_table, write_json
+    from transact.bench.report import default_output, format_table, write_json
 
     typer.echo(f"device: {result['device']}")
     for note in result["notes"]:
@@ -50,8 +50,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         warmup: Optional[int] = typer.Option(None, help="Untimed runs first."),
     ) -> None:
         """Fused Triton NN search vs the unfused broadcast PyTorch path, across L_LL."""
-        from transact.kernels.benchmarks import bench_nn_search
-        from transact.kernels.benchmarks.nn_search import TABLE_COLUMNS
+        from transact.bench.nn_search import TABLE_COLUMNS, bench_nn_search
 
         result = bench_nn_search(_ints(lengths), n_cand, k, requests, repeats, warmup)
         _report(result, TABLE_COLUMNS, out, "nn-search")
@@ -71,8 +70,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         compile: bool = typer.Option(True, help="Also time torch.compile of the module (GPU)."),
     ) -> None:
         """SKUT vs nn.TransformerEncoder (memory-efficient SDPA) and torch.compile."""
-        from transact.kernels.benchmarks import bench_skut
-        from transact.kernels.benchmarks.skut import TABLE_COLUMNS
+        from transact.bench.skut import TABLE_COLUMNS, bench_skut
 
         result = bench_skut(table, _ints(lengths), batch, _ints(batches), length, dtype, repeats, warmup, compile)
         _report(result, TABLE_COLUMNS, out, "skut")

@@ -168,7 +168,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bench/results/train.json"), help="JSON result path."),
     ) -> None:
         """Training throughput (examples/s) and peak memory."""
-        from transact.model.train import bench_train, format_bench
+        from transact.bench.train import bench_train, format_bench
 
         _check_options(steps=(steps, 1), warmup=(warmup, 0), threads=(threads, 1))
         for b in _ints(batch_sizes):

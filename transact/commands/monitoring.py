@@ -130,7 +130,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bench/results/drift-tiny300.json"), help="JSON result path."),
     ) -> None:
         """Injected drift vs stationary windows: retrain-trigger and false-alarm rates."""
-        from transact.monitoring.bench import bench_drift, format_table
+        from transact.bench.drift import bench_drift, format_table
 
         res = bench_drift(work, _seeds(seeds), users=users, fraction=fraction, strength=strength,
                           train_steps=train_steps, model_dir=model, progress=typer.echo)

@@ -8,12 +8,7 @@ from typing import Optional
 import typer
 
 from transact.commands._common import fail_on_user_error
-
-
-def sample_curl(url: str = "http://127.0.0.1:3000", api_key: bool = False) -> str:
-    key = " -H 'X-API-Key: $TRANSACT_API_KEY'" if api_key else ""
-    return (f"curl -s -X POST {url}/rank -H 'Content-Type: application/json'{key} "
-            "-d '{\"user_id\": 42, \"item_ids\": [1, 4, 7], \"surface\": \"homefeed\"}'")
+from transact.serving.launch import sample_curl
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -58,7 +53,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         import bentoml
 
-        from transact.serving.launch import SERVICE, service_env
+        from transact.serving.launch import SERVICE, check_config, service_env
         from transact.model.metrics import parse_score_weights
         from transact.serving.settings import ServeSettings
 
@@ -75,6 +70,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             host=host, port=port, cpu_forward=cpu_forward)
         with service_env(settings):
             ServeSettings.from_env()  # fail here, not in the worker, on bad values
+            check_config(settings)  # the model, the source: one line and exit 2, not a worker loop
             typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
             bentoml.serve(SERVICE, host=host, port=port, blocking=True)
 
@@ -98,8 +94,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                 "ONNX Runtime) against each other."),
     ) -> None:
         """Loopback load test: de-duplicated vs naive (broadcast) requests, vs the model's forward."""
-        from transact.kernels.benchmarks.common import default_output
-        from transact.serving.bench import run_serving_bench
+        from transact.bench.report import default_output
+        from transact.bench.serving import run_serving_bench
 
         out = out or default_output("serving")
         r = run_serving_bench(out, seconds=seconds, candidates=candidates, ll=ll, rt=rt, imp=imp,

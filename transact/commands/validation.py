@@ -38,8 +38,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of text."),
     ) -> None:
         """Validate a batch with Great Expectations; exit 1 (and quarantine it) if it fails."""
-        from transact.components.validation import validate_rows, validate_world
-        from transact.components.validation_report import render_console
+        from transact.validation import validate_rows, validate_world
+        from transact.validation.report import render_console
 
         from transact.data.times import to_epoch_ms
 
@@ -72,7 +72,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rows: bool = typer.Option(False, "--rows", help="PATH is a file of logged NN-feature rows."),
     ) -> None:
         """Inject one kind of bad data (as a broken upstream would) to see validation reject it."""
-        from transact.data.corruption import CAUGHT_BY, KINDS, ROW_KINDS, corrupt, corrupt_rows
+        from transact.validation.corruption import CAUGHT_BY, KINDS, ROW_KINDS, corrupt, corrupt_rows
 
         if kind == "list":
             for k, (table, what) in KINDS.items():
@@ -95,12 +95,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bench/results/validation.json"), help="JSON result path."),
     ) -> None:
         """Validation time on a synthetic world (~1M actions, ~200k requests by default)."""
-        from transact.components.validation import bench_validation, format_bench
-        from transact.machine import machine_info
+        from transact.bench.validation import bench_validation, format_bench, write_bench_json
 
         result = bench_validation(actions, request_rows, items, workdir)
         typer.echo(format_bench(result))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"benchmark": "validation", "machine": machine_info(), "result": result},
-                                  indent=2))
+        write_bench_json(result, out)
         typer.echo(f"written {out}")

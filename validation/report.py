@@ -1,10 +1,25 @@
-"""Human-readable rendering of a :class:`~transact.components.validation.ValidationResult`:
-the Markdown report written with every validated batch, and the short console summary
-the ``transact validate`` command prints."""
+"""The reports of a validated batch: the Markdown report and the GX results JSON (and the
+profile on pass) written with every batch (:func:`_finish`), and the short console
+summary the ``transact validate`` command prints -- renderings of a
+:class:`~transact.validation.results.ValidationResult`. Both reports point at the
+batch's GX Data Docs site (:mod:`.docs`) when it was built: the Markdown by a relative
+link, which still works after the batch moved to quarantine."""
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+from transact.validation.docs import site_dir
+from transact.validation.params import Params
+from transact.validation.results import ValidationResult, _write_json, _write_text
+
+# Files written next to (or into the quarantine folder of) a batch.
+REPORT_MD = "validation_report.md"
+RESULTS_JSON = "validation_results.json"
+PROFILE_JSON = "validation_profile.json"
 
 
 def _ms_iso(ms: int) -> str:
@@ -89,6 +104,9 @@ def render_markdown(result) -> str:
               f"- reference: {result.reference}"]
     if result.reference_written:
         lines.append(f"- new reference written: `{result.reference_written}`")
+    if result.data_docs:
+        link = _relative(result.data_docs, result.reports.get("markdown"))
+        lines.append(f"- GX Data Docs (expectation suites and validation results): [{link}]({link})")
     took = f"- took {result.seconds:.2f} s"
     if result.timings:
         took += " (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()) + ")"
@@ -130,6 +148,8 @@ def render_console(result, max_examples: int = 3) -> str:
         if result.reference_written:
             out.append(f"new reference: {result.reference_written}")
         out.append(f"report: {result.reports.get('markdown')}")
+        if result.data_docs:
+            out.append(f"Data Docs: {result.data_docs}")
         return "\n".join(out)
     out = [f"FAIL {result.kind} batch '{result.batch}': {len(result.failures)} failed expectation(s); "
            f"{rows_in:,} rows quarantined (accepted 0)"]
@@ -143,4 +163,39 @@ def render_console(result, max_examples: int = 3) -> str:
     out += [f"quarantined to: {result.quarantine}",
             f"report: {result.reports.get('markdown')}",
             f"GX results: {result.reports.get('json')}"]
+    if result.data_docs:
+        out.append(f"Data Docs: {result.data_docs}")
     return "\n".join(out)
+
+
+def _results_json(result: ValidationResult, gx_results: dict, params: Params) -> dict:
+    return {"batch": result.batch, "kind": result.kind, "passed": result.passed,
+            "checked_at": result.checked_at, "source": result.source, "location": result.location,
+            "params": asdict(params), "rows": result.rows, "checks": result.checks,
+            "failures": [asdict(f) for f in result.failures], "data_docs": result.data_docs,
+            "great_expectations": gx_results}
+
+
+def _relative(target: str, report: str | None) -> str:
+    """``target`` as a link from the folder of the Markdown ``report`` (POSIX slashes)."""
+    if not report:
+        return target
+    return Path(os.path.relpath(target, Path(report).parent)).as_posix()
+
+
+def _finish(result: ValidationResult, gx_results: dict, params: Params, report_dir: Path,
+            stem: str = "") -> None:
+    """Writes the reports into ``report_dir`` (rewritten there after a quarantine move);
+    the Data Docs site, built there beforehand, is recorded when its index is there."""
+    result.reports = {"markdown": str(report_dir / f"{stem}{REPORT_MD}"),
+                      "json": str(report_dir / f"{stem}{RESULTS_JSON}")}
+    index = site_dir(report_dir, stem) / "index.html"
+    result.data_docs = str(index) if result.data_docs is not None and index.is_file() else None
+    if result.data_docs:
+        result.reports["data_docs"] = result.data_docs
+    if result.profile is not None:
+        result.reports["profile"] = str(report_dir / f"{stem}{PROFILE_JSON}")
+        _write_json(Path(result.reports["profile"]), result.profile)
+    result.summary = render_markdown(result)
+    _write_json(Path(result.reports["json"]), _results_json(result, gx_results, params))
+    _write_text(Path(result.reports["markdown"]), result.summary)

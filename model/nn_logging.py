@@ -13,39 +13,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
 from transact.data import schema as S
-from transact.data.io import AtomicParquetWriter, SchemaError, read_table, table_path
+from transact.data.io import AtomicParquetWriter, read_table, table_path
+from transact.data.requests import sorted_requests
+from transact.data.world import check_world, read_world_json, train_end_of
 from transact.model.config import FeatureConfig
 from transact.model.nn_features import build_s_all, nn_rows_schema, s_all_to_arrow
 from transact.model.sequences import EventStore
 
-
-def sorted_requests(requests: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Sorts requests by (ts, request_id, position, item_id) -- a total order on what
-    validation accepts, whatever the input's row order; returns it and each request's first row.
-
-    Raises SchemaError when a request_id mixes users or timestamps: a request is one
-    user's ranking call at one instant.
-    """
-    requests = requests.sort_by([("ts", "ascending"), ("request_id", "ascending"),
-                                 ("position", "ascending"), ("item_id", "ascending")])
-    rid = requests.column("request_id").to_numpy()
-    starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]])) if len(rid) else np.zeros(0, int)
-    if len(np.unique(rid)) != len(starts):
-        raise SchemaError("requests: a request_id appears at more than one ts (rows of one request "
-                          "must share ts)")
-    for col in ("user_id", "ts"):
-        v = requests.column(col).to_numpy()
-        first = np.repeat(v[starts], np.diff(np.append(starts, len(v))))
-        bad = np.flatnonzero(v != first)
-        if len(bad):
-            raise SchemaError(f"requests: request_id {int(rid[bad[0]])} has rows with different {col}")
-    return requests, starts
+#: parquet schema metadata key of the rows' train/eval split (from the world's world.json)
+TRAIN_END_META = b"train_end_ts"
 
 
 def log_nn_features(world: str | Path, out: str | Path, cfg: FeatureConfig | None = None,
@@ -76,8 +57,6 @@ def log_nn_features(world: str | Path, out: str | Path, cfg: FeatureConfig | Non
 def _log(world, out, cfg: FeatureConfig, batch_requests: int, progress: bool, store: EventStore | None) -> dict:
     t_start = time.perf_counter()
     store = store or EventStore.from_dir(world, cfg)
-    from transact.data.world import check_world
-
     check_world(world, ("requests",))  # a sealed world, never a mix of two
     requests, starts = sorted_requests(read_table(table_path(world, "requests"), S.REQUESTS,
                                                   what="requests"))
@@ -86,6 +65,9 @@ def _log(world, out, cfg: FeatureConfig, batch_requests: int, progress: bool, st
     ts = requests.column("ts").to_numpy()
     items = requests.column("item_id").to_numpy()
     schema = nn_rows_schema(cfg)
+    train_end = train_end_of(read_world_json(world))
+    if train_end is not None:  # the rows carry their world's split: readers need no world.json
+        schema = schema.with_metadata({**schema.metadata, TRAIN_END_META: str(train_end).encode()})
     n_req = len(starts)
     with AtomicParquetWriter(out, schema) as writer, \
             tqdm(total=n_req, desc="log-nn", unit="req", disable=not progress) as bar:

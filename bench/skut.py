@@ -8,7 +8,7 @@ mode and the input dtype (fp16 by default), with a random padding pattern:
 
 - ``skut_fused``: one launch, one program per row, all layers (``mode="fused"``);
 - ``skut_per_layer``: one launch per layer, one program per (row, query block);
-- ``pytorch_mem_efficient``: :func:`transact.model.encoder.encoder_reference` (the
+- ``pytorch_mem_efficient``: :func:`transact.kernels.pytorch.encoder.encoder_reference` (the
   stock ``nn.TransformerEncoder`` plus its dense [B, S, S] mask, built inside the timed
   call since serving must build it) under ``sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)``
   -- the paper's baseline;
@@ -24,7 +24,8 @@ from typing import Sequence
 
 import torch
 
-from transact.kernels.benchmarks.common import GPU_NOTE, pct_change, time_fn
+from transact.bench.report import pct_change
+from transact.bench.timing import GPU_NOTE, time_fn
 
 TABLE5_LENGTHS = (64, 128, 192, 256, 512, 1024, 2048)
 TABLE5_BATCH = 256
@@ -72,8 +73,9 @@ def bench_skut(table: str = "both", lengths: Sequence[int] | None = None, batch:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from transact.machine import device_label
-    from transact.model.encoder import encoder_reference, make_encoder
+    from transact.bench.machine import device_label
+    from transact.kernels.pytorch.encoder import attention_mask, encoder_reference
+    from transact.model.encoder import make_encoder
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -107,8 +109,6 @@ def bench_skut(table: str = "both", lengths: Sequence[int] | None = None, batch:
         if gpu and compile:
             torch._dynamo.reset()  # one fresh static-shape compile per shape, no recompile limit
             compiled = torch.compile(copy.deepcopy(encoder), dynamic=False)
-            from transact.model.encoder import attention_mask
-
             shape_impls["torch_compile"] = lambda x, valid: compiled(x, mask=attention_mask(valid))
         base = None
         start = len(rows)

@@ -6,7 +6,7 @@ N = 256 candidates of one request, K = 96, L_LL from 1k to 16k). Implementations
 - ``fused_triton``: :func:`transact.kernels.triton.nn_search.nn_search_triton` on the
   de-duplicated inputs (GPU only); ``fused_triton_no_split`` is the same with one
   program per candidate block (``n_split=1``), to show what the sequence split buys;
-- ``reference_padded``: :func:`transact.model.nn_features.nn_search`, the PyTorch
+- ``reference_padded``: :func:`transact.kernels.pytorch.nn_search.nn_search`, the PyTorch
   reference (pads per user, no broadcast to candidates);
 - ``unfused_broadcast``: :func:`transact.kernels.pytorch.unfused.nn_search_unfused`,
   the serving path before the paper's optimisations (broadcast to [N, L, D]).
@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from transact.kernels.benchmarks.common import GPU_NOTE, pct_change, time_fn
+from transact.bench.report import pct_change
+from transact.bench.timing import GPU_NOTE, time_fn
 
 GPU_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 CPU_LENGTHS = (256, 1024)
@@ -26,7 +27,7 @@ EMB_DIM = 32
 
 def make_inputs(length: int, n_cand: int, n_requests: int, device, dtype, seed: int = 0):
     """``n_requests`` users with ``length`` tokens each and ``n_cand`` candidates in all."""
-    from transact.model.quantization import quantize
+    from transact.data.quantization import quantize
 
     g = torch.Generator().manual_seed(seed)
     T = length * n_requests
@@ -46,9 +47,9 @@ def bench_nn_search(lengths: Sequence[int] | None = None, n_cand: int | None = N
     Sizes left as None take GPU defaults on CUDA (lengths 1k..16k, N = 256, 50 repeats)
     and small CPU defaults otherwise (lengths 256 and 1024, N = 64, 5 repeats).
     """
+    from transact.bench.machine import device_label
+    from transact.kernels.pytorch.nn_search import nn_search as reference
     from transact.kernels.pytorch.unfused import nn_search_unfused
-    from transact.machine import device_label
-    from transact.model.nn_features import nn_search as reference
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"

@@ -78,7 +78,7 @@ def bench_drift(out: str | Path, seeds=range(10), *, users: int = 300, fraction:
                 rule: DriftRule | None = None, model_dir: str | Path | None = None,
                 progress=print) -> dict:
     """Runs the benchmark (module docstring); returns the result (also ``<out>/drift.json``)."""
-    from transact.machine import machine_info
+    from transact.bench.machine import machine_info
     from transact.monitoring.features import add_predictions, features_frame
     from transact.monitoring.replay import log_rows, serve_world
     from transact.monitoring.trigger import DecisionLog, RetrainTrigger

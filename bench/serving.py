@@ -170,8 +170,8 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
 
     import torch
 
+    from transact.kernels.pytorch.encoder import encoder_reference
     from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu
-    from transact.model.encoder import encoder_reference
     from transact.serving.device import CPU_CHUNK_TOKENS, ModelRunner
 
     def timed(fn) -> tuple[float, list[float], torch.Tensor]:
@@ -227,7 +227,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     import httpx
     import torch
 
-    from transact.machine import machine_info
+    from transact.bench.machine import machine_info
     from transact.model.checkpoint import load_model, save_model
     from transact.model.config import FeatureConfig
     from transact.model.sequences import EventStore
@@ -316,6 +316,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
                     tag = package_model(root / "model")["tag"]
                     settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
                                              threads=threads, cpu_forward=cpu_forward,
+                                             max_clock_skew_s=None,  # the bench world's request time
                                              log_dir=str(root / f"served-{assembly}") if log_rows else None,
                                              # files by row count only (every 8,192 rows, as in
                                              # production): the 5 s timer of the server that is

@@ -114,7 +114,7 @@ def format_storage(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> Path:
-    from transact.machine import machine_info
+    from transact.bench.machine import machine_info
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "storage", "machine": machine_info(), "result": result}, indent=2))

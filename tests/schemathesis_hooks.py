@@ -1,0 +1,56 @@
+"""Schemathesis hooks for ``POST /rank``: positive cases grounded in the served world.
+
+A schema cannot say which item ids the item table holds, which heads the model has, or
+what the server clock reads: a schema-valid body with a random item id, head name or
+``request_ts`` is a (documented) 400, and ``positive_data_acceptance`` would report it.
+Every *positive* case is therefore grounded before it is sent -- known item ids, known
+heads, ``request_ts`` at the server clock, one embedding row per id -- and must then be
+accepted (2xx); negative cases are sent as generated and must be refused.
+
+Use: ``SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py TRANSACT_FUZZ_GROUND=<ground.json>
+schemathesis run <url>/docs.json --checks all``, where ground.json is
+``{"item_ids": [...], "heads": [...]}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import schemathesis
+
+#: The environment variable naming the ground file.
+GROUND_ENV = "TRANSACT_FUZZ_GROUND"
+
+
+def _ground() -> dict:
+    path = os.environ.get(GROUND_ENV)
+    if not path:
+        raise RuntimeError(f"{GROUND_ENV}: set it to a JSON file with the served item_ids and heads")
+    with open(path) as f:
+        return json.load(f)
+
+
+def ground_body(body: dict, item_ids: list[int], heads: list[str], now_ms: int) -> dict:
+    """A schema-valid body made semantically valid (the values the schema cannot know)."""
+    body = dict(body)
+    body["item_ids"] = [item_ids[i % len(item_ids)] for i in body["item_ids"]]
+    emb = body.get("item_embeddings")
+    if emb is not None and len(emb) != len(body["item_ids"]):
+        del body["item_embeddings"]
+    if body.get("score_weights") is not None:
+        body["score_weights"] = dict(zip(heads, body["score_weights"].values()))
+    if body.get("request_ts") is not None:
+        body["request_ts"] = now_ms
+    return body
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    """Grounds positive ``/rank`` bodies; everything else goes out as generated."""
+    meta = case.meta
+    if (meta is None or not meta.generation.mode.is_positive or case.path != "/rank"
+            or not isinstance(case.body, dict) or not isinstance(case.body.get("item_ids"), list)):
+        return
+    g = _ground()
+    case.body = ground_body(case.body, g["item_ids"], g["heads"], int(time.time() * 1000))
