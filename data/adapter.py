@@ -181,16 +181,23 @@ def _events(t: pa.Table, name: str, min_ts: int = S.DEFAULT_MIN_TS_MS) -> pa.Tab
 
 
 def import_logs(src: str | Path, out: str | Path, eval_fraction: float = 0.2,
-                min_ts: int = S.DEFAULT_MIN_TS_MS,
-                label_window_ms: int = S.DEFAULT_LABEL_WINDOW_MS) -> dict:
+                min_ts: int | None = None, label_window_ms: int | None = None) -> dict:
     """Validates a source folder of logs and writes the canonical world folder ``out``.
 
     ``min_ts`` (epoch ms): no event may be older; ``label_window_ms``: how long after a
     request its labelled engagement may be logged. Both are recorded in ``world.json``,
-    where validation reads them.
+    where validation reads them. When not given, they come from a ``world.json`` in the
+    source (a world exported by this system declares how its labels were made -- a retrain
+    re-imports one), else the defaults (2010-01-01, one hour).
     """
     from transact.data.requests import sorted_requests
+    from transact.data.world import read_world_json
 
+    declared = read_world_json(src)
+    if min_ts is None:
+        min_ts = int(declared.get("min_ts", S.DEFAULT_MIN_TS_MS))
+    if label_window_ms is None:
+        label_window_ms = int(declared.get("label_window_ms", S.DEFAULT_LABEL_WINDOW_MS))
     if not 0 < eval_fraction < 1:
         raise SchemaError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     if label_window_ms <= 0:

@@ -212,3 +212,19 @@ def test_label_window_comes_from_world_json(tmp_path):
     assert CAUGHT_BY["labels_without_actions"] in result.failed_names
     assert "label_window_ms = 500 ms" in next(
         f.hint for f in result.failures if f.name == CAUGHT_BY["labels_without_actions"])
+
+
+def test_a_reimported_world_keeps_its_declared_label_window_and_passes(tmp_path):
+    """The retrain pipeline imports a world folder (issue 16's CI failure): the importer's
+    1 h default label window flagged 2.9% of a simulated world's requests as missed labels.
+    A source's own world.json declares how its labels were made; an explicit option wins."""
+    from transact.data.simulator import get_profile, simulate
+
+    src = simulate(get_profile("tiny"), tmp_path / "sim", seed=0, progress=False)
+    summary = import_logs(tmp_path / "sim", tmp_path / "world")
+    assert summary["label_window_ms"] == src["label_window_ms"] != S.DEFAULT_LABEL_WINDOW_MS
+    assert summary["min_ts"] == src["min_ts"]
+    result = validate_world(tmp_path / "world", tmp_path / "q")
+    assert result.passed, result.summary
+    again = import_logs(tmp_path / "sim", tmp_path / "world2", label_window_ms=S.DEFAULT_LABEL_WINDOW_MS)
+    assert again["label_window_ms"] == S.DEFAULT_LABEL_WINDOW_MS

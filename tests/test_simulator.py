@@ -359,3 +359,31 @@ def test_bench_heavy_users_reach_lifelong_cap(tmp_path):
         .query("ts < last").groupby("user_id").size()
     assert lengths.max() >= 16_384
     assert summary["lifelong_len"]["max"] == lengths.max()
+
+
+def test_world_knobs_from_the_command_line(tmp_path):
+    """Issue 20: `transact simulate --set field=value` for every WorldConfig field, typed,
+    checked by WorldConfig itself and recorded in world.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from transact.cli import app
+    from transact.data.simulator import get_profile, with_overrides
+
+    cfg = with_overrides(get_profile("tiny"), ["interests_mean=6", "dormant_frac=0.5", "w_long=1,2,-1,1",
+                                               "chunk_size=6", "user_ids=0,3", "user_ids=none"])
+    assert (cfg.interests_mean, cfg.dormant_frac, cfg.w_long, cfg.chunk_size, cfg.user_ids) == \
+        (6.0, 0.5, (1.0, 2.0, -1.0, 1.0), 6, None)
+    r = CliRunner().invoke(app, ["simulate", "--profile", "tiny", "--out", str(tmp_path / "w"), "--no-progress",
+                                 "--max-users", "4", "--set", "interests_mean=6", "--set", "dormant_frac=0.5"])
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((tmp_path / "w" / "world.json").read_text())["config"]
+    assert recorded["interests_mean"] == 6 and recorded["dormant_frac"] == 0.5
+    for bad, words in ((["dormant_fraq=0.5"], "did you mean dormant_frac"), (["w_long=1,2"], "4 comma-separated"),
+                       (["n_users=-1"], "n_users must be >= 1"), (["chunk_size=2.5"], "chunk_size"),
+                       (["interests_mean"], "field=value"), (["eval_frac=nan"], "eval_frac")):
+        r = CliRunner().invoke(app, ["simulate", "--profile", "tiny", "--out", str(tmp_path / "bad"),
+                                     *[a for p in bad for a in ("--set", p)]])
+        assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, (bad, r.output)
+    assert not (tmp_path / "bad").exists()

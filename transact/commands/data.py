@@ -21,14 +21,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         drift_strength: float = typer.Option(1.0, help="Drift strength in [0, 1]."),
         drift_start_day: Optional[int] = typer.Option(None, help="Day the drift starts (default: the profile's evaluation window)."),
         max_users: Optional[int] = typer.Option(None, help="Simulate only the first N users."),
+        set_: list[str] = typer.Option([], "--set", help="Override a WorldConfig field, e.g. --set interests_mean=6 "
+                                                         "--set dormant_frac=0.5 (repeatable; recorded in world.json)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Simulate a synthetic world: items, actions, impressions and labelled requests."""
         from dataclasses import replace
 
-        from transact.data.simulator import DriftConfig, get_profile, simulate as run
+        from transact.data.simulator import DriftConfig, get_profile, simulate as run, with_overrides
 
-        cfg = get_profile(profile)
+        cfg = with_overrides(get_profile(profile), set_)
         if max_users is not None:
             cfg = replace(cfg, n_users=max_users)
         drift_cfg = None
@@ -47,16 +49,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Folder with items/actions/impressions/requests (.parquet or .csv)."),
         out: Path = typer.Option(Path("runs/world"), help="Output world folder."),
         eval_fraction: float = typer.Option(0.2, help="Share of the latest requests kept for evaluation."),
-        min_ts: str = typer.Option("2010-01-01", help="No event is older than this (ISO date or epoch ms); "
-                                                      "recorded in world.json, validation's lower time bound."),
-        label_window_ms: int = typer.Option(3_600_000, help="A label's engagement is logged at most this "
-                                                            "long after its request (ms); recorded in world.json."),
+        min_ts: Optional[str] = typer.Option(None, help="No event is older than this (ISO date or epoch ms); "
+                                                        "recorded in world.json, validation's lower time bound "
+                                                        "[default: the source's world.json, else 2010-01-01]."),
+        label_window_ms: Optional[int] = typer.Option(None, help="A label's engagement is logged at most this long "
+                                                                 "after its request (ms); recorded in world.json "
+                                                                 "[default: the source's world.json, else 1 h]."),
     ) -> None:
         """Check a team's own logs against the generic schema and write a world folder."""
         from transact.data.adapter import import_logs
         from transact.data.times import to_epoch_ms
 
-        summary = import_logs(src, out, eval_fraction, min_ts=to_epoch_ms(min_ts, "--min-ts"),
+        summary = import_logs(src, out, eval_fraction,
+                              min_ts=None if min_ts is None else to_epoch_ms(min_ts, "--min-ts"),
                               label_window_ms=label_window_ms)
         typer.echo(json.dumps(summary, indent=2))
 
