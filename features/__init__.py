@@ -7,6 +7,7 @@ module that owns it:
 - ``codec``: the token-blob codec (one sequence <-> one Feast ``Bytes`` value).
 - ``offline``: the offline writer (a world's events -> the parquet offline sources).
 - ``materialize``: materialisation of the offline sources into the online store.
+- ``engine``: what plain ``feast materialize[-incremental]`` needs (start watermark, start check).
 - ``push``: streaming updates (pushes) of the realtime and impression features.
 - ``online``: online reads for serving (:class:`~transact.features.online.OnlineSequences`).
 - ``historical``: point-in-time reads for training (:class:`~transact.features.historical.HistoricalSequences`).

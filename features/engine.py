@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 from feast.infra.compute_engines.local.compute import LocalComputeEngine, LocalComputeEngineConfig
+from feast.utils import make_tzaware
 
 from transact.features.store import EPOCH, as_store
 
@@ -44,8 +45,6 @@ def mark_start(store_or_repo) -> list[str]:
 def check_start(feature_view, start) -> None:
     """Refuses ``[start, ...]`` for a ttl=0 view when the online store does not hold the
     state at ``start`` (rows before it would never reach the online store)."""
-    from feast.utils import make_tzaware
-
     if feature_view.ttl:
         return  # Feast's own rule: rows older than the ttl are expired anyway
     held, start = feature_view.most_recent_end_time or EPOCH, make_tzaware(start)

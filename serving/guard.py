@@ -17,9 +17,9 @@ body of the route into one format that names the field(s)::
 and counts every response of the route by status code (``transact_requests_total``).
 
 BentoML's generated OpenAPI (``/docs.json``) documents a 400 body with ``detail: string``,
-no 401/413/415/503, and optional request fields as not nullable; the middleware also
-rewrites that document (:func:`served_openapi`) so that it says what the route does:
-every error response points at :data:`ERROR_SCHEMA`, the body it really gets. A 4xx body
+no 401/413/415/503, the body as optional and optional fields as not nullable; the
+middleware also rewrites that document (:func:`served_openapi`) so that it says what the
+route does: every error response points at :data:`ERROR_SCHEMA`, the body it really gets. A 4xx body
 that is not JSON is sent as a ``body`` error, so every 4xx of the route is that format.
 """
 from __future__ import annotations
@@ -62,21 +62,32 @@ ERROR_RESPONSES: dict[int, str] = {
 }
 
 
-def served_openapi(spec: dict, route: str = "/rank") -> dict:
+def served_openapi(spec: dict, route: str = "/rank", api_key_header: str | None = None) -> dict:
     """BentoML's OpenAPI document -> one that describes what ``POST route`` really does
-    (:func:`_document_nullable`, :func:`_document_errors`); other paths are left alone."""
+    (:func:`_document_request`, :func:`_document_errors`, the API key when the service has
+    one); other paths are left alone."""
     op = spec.get("paths", {}).get(route, {}).get("post")
     if op is not None:
-        _document_nullable(op)
+        _document_request(op)
         _document_errors(spec, op)
+        if api_key_header:
+            spec["components"].setdefault("securitySchemes", {})["ApiKey"] = {
+                "type": "apiKey", "in": "header", "name": api_key_header}
+            op["security"] = [{"ApiKey": []}]
     return spec
 
 
-def _document_nullable(op: dict) -> None:
-    """BentoML flattens ``Optional[X]`` (``anyOf: [X, null]``) to X, so the document said
-    ``null`` is refused where the service takes it as "absent": a request property whose
-    default is null is marked ``nullable``."""
-    for media in op.get("requestBody", {}).get("content", {}).values():
+def _document_request(op: dict) -> None:
+    """What BentoML's request schema leaves out. The body is required (the document left
+    ``requestBody.required`` at its default, false: a POST without a body was documented as
+    valid, and is a 400). ``Optional[X]`` is flattened to X (``anyOf: [X, null]`` loses its
+    null), so the document said ``null`` is refused where the service takes it as "absent":
+    a property whose default is null is marked ``nullable``."""
+    body = op.get("requestBody")
+    if body is None:
+        return
+    body["required"] = True
+    for media in body.get("content", {}).values():
         for prop in media.get("schema", {}).get("properties", {}).values():
             if "default" in prop and prop["default"] is None:
                 prop["nullable"] = True
@@ -87,7 +98,7 @@ def _document_errors(spec: dict, op: dict) -> None:
     route answers 400/401/413/415/503 with :data:`ERROR_SCHEMA` (never 404: the route
     exists). 500 stays BentoML's: only BentoML itself answers one (a bug)."""
     spec.setdefault("components", {}).setdefault("schemas", {})["TransActError"] = ERROR_SCHEMA
-    responses = op.setdefault("responses", {})
+    responses = op["responses"] = {str(k): v for k, v in op.get("responses", {}).items()}  # JSON keys
     responses.pop("404", None)
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/TransActError"}}}
     for code, text in ERROR_RESPONSES.items():
@@ -146,12 +157,14 @@ class GuardMiddleware:
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.header = header.lower().encode()
+        self.header_name = header
         self.on_status = on_status
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else None
-        if path == self.docs:
-            return await self.app(scope, receive, _SpecRewriter(send, self.route))
+        if path == self.docs and scope.get("method") == "GET":
+            key_header = self.header_name if self.api_key is not None else None
+            return await self.app(scope, receive, _SpecRewriter(send, self.route, key_header))
         if path != self.route:
             return await self.app(scope, receive, send)
         status_seen = {"code": 500}
@@ -254,16 +267,17 @@ class _BodyRewriter:
 class _SpecRewriter(_BodyRewriter):
     """``/docs.json``: BentoML's document with :func:`served_openapi` applied."""
 
-    def __init__(self, send, route: str) -> None:
+    def __init__(self, send, route: str, api_key_header: str | None) -> None:
         super().__init__(send)
         self.route = route
+        self.api_key_header = api_key_header
 
     def wants(self, status: int) -> bool:
         return status == 200
 
     def rewrite(self, raw: bytes) -> bytes:
         try:
-            return json.dumps(served_openapi(json.loads(raw), self.route)).encode()
+            return json.dumps(served_openapi(json.loads(raw), self.route, self.api_key_header)).encode()
         except (ValueError, TypeError, AttributeError):
             return raw
 

@@ -12,12 +12,16 @@ protocol checks and error format (:mod:`transact.serving.guard`) -> a
 Status codes: 200; 400 (schema or semantic error, message names the field), 401 (API
 key), 405, 413 (body too large), 415 (not JSON), 503 + ``Retry-After`` (queue full,
 deadline passed, shutting down, sequence source down). A 5xx other than 503 is a bug.
+Every error body is ``{"error", "fields", "detail"?}``, as ``/docs.json`` documents it
+(:func:`transact.serving.guard.served_openapi`). A client ``request_ts`` must lie within
+``TRANSACT_MAX_CLOCK_SKEW_S`` of the server clock (:func:`request_time`).
 
 Prometheus metrics on ``/metrics`` (besides BentoML's own):
 ``transact_requests_total{code}``, ``transact_candidates_total``,
 ``transact_logged_rows_total`` (rows durable before their response is sent),
 ``transact_log_dropped_rows_total`` (stays 0 in normal operation),
-``transact_log_recovered_rows_total`` (rows of a crashed process written at start-up), ``transact_batch_candidates`` and ``transact_stage_seconds{stage}``.
+``transact_log_recovered_rows_total`` (rows of a crashed process written at start-up),
+``transact_batch_candidates`` and ``transact_stage_seconds{stage}``.
 """
 from __future__ import annotations
 

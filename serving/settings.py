@@ -20,7 +20,7 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_MAX_WAIT_MS | 0 | extra wait to grow a batch (0: batch what is queued) |
 | TRANSACT_MAX_QUEUE | 64 | queued requests before 503 (load shedding) |
 | TRANSACT_REQUEST_TIMEOUT_S | 30 | queue + compute deadline per request (-> 503) |
-| TRANSACT_MAX_CLOCK_SKEW_S | 300 | a client ``request_ts`` further than this from the server clock -> 400; ``off`` trusts client times (replays of a past world, tests) |
+| TRANSACT_MAX_CLOCK_SKEW_S | 300 | client ``request_ts`` further from the server clock: 400; ``off`` trusts it |
 | TRANSACT_API_KEY | (none) | when set, /rank needs header ``X-API-Key`` |
 | TRANSACT_LOG_DIR | (none) | served NN-feature log folder (off when unset) |
 | TRANSACT_LOG_QUEUE_ROWS | 32768 | bounded log queue; rows beyond are dropped and counted |

@@ -61,7 +61,8 @@ def _online(repo: Path, users, items) -> dict:
 
 
 def _filled(values: dict) -> int:
-    return sum(v is not None for k, col in values.items() if not k.endswith("timestamp") and
+    """Feature values present (keys and ``__ts`` timestamps left out)."""
+    return sum(v is not None for k, col in values.items() if not k.endswith("__ts") and
                k not in (USER_KEY, ITEM_KEY) for v in col)
 
 

@@ -13,7 +13,6 @@ from transact.model.losses import (
     default_label_weights, head_weights, label_weight_matrix, nal_targets, sampled_softmax_nal,
     total_loss, weighted_bce,
 )
-from transact.model.nn_features import valid_mask
 from transact.model.quantization import dequantize
 from transact.model.transact import Batch, ModelConfig, ModelOutput, model_config
 

@@ -431,7 +431,8 @@ def corrupt_rows(rows_path: str | os.PathLike, kind: str, seed: int = 0,
         want = ~valid if kind == "rows_padding_not_empty" else valid
         cand = np.flatnonzero(want.any(1))
         if not len(cand):
-            raise ValueError(f"corrupt_rows: no row has a {'padding' if kind == 'rows_padding_not_empty' else 'valid'} slot")
+            which = "padding" if kind == "rows_padding_not_empty" else "valid"
+            raise ValueError(f"corrupt_rows: no row has a {which} slot")
         rows = np.sort(rng.choice(cand, size=min(len(cand), max(1, n // 50)), replace=False))
         slots = want[rows].argmax(1)  # first such slot of each row
         age[rows, slots] = 5 if kind == "rows_padding_not_empty" else -7

@@ -47,6 +47,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                         "(built at start-up, seconds)."),
         api_key_env: Optional[str] = typer.Option(None, help="Name of an environment variable holding the API "
                                                              "key that /rank requires (X-API-Key header)."),
+        max_clock_skew: str = typer.Option("300", help="Seconds a client request_ts may lie from the server "
+                                                       "clock (further: 400), or off to trust client times "
+                                                       "(a replay of a past world)."),
     ) -> None:
         """Start the ranking service (foreground; Ctrl+C stops it and flushes the served log)."""
         import os
@@ -55,7 +58,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         from transact.serving.launch import SERVICE, check_config, service_env
         from transact.model.metrics import parse_score_weights
-        from transact.serving.settings import ServeSettings
+        from transact.serving.settings import ServeSettings, parse_clock_skew
 
         api_key = None
         if api_key_env:
@@ -67,7 +70,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             device=device, threads=threads, score_weights=parse_score_weights(score_weights),
             max_candidates=max_candidates, max_batch_candidates=max(2048, max_candidates),
             max_wait_ms=max_wait_ms, api_key=api_key, log_dir=str(log_dir) if log_dir else None,
-            host=host, port=port, cpu_forward=cpu_forward)
+            host=host, port=port, cpu_forward=cpu_forward,
+            max_clock_skew_s=parse_clock_skew(max_clock_skew, "--max-clock-skew"))
         with service_env(settings):
             ServeSettings.from_env()  # fail here, not in the worker, on bad values
             check_config(settings)  # the model, the source: one line and exit 2, not a worker loop

@@ -33,8 +33,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         max_duplicate_rate: float = typer.Option(0.01, help="Share of duplicated events allowed."),
         min_ts: Optional[str] = typer.Option(None, help="No event may be older (ISO date or epoch ms); default: "
                                                         "min_ts of world.json, else 2010-01-01."),
-        label_window_ms: Optional[int] = typer.Option(None, help="A label's engagement is logged at most this long "
-                                                                 "after its request (ms); default: world.json, else 1 h."),
+        label_window_ms: Optional[int] = typer.Option(
+            None, help="A label's engagement is logged at most this long after its request (ms); "
+                       "default: world.json, else 1 h."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of text."),
     ) -> None:
         """Validate a batch with Great Expectations; exit 1 (and quarantine it) if it fails."""
