@@ -93,7 +93,7 @@ def bench_drift(out: str | Path, seeds=range(10), *, users: int = 300, fraction:
     per_window = []
     retrains: list[dict] = []
     model = Path(model_dir) if model_dir else None
-    for i, seed in enumerate(seeds):
+    for seed in seeds:
         t_seed = time.perf_counter()
         worlds = {k: _world(root, users, seed, k, strength) for k in KINDS}
         info = worlds["none"][1]

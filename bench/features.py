@@ -58,7 +58,7 @@ def local_redis(port: int | None = None, timeout_s: float = 10.0):
         proc.terminate()
         try:
             proc.wait(timeout=5)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a server that will not stop is killed
             proc.kill()
             proc.wait()
 
@@ -273,9 +273,10 @@ def format_bench(out: dict) -> str:
                     if n == 0 and rd["reads"] else "")
             lines.append(f"{kind:<8}{engine:<8}{m['wall_s']:>8.1f}{m['users_per_s']:>9.1f}{m['tokens_per_s']:>12,.0f}"
                          f"{m['items_per_s']:>9,.0f}{m['rss_peak_mib']:>10,.0f}{tail}")
-    lines.append("(peak MiB: RSS of the materialising process, ~"
-                 + f"{min((m['rss_base_mib'] for res in r['stores'].values() if 'materialize' in res for m in res['materialize'].values()), default=0):,.0f}"
-                 + " MiB of it imports before any work; reads: one user's three sequences)")
+    base = min((m["rss_base_mib"] for res in r["stores"].values() if "materialize" in res
+                for m in res["materialize"].values()), default=0)
+    lines.append(f"(peak MiB: RSS of the materialising process, ~{base:,.0f}"
+                 " MiB of it imports before any work; reads: one user's three sequences)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ One run, on one machine, in this order:
    request time; a random-weight TransAct V2 model (latency does not depend on the
    weights) packaged into a private BentoML home;
 2. the model's own forward time for the request's batch, in this process, with the
-   server's thread setting, CPU backend and heap settings (:mod:`transact.serving.malloc`): S_all (NN search over the de-duplicated
+   server's thread setting, CPU backend and heap settings (:mod:`transact.serving.malloc`): S_all
+   (NN search over the de-duplicated
    sequences) + encoder + heads, timed separately -- the floor the service latency is
    compared with (timed before the load and again in every load round); plus a check
    that the naive (broadcast) assembly gives the same probabilities, and the CPU forward

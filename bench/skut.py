@@ -116,7 +116,7 @@ def bench_skut(table: str = "both", lengths: Sequence[int] | None = None, batch:
             try:
                 t = time_fn(lambda: fn(x, valid), device, warmup, repeats)
                 err = None
-            except Exception as e:  # a backend that cannot run this shape: report, go on
+            except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape: report, go on
                 t = {"latency_ms": None, "peak_mem_mib": None, "work_mem_mib": None}
                 err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             row = {"table": tbl, "batch": b, "seq_len": s, "impl": name, "dtype": str(dt).replace("torch.", ""),

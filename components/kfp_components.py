@@ -59,11 +59,12 @@ def features_op(world: Input[Dataset], repo_dir: str) -> str:
 
 
 @dsl.component(**_opts)
-def log_nn_op(world: Input[Dataset], rows: Output[Dataset]) -> int:
-    """NN-feature logging: one compact row per (request, candidate)."""
+def log_nn_op(world: Input[Dataset], rows: Output[Dataset], engine: str = "local", ray_address: str = "") -> int:
+    """NN-feature logging: one compact row per (request, candidate); ``engine="ray"`` builds
+    them on Ray (``ray_address``: a RayCluster's Jobs API, else a Ray inside this step)."""
     from transact.components import steps
 
-    summary = steps.log_nn(world.path, rows.path, progress=False)
+    summary = steps.log_nn(world.path, rows.path, progress=False, engine=engine, ray_address=ray_address)
     rows.metadata["rows"] = summary["rows"]
     return int(summary["rows"])
 
@@ -79,6 +80,22 @@ def train_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int
     summary = steps.train(rows.path, model.path, model_name, epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, max_steps=max_steps, progress=False)
     model.metadata["model"] = model_name
+    return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+
+@dsl.component(**_opts)
+def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
+                max_steps: int, nodes: int, gpus_per_node: int, shared_dir: str, shared_pvc: str, image: str,
+                model: Output[Model]) -> str:
+    """Train as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP); this task only waits for it."""
+    import json
+
+    from transact.components import steps
+
+    summary = steps.train_trainjob(rows.path, model.path, shared_dir, model_name, epochs=epochs,
+                                   batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=nodes,
+                                   gpus_per_node=gpus_per_node, image=image, shared_pvc=shared_pvc)
+    model.metadata.update(model=model_name, trainjob=summary["trainjob"], nodes=nodes, gpus_per_node=gpus_per_node)
     return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 

@@ -70,20 +70,28 @@ def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -
 
 
 ROWS_FILE = "nn_rows.parquet"
+#: the rows of ``engine="ray"``: a folder of parts (training reads either)
+ROWS_PARTS = "nn_rows"
 
 
-def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: bool = True) -> dict:
+def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: bool = True,
+           engine: str = "local", ray_address: str = "", partitions: int = 0) -> dict:
     """Logs the NN-feature rows into ``rows_dir`` (with the world's ``world.json``, which
-    carries the train/eval split point)."""
-    from transact.model.nn_logging import log_nn_features
+    carries the train/eval split point): one file (``local``), or a folder of parts built
+    on Ray (``ray``: a local Ray, or the cluster at ``ray_address``; see docs/scale-out.md)."""
+    from transact.components.ray_engine import run_log_nn
 
-    rows = Path(rows_dir) / ROWS_FILE
+    rows = Path(rows_dir) / (ROWS_PARTS if engine == "ray" else ROWS_FILE)
     rows.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(world_dir) / "world.json", Path(rows_dir) / "world.json")
     summary_path = rows.with_suffix(".json")
     if rows.exists() and summary_path.exists():
         return json.loads(summary_path.read_text())
-    return log_nn_features(world_dir, rows, batch_requests=batch_requests, progress=progress)
+    other = Path(rows_dir) / (ROWS_FILE if engine == "ray" else ROWS_PARTS)
+    if other.exists():  # the other engine's rows: training must read one set, never both
+        shutil.rmtree(other) if other.is_dir() else other.unlink()
+    return run_log_nn(world_dir, rows, engine=engine, address=ray_address or None, partitions=partitions or None,
+                      batch_requests=batch_requests, progress=progress)
 
 
 def train(rows_path: str, model_dir: str, model: str = "v2", epochs: int = 2, batch_size: int = 256,
@@ -95,6 +103,21 @@ def train(rows_path: str, model_dir: str, model: str = "v2", epochs: int = 2, ba
     # The split point comes from the world.json beside the rows.
     return run_train(rows_path, model_dir, model, epochs=epochs, batch_size=batch_size, lr=lr,
                      seed=seed, step_budget=max_steps or None, progress=progress)
+
+
+def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str = "v2", epochs: int = 2,
+                   batch_size: int = 256, lr: float = 2e-3, seed: int = 0, max_steps: int = 0, nodes: int = 1,
+                   gpus_per_node: int = 1, image: str = "", shared_pvc: str = "", backend: str = "kubernetes",
+                   namespace: str = "", kubeconfig: str = "", env: dict | None = None, poll_s: int = 10) -> dict:
+    """:func:`train` as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` DDP
+    processes (one pod cannot hold more than one node's GPUs); ``shared_dir`` is seen by
+    this step and every node. The model comes back into ``model_dir``."""
+    from transact.components.trainjob import run_trainjob
+
+    args = dict(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, step_budget=max_steps or None)
+    return run_trainjob(rows_path, model_dir, shared_dir, args, nodes=nodes, gpus_per_node=gpus_per_node,
+                        image=image, backend=backend, namespace=namespace, kubeconfig=kubeconfig,
+                        shared_pvc=shared_pvc, env=env, poll_s=poll_s)
 
 
 def evaluate(model_dir: str, rows_path: str, out_dir: str, n_boot: int = 500,

@@ -70,8 +70,8 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
             from transact.serving.packaging import model_digest
 
             model_version = model_digest(model_dir)[:16]
-        req = select_requests(world, start_ts, end_ts, fraction, sample_seed).sort_by([("ts", "ascending"), ("request_id", "ascending"),
-                                        ("position", "ascending")])
+        req = select_requests(world, start_ts, end_ts, fraction, sample_seed)
+        req = req.sort_by([("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending")])
         rid = req.column("request_id").to_numpy()
         starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]])) if len(rid) else np.zeros(0, int)
         ends = np.append(starts[1:], len(rid))

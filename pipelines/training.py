@@ -3,6 +3,8 @@
     ingest -> validate -[pass]-> features -> log NN features -> train -> evaluate
            -> gate vs champion -[pass]-> promote + package
 
+(train: one pod, or with ``train_nodes`` > 0 a Kubeflow Trainer TrainJob, docs/scale-out.md)
+
 A failed validation stops everything behind it (the batch is in quarantine, the
 validation report says why); a failed gate stops packaging (the gate report says
 which metric regressed).
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from kfp import dsl
 
 from transact.components.kfp_components import (
-    evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, validate_op,
+    BASE_IMAGE, evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, trainjob_op,
+    validate_op,
 )
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class Defaults:
     feature_repo: str = "feature_repo"
     champion_dir: str = "runs/champion"
     gate_tolerance: float = 0.02
+    log_nn_engine: str = "local"  #: "ray": NN logging on Ray (docs/scale-out.md)
+    ray_address: str = ""  #: a RayCluster's Jobs API (http://<head>:8265); empty: Ray inside the step
+    train_nodes: int = 0  #: > 0: train as a Kubeflow Trainer TrainJob on this many nodes (docs/scale-out.md)
+    gpus_per_node: int = 1  #: the TrainJob's GPUs (DDP processes) per node
+    shared_dir: str = "/mnt/transact-shared"  #: a path the train step and every TrainJob node see
+    shared_pvc: str = ""  #: the PVC mounted at shared_dir on the TrainJob's nodes (empty: already there)
 
 
 D = Defaults()
@@ -44,6 +53,22 @@ def _gpu(task: dsl.PipelineTask, cpu: str = "4", memory: str = "32G") -> dsl.Pip
     """A GPU step on a cluster (ignored, with a warning, by the local runner)."""
     return (task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             .set_cpu_request(cpu).set_memory_request(memory))
+
+
+def _evaluate_gate_package(model, rows, champion_dir, gate_tolerance) -> None:
+    """evaluate -> gate vs champion -[pass]-> promote + package, for either train branch's model."""
+    evaluate = _gpu(evaluate_op(model=model, rows=rows))
+
+    gate = gate_op(metrics_json=evaluate.outputs["Output"], model=model,
+                   rows=rows, champion_dir=champion_dir, tolerance=gate_tolerance)
+    gate.set_caching_options(False)  # the champion changes between runs
+    _gpu(gate)
+
+    with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
+        package = package_op(model=model, metrics_json=evaluate.outputs["Output"],
+                             champion_dir=champion_dir)
+        package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
+        _gpu(package, cpu="2", memory="8G")
 
 
 @dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
@@ -62,6 +87,12 @@ def training_pipeline(
     feature_repo: str = D.feature_repo,
     champion_dir: str = D.champion_dir,
     gate_tolerance: float = D.gate_tolerance,
+    log_nn_engine: str = D.log_nn_engine,
+    ray_address: str = D.ray_address,
+    train_nodes: int = D.train_nodes,
+    gpus_per_node: int = D.gpus_per_node,
+    shared_dir: str = D.shared_dir,
+    shared_pvc: str = D.shared_pvc,
 ) -> None:
     ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
     ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
@@ -76,23 +107,24 @@ def training_pipeline(
         features = features_op(world=ingest.outputs["world"], repo_dir=feature_repo)
         features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
 
-        log_nn = log_nn_op(world=ingest.outputs["world"]).after(features)
+        log_nn = log_nn_op(world=ingest.outputs["world"], engine=log_nn_engine,
+                           ray_address=ray_address).after(features)
         log_nn.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("4").set_memory_request("16G")
 
-        train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
-                              batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps))
-        evaluate = _gpu(evaluate_op(model=train.outputs["model"], rows=log_nn.outputs["rows"]))
-
-        gate = gate_op(metrics_json=evaluate.outputs["Output"], model=train.outputs["model"],
-                       rows=log_nn.outputs["rows"], champion_dir=champion_dir, tolerance=gate_tolerance)
-        gate.set_caching_options(False)  # the champion changes between runs
-        _gpu(gate)
-
-        with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
-            package = package_op(model=train.outputs["model"], metrics_json=evaluate.outputs["Output"],
-                                 champion_dir=champion_dir)
-            package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
-            _gpu(package, cpu="2", memory="8G")
+        # One pod with one GPU (the default), or a Kubeflow Trainer TrainJob of train_nodes x
+        # gpus_per_node whose launching task holds no GPU. Each branch evaluates, gates and packages
+        # its own model: kfp.local cannot pass an artifact through dsl.OneOf.
+        with dsl.If(train_nodes < 1, name="single-pod-train"):
+            train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
+                                  batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps))
+            _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], champion_dir, gate_tolerance)
+        with dsl.Else(name="trainjob-train"):
+            trainjob = trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
+                                   batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=train_nodes,
+                                   gpus_per_node=gpus_per_node, shared_dir=shared_dir, shared_pvc=shared_pvc,
+                                   image=BASE_IMAGE)
+            trainjob.set_cpu_request("2").set_memory_request("8G")
+            _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], champion_dir, gate_tolerance)
 
 
 @dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")

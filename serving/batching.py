@@ -140,7 +140,8 @@ class MicroBatcher:
                     if left <= 0:
                         break
                     self._cv.wait(left)
-            batch, size, now = [], 0, time.monotonic()
+            batch: list = []
+            size, now = 0, time.monotonic()
             while self._q and (not batch or size + self._q[0].size <= self.max_batch_size):
                 it = self._q.popleft()
                 if it.deadline < now:
@@ -172,7 +173,7 @@ class MicroBatcher:
             self.batches += 1
             try:
                 results = self._process([it.payload for it in batch])
-            except BaseException as e:  # noqa: BLE001 - reported to every caller, the thread lives on
+            except BaseException as e:  # reported to every caller, the thread lives on
                 log.exception("batch of %d requests failed", len(batch))
                 for it in batch:
                     it.future.set_exception(e)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Callable
 
 import torch
 
@@ -59,9 +60,10 @@ class StagingArena:
         self.cuda = self.device.type == "cuda"
         self.copying = self.cuda or force_copy
         self.capacity = 0
-        self.host: torch.Tensor | None = None
-        self.dev: torch.Tensor | None = None
-        self._event = None
+        # set by _allocate when copying (the only case that reads them)
+        self.host: torch.Tensor = torch.empty(0, dtype=torch.uint8)
+        self.dev: torch.Tensor = torch.empty(0, dtype=torch.uint8)
+        self._event: torch.cuda.Event | None = None
         self.last_bytes = 0
         self.grows = 0
         if self.copying:
@@ -138,10 +140,10 @@ class ModelRunner:
         self.max_graph_batch = max_graph_batch
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static batch, static out)
         self._failed: set[int] = set()
-        self._pool = None
+        self._pool: Any = None  # torch.cuda graph pool handle, made at the first capture
         #: the backend that runs (``eager`` on GPU, and after a failure)
         self.backend = cpu_forward if self.device.type == "cpu" else "eager"
-        self._fast = None  # the built CPU backend: batch -> probs
+        self._fast: Callable[..., torch.Tensor] | None = None  # the built CPU backend: batch -> probs
 
     def _build(self, batch):
         if self.backend == "compile":

@@ -68,12 +68,12 @@ def own_metrics_dir(settings: ServeSettings, bentoml_home: str | None = None) ->
     path = os.path.join(str(home), "prometheus_multiproc_dir", f"{settings.host}-{settings.port}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     provider = BentoMLContainer.prometheus_multiproc_dir
-    saved = provider._override  # noqa: SLF001 - simple_di keeps the override here
+    saved = provider._override  # simple_di keeps the override here
     provider.set(path)
     try:
         yield path
     finally:
-        provider._override = saved  # noqa: SLF001
+        provider._override = saved
 
 
 def check_config(settings: ServeSettings) -> None:

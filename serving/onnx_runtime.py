@@ -42,8 +42,12 @@ class OnnxForward:
                  path: str | Path | None = None) -> None:
         import onnxruntime as ort  # ImportError when the optional packages are missing
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="transact-onnx-") if path is None else None
-        self.path = Path(path) if path is not None else Path(self._tmp.name) / "model.onnx"
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="transact-onnx-")
+            self.path = Path(self._tmp.name) / "model.onnx"
+        else:
+            self.path = Path(path)
         args = tuple(getattr(example_batch, n).cpu() for n in INPUTS)
         batch_dim = torch.export.Dim("batch", min=2, max=1 << 20)
         with torch.no_grad():

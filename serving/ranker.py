@@ -104,7 +104,7 @@ def quantize_embeddings(values) -> np.ndarray:
     e = np.clip(np.asarray(values, dtype=np.float64), -1e3, 1e3)
     if e.ndim != 2 or e.shape[1] != EMB_DIM:
         raise RequestError("item_embeddings", f"expected shape [n, {EMB_DIM}], got {list(e.shape)}")
-    return quantize(e.astype(np.float32))
+    return np.asarray(quantize(e.astype(np.float32)))
 
 
 def default_weights(heads: tuple[str, ...], weights: dict[str, float] | None = None) -> dict[str, float]:
@@ -155,7 +155,8 @@ def assemble(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences, can
 
 
 def seqs_of(t: dict[str, torch.Tensor]) -> tuple[JaggedSequences, JaggedSequences, JaggedSequences]:
-    return tuple(JaggedSequences(*(t[f"{n}.{f}"] for f in SEQ_FIELDS)) for n in ("ll", "rt", "imp"))
+    ll, rt, imp = (JaggedSequences(*(t[f"{n}.{f}"] for f in SEQ_FIELDS)) for n in ("ll", "rt", "imp"))
+    return ll, rt, imp
 
 
 class Ranker:
@@ -232,7 +233,7 @@ class Ranker:
         ts = np.array([q.ts for q in qs], dtype=np.int64)
         try:
             ll, rt, imp = self.source.sequences(users, ts)
-        except Exception as e:  # noqa: BLE001 - a dependency outage, not a bug in the request
+        except Exception as e:  # a dependency outage, not a bug in the request
             raise SourceUnavailable(f"sequence source failed: {type(e).__name__}: {e}") from e
         tok = (ll.lengths + rt.lengths + imp.lengths).numpy()  # [U]
         st.fetch_s = time.perf_counter() - t
@@ -247,11 +248,11 @@ class Ranker:
         st.candidates = int(counts.sum())
         st.assemble_s = time.perf_counter() - t
 
-        s_all, probs, nn_s, fwd_s = self.compute(dev)
+        s_all, probs_t, nn_s, fwd_s = self.compute(dev)
         st.nn_s, st.forward_s = nn_s, fwd_s
 
         t = time.perf_counter()
-        probs = probs.float().cpu().numpy()  # [N, H]
+        probs = probs_t.float().cpu().numpy()  # [N, H]
         served_ts = int(time.time() * 1000)
         out, lo = [], 0
         scores = []
@@ -299,6 +300,7 @@ class Ranker:
             probs=probs, score=score, model_version=self.model_version,
             served_ts=np.full(sum(n), served_ts, np.int64),
         )
+        assert self.log_writer is not None  # _log runs only with a writer
         self.log_writer.submit(rec)
 
     def warmup(self, max_batch: int = 8) -> None:

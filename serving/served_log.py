@@ -173,7 +173,7 @@ class ServedLogWriter:
         try:
             table = record_to_arrow(rec, self.cfg, self.heads)
             where = self.wal.append(table) if self.wal is not None else None
-        except Exception:  # noqa: BLE001 - a bad record or a full disk costs log rows, never requests
+        except Exception:  # a bad record or a full disk costs log rows, never requests
             log.exception("served log: could not log %d rows; dropped", n)
             with self._lock:
                 self._pending -= n
@@ -247,9 +247,10 @@ class ServedLogWriter:
                 return
 
     def _sync_wal(self) -> None:
+        assert self.wal is not None
         try:
             self.wal.sync()
-        except OSError:  # noqa: BLE001 - durability against power loss only; keep serving
+        except OSError:  # durability against power loss only; keep serving
             log.exception("served log: fsync of the write-ahead segment failed")
 
     def _write(self, tables: list[pa.Table], rows: int, batches: list[tuple[str, int]] | None = None) -> None:
@@ -266,7 +267,7 @@ class ServedLogWriter:
                 self.wal.written(batches)  # their segment may go
             if self._on_written:
                 self._on_written(rows)
-        except Exception:  # noqa: BLE001 - disk trouble costs log rows, never requests
+        except Exception:  # disk trouble costs log rows, never requests
             # the batches stay in their write-ahead segment: the next start recovers them
             log.exception("served log: writing %s failed; %d rows not in a file (kept in the "
                           "write-ahead segment for recovery at the next start)", path, rows)

@@ -38,7 +38,8 @@ from starlette.responses import JSONResponse
 from transact.data.schema import SURFACES
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
 from transact.serving.guard import GuardMiddleware, quiet_client_error_tracebacks
-from transact.serving.ranker import RankQuery, Ranked, RequestError, SourceUnavailable, quantize_embeddings
+from transact.serving.ranker import RankQuery, Ranked, Ranker, RequestError, SourceUnavailable, quantize_embeddings
+from transact.serving.served_log import ServedLogWriter
 from transact.serving.schema import RankedItem, RankRequest, RankResponse
 from transact.serving.settings import API_KEY_HEADER, ServeSettings
 
@@ -51,7 +52,7 @@ def _metric(kind: str, name: str, doc: str, **kw):
     ``bentoml build --reload``)."""
     import prometheus_client
 
-    existing = prometheus_client.REGISTRY._names_to_collectors.get(name)  # noqa: SLF001
+    existing = prometheus_client.REGISTRY._names_to_collectors.get(name)
     if existing is not None:
         return existing
     return getattr(prometheus_client, kind)(name, doc, **kw)
@@ -120,9 +121,9 @@ class TransActRanker:
         quiet_client_error_tracebacks()  # here: in the worker, after BentoML set up its logging
         tune_malloc()  # before the model's first allocation
         s = self.settings = ServeSettings.from_env()
-        self.log_writer = None
-        self.ranker = None
-        self.batcher = None
+        self.log_writer: ServedLogWriter | None = None
+        self._ranker: Ranker | None = None
+        self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
         try:
             ref = type(self).__dict__.get("model_ref")
@@ -150,13 +151,16 @@ class TransActRanker:
                  "CUDA graphs" if self.ranker.runner.use_graphs else
                  f"{self.ranker.runner.backend}, {self._threads} threads")
 
+    @property
+    def ranker(self) -> Ranker:
+        assert self._ranker is not None, "set on the model thread before the first request"
+        return self._ranker
+
     def _load_model(self) -> None:
         """Model, sequence source, served log and warm-up (runs on the model thread)."""
         import torch
 
         from transact.model.checkpoint import load_model
-        from transact.serving.ranker import Ranker
-        from transact.serving.served_log import ServedLogWriter
         from transact.serving.sources import open_source
 
         s = self.settings
@@ -172,7 +176,7 @@ class TransActRanker:
                                               on_logged=LOGGED.inc, on_dropped=DROPPED.inc)
             if self.log_writer.recovered.rows_recovered:
                 RECOVERED.inc(self.log_writer.recovered.rows_recovered)
-        self.ranker = Ranker(model, source, device, model_version=self.model_version,
+        self._ranker = Ranker(model, source, device, model_version=self.model_version,
                              score_weights=s.score_weights, assembly=s.assembly, log_writer=self.log_writer,
                              cuda_graphs=s.cuda_graphs, cpu_forward=s.cpu_forward)
         self.ranker.warmup(min(s.max_batch_candidates, self.ranker.runner.max_graph_batch))
@@ -186,10 +190,10 @@ class TransActRanker:
 
     def __is_alive__(self) -> bool:
         # a worker that could not load stays alive (restarting it fails the same way)
-        return self.load_error is not None or self.batcher.alive
+        return self.load_error is not None or (self.batcher is not None and self.batcher.alive)
 
     def __is_ready__(self) -> bool:
-        return self.load_error is None and self.batcher.alive
+        return self.load_error is None and self.batcher is not None and self.batcher.alive
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -201,9 +205,9 @@ class TransActRanker:
     # --- the API --------------------------------------------------------------------------------
 
     @bentoml.api(route="/rank", input_spec=RankRequest, output_spec=RankResponse)
-    async def rank(self, **request) -> RankResponse:
+    async def rank(self, **request) -> RankResponse | JSONResponse:
         """Rank the candidates of one user: per-head probabilities, score S and the ranked list."""
-        if self.load_error is not None:
+        if self.load_error is not None or self.batcher is None:
             return _error(503, "service", f"not ready: {self.load_error}")
         try:
             q = self.query(**request)
@@ -262,6 +266,6 @@ class TransActRanker:
         return results
 
 
-TransActRanker.add_asgi_middleware(
+TransActRanker.add_asgi_middleware(  # type: ignore[attr-defined]  # bentoml.service made it a Service
     GuardMiddleware, route="/rank", max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key,
     header=API_KEY_HEADER, on_status=lambda code: REQUESTS.labels(code=str(code)).inc())

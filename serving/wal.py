@@ -27,7 +27,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,8 +46,8 @@ _SEGMENT = re.compile(r"^seg-(?P<pid>\d+)-(?P<n>\d+)\.arrows$")
 class _Segment:
     name: str
     path: Path
-    sink: pa.NativeFile | None = None
-    writer: pa.ipc.RecordBatchStreamWriter | None = None
+    sink: Any = None  # pa.OSFile, set when the segment opens
+    writer: Any = None  # pa.ipc.RecordBatchStreamWriter
     batches: int = 0  # appended
     rows: int = 0
     written: int = 0  # batches in parquet files
@@ -200,10 +200,10 @@ def recover(log_dir: str | os.PathLike,
     log_dir = Path(log_dir)
     stats = WalStats()
     folder = log_dir / WAL_DIR
-    segs = sorted(p for p in folder.glob("seg-*.arrows") if _SEGMENT.match(p.name)) if folder.is_dir() else []
+    found = [(p, m) for p in folder.glob("seg-*.arrows") if (m := _SEGMENT.match(p.name))] if folder.is_dir() else []
     by_pid: dict[int, list[Path]] = {}
-    for p in segs:
-        pid = int(_SEGMENT.match(p.name)["pid"])
+    for p, m in sorted(found, key=lambda pm: pm[0]):
+        pid = int(m["pid"])
         if pid != os.getpid() and not pid_alive(pid):
             by_pid.setdefault(pid, []).append(p)
     for pid, paths in by_pid.items():

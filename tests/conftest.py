@@ -179,7 +179,8 @@ def linked(actions: pa.Table, requests: pa.Table) -> tuple[pa.Table, pa.Table, p
     bits = sum(req[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS)
     eng = np.flatnonzero(bits)
     engaged = pa.table({"user_id": req["user_id"][eng], "item_id": req["item_id"][eng],
-                        "ts": req["ts"][eng] + 1_000 * (req["position"][eng].astype(np.int64) + 1), "action": bits[eng].astype(np.uint8),
+                        "ts": req["ts"][eng] + 1_000 * (req["position"][eng].astype(np.int64) + 1),
+                        "action": bits[eng].astype(np.uint8),
                         "surface": req["surface"][eng]}, schema=S.ACTIONS_TABLE)
     cols = {c: actions.column(c).to_numpy() for c in actions.column_names}
     cols["action"] = no_hide_conflict(cols["action"])

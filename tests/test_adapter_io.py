@@ -39,8 +39,10 @@ def test_import_round_trip_with_names_and_timestamps(tmp_path):
     ("actions", lambda t: t.set_column(3, "action", pa.array(["click|share"] * t.num_rows)), "unknown value 'share'"),
     ("requests", lambda t: t.set_column(6, "label_click", pa.array([2] * t.num_rows, pa.uint8())), "label_click.*outside"),
     ("impressions", lambda t: t.set_column(0, "user_id", pa.array([-5] * t.num_rows, pa.int64())), "user_id.*outside"),
-    ("items", lambda t: t.set_column(2, "emb", pa.array([[0.1] * 16] * t.num_rows, pa.list_(pa.float32()))), "width 32; row 0 has width 16"),
-    ("items", lambda t: t.set_column(2, "emb", pa.array([[float("nan")] * 32] * t.num_rows, pa.list_(pa.float32()))), "non-finite"),
+    ("items", lambda t: t.set_column(2, "emb", pa.array([[0.1] * 16] * t.num_rows, pa.list_(pa.float32()))),
+     "width 32; row 0 has width 16"),
+    ("items", lambda t: t.set_column(2, "emb", pa.array([[float("nan")] * 32] * t.num_rows, pa.list_(pa.float32()))),
+     "non-finite"),
     ("requests", lambda t: t.set_column(1, "user_id", pa.array(np.arange(t.num_rows), pa.int64())), "different user_id"),
 ])
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, table, mutate, message):

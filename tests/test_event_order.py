@@ -111,7 +111,7 @@ def test_sequences_stay_exact_past_2_pow_21_users_with_huge_ids_and_times():
     q_t = np.full(len(probe), t0 + (1 << 45), dtype=np.int64)
     _, rt, _ = store.sequences(users[probe], q_t)
     assert rt.lengths.tolist() == [4] * len(probe)
-    for k, p in enumerate(probe):
+    for k in range(len(probe)):
         lo, hi = int(rt.offsets[k]), int(rt.offsets[k + 1])
         assert rt.ts[lo:hi].tolist() == [t0 + (1 << 44), t0 + (1 << 43), t0 + 1, t0], k
     # one instant after the first action: only the user's own first action

@@ -176,7 +176,7 @@ def test_definitions_match_the_module_constants(sqlite_repo):
     for view, feats in VIEW_FEATURES.items():
         assert [f.name for f in views[view].features] == list(feats)
         assert views[view].ttl.total_seconds() == 0 and views[view].online
-    for view, (iv, feat) in INDEX_VIEWS.items():
+    for iv, feat in INDEX_VIEWS.values():
         assert [f.name for f in views[iv].features] == [feat] and not views[iv].online
     assert [f.name for f in views[ITEM_VIEW].features] == [ITEM_FEATURE]
     assert {p.name for p in store.list_data_sources() if type(p).__name__ == "PushSource"} == {RT_PUSH, IMP_PUSH}

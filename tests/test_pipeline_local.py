@@ -1,18 +1,21 @@
 """The training pipeline run locally (kfp.local, one subprocess per step) on the tiny world.
 
-Three runs share one folder: a first run packages a champion; a second run whose
-challenger is an untrained model (1 step at a vanishing learning rate) must be stopped
-by the gate; a corrupted batch must stop before training.
+Three runs share one folder: a first run (``transact demo``'s code path, ``run_demo``)
+packages a champion and must show a compact screen, one status line per step, with every
+step's output in ``logs/<step>.log``; a second run whose challenger is an untrained model
+(1 step at a vanishing learning rate) must be stopped by the gate; a corrupted batch must
+stop before training.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from transact.pipelines.runner import run_local
+from transact.pipelines.runner import STEP_ORDER, run_local
 
 pytestmark = pytest.mark.slow
 
@@ -33,28 +36,56 @@ def env(tmp_path_factory):
 
 
 def _params(root: Path, **kw) -> dict:
-    return {**FAST, "quarantine_dir": str(root / "quarantine"), "reference": str(root / "reference.json"),
+    return {**FAST, "quarantine_dir": str(root / "quarantine"), "reference": str(root / "validation-reference.json"),
             "feature_repo": str(root / "feature_repo"), "champion_dir": str(root / "champion"), **kw}
 
 
-def test_full_run_packages_then_worse_challenger_is_not_packaged(env):
-    first = run_local("training", env / "run1", **_params(env))
+def test_full_run_packages_then_worse_challenger_is_not_packaged(env, capfd):
+    from transact.commands.demo import run_demo
+
+    first = run_demo(env, profile="tiny", seed=0, steps=FAST["max_steps"], batch_size=FAST["batch_size"])
     assert first["outcome"].startswith("packaged"), first["outcome"]
     assert all(s["ran"] for s in first["steps"].values())
     assert first["metrics"]["hit"]["repin"]["value"] > 0
     champion = env / "champion" / "model" / "model.safetensors"
     assert champion.exists() and first["package"]["tag"].startswith("transact-ranker:")
-    summary_md = (env / "run1" / "summary.md").read_text()
-    assert "packaged" in summary_md and "| repin |" in summary_md
+    summary_md = (env / "summary.md").read_text()
+    assert "packaged" in summary_md and "| repin |" in summary_md and str(env / "logs") in summary_md
+    docs = first["reports"]["validate-op data docs"]  # the GX Data Docs site, linked from the summary
+    assert Path(docs).name == "index.html" and Path(docs).exists() and docs in summary_md
+    _assert_compact_screen(capfd.readouterr(), env / "logs")
     before = champion.read_bytes()
 
-    second = run_local("training", env / "run2", **_params(env, max_steps=1, lr=1e-9, gate_tolerance=0.0))
+    screen = io.StringIO()
+    second = run_local("training", env / "run2", live=screen,
+                       **_params(env, max_steps=1, lr=1e-9, gate_tolerance=0.0))
     assert second["gate"] == "fail", second["outcome"]
     assert not second["steps"]["package-op"]["ran"]
     assert second["outcome"].startswith("stopped: the challenger")
     assert champion.read_bytes() == before  # the champion is untouched
     gate_report = Path(second["reports"]["gate-op"]).read_text()
     assert "FAIL" in gate_report and "regressed" in gate_report
+    assert re.search(r"^  gate-op +ok +[\d.]+ s  FAIL: .*regressed", screen.getvalue(), re.M), screen.getvalue()
+    assert re.search(r"^  package-op +skipped$", screen.getvalue(), re.M), screen.getvalue()
+
+
+def _assert_compact_screen(screen, logs: Path) -> None:
+    """One status line per step with its time and result, the demo's summary, and none of
+    kfp.local's executor output or warnings (they are in the step logs)."""
+    text = screen.out + screen.err
+    lines = text.splitlines()
+    for step in STEP_ORDER:
+        status = [ln for ln in lines if re.match(rf"^  {step} +ok +\d+\.\d s  \S", ln)]
+        assert len(status) == 1, (step, text)
+        log = (logs / f"{step}.log").read_text()
+        assert "KFP Executor" in log and "executor_input" in log, step
+    assert re.search(r"evaluate-op .*HIT@3 click \d", text), text
+    for noise in ("KFP Executor", "executor_input", "RuntimeWarning", "UserWarning", "have no effect",
+                  "Streamed logs", '"inputs"'):
+        assert noise not in text, (noise, text)
+    assert len(lines) < 60, text
+    assert "RuntimeWarning" in (logs / "ingest-op.log").read_text()  # the base-image warning is kept there
+    assert f"step logs              {logs}" in text
 
 
 def test_corrupted_batch_stops_before_training(env, tmp_path):
@@ -64,7 +95,8 @@ def test_corrupted_batch_stops_before_training(env, tmp_path):
     src = tmp_path / "logs"
     simulate(get_profile("tiny"), src, seed=1, progress=False)
     corrupt(src, "future_timestamps", seed=0)
-    run = run_local("training", env / "run3", **_params(env, source=str(src)))
+    screen = io.StringIO()
+    run = run_local("training", env / "run3", live=screen, **_params(env, source=str(src)))
     assert run["validation"] == "fail"
     assert run["outcome"].startswith("stopped: validation failed")
     for step in ("features-op", "log-nn-op", "train-op", "package-op"):
@@ -73,3 +105,6 @@ def test_corrupted_batch_stops_before_training(env, tmp_path):
     assert quarantined, "the bad batch must be in quarantine"
     report = Path(run["reports"]["validate-op"]).read_text()
     assert "ts in range" in report
+    assert re.search(r"^  validate-op +ok +[\d.]+ s  FAIL: .*quarantine", screen.getvalue(), re.M), screen.getvalue()
+    for step in ("features-op", "log-nn-op", "train-op", "package-op"):
+        assert re.search(rf"^  {step} +skipped$", screen.getvalue(), re.M), screen.getvalue()

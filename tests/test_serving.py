@@ -601,7 +601,7 @@ def test_client_errors_are_logged_as_one_line_server_errors_keep_their_traceback
     def record(exc: BaseException) -> logging.LogRecord:
         try:
             raise exc
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the test needs the live exception info
             info = sys.exc_info()
         return logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]",
                                  ("/rank", "POST"), info)

@@ -369,7 +369,8 @@ def test_world_knobs_from_the_command_line(tmp_path):
     from typer.testing import CliRunner
 
     from transact.cli import app
-    from transact.data.simulator import get_profile, with_overrides
+    from transact.data.overrides import with_overrides
+    from transact.data.simulator import get_profile
 
     cfg = with_overrides(get_profile("tiny"), ["interests_mean=6", "dormant_frac=0.5", "w_long=1,2,-1,1",
                                                "chunk_size=6", "user_ids=0,3", "user_ids=none"])

@@ -21,9 +21,38 @@ def parse_params(items: list[str]) -> dict:
     return out
 
 
+#: Path problems a person fixes by giving another path: missing, a file where a folder is
+#: needed (and back), no permission. Other OSErrors (disk full, I/O) keep their traceback.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def user_message(e: Exception) -> str:
+    """One line: an OSError as ``<path>: <reason>`` (its default repr leads with
+    ``[Errno N]``), anything else as its message with the lines of a multi-line one joined."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        in_the_way = _file_in_the_way(str(e.filename))
+        if in_the_way:
+            return f"{in_the_way} is a file, where a folder is needed"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The file that stops ``mkdir -p path`` (``path`` itself or a parent), if any: the
+    errno alone ("File exists", "Not a directory") does not say which one."""
+    from pathlib import Path
+
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return str(p) if not p.is_dir() else None
+    return None
+
+
 def fail_on_user_error(fn):
-    """Turns expected user errors (bad input files, bad options) into a one-line message
-    and exit code 2 instead of a traceback."""
+    """Turns expected user errors (bad input files, bad paths, bad options, a host that does
+    not answer) into a one-line message and exit code 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,8 +60,8 @@ def fail_on_user_error(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (SchemaError, FileNotFoundError, ValueError) as e:
-            typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        except (SchemaError, ValueError, *PATH_ERRORS) as e:
+            typer.secho(f"error: {user_message(e)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None
 
     return wrapper

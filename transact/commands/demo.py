@@ -8,6 +8,7 @@ the new model against the champion of the previous run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -20,17 +21,20 @@ from transact.commands._common import fail_on_user_error
 DEMO_STEPS = 200
 
 
-def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_STEPS) -> dict:
+def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_STEPS, **overrides) -> dict:
+    """The pipeline with one status line per step on the screen (each step's whole output is
+    in ``<out>/logs/<step>.log``), then the results and where everything is. ``overrides``
+    are further pipeline parameters (tests make the run cheaper with them)."""
     from transact.pipelines.runner import run_local
 
     out = Path(out).resolve()
-    params = dict(profile=profile, seed=seed, epochs=1, max_steps=steps,
-                  quarantine_dir=str(out / "quarantine"),
-                  reference=str(out / "validation-reference.json"),
-                  feature_repo=str(out / "feature_repo"),
-                  champion_dir=str(out / "champion"))
+    params = {**dict(profile=profile, seed=seed, epochs=1, max_steps=steps,
+                     quarantine_dir=str(out / "quarantine"),
+                     reference=str(out / "validation-reference.json"),
+                     feature_repo=str(out / "feature_repo"),
+                     champion_dir=str(out / "champion")), **overrides}
     typer.secho(f"running the training pipeline locally on the '{profile}' world -> {out}", bold=True)
-    summary = run_local("training", out, **params)
+    summary = run_local("training", out, live=sys.stdout, **params)
     _print_results(summary, out)
     if summary.get("package"):
         summary["monitoring"] = _monitoring_pass(out, summary, profile, seed)
@@ -63,7 +67,8 @@ def _print_results(s: dict, out: Path) -> None:
         typer.echo("\nHIT@3 on the evaluation window (the last days of the world):\n")
         typer.echo(format_metrics(s["metrics"]))
     typer.echo("\nwhere things are:")
-    rows = [("run summary", out / "summary.md"), ("pipeline artefacts", s["run"])]
+    rows = [("run summary", out / "summary.md"), ("pipeline artefacts", s["run"]),
+            ("step logs", s.get("logs"))]
     rows += [(f"report: {k.removesuffix('-op')}", v) for k, v in s.get("reports", {}).items()]
     if s.get("package"):
         rows += [("champion model", s["package"].get("champion")),

@@ -50,7 +50,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         world: Optional[Path] = typer.Option(None, help="Write this world's events into the offline sources first."),
         online: str = typer.Option("sqlite", help=ONLINE_HELP),
         redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
-        since_ms: Optional[int] = typer.Option(None, help="First instant training reads must serve (default: the first request)."),
+        since_ms: Optional[int] = typer.Option(None, help="First instant training reads must serve "
+                                                        "(default: the first request)."),
         until_ms: Optional[int] = typer.Option(None, help="Leave out events at or after this instant (ms)."),
         ll_cap: Optional[int] = typer.Option(None, help="L_LL (default 16384)."),
         rt_cap: Optional[int] = typer.Option(None, help="L_RT (default 100)."),

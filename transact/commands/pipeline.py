@@ -22,9 +22,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         param: List[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
     ) -> None:
         """Run the pipeline on this machine (kfp.local, one subprocess per step)."""
-        from transact.pipelines.runner import run_local
+        import sys
 
-        summary = run_local(name, run_dir, **parse_params(param))
+        from transact.pipelines.runner import check_params, run_local
+
+        # checked first, so a `-p live=...` is refused as unknown instead of clashing with the keyword
+        params = check_params(name, parse_params(param))
+        typer.secho(f"running the {name} pipeline locally -> {run_dir} (one line per step)", bold=True)
+        summary = run_local(name, run_dir, live=sys.stdout, **params)
         typer.echo((run_dir / "summary.md").read_text())
         if not summary["outcome"].startswith("packaged"):
             raise typer.Exit(1)

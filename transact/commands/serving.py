@@ -89,7 +89,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         imp: int = typer.Option(100, help="Impression sequence length."),
         concurrency: int = typer.Option(1, help="Concurrent clients of the load generator."),
         rounds: int = typer.Option(6, min=1, help="Alternating load slices per path (dedup, naive, dedup, ...)."),
-        threads: int = typer.Option(0, help="torch threads of the server and of the forward timing (0: torch default, all cores)."),
+        threads: int = typer.Option(0, help="torch threads of the server and of the forward timing "
+                                            "(0: torch default, all cores)."),
         min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
         log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
         cpu_forward: str = typer.Option("compile", help="CPU model forward of the server and the forward floor: "
