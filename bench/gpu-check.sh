@@ -79,7 +79,7 @@ step install 60 "$PY" -m pip install --quiet --no-deps --no-build-isolation --no
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0
 step cuda-tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml" \
-  "$ROOT"/tests/test_kernels_nn_search.py "$ROOT"/tests/test_kernels_skut.py "$ROOT"/tests/test_serving_cuda.py
+  "$ROOT"/tests/kernels/test_kernels_nn_search.py "$ROOT"/tests/kernels/test_kernels_skut.py "$ROOT"/tests/serving/test_serving_cuda.py
 # result files named after the device, as `transact bench` names them by default
 slug=$(cd "$WORK" && "$PY" -c "from transact.bench.report import device_slug; print(device_slug())" \
   2>/dev/null || echo gpu)

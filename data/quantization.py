@@ -8,6 +8,8 @@ values beyond ±0.65 saturate at ±127.
 """
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import torch
 
@@ -17,6 +19,11 @@ STEP: float = SCALE / QMAX  # one quantisation step
 MAX_ERROR: float = STEP / 2  # round-trip bound for |e| <= SCALE
 
 
+# The overloads say what the isinstance dispatch does: a tensor in gives a tensor out, an array an array.
+@overload
+def quantize(e: torch.Tensor) -> torch.Tensor: ...
+@overload
+def quantize(e: np.ndarray) -> np.ndarray: ...
 def quantize(e: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """fp embedding [..., D] -> int8 [..., D]."""
     if isinstance(e, torch.Tensor):
@@ -26,6 +33,10 @@ def quantize(e: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return np.clip(q, -QMAX, QMAX).astype(np.int8)
 
 
+@overload
+def dequantize(q: torch.Tensor, dtype=None) -> torch.Tensor: ...
+@overload
+def dequantize(q: np.ndarray, dtype=None) -> np.ndarray: ...
 def dequantize(q: np.ndarray | torch.Tensor, dtype=None) -> np.ndarray | torch.Tensor:
     """int8 [..., D] -> fp [..., D] (fp32 unless ``dtype`` is given)."""
     if isinstance(q, torch.Tensor):

@@ -4,10 +4,18 @@ The model and the service call only these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+#: encoders of the training (autograd) path: "sdpa" (:mod:`transact.kernels.pytorch.encoder_train`,
+#: the default) or "stock" (the ``nn.TransformerEncoder`` module with its boolean mask, the
+#: reference; what training ran before -- ``transact bench train`` times both)
+TRAIN_ENCODERS: tuple[str, ...] = ("sdpa", "stock")
+_train_encoder: str = os.environ.get("TRANSACT_TRAIN_ENCODER", "sdpa")
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -28,21 +36,49 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
 
 
+def train_encoder() -> str:
+    """The training encoder in use (see :data:`TRAIN_ENCODERS`)."""
+    if _train_encoder not in TRAIN_ENCODERS:
+        raise ValueError(f"TRANSACT_TRAIN_ENCODER must be one of {TRAIN_ENCODERS}, got {_train_encoder!r}")
+    return _train_encoder
+
+
+@contextlib.contextmanager
+def use_train_encoder(name: str) -> Iterator[None]:
+    """Runs the block with training encoder ``name`` (the benchmark's old and new paths)."""
+    global _train_encoder
+    if name not in TRAIN_ENCODERS:
+        raise ValueError(f"training encoder must be one of {TRAIN_ENCODERS}, got {name!r}")
+    before, _train_encoder = _train_encoder, name
+    try:
+        yield
+    finally:
+        _train_encoder = before
+
+
 def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Encoder forward with the causal + padding mask; x [B, S, d], valid bool [B, S].
 
     Inference on CUDA runs the fused SKUT kernel, inference elsewhere the flash-attention
     layout of the same layers (:mod:`transact.kernels.pytorch.encoder_cpu`); training
-    (autograd) always runs the PyTorch module. Valid positions agree to float rounding.
+    (autograd or dropout) runs the same layers through SDPA with one mask for all layers
+    (:mod:`transact.kernels.pytorch.encoder_train`; on CUDA SDPA picks its
+    memory-efficient kernel), or the stock module where that path cannot run it or
+    ``TRANSACT_TRAIN_ENCODER=stock``. Valid positions agree to float rounding.
     """
     inference = not encoder.training and not torch.is_grad_enabled()
     if inference and _use_triton(x):
         from transact.kernels.triton.skut import skut_forward
 
         return skut_forward(encoder, x, valid)
-    from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
     from transact.kernels.pytorch.encoder import encoder_reference
+    from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
 
     if inference and not x.is_cuda and unsupported_reason(encoder) is None:
         return encoder_forward_cpu(encoder, x, valid)
+    if not inference and train_encoder() == "sdpa":
+        from transact.kernels.pytorch.encoder_train import encoder_forward_train, train_unsupported_reason
+
+        if train_unsupported_reason(encoder) is None:
+            return encoder_forward_train(encoder, x, valid)
     return encoder_reference(encoder, x, valid)

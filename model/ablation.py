@@ -1,18 +1,41 @@
-"""The paper's Table 2 on our rows: every baseline, same data, same seeds.
+"""The paper's Table 2 on our rows: every baseline, same data, same seeds -- a run a person
+can watch, read early and resume.
 
     transact ablation --rows runs/world/nn_rows.parquet --out runs/ablation --baseline transact --seeds 3
 
-Each model is trained once per seed (``<out>/<model>/seed<k>``, resumable) and scored
-on the same eval window. Per model, the per-user HIT@3 totals are averaged over seeds;
-the relative change vs the named baseline is ``sum_u t^A_u / sum_u t^B_u - 1`` with a
-95% interval from a *paired* user bootstrap (each resample draws the same users for
-both models). Writes ``ablation.json``, ``ablation.md`` and ``ablation.png``.
-Runs in one process (not under torchrun).
+Each model is trained once per seed (``<out>/<model>/seed<k>``) and scored on the same
+eval window. Per model, the per-user HIT@3 totals are averaged over seeds; the relative
+change vs the named baseline is ``sum_u t^A_u / sum_u t^B_u - 1`` with a 95% interval
+from a *paired* user bootstrap (each resample draws the same users for both models).
+Writes ``ablation.json``, ``ablation.md`` and ``ablation.png``. Runs in one process (not
+under torchrun).
+
+Watching and resuming:
+
+- Order: seed-major -- seed 0 of every model (the baseline first), then seed 1, ... -- so
+  the first comparison exists after two runs, and every later run refines it.
+- Progress: a line per run every ``progress_every_s`` seconds and at its end (model, seed,
+  step, loss, examples/s, the run's and the whole ablation's ETA); ``log`` receives them.
+- After every finished run the table is rebuilt from the finished runs, written (JSON,
+  markdown, chart) and logged; until the last run it is marked partial. A model's row
+  averages its finished seeds; its comparison uses the seeds the baseline has finished too
+  (paired by seed as well as by user).
+- Budget: ``max_steps`` is the number of optimiser steps of every run -- the training rows
+  are cycled (as many epochs as it takes, the last one cut) and the warm-up + cosine
+  schedule spans exactly those steps; without it every run trains ``epochs`` epochs. The
+  budget actually trained is logged and recorded per run.
+- Resume (``resume=True``): a finished run (``run.json`` + ``hits.npz`` in its folder, with
+  the same settings) is read back, neither trained nor scored again; an interrupted run
+  continues from its last checkpoint (:func:`transact.model.train.train`). A finished run
+  with other settings is refused by name (use another ``out`` or ``resume=False``).
 """
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,7 +44,7 @@ from transact.model import metrics as M
 from transact.model.checkpoint import load_model
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.evaluate import compute_metrics, label_matrix, predict
-from transact.model.train import train
+from transact.model.train import PRECISIONS, train
 from transact.model.transact import BASELINES
 
 LABELS: dict[str, str] = {
@@ -33,6 +56,28 @@ LABELS: dict[str, str] = {
     "v2": "TransAct V2 (RT seq + LL seq + NAL_imp)",
 }
 TABLE_ACTIONS: tuple[str, ...] = ("repin", "hide")
+RUN_FILE, HITS_FILE = "run.json", "hits.npz"
+
+
+def run_order(models: list[str], baseline: str, seeds: int) -> list[tuple[str, int]]:
+    """(model, seed) in training order: seed-major, the baseline first within each seed."""
+    first = [baseline] + [m for m in models if m != baseline]
+    return [(m, s) for s in range(seeds) for m in first]
+
+
+def epochs_for(max_steps: int | None, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs to pass to the trainer, steps each run trains): with a step budget, as many
+    epochs as the budget needs (the last one cut), else ``epochs`` whole ones."""
+    if max_steps is None:
+        return epochs, epochs * steps_per_epoch
+    return max(1, math.ceil(max_steps / max(steps_per_epoch, 1))), int(max_steps)
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
@@ -41,11 +86,14 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
              n_boot: int = 1000, score_weights: dict[str, float] | None = None,
              progress: bool = True, resume: bool = True, num_threads: int | None = None,
              max_memory_mb: float = 1024, model_overrides: dict | None = None,
-             max_steps: int | None = None) -> dict:
+             max_steps: int | None = None, log: Callable[[str], None] | None = None,
+             progress_every_s: float = 30.0, precision: str = "fp32") -> dict:
     """Trains and evaluates every model; returns the result (also written to ``out``).
 
-    ``max_steps`` caps each run's optimiser steps (same cap for every model and seed, so
-    the comparison stays paired) for machines where full epochs take too long.
+    ``max_steps``: optimiser steps of every run (epochs cycled to reach it; same budget for
+    every model and seed, so the comparison stays paired). ``log``: where progress lines
+    and the tables after each run go (default ``print`` when ``progress``, else nowhere).
+    ``precision``: of every run's forward (:func:`transact.model.train.train`).
     """
     models = list(models or BASELINES)
     if baseline not in models:
@@ -55,6 +103,10 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(BASELINES)}")
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if log is None:
+        log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     src = "given"
@@ -63,58 +115,153 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     eval_data = RowDataset(rows, "eval", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb)
     if eval_data.num_rows == 0:
         raise ValueError(f"{rows}: no eval rows (ts >= {train_end_ts})")
+    spe = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=0).num_batches(batch_size)
+    run_epochs, run_steps = epochs_for(max_steps, epochs, spe)
+    budget = {"steps_per_run": run_steps, "epochs_per_run": round(run_steps / max(spe, 1), 3),
+              "steps_per_epoch": spe, "cycled_epochs": run_epochs, "max_steps": max_steps}
+    log(f"ablation: {len(models)} models x {seeds} seed(s), {run_steps} steps per run "
+        f"({budget['epochs_per_run']:g} epochs of {spe} steps, batch {batch_size}), seed-major, "
+        f"baseline {baseline} first")
+    settings = {"batch_size": batch_size, "lr": lr, "steps": run_steps, "epochs": run_epochs,
+                "train_end_ts": int(train_end_ts), "model_overrides": model_overrides or {},
+                "score_weights": score_weights, "n_eval_rows": eval_data.num_rows, "precision": precision}
 
-    per_model: dict[str, dict] = {}
-    users_ref = None
-    for name in models:
-        totals, runs = [], []
-        for seed in range(seeds):
-            run_dir = out / name / f"seed{seed}"
-            summary = train(rows, run_dir, name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                            train_end_ts=train_end_ts, progress=progress, resume=resume,
+    order = run_order(models, baseline, seeds)
+    done: dict[tuple[str, int], dict] = {}
+    rate: dict[str, float] = {}  # model -> steps/s of its last run
+    eval_s: list[float] = []
+    meta = {"rows": str(rows), "baseline": baseline, "models": models, "seeds": seeds, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "train_end_ts": int(train_end_ts), "train_end_ts_source": src,
+            "n_boot": n_boot, "n_eval_rows": eval_data.num_rows, "budget": budget, "precision": precision,
+            "score_weights": score_weights or M.DEFAULT_SCORE_WEIGHTS}
+    result: dict | None = None
+    for i, (name, seed) in enumerate(order):
+        run_dir = out / name / f"seed{seed}"
+        spec = {"model": name, "seed": seed, **settings}
+        tag = f"[{i + 1}/{len(order)}] {name} seed {seed}"
+        cached = _read_run(run_dir, spec) if resume else None
+        if cached is not None:
+            done[(name, seed)] = cached
+            log(f"{tag}: finished before ({cached['steps']} steps), read back")
+        else:
+            def remaining_s(step: int, r: float) -> float:
+                later = order[i + 1:]
+                left = (run_steps - step) / r + sum(run_steps / rate.get(m, r) for m, s in later
+                                                    if (m, s) not in done)
+                return left + (float(np.mean(eval_s)) if eval_s else 0.0) * (1 + len(later))
+
+            last = [0.0]
+            t_run = time.perf_counter()
+
+            def on_log(rec: dict) -> None:
+                now = time.perf_counter()
+                if rec["step"] < rec["total_steps"] and now - last[0] < progress_every_s:
+                    return
+                last[0] = now
+                r = rec["examples_per_s"] / batch_size  # steps/s
+                log(f"{tag}: step {rec['step']}/{rec['total_steps']}  loss {rec['loss']:.4f}  "
+                    f"{rec['examples_per_s']:.0f} ex/s  ETA run {_fmt_s((rec['total_steps'] - rec['step']) / r)}"
+                    f", all {_fmt_s(remaining_s(rec['step'], r))}")
+
+            summary = train(rows, run_dir, name, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            train_end_ts=train_end_ts, progress=False, resume=resume,
                             num_threads=num_threads, max_memory_mb=max_memory_mb,
-                            model_overrides=model_overrides, step_budget=max_steps)
-            model = load_model(run_dir)
-            pred = predict(model, eval_data)
-            m = compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot, seed=seed)
-            (run_dir / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
-            score = M.ranking_score(pred["probs"], model.cfg.heads, m["score_weights"])
-            users, t = M.hits_per_user(pred["user_id"], pred["request_id"], score, label_matrix(pred))
-            if users_ref is None:
-                users_ref = users
-            assert np.array_equal(users, users_ref)
-            totals.append(t)
-            runs.append({"seed": seed, "dir": str(run_dir), "train_seconds": summary["seconds"],
-                         "hit": {a: m["hit"][a]["value"] for a in EXPLICIT_ACTIONS},
-                         "auc": {h: v["auc"] for h, v in m["heads"].items()}})
-            del model
-        per_model[name] = {"totals": np.mean(totals, axis=0), "runs": runs}
+                            model_overrides=model_overrides, step_budget=run_steps, on_log=on_log,
+                            precision=precision)
+            trained = summary["steps"] - summary["resumed_from_step"]
+            if trained and summary["seconds"] > 0:
+                rate[name] = trained / summary["seconds"]
+            t_eval = time.perf_counter()
+            run = _evaluate_run(run_dir, eval_data, score_weights, n_boot, seed, spec, summary)
+            eval_s.append(time.perf_counter() - t_eval)
+            done[(name, seed)] = run
+            log(f"{tag}: trained {run['steps']} steps = {run['steps'] / max(spe, 1):g} epochs of {spe} "
+                f"({run['examples']:,} examples) in {_fmt_s(time.perf_counter() - t_run)}; "
+                f"HIT@3 repin {run['hit']['repin']:.4f}, hide {run['hit']['hide']:.4f}")
+        result = _assemble(meta, order, done, n_boot)
+        _write(out, result)
+        log(format_table(result))
+    assert result is not None  # order has at least one run
+    return result
 
-    base = per_model[baseline]["totals"]
-    result = {
-        "rows": str(rows), "baseline": baseline, "models": models, "seeds": seeds, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "train_end_ts": int(train_end_ts), "train_end_ts_source": src,
-        "n_boot": n_boot, "n_eval_rows": eval_data.num_rows, "n_users": int(len(users_ref)),
-        "score_weights": score_weights or M.DEFAULT_SCORE_WEIGHTS, "results": {},
-    }
-    for name in models:
-        t = per_model[name]["totals"]
-        rel = M.paired_relative_change(t, base, n_boot=n_boot, seed=12345)
+
+def _read_run(run_dir: Path, spec: dict) -> dict | None:
+    """A finished run's record (with its per-user totals) if ``run_dir`` holds one, else None;
+    ValueError when it was made with other settings."""
+    f, h = run_dir / RUN_FILE, run_dir / HITS_FILE
+    if not (f.exists() and h.exists()):
+        return None
+    run = json.loads(f.read_text())
+    want = json.loads(json.dumps(spec))  # tuples -> lists, as stored
+    for k in sorted(set(want) | set(run["spec"])):
+        if want.get(k) != run["spec"].get(k):
+            raise ValueError(f"{run_dir}: finished with {k} = {run['spec'].get(k)!r}, this ablation has "
+                             f"{want.get(k)!r} (use another --out or --no-resume)")
+    with np.load(h) as z:
+        run["users"], run["totals"] = z["users"], z["totals"]
+    return run
+
+
+def _evaluate_run(run_dir: Path, eval_data: RowDataset, score_weights, n_boot: int, seed: int,
+                  spec: dict, summary: dict) -> dict:
+    model = load_model(run_dir)
+    pred = predict(model, eval_data)
+    m = compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot, seed=seed)
+    (run_dir / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
+    score = M.ranking_score(pred["probs"], model.cfg.heads, m["score_weights"])
+    users, totals = M.hits_per_user(pred["user_id"], pred["request_id"], score, label_matrix(pred))
+    run = {"spec": spec, "seed": seed, "dir": str(run_dir), "steps": summary["steps"],
+           "epochs": round(summary["steps"] / max(summary["steps_per_epoch"], 1), 3),
+           "examples": summary["steps"] * summary["batch_size"], "train_seconds": summary["seconds"],
+           "hit": {a: m["hit"][a]["value"] for a in EXPLICIT_ACTIONS},
+           "auc": {h: v["auc"] for h, v in m["heads"].items()}}
+    np.savez(run_dir / HITS_FILE, users=users, totals=totals)
+    (run_dir / RUN_FILE).write_text(json.dumps(M.json_safe(run), indent=2, allow_nan=False))  # last: marks it done
+    return {**run, "users": users, "totals": totals}
+
+
+def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int) -> dict:
+    """The result of the finished runs (partial until every run of ``order`` is done)."""
+    baseline = meta["baseline"]
+    users_ref = next(iter(done.values()))["users"]
+    for (name, seed), run in done.items():
+        if not np.array_equal(run["users"], users_ref):
+            raise ValueError(f"{name} seed {seed}: scored other eval users than the other runs")
+    seeds_of = {m: sorted(s for (n, s) in done if n == m) for m in meta["models"]}
+    base_seeds = set(seeds_of[baseline])
+    result = {**meta, "partial": len(done) < len(order), "runs_finished": len(done), "runs_total": len(order),
+              "n_users": int(len(users_ref)), "results": {},
+              "pending": [m for m in meta["models"] if not seeds_of[m]]}
+    for name in meta["models"]:
+        if not seeds_of[name]:
+            continue
+        mean = lambda m, ss: np.mean([done[(m, s)]["totals"] for s in ss], axis=0)  # noqa: E731
+        t = mean(name, seeds_of[name])
+        common = [s for s in seeds_of[name] if s in base_seeds]
+        rel = None
+        if name != baseline and common:
+            rel = M.paired_relative_change(mean(name, common), mean(baseline, common), n_boot=n_boot, seed=12345)
         hit = t.mean(0)
         result["results"][name] = {
-            "label": LABELS.get(name, name),
+            "label": LABELS.get(name, name), "seeds_done": seeds_of[name], "paired_seeds": common,
             "hit": {a: float(hit[i]) for i, a in enumerate(EXPLICIT_ACTIONS)},
-            "rel_change": {a: None if name == baseline else
+            "rel_change": {a: None if rel is None else
                            {"value": _num(rel["rel"][i]), "ci95": [_num(rel["lo"][i]), _num(rel["hi"][i])],
                             "undefined_resamples": float(rel["undefined_frac"][i])}
                            for i, a in enumerate(EXPLICIT_ACTIONS)},
-            "runs": per_model[name]["runs"],
+            "runs": [{k: v for k, v in done[(name, s)].items() if k not in ("users", "totals", "spec")}
+                     for s in seeds_of[name]],
         }
-    result = M.json_safe(result)
-    (out / "ablation.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    (out / "ablation.md").write_text(format_markdown(result))
+    return M.json_safe(result)
+
+
+def _write(out: Path, result: dict) -> None:
+    for name, text in (("ablation.json", json.dumps(result, indent=2, allow_nan=False)),
+                       ("ablation.md", format_markdown(result))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)  # a reader never sees half a table
     plot(result, out / "ablation.png")
-    return result
 
 
 def _num(x) -> float | None:
@@ -130,53 +277,76 @@ def _pct(v: dict | None) -> str:
     return f"{f(v['value'])} [{f(v['ci95'][0])}, {f(v['ci95'][1])}]"
 
 
+def _status(result: dict) -> str:
+    b = result.get("budget") or {}
+    steps = f", {b['steps_per_run']} steps per run ({b['epochs_per_run']:g} epochs)" if b else ""
+    if result.get("partial"):
+        return f"PARTIAL: {result['runs_finished']} of {result['runs_total']} runs finished{steps}"
+    return f"final: {result.get('runs_total', '?')} runs{steps}"
+
+
+def _seeds(r: dict) -> str:
+    return ",".join(map(str, r.get("seeds_done", []))) or "-"
+
+
 def format_table(result: dict) -> str:
     """Plain-text Table 2: relative change vs the baseline (95% CI), then absolute HIT@3."""
     rows = [(r["label"], *[_pct(r["rel_change"][a]) for a in TABLE_ACTIONS],
-             *[f"{r['hit'][a]:.4f}" for a in TABLE_ACTIONS]) for r in result["results"].values()]
-    head = ("Methods", *[f"HIT@3/{a}" for a in TABLE_ACTIONS], *[f"abs {a}" for a in TABLE_ACTIONS])
+             *[f"{r['hit'][a]:.4f}" for a in TABLE_ACTIONS], _seeds(r)) for r in result["results"].values()]
+    head = ("Methods", *[f"HIT@3/{a}" for a in TABLE_ACTIONS], *[f"abs {a}" for a in TABLE_ACTIONS], "seeds")
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([f"relative to {LABELS.get(result['baseline'], result['baseline'])} "
-                      f"({result['seeds']} seed(s), {result['n_users']} users, paired user bootstrap 95% CI)",
-                      fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]])
+    lines = [f"{_status(result)}; relative to {LABELS.get(result['baseline'], result['baseline'])} "
+             f"({result['seeds']} seed(s), {result['n_users']} users, paired user bootstrap 95% CI)",
+             fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
+    if result.get("pending"):
+        lines.append("pending: " + ", ".join(result["pending"]))
+    return "\n".join(lines)
 
 
 def format_markdown(result: dict) -> str:
     lines = ["# Offline ablation (paper Table 2 layout)", "",
+             f"**{_status(result)}.** " if result.get("partial") else "",
              f"Relative change of HIT@3 vs **{LABELS.get(result['baseline'], result['baseline'])}**; "
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
              f"({result['n_boot']} resamples, {result['n_users']} users, {result['seeds']} seed(s) averaged). "
              "Higher is better for repin, lower for hide.", "",
-             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) |",
-             "|---|---|---|---|---|"]
+             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) | seeds |",
+             "|---|---|---|---|---|---|"]
     for r in result["results"].values():
         lines.append(f"| {r['label']} | {_pct(r['rel_change']['repin'])} | {_pct(r['rel_change']['hide'])} "
-                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} |")
+                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_seeds(r)} |")
+    if result.get("pending"):
+        lines += ["", "Pending: " + ", ".join(result["pending"]) + "."]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: str | Path) -> None:
+    """Bar chart of the relative changes of the finished models (partial runs say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in result["models"] if n != result["baseline"]]
+    names = [n for n in result["models"] if n != result["baseline"] and n in result["results"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) + 2), 4))
     x = np.arange(len(names))
     width = 0.38
+    pct = lambda v: np.nan if v is None else v * 100  # noqa: E731
     for j, (a, color) in enumerate(zip(TABLE_ACTIONS, ("tab:blue", "tab:red"))):
-        pct = lambda x: np.nan if x is None else x * 100  # noqa: E731
-        vals = np.array([pct(result["results"][n]["rel_change"][a]["value"]) for n in names])
-        lo = np.array([pct(result["results"][n]["rel_change"][a]["ci95"][0]) for n in names])
-        hi = np.array([pct(result["results"][n]["rel_change"][a]["ci95"][1]) for n in names])
-        err = np.nan_to_num(np.stack([vals - lo, hi - vals]).clip(min=0))
+        rcs = [result["results"][n]["rel_change"][a] for n in names]
+        vals = np.array([pct(rc and rc["value"]) for rc in rcs], dtype=float)
+        lo = np.array([pct(rc and rc["ci95"][0]) for rc in rcs], dtype=float)
+        hi = np.array([pct(rc and rc["ci95"][1]) for rc in rcs], dtype=float)
+        err = np.nan_to_num(np.stack([vals - lo, hi - vals]).clip(min=0)) if names else np.zeros((2, 0))
         ax.bar(x + (j - 0.5) * width, np.nan_to_num(vals), width, yerr=err, capsize=3, color=color, label=f"HIT@3/{a}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, [LABELS.get(n, n).replace(" + ", "\n+ ").replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel(f"% change vs {result['baseline']}")
-    ax.set_title("Offline ablation (95% paired bootstrap CI)")
+    title = "Offline ablation (95% paired bootstrap CI)"
+    if result.get("partial"):
+        title += f" -- partial, {result['runs_finished']}/{result['runs_total']} runs"
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

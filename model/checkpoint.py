@@ -45,8 +45,12 @@ def _write_json(path: Path, obj: dict) -> None:
 def unwrap(model: nn.Module) -> TransActModel:
     """The bare model under DDP / torch.compile wrappers."""
     while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+        inner = model.module
+        assert isinstance(inner, nn.Module), f"{type(model).__name__}.module is not a module"
+        model = inner
+    bare = getattr(model, "_orig_mod", model)
+    assert isinstance(bare, TransActModel), f"not a TransActModel under the wrappers: {type(bare).__name__}"
+    return bare
 
 
 def save_model(model_dir: str | Path, model: nn.Module, training: dict | None = None, step: int = 0) -> None:

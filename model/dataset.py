@@ -233,7 +233,7 @@ class RowDataset:
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         if self.in_memory:
             data = self.load()
-            order = rng.permutation(self.num_rows) if shuffle else np.arange(self.num_rows)
+            order = rng.permutation(self.num_rows) if rng is not None else np.arange(self.num_rows)
             for b, (lo, _, per) in enumerate(global_batches(self.num_rows, batch_size, world_size)):
                 if b >= start_batch:
                     yield data.index(torch.from_numpy(order[lo + rank * per : lo + (rank + 1) * per]))

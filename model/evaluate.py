@@ -35,12 +35,12 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
     Returns user_id, request_id, item_id, ts [N]; probs float32 [N, H] (model heads);
     labels float32 [N, len(LABEL_COLUMNS)].
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
-    cols = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "labels")}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(dev).eval()
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "labels")}
     for batch in tqdm(data.iter_batches(batch_size), total=data.num_batches(batch_size),
                       desc="predict", unit="batch", disable=not progress):
-        probs = model.predict_proba(batch.to(device)).float().cpu().numpy()  # [B, H]
+        probs = model.predict_proba(batch.to(dev)).float().cpu().numpy()  # [B, H]
         cols["probs"].append(probs)
         cols["labels"].append(batch.labels.numpy())
         for k in ("user_id", "request_id", "item_id", "ts"):
@@ -68,18 +68,19 @@ def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str,
     lo, hi = M.bootstrap_mean_ci(totals, n_boot, seed)
     hit = totals.mean(0) if len(users) else np.full(len(actions), np.nan)
     n_chunks = len(np.unique(np.stack([pred["user_id"], pred["request_id"]], 1), axis=0)) if len(score) else 0
+    per_head: dict[str, dict[str, float]] = {}  # filled below
     out = {
         "k": k, "score_weights": weights, "n_rows": int(len(score)), "n_users": int(len(users)),
         "n_chunks": int(n_chunks), "n_boot": n_boot,
         "hit": {a: {"value": float(hit[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, a in enumerate(actions)},
-        "heads": {},
+        "heads": per_head,
     }
     for j, h in enumerate(heads):
         y = pred["labels"][:, LABEL_COLUMNS.index(f"label_{h}")]
         p = pred["probs"][:, j]
-        out["heads"][h] = {"auc": M.auc(y, p), "logloss": M.log_loss(y, p),
-                           "positive_rate": float(y.mean()) if len(y) else float("nan"),
-                           "mean_prediction": float(p.mean()) if len(p) else float("nan")}
+        per_head[h] = {"auc": M.auc(y, p), "logloss": M.log_loss(y, p),
+                       "positive_rate": float(y.mean()) if len(y) else float("nan"),
+                       "mean_prediction": float(p.mean()) if len(p) else float("nan")}
     return out
 
 
@@ -108,7 +109,7 @@ def write_predictions(pred: dict, heads: tuple[str, ...], score: np.ndarray, pat
 def eval_split(model_dir: str | Path, rows: str | Path, train_end_ts: int | None = None,
                eval_end_ts: int | None = None, max_memory_mb: float = 1024) -> tuple[RowDataset, dict]:
     """The eval window: ts >= the model's train_end_ts (or the one given)."""
-    window = {"eval_end_ts": eval_end_ts}
+    window: dict[str, int | str | None] = {"eval_end_ts": eval_end_ts}
     if train_end_ts is None:
         train_end_ts = read_config(model_dir).get("training", {}).get("train_end_ts")
         window["source"] = "model config"

@@ -168,6 +168,8 @@ def nal_targets(batch: Batch, fcfg: FeatureConfig, negatives: str
 
 
 def nal_loss(out: ModelOutput, batch: Batch, cfg: ModelConfig, fcfg: FeatureConfig) -> torch.Tensor:
+    assert out.nal_user is not None and out.nal_query_valid is not None, \
+        "the model output has no NAL head (its config has nal='none')"
     pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, cfg.nal)
     return sampled_softmax_nal(out.nal_user, out.nal_query_valid, pos, pos_ok, neg, neg_ok)
 

@@ -177,7 +177,7 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     req_ts = request_ts[cand_user]  # [N]
     for seq, glob, cnt in segs:
         pad = glob < 0  # [N, k]
-        g = glob.clamp(min=0)
+        g: torch.Tensor | None = glob.clamp(min=0)
         if seq.ts.numel() == 0:  # nothing to gather from: all padding
             g = None
         size = glob.shape[1]
@@ -190,7 +190,10 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
         surf = surf.masked_fill(pad, 0)  # [N, k]
         age = torch.div(req_ts[:, None] - ts, 1000, rounding_mode="floor")  # [N, k] seconds
         age = age.clamp(0, torch.iinfo(torch.int32).max).to(torch.int32).masked_fill(pad, PAD_AGE)
-        emb_parts.append(emb), act_parts.append(act), surf_parts.append(surf), age_parts.append(age)
+        emb_parts.append(emb)
+        act_parts.append(act)
+        surf_parts.append(surf)
+        age_parts.append(age)
         counts.append(cnt)
     return SAll(
         emb_q=torch.cat(emb_parts, 1),  # [N, S, D]

@@ -255,7 +255,7 @@ def _clean(col: pd.Series) -> pd.Series:
 def compute_scores(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: DriftRule) -> dict:
     """The rule's inputs computed with the same Evidently stattests and embedding-drift
     method the report runs, without building the report (no widgets): the benchmark's
-    path. ``tests/test_monitoring.py`` checks that it agrees with the report."""
+    path. ``tests/monitoring/test_monitoring.py`` checks that it agrees with the report."""
     from evidently.legacy.calculations.stattests import get_stattest
     from evidently.legacy.core import ColumnType
     from evidently.metrics.embeddings import ModelDriftMethod

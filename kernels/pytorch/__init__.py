@@ -10,10 +10,13 @@ serving baseline used by the benchmarks.
   with :func:`attention_mask` (:mod:`transact.kernels.pytorch.encoder`).
 - :func:`encoder_forward_cpu`: the encoder's CPU inference path (the same layers through
   the CPU flash-attention kernel, no dense mask).
+- :func:`encoder_forward_train`: the encoder's training path (the same layers through SDPA
+  with one additive mask for all layers; autograd, dropout), any device.
 - :func:`nn_search_unfused`: the broadcast-to-candidates baseline of paper §3.4.2.
 """
 from transact.kernels.pytorch.encoder import attention_mask, encoder_reference
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu
+from transact.kernels.pytorch.encoder_train import encoder_forward_train
 from transact.kernels.pytorch.unfused import nn_search_unfused
 
-__all__ = ["attention_mask", "encoder_forward_cpu", "encoder_reference", "nn_search_unfused"]
+__all__ = ["attention_mask", "encoder_forward_cpu", "encoder_forward_train", "encoder_reference", "nn_search_unfused"]

@@ -59,6 +59,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import triton
@@ -234,14 +235,20 @@ def unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
     return None
 
 
-def _signature(encoder: nn.Module) -> tuple:
+def _signature(encoder: nn.TransformerEncoder) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in encoder.parameters()) + tuple(
         (layer.norm1.eps, layer.norm2.eps) for layer in encoder.layers)
 
 
+class _TensorOptions(TypedDict):
+    """Keyword arguments for tensor factories and ``.to``: typed, so ``**`` unpacking checks."""
+    dtype: torch.dtype
+    device: str
+
+
 def pack_weights(encoder: nn.TransformerEncoder, dtype: torch.dtype, device) -> PackedWeights:
     """Folds and stacks the weights of every layer (float64 on the host, then cast)."""
-    f64 = dict(dtype=torch.float64, device="cpu")
+    f64: _TensorOptions = {"dtype": torch.float64, "device": "cpu"}
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in PackedWeights.__dataclass_fields__}
     for layer in encoder.layers:
         attn = layer.self_attn

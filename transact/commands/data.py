@@ -19,7 +19,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/world"), help="Output folder for the parquet tables."),
         drift: str = typer.Option("none", help="Drift to inject: none | interest_shift | new_items."),
         drift_strength: float = typer.Option(1.0, help="Drift strength in [0, 1]."),
-        drift_start_day: Optional[int] = typer.Option(None, help="Day the drift starts (default: the profile's evaluation window)."),
+        drift_start_day: Optional[int] = typer.Option(None, help="Day the drift starts "
+                                                               "(default: the profile's evaluation window)."),
         max_users: Optional[int] = typer.Option(None, help="Simulate only the first N users."),
         set_: list[str] = typer.Option([], "--set", help="Override a WorldConfig field, e.g. --set interests_mean=6 "
                                                          "--set dormant_frac=0.5 (repeatable; recorded in world.json)."),
@@ -28,7 +29,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Simulate a synthetic world: items, actions, impressions and labelled requests."""
         from dataclasses import replace
 
-        from transact.data.simulator import DriftConfig, get_profile, simulate as run, with_overrides
+        from transact.data.overrides import with_overrides
+        from transact.data.simulator import DriftConfig, get_profile, simulate as run
 
         cfg = with_overrides(get_profile(profile), set_)
         if max_users is not None:
@@ -65,6 +67,31 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                               label_window_ms=label_window_ms)
         typer.echo(json.dumps(summary, indent=2))
 
+    @app.command("import-recbole")
+    @fail_on_user_error
+    def import_recbole_cmd(
+        src: Path = typer.Argument(..., help="RecBole atomic-file folder (<name>.inter, optional .item/.user), "
+                                             "or the .inter file."),
+        out: Path = typer.Option(Path("runs/world"), help="Output world folder."),
+        name: Optional[str] = typer.Option(None, help="Data set name, the files' stem (default: the folder's name)."),
+        request_days: float = typer.Option(30, help="Requests for the interactions of the last N days "
+                                                    "(0: every interaction)."),
+        negatives: int = typer.Option(20, help="Sampled negatives per request (point in time)."),
+        eval_fraction: float = typer.Option(0.2, help="Share of the latest requests kept for evaluation."),
+        seed: int = typer.Option(0, help="Same seed, same requests and positions."),
+        max_users: Optional[int] = typer.Option(None, help="Keep only the first N users (by id)."),
+        pos_rating: float = typer.Option(4.0, help="rating >= this: click|repin."),
+        hide_rating: float = typer.Option(2.0, help="rating <= this: hide (between: click)."),
+    ) -> None:
+        """Import public data in RecBole's atomic-file format as a world (data/recbole.py: the mapping)."""
+        from transact.data.recbole import import_recbole
+
+        summary = import_recbole(src, out, name, request_days=request_days or None, negatives=negatives,
+                                 eval_fraction=eval_fraction, seed=seed, max_users=max_users,
+                                 pos_rating=pos_rating, hide_rating=hide_rating)
+        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(f"world written to {out}")
+
     @app.command("seal-world")
     @fail_on_user_error
     def seal_world_cmd(
@@ -82,19 +109,71 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def log_nn(
         world: Path = typer.Option(Path("runs/world"), help="World folder (simulated or imported)."),
-        out: Optional[Path] = typer.Option(None, help="Row file (default: <world>/nn_rows.parquet)."),
+        out: Optional[Path] = typer.Option(None, help="Row file, or folder of parts with --engine ray "
+                                                      "(default: <world>/nn_rows.parquet, <world>/nn_rows)."),
         batch_requests: int = typer.Option(256, help="Requests per de-duplicated batch."),
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
+        feature_config: Optional[str] = typer.Option(None, help="The whole feature contract as JSON "
+                                                                "(FeatureConfig fields); overrides --ll-cap."),
+        engine: str = typer.Option("local", help="local: one process, one file | ray: users partitioned "
+                                                 "by a stable hash, one Ray task per part (docs/scale-out.md)."),
+        address: Optional[str] = typer.Option(None, help="Ray cluster (--engine ray): auto | host:port | "
+                                                         "http://head:8265 (submitted as a Ray job) "
+                                                         "(default: the job's cluster, else a local Ray)."),
+        partitions: Optional[int] = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Build the NN-feature training rows (one per request x candidate)."""
-        from transact.model.nn_logging import log_nn_features
+        from transact.components.ray_engine import run_log_nn
         from transact.model.config import FeatureConfig
 
-        out = out or world / "nn_rows.parquet"
-        summary = log_nn_features(world, out, FeatureConfig(ll_cap=ll_cap), batch_requests, progress)
+        cfg = (FeatureConfig.from_dict(json.loads(feature_config), where="--feature-config") if feature_config
+               else FeatureConfig(ll_cap=ll_cap))
+        out = out or world / ("nn_rows" if engine == "ray" else "nn_rows.parquet")
+        summary = run_log_nn(world, out, cfg, engine, address, partitions, batch_requests, progress)
         typer.echo(f"{summary['rows']:,} rows from {summary['requests']:,} requests "
                    f"in {summary['seconds']:.1f} s -> {out}")
+
+    @app.command("attach-labels")
+    @fail_on_user_error
+    def attach_labels_cmd(
+        served: Path = typer.Option(..., help="Served-log folder (served-*.parquet)."),
+        world: Path = typer.Option(Path("runs/world"), help="World whose requests table holds the labels."),
+        out: Path = typer.Option(..., help="Training rows: a file, or a folder of parts with --engine ray."),
+        engine: str = typer.Option("local", help="local: joined in memory | ray: parts by request_id on Ray."),
+        address: Optional[str] = typer.Option(None, help="Ray cluster (--engine ray) (default: a local Ray)."),
+        partitions: Optional[int] = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
+    ) -> None:
+        """Served NN-feature log + labels -> training rows (the offline rows' layout)."""
+        from transact.components.ray_engine import attach_labels_local, attach_labels_ray, ray_session
+
+        if engine == "local":
+            summary = attach_labels_local(served, world, out)
+        elif engine == "ray":
+            with ray_session(address):
+                summary = attach_labels_ray(served, world, out, partitions)
+        else:
+            raise ValueError(f"engine must be local or ray, got {engine!r}")
+        typer.echo(f"{summary['rows']:,} rows in {summary['seconds']:.1f} s -> {out}")
+
+    @bench_app.command("scale")
+    @fail_on_user_error
+    def bench_scale_cmd(
+        users: str = typer.Option("500,1000,2000", help="World sizes (users, comma-separated) of the 'bench' profile."),
+        days: int = typer.Option(240, help="Days of lifelong history per world (the profile's is 730)."),
+        workers: str = typer.Option("1,2", help="Ray worker counts (comma-separated)."),
+        ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
+        work_dir: Path = typer.Option(Path("runs/bench-scale"), help="Worlds and rows (kept for re-runs)."),
+        out: Optional[Path] = typer.Option(None, help="JSON result path (default: bench/results/scale-<device>.json)."),
+    ) -> None:
+        """NN-logging throughput and peak RSS per worker: local vs Ray, worlds of growing size."""
+        from transact.bench.report import default_output, write_json
+        from transact.bench.scale import bench_scale, format_scale
+
+        result = bench_scale([int(u) for u in users.split(",")], [int(w) for w in workers.split(",")],
+                             work_dir, days=days, ll_cap=ll_cap)
+        typer.echo(format_scale(result))
+        typer.echo(f"written {write_json(out or default_output('scale'), result)}")
 
     @bench_app.command("storage")
     @fail_on_user_error

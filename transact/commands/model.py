@@ -71,6 +71,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         first_k: Optional[int] = typer.Option(None, help="V1 output compression: K most recent tokens."),
         heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
         model_json: Optional[str] = typer.Option(None, help="JSON of further ModelConfig fields."),
+        precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast: faster with AMX, not the fp32 loss curve)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a ranking model on the logged rows (DDP when launched by torchrun)."""
@@ -84,7 +85,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         s = run(rows, out, model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 train_end_ts=train_end_ts, warmup_steps=warmup_steps, max_steps=max_steps,
                 ckpt_every=ckpt_every, resume=resume, device=device, num_threads=threads,
-                progress=progress,
+                progress=progress, precision=precision,
                 model_overrides=_overrides(time_window_mask, nal_weight, first_k, heads, model_json))
         import os
 
@@ -137,10 +138,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         score_weights: Optional[str] = typer.Option(None, help="Ranking score weights."),
         n_boot: int = typer.Option(1000, help="Paired bootstrap resamples."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-        max_steps: Optional[int] = typer.Option(None, help="Cap on optimiser steps per run (same for all)."),
-        progress: bool = typer.Option(True, help="Show progress bars."),
+        max_steps: Optional[int] = typer.Option(None, help="Optimiser steps per run, same for all (epochs cycled to reach it)."),
+        precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; see `transact train --help`)."),
+        progress: bool = typer.Option(True, help="Progress lines and the (partial) table after every run."),
     ) -> None:
-        """Train every baseline on the same rows and seeds; print the paper's Table 2."""
+        """Train every baseline on the same rows and seeds (seed-major, resumable); print the paper's Table 2."""
         from transact.model.ablation import ablation as run, format_table
         from transact.model.metrics import parse_score_weights
 
@@ -152,8 +154,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   models=[m.strip() for m in models.split(",")] if models else None, seeds=seeds,
                   epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
                   score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads,
-                  max_steps=max_steps)
-        typer.echo(format_table(res))
+                  max_steps=max_steps, log=typer.echo if progress else None, precision=precision)
+        if not progress:  # with progress the table was printed after every run
+            typer.echo(format_table(res))
         typer.echo(f"written {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
 
     @bench_app.command("train")
@@ -161,22 +164,26 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_train_cmd(
         models: str = typer.Option("v2", help="Comma-separated models."),
         batch_sizes: str = typer.Option("256", help="Comma-separated batch sizes."),
-        steps: int = typer.Option(20, help="Timed steps per configuration."),
-        warmup: int = typer.Option(3, help="Untimed steps first."),
+        steps: int = typer.Option(5, help="Timed steps per path and round."),
+        rounds: int = typer.Option(5, help="Rounds; each times every path in turn (order alternating)."),
+        warmup: int = typer.Option(3, help="Untimed steps per path first."),
+        bf16: bool = typer.Option(False, help="Also time the new path under bf16 autocast."),
+        compile: bool = typer.Option(False, "--compile", help="Also time the new path through torch.compile."),
         device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-        out: Path = typer.Option(Path("bench/results/train.json"), help="JSON result path."),
+        out: Optional[Path] = typer.Option(None, help="JSON result path (default bench/results/train-<device>.json)."),
     ) -> None:
-        """Training throughput (examples/s) and peak memory."""
+        """Training throughput: the stock encoder (old) vs the SDPA training encoder (new), paired;
+        FLOPs per example and the share of a GEMM peak measured in the same run."""
+        from transact.bench.report import default_output, write_json
         from transact.bench.train import bench_train, format_bench
 
-        _check_options(steps=(steps, 1), warmup=(warmup, 0), threads=(threads, 1))
+        _check_options(steps=(steps, 1), rounds=(rounds, 1), warmup=(warmup, 0), threads=(threads, 1))
         for b in _ints(batch_sizes):
             _check_options(batch_sizes=(b, 1))
 
         res = bench_train([m.strip() for m in models.split(",")], _ints(batch_sizes), steps, warmup,
-                          device, threads)
+                          device, threads, rounds=rounds, bf16=bf16, compile=compile)
         typer.echo(format_bench(res))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        typer.echo(f"written {out}")
+        path = write_json(out or default_output("train"), res)
+        typer.echo(f"written {path}")

@@ -1,7 +1,7 @@
 """SKUT (single kernel unified transformer) against the PyTorch encoder (paper §3.4.2).
 
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-imported). On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/test_kernels_*.py`` runs
+imported). On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/kernels/`` runs
 the compiled kernel on CUDA (the CPU cases then skip: compiled kernels need CUDA tensors).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
-from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available, random_encoder, valid_pattern
+from helpers import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available, random_encoder, valid_pattern
 from transact.kernels import dispatch
 from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
 from transact.kernels.pytorch.encoder import encoder_reference

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu-check.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu-check.sh"
 
 
 def run_script(out: Path, python: str = sys.executable, **env) -> subprocess.CompletedProcess:

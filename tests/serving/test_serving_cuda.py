@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import queries_of, write_world
+from helpers import queries_of, write_world
 from transact.model.config import FeatureConfig
 from transact.model.sequences import EventStore
 from transact.model.transact import Batch, build_model

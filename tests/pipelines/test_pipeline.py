@@ -53,7 +53,7 @@ def test_every_step_and_edge(spec):
     deps = {name: set(t.get("dependentTasks", [])) for name, (t, _) in tasks.items()}
     assert "ingest-op" in deps["validate-op"]
     assert "features-op" in deps["log-nn-op"]
-    # train-op sits in a dsl.If/Else (else: trainjob-op, tests/test_trainjob.py) that waits for log-nn-op
+    # train-op sits in a dsl.If/Else (else: trainjob-op, tests/pipelines/test_trainjob.py) that waits for log-nn-op
     branches = next(n for n in tasks if n.startswith("condition-branches"))
     assert "log-nn-op" in deps[branches] and "train-op" in deps["evaluate-op"]
     assert "evaluate-op" in deps["gate-op"]

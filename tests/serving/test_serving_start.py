@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_world
+from helpers import write_world
 from transact.cli import app
 from transact.model.checkpoint import save_model
 from transact.model.config import FeatureConfig
@@ -143,7 +143,7 @@ def test_transact_source_configures_the_bento_the_bentoml_way(monkeypatch):
 
     from transact.serving.launch import SERVICE  # noqa: F401 - the service path the bento names
 
-    bentofile = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "serving", "bentofile.yaml")))
+    bentofile = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "..", "serving", "bentofile.yaml")))
     required = [e for e in bentofile["envs"] if not e.get("value")]
     assert [e["name"] for e in required] == ["TRANSACT_SOURCE"]  # BentoML refuses to serve without it
     for k in [k for k in os.environ if k.startswith("TRANSACT_")]:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import make_items, write_world
+from helpers import make_items, write_world
 from transact.model.nn_logging import log_nn_features
 from transact.data import schema as S
 from transact.data.world import publishing

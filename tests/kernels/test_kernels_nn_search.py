@@ -1,7 +1,7 @@
 """The fused Triton NN search against the PyTorch reference (paper §3.4.2, Eq. 3).
 
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-imported). On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/test_kernels_*.py`` runs
+imported). On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/kernels/`` runs
 the compiled kernel on CUDA (the CPU cases then skip: compiled kernels need CUDA tensors).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
+from helpers import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
 from transact.kernels import dispatch
 from transact.kernels.triton.nn_search import launch_config, nn_search_triton
 from transact.kernels.pytorch.nn_search import nn_search as reference

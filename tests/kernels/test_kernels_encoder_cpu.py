@@ -1,5 +1,6 @@
-"""The encoder's CPU inference path (kernels/pytorch/encoder_cpu.py) against the stock
-module, and the dispatcher's choice between them."""
+"""The encoder's CPU inference path (kernels/pytorch/encoder_cpu.py) and its training path
+(kernels/pytorch/encoder_train.py) against the stock module, and the dispatcher's choice
+between them."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import random_encoder, valid_pattern
+from helpers import random_encoder, valid_pattern
 from transact.kernels import dispatch
-from transact.kernels.pytorch import encoder_cpu
+from transact.kernels.pytorch import encoder_cpu, encoder_train
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
+from transact.kernels.pytorch.encoder_train import additive_mask, encoder_forward_train, train_unsupported_reason
 from transact.model.config import FeatureConfig
-from transact.kernels.pytorch.encoder import encoder_reference
+from transact.kernels.pytorch.encoder import attention_mask, encoder_reference
 from transact.model.encoder import make_encoder
 from transact.model.transact import Batch, build_model
 
@@ -83,18 +85,29 @@ def test_unsupported_encoders_are_named():
     assert unsupported_reason(make_encoder(n_heads=2).eval()) is None
 
 
-def test_dispatcher_sends_inference_here_and_training_to_the_stock_module(monkeypatch):
-    calls = []
-    real = encoder_cpu.encoder_forward_cpu
+def test_dispatcher_sends_inference_here_and_training_to_the_training_path(monkeypatch):
+    calls, train_calls = [], []
+    real, real_train = encoder_cpu.encoder_forward_cpu, encoder_train.encoder_forward_train
     monkeypatch.setattr(encoder_cpu, "encoder_forward_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(encoder_train, "encoder_forward_train", lambda *a: train_calls.append(1) or real_train(*a))
     enc = random_encoder(2)
     x, valid = torch.randn(2, 8, 64), torch.rand(2, 8) < 0.7
     with torch.inference_mode():
         dispatch.encoder_forward(enc, x, valid)
-    assert calls == [1]
-    enc.train()  # dropout 0: the same function, but autograd must go through the stock module
+    assert calls == [1] and train_calls == []
+    enc.train()  # autograd goes through the training path (SDPA), not the inference kernel
     out = dispatch.encoder_forward(enc, x.requires_grad_(), valid)
-    assert calls == [1] and out.requires_grad
+    assert calls == [1] and train_calls == [1] and out.requires_grad
+    with dispatch.use_train_encoder("stock"):  # the old path, for the benchmark
+        assert dispatch.encoder_forward(enc, x, valid).requires_grad
+    assert train_calls == [1] and dispatch.train_encoder() == "sdpa"
+    with pytest.raises(ValueError, match="training encoder"):
+        with dispatch.use_train_encoder("fast"):
+            pass
+    enc.layers[0].norm_first = True  # a layer the training path does not know: the stock module
+    dispatch.encoder_forward(enc, x, valid)
+    assert train_calls == [1] and "pre-LN" in train_unsupported_reason(enc)
+    enc.layers[0].norm_first = False
     enc.eval()
     with torch.no_grad():  # an unsupported encoder falls back to the reference
         enc.norm = torch.nn.LayerNorm(64)
@@ -124,3 +137,73 @@ def test_model_logits_match_the_stock_encoder(monkeypatch):
     torch.testing.assert_close(fast.logits, ref.logits, rtol=0, atol=1e-6)
     valid = fast.nal_query_valid
     torch.testing.assert_close(fast.nal_user[valid], ref.nal_user[valid], rtol=0, atol=1e-6)
+
+
+# --- the training path ---------------------------------------------------------------------
+
+def _grads(fn, enc, x, valid, g):
+    """Output and the gradients of <output, g> w.r.t. x and every encoder parameter."""
+    x = x.clone().requires_grad_()
+    out = fn(enc, x, valid)  # [B, S, d]
+    params = list(enc.parameters())
+    grads = torch.autograd.grad(out, [x, *params], g)
+    return out.detach(), grads
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), S=st.integers(1, 40), heads=st.sampled_from([1, 2, 4]),
+       kind=st.sampled_from(["random", "suffix", "mixed"]))
+def test_training_path_equals_the_stock_module_in_outputs_and_gradients(seed, B, S, heads, kind):
+    """Fresh random weights (LayerNorm affine and biases included), inputs, upstream gradient
+    and padding patterns with empty and full rows, dropout 0, train mode: the SDPA training
+    path gives the stock module's output at *every* position (padded ones too: the mask keeps
+    the reference's diagonal) and the same gradients for the input and every parameter."""
+    rng = np.random.default_rng(seed)
+    enc = random_encoder(seed % 1000, n_heads=heads).train()
+    x = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32))
+    g = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32))
+    valid = valid_pattern(rng, B, S, kind)
+    out, grads = _grads(encoder_forward_train, enc, x, valid, g)
+    ref, ref_grads = _grads(encoder_reference, enc, x, valid, g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    names = ["x"] + [n for n, _ in enc.named_parameters()]
+    for name, a, b in zip(names, grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def test_training_mask_is_the_reference_mask():
+    rng = np.random.default_rng(1)
+    for kind in ("random", "suffix", "mixed"):
+        valid = valid_pattern(rng, 4, 13, kind)
+        m = additive_mask(valid, torch.float32)  # [B, 1, S, S]
+        blocked = attention_mask(valid)  # [B, S, S]
+        assert m.shape == (4, 1, 13, 13)
+        assert torch.equal(m[:, 0] == float("-inf"), blocked) and bool((m[:, 0][~blocked] == 0).all())
+        assert additive_mask(valid, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_training_path_dropout_and_empty_batch():
+    """With dropout the path is stochastic, finite and differentiable; in eval mode (dropout
+    off) it is the reference again; an empty batch passes through."""
+    torch.manual_seed(0)
+    enc = make_encoder(dropout=0.3).train()
+    x, valid = torch.randn(3, 9, 64, requires_grad=True), torch.rand(3, 9) < 0.7
+    a, b = encoder_forward_train(enc, x, valid), encoder_forward_train(enc, x, valid)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    a.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    enc.eval()
+    torch.testing.assert_close(encoder_forward_train(enc, x, valid), encoder_reference(enc, x, valid),
+                               rtol=0, atol=1e-5)
+    assert encoder_forward_train(enc, torch.randn(0, 5, 64), torch.zeros(0, 5, dtype=torch.bool)).shape == (0, 5, 64)
+
+
+def test_training_path_under_bf16_autocast_is_close():
+    torch.manual_seed(4)
+    enc = random_encoder(4).train()
+    x, valid = torch.randn(4, 16, 64), valid_pattern(np.random.default_rng(4), 4, 16, "mixed")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder_forward_train(enc, x, valid)
+    ref = encoder_reference(enc, x, valid)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.1)

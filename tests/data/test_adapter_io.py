@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_world
+from helpers import write_world
 from transact.data import schema as S
 from transact.data.adapter import import_logs
 from transact.data.io import AtomicParquetWriter, SchemaError, conform, read_table

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import queries_of, write_world
+from helpers import queries_of, write_world
 from transact.model.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.schema import LABEL_COLUMNS

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_events, make_items
+from helpers import make_events, make_items
 from transact.data.io import SchemaError
 from transact.model.config import DAY_MS, FeatureConfig
 from transact.model.event_order import ACTION_TIES, IMPRESSION_TIES

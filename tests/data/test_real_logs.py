@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import linked, make_events, make_requests
+from helpers import linked, make_events, make_requests
 from transact.validation import derive_frame, validate_world
 from transact.data import schema as S
 from transact.data.adapter import _items, import_logs

@@ -49,7 +49,7 @@ def _make_world(out: Path, seed: int) -> Path:
     try:
         from transact.data.simulator import get_profile, simulate
     except ModuleNotFoundError:
-        from conftest import write_world
+        from helpers import write_world
 
         write_world(out, seed=seed)
         return out
@@ -136,7 +136,7 @@ def test_equivalent_batch_passes_distribution_checks(reference, tmp_path):
 
 def test_hand_made_world(tmp_path):
     """The conftest world draws request candidates with replacement (~5% duplicates)."""
-    from conftest import write_world
+    from helpers import write_world
 
     write_world(tmp_path / "w")
     result = validate_world(tmp_path / "w", tmp_path / "q", max_duplicate_rate=0.1)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import write_world
+from helpers import write_world
 from test_serving_http import _world_bodies
 from transact.model.checkpoint import save_model
 from transact.model.config import FeatureConfig

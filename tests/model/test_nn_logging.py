@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import write_world
+from helpers import write_world
 from transact.model import nn_logging
 from transact.model.nn_logging import log_nn_features
 from transact.data.io import SchemaError

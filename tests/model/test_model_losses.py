@@ -53,9 +53,9 @@ def test_weighted_bce_matches_hand_computation():
         p = 1 / (1 + math.exp(-z))
         return -(t * math.log(p) + (1 - t) * math.log(1 - p))
 
-    l = [[bce(float(logits[b, h]), float(y[b, h])) for h in range(3)] for b in range(2)]
-    mean = sum(float(w[b, h]) * l[b][h] for b in range(2) for h in range(3)) / 2
-    wmean = sum(sum(float(w[b, h]) * l[b][h] for b in range(2)) / float(w[:, h].sum()) for h in range(3))
+    losses = [[bce(float(logits[b, h]), float(y[b, h])) for h in range(3)] for b in range(2)]
+    mean = sum(float(w[b, h]) * losses[b][h] for b in range(2) for h in range(3)) / 2
+    wmean = sum(sum(float(w[b, h]) * losses[b][h] for b in range(2)) / float(w[:, h].sum()) for h in range(3))
     assert weighted_bce(logits, y, w, "mean").item() == pytest.approx(mean, rel=1e-5)
     assert weighted_bce(logits, y, w, "weighted_mean").item() == pytest.approx(wmean, rel=1e-5)
 

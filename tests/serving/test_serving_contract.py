@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import write_world
+from helpers import write_world
 from schemathesis_hooks import GROUND_ENV, ground_body
 from test_serving_http import CFG, MAX_CANDIDATES, _post
 from transact.model.checkpoint import save_model

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_events, make_items, make_requests
+from helpers import make_events, make_items, make_requests
 from transact.bench.features import local_redis
 from transact.features.codec import HEADER_BYTES, TOKEN_BYTES, decode_tokens, encode_tokens
 from transact.features.historical import HistoricalSequences, historical_for_requests

@@ -220,7 +220,7 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
 
     root = loop["root"]
     repo = tmp_path / "feature_repo"
-    src = Path(__file__).resolve().parents[1] / "feature_repo"
+    src = Path(__file__).resolve().parents[2] / "feature_repo"
     shutil.copytree(src, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     out = tmp_path / "monitor"
     # the retrain pipeline keeps its validation reference at runs/validation-reference.json

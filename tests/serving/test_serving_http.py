@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import write_world
+from helpers import write_world
 from transact.model.nn_logging import log_nn_features
 from transact.data.schema import SURFACES
 from transact.model.checkpoint import load_model, save_model

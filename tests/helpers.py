@@ -1,0 +1,203 @@
+"""Shared test helpers: small hand-made event tables in the project schema, kernel test
+inputs and device lists (imported as ``helpers``; ``tests/`` is on the path)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run in Triton's CPU interpreter
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from transact.data import schema as S
+from transact.model.encoder import make_encoder
+from transact.model.quantization import quantize
+
+#: Kernel parity tests: CPU runs the Triton interpreter, CUDA the compiled kernel.
+#: ``TRITON_INTERPRET=0 pytest tests/kernels/`` on a GPU machine runs the CUDA
+#: cases only (compiled kernels need CUDA tensors).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter off (TRITON_INTERPRET!=1)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
+]
+
+
+def ptxas_available() -> bool:
+    """Triton's bundled ptxas: kernels can be lowered to cubins without a GPU."""
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def aot_compile_in_subprocess(module: str, builds: list[dict]) -> None:
+    """``<module>.aot_compile(**kw)`` for each build in a fresh interpreter with
+    TRITON_INTERPRET unset; asserts every build yields a cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"from {module} import aot_compile\n"
+            f"for kw in {builds!r}:\n"
+            "    assert aot_compile(**kw).asm['cubin'], kw\n")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def random_encoder(seed: int, **kw) -> nn.TransformerEncoder:
+    """make_encoder() with every parameter random, LayerNorm affine and biases included."""
+    torch.manual_seed(seed)
+    enc = make_encoder(**kw)
+    with torch.no_grad():
+        for layer in enc.layers:
+            for norm in (layer.norm1, layer.norm2):
+                norm.weight.normal_(1.0, 0.3)
+                norm.bias.normal_(0.0, 0.3)
+            for b in (layer.self_attn.in_proj_bias, layer.self_attn.out_proj.bias):
+                b.normal_(0.0, 0.3)
+    return enc.eval()
+
+
+def valid_pattern(rng: np.random.Generator, B: int, S: int, kind: str) -> torch.Tensor:
+    """bool [B, S]: random, segment-style (valid suffix), or mixed with all-0 / all-1 rows."""
+    if kind == "random":
+        v = rng.random((B, S)) < rng.uniform(0.2, 0.9)
+    elif kind == "suffix":
+        n = rng.integers(0, S + 1, B)
+        v = np.arange(S)[None, :] >= (S - n)[:, None]
+    else:  # "mixed": all-invalid, all-valid, then random rows
+        v = rng.random((B, S)) < 0.5
+        v[0] = False
+        if B > 1:
+            v[1] = True
+    return torch.from_numpy(np.ascontiguousarray(v))
+
+
+def make_items(n: int, rng: np.random.Generator) -> pa.Table:
+    emb = (rng.normal(size=(n, S.EMB_DIM)) * 0.15).astype(np.float16)
+    q = quantize(emb.astype(np.float32))
+    return pa.table(
+        {
+            "item_id": pa.array(np.arange(n) * 7 + 3, pa.int64()),  # sparse, not dense ids
+            "topic": pa.array(np.zeros(n), pa.int32()),
+            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), S.EMB_DIM),
+            "emb_q": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1), pa.int8()), S.EMB_DIM),
+        },
+        schema=S.ITEMS,
+    )
+
+
+def make_events(items: pa.Table, n_users: int, n_actions: int, n_imps: int,
+                rng: np.random.Generator, t_span: int = 10 * 86_400_000, t0: int = 1_700_000_000_000):
+    item_ids = items.column("item_id").to_numpy()
+    actions = pa.table(
+        {
+            "user_id": pa.array(rng.integers(0, n_users, n_actions) * 11, pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n_actions), pa.int64()),
+            "ts": pa.array(t0 + rng.integers(0, t_span, n_actions), pa.int64()),
+            "action": pa.array(rng.integers(1, 16, n_actions), pa.uint8()),
+            "surface": pa.array(rng.integers(0, len(S.SURFACES), n_actions), pa.int8()),
+        },
+        schema=S.ACTIONS_TABLE,
+    )
+    impressions = pa.table(
+        {
+            "user_id": pa.array(rng.integers(0, n_users, n_imps) * 11, pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n_imps), pa.int64()),
+            "ts": pa.array(t0 + rng.integers(0, t_span, n_imps), pa.int64()),
+            "surface": pa.array(rng.integers(0, len(S.SURFACES), n_imps), pa.int8()),
+            "request_id": pa.array(rng.integers(0, 1000, n_imps), pa.int64()),
+            "position": pa.array(rng.integers(0, 20, n_imps), pa.int16()),
+        },
+        schema=S.IMPRESSIONS,
+    )
+    return actions, impressions
+
+
+def make_requests(items: pa.Table, n_users: int, n_requests: int, per_request: int,
+                  rng: np.random.Generator, t_span: int = 10 * 86_400_000, t0: int = 1_700_000_000_000) -> pa.Table:
+    """Requests of ``per_request`` candidates each, one user and one ts per request."""
+    from transact.data.schema import LABEL_COLUMNS, REQUESTS
+
+    item_ids = items.column("item_id").to_numpy()
+    n = n_requests * per_request
+    rid = np.repeat(np.arange(n_requests) + 100, per_request)
+    return pa.table(
+        {
+            "request_id": pa.array(rid, pa.int64()),
+            "user_id": pa.array(np.repeat(rng.integers(0, n_users + 1, n_requests) * 11, per_request), pa.int64()),
+            "item_id": pa.array(rng.choice(item_ids, n), pa.int64()),
+            "ts": pa.array(np.repeat(t0 + rng.integers(0, t_span, n_requests), per_request), pa.int64()),
+            "surface": pa.array(np.zeros(n), pa.int8()),
+            "position": pa.array(np.tile(np.arange(per_request), n_requests), pa.int16()),
+            **{c: pa.array(rng.integers(0, 2, n), pa.uint8()) for c in LABEL_COLUMNS},
+        },
+        schema=REQUESTS,
+    )
+
+
+def write_world(path, seed: int = 0, n_users: int = 5):
+    """A small hand-made world folder (all four tables) for step tests."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    items = make_items(60, rng)
+    actions, _ = make_events(items, n_users, 400, 400, rng)
+    requests = make_requests(items, n_users, 30, 6, rng)
+    actions, impressions, requests = linked(actions, requests)
+    path.mkdir(parents=True, exist_ok=True)
+    from transact.data.world import publishing
+
+    with publishing(path) as stage:  # sealed like every world a reader accepts
+        for name, t in (("items", items), ("actions", actions), ("impressions", impressions), ("requests", requests)):
+            pq.write_table(t, stage / f"{name}.parquet")
+    return items, actions, impressions, requests
+
+
+def linked(actions: pa.Table, requests: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(actions, impressions, requests) that agree the way one real log does: every request
+    row is an impression, every label an engagement in actions (position + 1) seconds after its request,
+    and no row combines hide with click or repin. Random tables break all three."""
+    def no_hide_conflict(bits: np.ndarray) -> np.ndarray:
+        hide = (bits & S.ACTION_BIT["hide"]) > 0
+        return np.where(hide, bits & ~np.uint8(S.CONTRADICTS_HIDE_MASK), bits).astype(np.uint8)
+
+    req = {c: requests.column(c).to_numpy() for c in requests.column_names}
+    # an item twice in one request: one engagement, so both rows carry the first row's labels
+    first = requests.to_pandas().groupby(["request_id", "item_id"])["position"].transform("idxmin").to_numpy()
+    for c in S.LABEL_COLUMNS:
+        req[c] = req[c][first]
+    for a in S.CONTRADICTS_HIDE:
+        req[f"label_{a}"] = np.where(req["label_hide"] == 1, 0, req[f"label_{a}"]).astype(np.uint8)
+    requests = pa.table(req, schema=S.REQUESTS)
+    bits = sum(req[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS)
+    eng = np.flatnonzero(bits)
+    engaged = pa.table({"user_id": req["user_id"][eng], "item_id": req["item_id"][eng],
+                        "ts": req["ts"][eng] + 1_000 * (req["position"][eng].astype(np.int64) + 1),
+                        "action": bits[eng].astype(np.uint8),
+                        "surface": req["surface"][eng]}, schema=S.ACTIONS_TABLE)
+    cols = {c: actions.column(c).to_numpy() for c in actions.column_names}
+    cols["action"] = no_hide_conflict(cols["action"])
+    actions = pa.concat_tables([pa.table(cols, schema=S.ACTIONS_TABLE), engaged])
+    impressions = requests.select(list(S.IMPRESSIONS.names)).cast(S.IMPRESSIONS)
+    return actions, impressions, requests
+
+
+def queries_of(requests: pa.Table, weights) -> list:
+    """One serving RankQuery per request of a requests table (candidates in position order)."""
+    from transact.serving.ranker import RankQuery
+
+    df = requests.to_pandas().sort_values(["request_id", "position"])
+    out = []
+    for rid, g in df.groupby("request_id", sort=True):
+        out.append(RankQuery(user_id=int(g.user_id.iloc[0]), item_ids=g.item_id.to_numpy(np.int64), item_emb_q=None,
+                             surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid),
+                             weights=dict(weights)))
+    return out

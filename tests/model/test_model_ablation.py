@@ -1,0 +1,109 @@
+"""`transact ablation` as a run a person can watch: seed-major order, a partial table after
+every run, a step budget that cycles epochs, resume that skips finished runs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from transact.model import ablation as A
+from transact.model.config import FeatureConfig
+from transact.model.dataset import RowDataset, write_synthetic_rows
+
+FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
+KW = dict(baseline="transact", batch_size=32, lr=3e-3, n_boot=20, num_threads=1, progress_every_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    rows = write_synthetic_rows(d / "nn_rows.parquet", 40, FCFG, per_request=8, n_users=10, seed=1,
+                                row_group_size=100)
+    ts = pq.read_table(rows, columns=["ts"]).column("ts").to_numpy()
+    (d / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, 0.75))}))
+    return rows
+
+
+def test_run_order_is_seed_major_with_the_baseline_first():
+    assert A.run_order(["wdl", "transact", "v2"], "transact", 2) == [
+        ("transact", 0), ("wdl", 0), ("v2", 0), ("transact", 1), ("wdl", 1), ("v2", 1)]
+    assert A.epochs_for(None, 3, 7) == (3, 21)
+    assert A.epochs_for(20, 1, 7) == (3, 20)  # 20 steps: epochs cycled, the third one cut
+
+
+def test_progress_partial_tables_and_max_steps_cycling_epochs(world, tmp_path):
+    lines, snapshots = [], []
+    out = tmp_path / "abl"
+
+    def log(s: str) -> None:
+        lines.append(s)
+        if "Methods" in s:  # a table: what is on disk at this moment
+            snapshots.append(json.loads((out / "ablation.json").read_text()))
+
+    spe = RowDataset(world, "train", train_end_ts=json.loads((world.parent / "world.json").read_text())["train_end_ts"]
+                     ).num_batches(32)
+    budget = 2 * spe + 3  # more than two epochs: a third one, cut
+    res = A.ablation(world, out, models=["wdl", "transact"], seeds=2, max_steps=budget, log=log, **KW)
+    # seed-major: the baseline and wdl of seed 0 come before any seed-1 run
+    started = [ln.split(":")[0] for ln in lines if ln.startswith("[") and "trained" in ln]
+    assert started == ["[1/4] transact seed 0", "[2/4] wdl seed 0", "[3/4] transact seed 1", "[4/4] wdl seed 1"]
+    # progress lines name model, seed, step, loss, examples/s and ETAs
+    prog = [ln for ln in lines if ": step " in ln]
+    assert prog and all(k in prog[0] for k in ("transact seed 0", "loss", "ex/s", "ETA run", "all"))
+    assert any(f"step {budget}/{budget}" in ln for ln in prog)
+    # a table after every finished run; partial ones are marked, the first comparison after run 2
+    assert len(snapshots) == 4
+    first = snapshots[0]
+    assert first["partial"] and first["runs_finished"] == 1 and first["pending"] == ["wdl"]
+    assert list(first["results"]) == ["transact"]
+    assert "PARTIAL: 1 of 4 runs" in next(ln for ln in lines if "Methods" in ln)
+    second = snapshots[1]
+    assert second["partial"] and second["results"]["wdl"]["rel_change"]["repin"] is not None
+    assert second["results"]["wdl"]["seeds_done"] == [0] and second["results"]["wdl"]["paired_seeds"] == [0]
+    assert not res["partial"] and res["runs_finished"] == 4 and res["pending"] == []
+    assert "final: 4 runs" in A.format_table(res)
+    # the budget is steps: every run trained exactly `budget`, cycling the rows
+    for name in ("wdl", "transact"):
+        for run in res["results"][name]["runs"]:
+            assert run["steps"] == budget and run["epochs"] == pytest.approx(budget / spe, abs=1e-3)
+            summary = json.loads((out / name / f"seed{run['seed']}" / "train_summary.json").read_text())
+            assert summary["steps"] == summary["total_steps"] == budget and summary["finished"]
+    assert res["budget"]["steps_per_run"] == budget and res["budget"]["cycled_epochs"] == 3
+    assert any(f"trained {budget} steps" in ln for ln in lines)
+    for f in ("ablation.json", "ablation.md", "ablation.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_partial_table_renders_and_plots_with_pending_models(world, tmp_path):
+    res = A.ablation(world, tmp_path / "one", models=["wdl", "transact"], seeds=1, max_steps=2,
+                     log=lambda s: None, **KW)
+    partial = {**res, "partial": True, "runs_finished": 1, "pending": ["wdl"],
+               "results": {"transact": res["results"]["transact"]}}
+    assert "pending: wdl" in A.format_table(partial) and "PARTIAL" in A.format_markdown(partial)
+    A.plot(partial, tmp_path / "p.png")  # nothing to compare yet: an empty chart, no error
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_resume_skips_finished_runs_and_refuses_other_settings(world, tmp_path, monkeypatch):
+    out = tmp_path / "abl"
+    kw = dict(models=["wdl", "transact"], seeds=1, max_steps=4, **KW)
+    first = A.ablation(world, out, log=lambda s: None, **kw)
+    # an interrupted ablation: the second run trained but was not scored
+    (out / "wdl" / "seed0" / A.RUN_FILE).unlink()
+    trained, lines = [], []
+    real_train = A.train
+    monkeypatch.setattr(A, "train", lambda *a, **k: trained.append(a[2]) or real_train(*a, **k))
+    again = A.ablation(world, out, log=lines.append, **kw)
+    assert trained == ["wdl"]  # the finished baseline was read back, not trained again
+    assert any("transact seed 0: finished before" in ln for ln in lines)
+    assert again["results"]["wdl"]["runs"][0]["steps"] == 4  # resumed at its end: no extra step
+    for name in ("wdl", "transact"):
+        assert again["results"][name]["hit"] == first["results"][name]["hit"]
+    assert again["results"]["wdl"]["rel_change"] == first["results"]["wdl"]["rel_change"]
+    trained.clear()
+    A.ablation(world, out, log=lambda s: None, **kw)
+    assert trained == []  # everything finished: nothing trained or scored
+    with pytest.raises(ValueError, match="lr"):
+        A.ablation(world, out, log=lambda s: None, **{**kw, "lr": 1e-2})
