@@ -32,13 +32,15 @@ CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=
 
 
 def kill_server_processes() -> int:
-    """SIGKILL every process this test started (the server, its arbiter and worker)."""
+    """SIGKILL every process this test started (the server, its arbiter and worker) at once:
+    all are stopped (SIGSTOP) first, so the arbiter cannot restart a worker between kills."""
     procs = psutil.Process().children(recursive=True)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
     return len(procs)
 
 
