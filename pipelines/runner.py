@@ -192,7 +192,7 @@ def step_logs(logs: Path, status: StatusLines, steps: tuple[str, ...] = ()) -> I
     finally:
         task_executor.execute_single_task = original
     for step in steps:
-        if step not in records:
+        if step not in records and not any(t in records for t in BRANCH_TASKS.get(step, ())):
             status.finished(step, "skipped", None)
 
 
@@ -278,6 +278,7 @@ _RESULTS: dict[str, Callable] = {
 
 def step_result(step: str, outputs: dict) -> str:
     """A step's one-line result from its outputs (rows written, HIT@3, pass/fail ...)."""
+    step = next((k for k, twins in BRANCH_TASKS.items() if step in twins), step)  # a TrainJob-branch twin
     out = outputs.get("Output")
     try:
         if step == "validate-op":
@@ -315,22 +316,36 @@ STEP_ORDER = ("ingest-op", "validate-op", "features-op", "log-nn-op", "train-op"
               "gate-op", "package-op")
 
 
+#: the TrainJob branch's tasks (``train_nodes > 0``) stand for these steps of STEP_ORDER
+BRANCH_TASKS: dict[str, tuple[str, ...]] = {"train-op": ("trainjob-op",), "evaluate-op": ("evaluate-op-2",),
+                                            "gate-op": ("gate-op-2",), "package-op": ("package-op-2",)}
+
+
+def task_of(run_root: Path, step: str) -> str:
+    """The task that ran ``step`` in this run: the step itself, or its TrainJob-branch twin."""
+    for task in (step, *BRANCH_TASKS.get(step, ())):
+        if (run_root / task).exists():
+            return task
+    return step
+
+
 def summarize_run(run_root: Path, seconds: float, params: dict, records: dict | None = None,
                   logs: Path | None = None) -> dict:
     """Which steps ran, what they decided and where their artefacts and logs are."""
     records = records or {}
     steps = {}
     for step in STEP_ORDER:
-        d = run_root / step
+        task = task_of(run_root, step)
+        d = run_root / task
         ran = (d / "executor_output.json").exists()
-        rec = records.get(step, {})
-        steps[step] = {"ran": ran, "dir": str(d) if d.exists() else None,
+        rec = records.get(task, {})
+        steps[step] = {"ran": ran, "dir": str(d) if d.exists() else None, "task": task,
                        "status": rec.get("status", "ok" if ran else "skipped"),
                        "seconds": rec.get("seconds"), "log": rec.get("log")}
     validate = _task_output(run_root / "validate-op")
-    gate = _task_output(run_root / "gate-op")
-    evaluation = _task_output(run_root / "evaluate-op")
-    package = _task_output(run_root / "package-op")
+    gate = _task_output(run_root / task_of(run_root, "gate-op"))
+    evaluation = _task_output(run_root / task_of(run_root, "evaluate-op"))
+    package = _task_output(run_root / task_of(run_root, "package-op"))
     where = f"its log in {logs}" if logs else "the step logs"
     if validate == "fail":
         outcome = "stopped: validation failed (the batch is in quarantine; see the validation report)"

@@ -362,3 +362,31 @@ def test_status_lines_rewrite_the_running_line_on_a_terminal_only():
         lines.finished("train-op", "ok", 12.34, "30 steps")
     assert tty.getvalue() == "  train-op     running ...\r\033[K  train-op     ok         12.3 s  30 steps\n"
     assert pipe.getvalue() == "  train-op     ok         12.3 s  30 steps\n"
+
+
+def test_the_trainjob_branch_is_summarised_as_its_steps(tmp_path):
+    """A run down the TrainJob branch (train_nodes > 0) has tasks trainjob-op,
+    evaluate-op-2, gate-op-2, package-op-2: the summary reports them as train, evaluate,
+    gate and package (it said "failed at train-op" before)."""
+    import json
+
+    from transact.pipelines.runner import STEP_ORDER, step_result, summarize_run
+
+    def task(name, output):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "executor_output.json").write_text(json.dumps({"parameterValues": {"Output": output}}))
+
+    for name in ("ingest-op", "features-op", "log-nn-op"):
+        task(name, "{}")
+    task("validate-op", "pass")
+    task("trainjob-op", json.dumps({"trainjob": "tj-1", "steps": 3}))
+    task("evaluate-op-2", json.dumps({"hit": {"click": {"value": 1.5, "ci95": [1.0, 2.0]}}}))
+    task("gate-op-2", "pass")
+    task("package-op-2", json.dumps({"tag": "transact-ranker:abc"}))
+    s = summarize_run(tmp_path, 1.0, {})
+    assert s["outcome"].startswith("packaged"), s["outcome"]
+    assert all(s["steps"][k]["ran"] for k in STEP_ORDER)
+    assert s["steps"]["train-op"]["task"] == "trainjob-op" and s["package"]["tag"] == "transact-ranker:abc"
+    assert step_result("package-op-2", {"Output": json.dumps({"tag": "t:1"})}) == "model t:1"
+    assert step_result("evaluate-op-2", {"Output": json.dumps({"hit": {"click": {"value": 1.5}}})}) == \
+        "HIT@3 click 1.500"
