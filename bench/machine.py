@@ -61,18 +61,7 @@ def _memory_gib() -> float | None:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB.
+    """This process's peak resident memory in MiB (:func:`transact.components.procmem.rss_mib`)."""
+    from transact.components.procmem import rss_mib
 
-    Reads VmHWM (reset by exec and resettable through ``/proc/self/clear_refs``), falling
-    back to ``ru_maxrss``, which a spawned child inherits from the parent it forked from.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_mib("VmHWM")

@@ -55,16 +55,6 @@ PATHS: dict[str, tuple[str, bool, bool]] = {
 SQUARE_GEMM: int = 2048
 
 
-def _reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS counter of this process (Linux); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def seq_tokens(cfg: ModelConfig, fcfg: FeatureConfig) -> int:
     """L, the encoder's tokens per example (selected slots, +1 for the appended candidate)."""
     if not cfg.has_sequence:
@@ -172,6 +162,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     ``torch.cuda.max_memory_allocated`` during each path's steps on CUDA.
     """
     from transact.bench.machine import device_label, machine_info, peak_rss_mib
+    from transact.components.procmem import reset_peak_rss
     from transact.model.dataset import synthetic_rows, table_to_batch
 
     if num_threads:
@@ -179,7 +170,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fcfg = FeatureConfig()
     paths = ["stock", "sdpa"] + (["sdpa-bf16"] if bf16 else []) + (["sdpa-compile"] if compile else [])
-    reset = _reset_peak_rss() if dev.type == "cpu" else False
+    reset = reset_peak_rss() if dev.type == "cpu" else False
     results, per_model = [], {}
     for name in models:
         mcfg = model_config(name)

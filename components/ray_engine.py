@@ -43,6 +43,7 @@ from transact.data.partition import (filter_in, publishing_folder, read_bucket, 
 from transact.data.requests import sorted_requests
 from transact.data.world import check_world
 from transact.model.config import FeatureConfig
+from transact.components.procmem import reset_peak_rss, rss_mib
 
 #: rows a map task reads at once (whole row groups; one group at least)
 CHUNK_ROWS = 1 << 20
@@ -150,38 +151,15 @@ def _remote(fn):
 
 
 # ----------------------------------------------------------------------------- memory of a task
-def _reset_peak_rss() -> bool:
-    """Resets this process's VmHWM to its current RSS (Ray reuses worker processes)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mib(field: str = "VmHWM") -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @contextlib.contextmanager
 def _measured(stats: dict) -> Iterator[None]:
     """Fills ``stats`` with seconds, the RSS at the start and the peak RSS of the block."""
-    stats["peak_reset"] = _reset_peak_rss()
-    stats["rss_start_mib"] = round(_rss_mib("VmRSS"), 1)
+    stats["peak_reset"] = reset_peak_rss()
+    stats["rss_start_mib"] = round(rss_mib("VmRSS"), 1)
     t0 = time.perf_counter()
     yield
     stats["seconds"] = round(time.perf_counter() - t0, 3)
-    stats["peak_rss_mib"] = round(_rss_mib("VmHWM"), 1)
+    stats["peak_rss_mib"] = round(rss_mib("VmHWM"), 1)
     stats["pid"] = os.getpid()
     _release_memory()
 

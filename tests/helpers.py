@@ -201,3 +201,19 @@ def queries_of(requests: pa.Table, weights) -> list:
                              surface=int(g.surface.iloc[0]), ts=int(g.ts.iloc[0]), request_id=int(rid),
                              weights=dict(weights)))
     return out
+
+
+def rows_with_split(folder, n_requests: int, cfg, n_users: int, seed: int, quantile: float = 0.75):
+    """A synthetic NN-row file with a world.json next to it whose ``train_end_ts`` puts the
+    first ``quantile`` of the requests in training; returns the row file's path."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from transact.model.dataset import write_synthetic_rows
+
+    rows = write_synthetic_rows(folder / "nn_rows.parquet", n_requests, cfg, per_request=8, n_users=n_users,
+                                seed=seed, row_group_size=100)
+    ts = pq.read_table(rows, columns=["ts"]).column("ts").to_numpy()
+    (folder / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, quantile))}))
+    return rows

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
+from helpers import rows_with_split
 from transact.model import ablation as A
 from transact.model.config import FeatureConfig
-from transact.model.dataset import RowDataset, write_synthetic_rows
+from transact.model.dataset import RowDataset
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 KW = dict(baseline="transact", batch_size=32, lr=3e-3, n_boot=20, num_threads=1, progress_every_s=0.0)
@@ -18,12 +17,7 @@ KW = dict(baseline="transact", batch_size=32, lr=3e-3, n_boot=20, num_threads=1,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    rows = write_synthetic_rows(d / "nn_rows.parquet", 40, FCFG, per_request=8, n_users=10, seed=1,
-                                row_group_size=100)
-    ts = pq.read_table(rows, columns=["ts"]).column("ts").to_numpy()
-    (d / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, 0.75))}))
-    return rows
+    return rows_with_split(tmp_path_factory.mktemp("world"), 40, FCFG, n_users=10, seed=1)
 
 
 def test_run_order_is_seed_major_with_the_baseline_first():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import rows_with_split
 from transact.model.checkpoint import load_model, read_config, save_model
 from transact.model.config import FeatureConfig
 from transact.model.dataset import table_to_batch, write_synthetic_rows
@@ -26,12 +27,7 @@ FAST = dict(batch_size=32, lr=3e-3, progress=False, log_every=1, num_threads=1)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A row file with world.json next to it (train = first ~75% of the requests)."""
-    d = tmp_path_factory.mktemp("world")
-    rows = write_synthetic_rows(d / "nn_rows.parquet", 48, FCFG, per_request=8, n_users=12, seed=0,
-                                row_group_size=100)
-    ts = pq.read_table(rows, columns=["ts"]).column("ts").to_numpy()
-    (d / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, 0.75))}))
-    return rows
+    return rows_with_split(tmp_path_factory.mktemp("world"), 48, FCFG, n_users=12, seed=0)
 
 
 def params(path) -> dict:

@@ -20,17 +20,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import rows_with_split
 from transact.components import steps, trainjob
 from transact.components.kfp_components import BASE_IMAGE
 from transact.model.config import FeatureConfig
-from transact.model.dataset import write_synthetic_rows
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 TRAIN = dict(model="v2", epochs=2, batch_size=16, lr=3e-3, seed=3)
@@ -56,12 +54,7 @@ RUNTIME = {
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """A row file with world.json next to it (train = first ~75% of the requests)."""
-    d = tmp_path_factory.mktemp("world")
-    path = write_synthetic_rows(d / "nn_rows.parquet", 48, FCFG, per_request=8, n_users=12, seed=0,
-                                row_group_size=100)
-    ts = pq.read_table(path, columns=["ts"]).column("ts").to_numpy()
-    (d / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, 0.75))}))
-    return path
+    return rows_with_split(tmp_path_factory.mktemp("world"), 48, FCFG, n_users=12, seed=0)
 
 
 def same_tensors(a: Path, b: Path) -> bool:
