@@ -7,10 +7,13 @@ device, so the number is the model's, not the data loader's. Paths:
 
 - ``stock``: the encoder as the stock ``nn.TransformerEncoder`` with its boolean mask --
   what training ran before (``TRANSACT_TRAIN_ENCODER=stock``);
-- ``sdpa``: the training encoder of :mod:`transact.kernels.pytorch.encoder_train`, the
-  default now (same weights, one additive mask for both layers);
-- ``sdpa-bf16`` (``bf16=True``): the same under bf16 autocast -- opt-in, not the fp32 loss curve;
-- ``sdpa-compile`` (``compile=True``): the same step through ``torch.compile``; the first
+- ``packed``: the training path now (same weights): the model builds and encodes only the
+  valid tokens, attention is causal over each row's packed tokens
+  (:mod:`transact.kernels.pytorch.encoder_train`), fp32 -- the default;
+- ``packed-bf16`` (``bf16=True``): the same under bf16 autocast (``--precision bf16``): the
+  encoder in bf16, GEMMs on the CPU's matrix units, the attention backward as blocked GEMMs
+  (:mod:`transact.kernels.pytorch.attention_train`); not the fp32 loss curve to the bit;
+- ``packed-compile`` (``compile=True``): the fp32 step through ``torch.compile``; the first
   step (compilation included, Inductor's on-disk caches off, so a cold compile) is reported
   apart, and a failure is recorded, not raised.
 
@@ -24,9 +27,12 @@ difference from ``stock`` over every step run.
 FLOPs (:func:`flops_per_example`): 2 x the multiply-adds of every matmul of one example's
 forward, from the config, by layer group; a training step counts 3x the forward (backward
 ~= 2x forward). Attention counts the full L x L products the kernels execute (the causal
-mask zeroes half of them). Achieved GFLOP/s = FLOPs/example x examples/s, and its share of
-the median GFLOP/s of ``torch.mm`` at the model's biggest GEMM ([B L, d] x [d, 3d], the QKV
-projection) and at 2048^3, timed in the same rounds.
+mask zeroes half of them), and every slot, padded or not: the FLOPs of the nominal shape,
+which the stock path executes; the packed paths execute fewer (``valid_token_fraction`` of the
+batch's slots are tokens), so their "achieved" GFLOP/s is nominal work per second. Achieved
+GFLOP/s = FLOPs/example x examples/s, and its share of the median GFLOP/s of ``torch.mm`` at
+the model's biggest GEMM ([B L, d] x [d, 3d], the QKV projection) and at 2048^3, timed in the
+same rounds -- in fp32, and for the bf16 path in bf16 (the matrix units' rate).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from transact.data.schema import ACTIONS, EMB_DIM
 from transact.kernels.dispatch import use_train_encoder
 from transact.model.config import SEGMENTS, FeatureConfig
 from transact.model.losses import label_weight_matrix, total_loss
+from transact.model.nn_features import valid_mask
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
 
 #: layer groups of :func:`flops_per_example`
@@ -48,9 +55,9 @@ FLOP_GROUPS: tuple[str, ...] = ("embed_proj", "attn_qk", "attn_av", "ffn", "dcn"
 #: path name -> (training encoder, autocast bf16, torch.compile)
 PATHS: dict[str, tuple[str, bool, bool]] = {
     "stock": ("stock", False, False),
-    "sdpa": ("sdpa", False, False),
-    "sdpa-bf16": ("sdpa", True, False),
-    "sdpa-compile": ("sdpa", False, True),
+    "packed": ("sdpa", False, False),
+    "packed-bf16": ("sdpa", True, False),
+    "packed-compile": ("sdpa", False, True),
 }
 SQUARE_GEMM: int = 2048
 
@@ -116,10 +123,11 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _gemm_gflops(m: int, k: int, n: int, dev: torch.device, repeats: int = 3) -> float:
-    """Median GFLOP/s of ``torch.mm`` of [m, k] x [k, n] fp32 (one untimed call first)."""
-    a = torch.randn(m, k, device=dev)
-    b = torch.randn(k, n, device=dev)
+def _gemm_gflops(m: int, k: int, n: int, dev: torch.device, repeats: int = 3,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of ``torch.mm`` of [m, k] x [k, n] in ``dtype`` (one untimed call first)."""
+    a = torch.randn(m, k, device=dev, dtype=dtype)
+    b = torch.randn(k, n, device=dev, dtype=dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
@@ -169,7 +177,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
         torch.set_num_threads(num_threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fcfg = FeatureConfig()
-    paths = ["stock", "sdpa"] + (["sdpa-bf16"] if bf16 else []) + (["sdpa-compile"] if compile else [])
+    paths = ["stock", "packed"] + (["packed-bf16"] if bf16 else []) + (["packed-compile"] if compile else [])
     reset = reset_peak_rss() if dev.type == "cpu" else False
     results, per_model = [], {}
     for name in models:
@@ -182,6 +190,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
             table = synthetic_rows(max(1, -(-bs // 8)), fcfg, per_request=8, seed=seed)
             batch = table_to_batch(table.slice(0, bs), fcfg).to(dev)
             B = len(batch)
+            valid_fraction = float(valid_mask(batch.seg_len, fcfg).float().mean())
             M = label_weight_matrix(mcfg).to(dev)
             L = seq_tokens(mcfg, fcfg)
             rep = (B * L, mcfg.d_model, 3 * mcfg.d_model) if L else (B, EMB_DIM + mcfg.ctx_dim, EMB_DIM + mcfg.ctx_dim)
@@ -205,7 +214,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                 for _ in range(max(warmup - 1, 0)):
                     runs[path]["losses"].append(runs[path]["step"]())
             live = [p for p in paths if "error" not in runs[p]]
-            gemm_rep, gemm_sq = [], []
+            gemm_rep, gemm_sq, gemm_rep16, gemm_sq16 = [], [], [], []
             for r in range(max(rounds, 1)):
                 for path in (live if r % 2 == 0 else live[::-1]):
                     run = runs[path]
@@ -221,7 +230,13 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                         run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(dev) / 2**20)
                 gemm_rep.append(_gemm_gflops(*rep, dev))
                 gemm_sq.append(_gemm_gflops(SQUARE_GEMM, SQUARE_GEMM, SQUARE_GEMM, dev, repeats=1))
+                if bf16:
+                    gemm_rep16.append(_gemm_gflops(*rep, dev, dtype=torch.bfloat16))
+                    gemm_sq16.append(_gemm_gflops(SQUARE_GEMM, SQUARE_GEMM, SQUARE_GEMM, dev, repeats=1,
+                                                  dtype=torch.bfloat16))
             rep_peak, sq_peak = statistics.median(gemm_rep), statistics.median(gemm_sq)
+            rep16 = statistics.median(gemm_rep16) if gemm_rep16 else None
+            sq16 = statistics.median(gemm_sq16) if gemm_sq16 else None
             base = runs["stock"]
             for path in paths:
                 run = runs[path]
@@ -233,6 +248,8 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                 ratios = [b / t for b, t in zip(base["times"], run["times"])]
                 eps = statistics.median(ex_s)
                 gflops = train_flops * eps / 1e9
+                half = PATHS[path][1] and rep16 is not None and sq16 is not None
+                peak_rep, peak_sq = (rep16, sq16) if half else (rep_peak, sq_peak)
                 n = min(len(run["losses"]), len(base["losses"]))
                 rec.update({
                     "steps": steps, "rounds": len(run["times"]),
@@ -242,8 +259,9 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                     "speedup_vs_stock": round(statistics.median(ratios), 3),
                     "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
                     "gflops": round(gflops, 2),
-                    "share_of_gemm_rep": round(gflops / rep_peak, 3),
-                    "share_of_gemm_square": round(gflops / sq_peak, 3),
+                    "gemm_dtype": "bf16" if half else "fp32",
+                    "share_of_gemm_rep": round(gflops / peak_rep, 3),
+                    "share_of_gemm_square": round(gflops / peak_sq, 3),
                     "loss_max_diff": max(abs(a - b) for a, b in zip(run["losses"][:n], base["losses"][:n])),
                     "first_step_s": round(run["first_step_s"], 2),
                     "parameters": count_parameters(run["net"]),
@@ -253,8 +271,10 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                     rec["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
                 results.append(rec)
             per_model[name].setdefault("gemm", []).append({
-                "batch_size": B, "rep_shape": list(rep), "rep_gflops": round(rep_peak, 1),
-                "square_shape": [SQUARE_GEMM] * 3, "square_gflops": round(sq_peak, 1)})
+                "batch_size": B, "valid_token_fraction": round(valid_fraction, 3),
+                "rep_shape": list(rep), "rep_gflops": round(rep_peak, 1),
+                "square_shape": [SQUARE_GEMM] * 3, "square_gflops": round(sq_peak, 1),
+                **({"rep_gflops_bf16": round(rep16, 1), "square_gflops_bf16": round(sq16, 1)} if rep16 else {})})
             runs = batch = None  # free before the next configuration
     peak = None
     if dev.type == "cpu":
@@ -281,7 +301,7 @@ def format_bench(result: dict) -> str:
             "step ms": f"{r['step_ms']:.1f}", "x stock": f"{r['speedup_vs_stock']:.2f}",
             "x range": "{:.2f}-{:.2f}".format(*r["speedup_range"]),
             "GFLOP/s": f"{r['gflops']:.1f}", "% GEMM": f"{100 * r['share_of_gemm_rep']:.0f}%",
-            "% 2048^3": f"{100 * r['share_of_gemm_square']:.0f}%",
+            "% 2048^3": f"{100 * r['share_of_gemm_square']:.0f}%", "GEMM dtype": r["gemm_dtype"],
             "loss diff": f"{r['loss_max_diff']:.1e}", "1st step s": f"{r['first_step_s']:.2f}"})
     lines = [f"training throughput on {result['device']} ({result['threads']} threads), |S_all| = {S}, "
              f"paths alternated in each round; x stock: median [range] of per-round ratios",
@@ -292,7 +312,10 @@ def format_bench(result: dict) -> str:
                      f"(3 x forward; forward MFLOP: " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in f.items()) + ")")
         for g in m.get("gemm", []):
             lines.append(f"  GEMM reference, batch {g['batch_size']}: torch.mm {'x'.join(map(str, g['rep_shape']))} "
-                         f"{g['rep_gflops']:.1f} GFLOP/s, {SQUARE_GEMM}^3 {g['square_gflops']:.1f} GFLOP/s")
+                         f"{g['rep_gflops']:.1f} GFLOP/s, {SQUARE_GEMM}^3 {g['square_gflops']:.1f} GFLOP/s (fp32)"
+                         + (f"; bf16 {g['rep_gflops_bf16']:.1f} / {g['square_gflops_bf16']:.1f} GFLOP/s"
+                            if "rep_gflops_bf16" in g else "")
+                         + f"; {100 * g['valid_token_fraction']:.0f}% of the batch's slots are tokens")
     if result.get("memory"):
         lines.append(f"peak memory: {result['memory']['peak_mem_mb']:.0f} MB ({result['memory']['peak_mem_kind']})")
     return "\n".join(lines)

@@ -61,10 +61,10 @@ def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torc
 
     Inference on CUDA runs the fused SKUT kernel, inference elsewhere the flash-attention
     layout of the same layers (:mod:`transact.kernels.pytorch.encoder_cpu`); training
-    (autograd or dropout) runs the same layers through SDPA with one mask for all layers
-    (:mod:`transact.kernels.pytorch.encoder_train`; on CUDA SDPA picks its
-    memory-efficient kernel), or the stock module where that path cannot run it or
-    ``TRANSACT_TRAIN_ENCODER=stock``. Valid positions agree to float rounding.
+    (autograd or dropout) runs the same layers on the valid tokens, packed, with causal
+    attention (:mod:`transact.kernels.pytorch.encoder_train`; 0 at padded positions), or
+    the stock module where that path cannot run it or ``TRANSACT_TRAIN_ENCODER=stock``.
+    Valid positions agree to float rounding.
     """
     inference = not encoder.training and not torch.is_grad_enabled()
     if inference and _use_triton(x):
@@ -82,3 +82,32 @@ def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torc
         if train_unsupported_reason(encoder) is None:
             return encoder_forward_train(encoder, x, valid)
     return encoder_reference(encoder, x, valid)
+
+
+def trains_on_tokens(encoder: nn.TransformerEncoder) -> bool:
+    """Whether this forward of ``encoder`` is a training one that :func:`encoder_tokens` runs
+    packed (so a caller may build the valid tokens alone instead of [B, S, d])."""
+    if not encoder.training and not torch.is_grad_enabled():
+        return False
+    from transact.kernels.pytorch.encoder_train import train_unsupported_reason
+
+    return train_encoder() == "sdpa" and train_unsupported_reason(encoder) is None
+
+
+def encoder_tokens(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The training encoder on the valid tokens alone: t [N, d] = ``x[valid]`` (row-major),
+    valid bool [B, S] -> [N, d], equal to ``encoder_forward(encoder, x, valid)[valid]``.
+
+    The packed training path takes them as they are; the stock module (or a layer that path
+    cannot run) gets them scattered into [B, S, d] and gathered back."""
+    if train_encoder() == "sdpa":
+        from transact.kernels.pytorch.encoder_train import encoder_tokens_train, train_unsupported_reason
+
+        if train_unsupported_reason(encoder) is None:
+            return encoder_tokens_train(encoder, t, valid)
+    from transact.kernels.pytorch.encoder import encoder_reference
+
+    B, S = valid.shape
+    src = valid.reshape(-1).nonzero().squeeze(1)  # [N]
+    x = t.new_zeros(B * S, t.shape[1]).index_copy(0, src, t).view(B, S, -1)  # [B, S, d]
+    return encoder_reference(encoder, x, valid).reshape(B * S, -1).index_select(0, src)  # [N, d]

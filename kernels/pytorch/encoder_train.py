@@ -1,53 +1,52 @@
-"""The encoder's training path: the stock layers' math through
-``F.scaled_dot_product_attention``, with one additive mask built once for all layers.
+"""The encoder's training path: the stock layers' math on the valid tokens only, packed,
+with causal attention (:mod:`transact.kernels.pytorch.attention_train`).
 
-Same computation as :func:`transact.kernels.pytorch.encoder.encoder_reference` (post-LN
-layers, ReLU FFN; the stock ``nn.TransformerEncoder`` stays the parameter container, so
-checkpoints and the SKUT kernel load the same weights), per layer::
+Same computation as :func:`transact.kernels.pytorch.encoder.encoder_reference` at every
+valid position (post-LN layers, ReLU FFN; the stock ``nn.TransformerEncoder`` stays the
+parameter container, so checkpoints and the SKUT kernel load the same weights).
 
-    [Q | K | V] = X W_in^T + b_in                          [B, S, 3d]  one GEMM, views split it
-    A           = softmax(Q K^T / sqrt(d_h) + M) V         [B, H, S, d_h]  SDPA (dropout p on the weights)
-    X           = LN1(X + drop(A W_out^T + b_out))         [B, S, d]
-    X           = LN2(X + drop(W_2 drop(relu(W_1 X + b_1)) + b_2))
+Packing. Row b has n_b valid tokens (in time order); the reference lets valid query i see
+the valid keys j <= i. Gather them to the front of the row, in order, and that is exactly
+causal attention over the packed row: padded slots sit after every valid query. So::
 
-    M[b, 0, i, j] = 0 if allowed(i, j) else -inf           [B, 1, S, S]  built once per forward
+    T           = X[valid]                                   [N, d]  N = sum_b n_b, row-major
+    per layer:
+    Q, K, V     = T W_{q,k,v}^T + b_{q,k,v}                  [N, d]  three GEMMs (contiguous)
+    A           = causal_attention(pack(Q), pack(K), pack(V)) [B, H, L, d_h]  L = max_b n_b
+    T           = LN1(T + drop(unpack(A) W_out^T + b_out))   [N, d]
+    T           = LN2(T + drop(W_2 drop(relu(W_1 T + b_1)) + b_2))
+    U           = scatter(T) into [B, S, d], 0 at padded slots
 
-with ``allowed`` exactly the reference's (:func:`~transact.kernels.pytorch.encoder.attention_mask`:
-causal, padded keys blocked, the diagonal always allowed). So every row of M has a
-finite entry, and every position -- padded queries and all-padding rows included -- is
-the reference's to float rounding, in the forward and in the gradients (tested).
+with pack/unpack index copies between the flat tokens and [B, L] (slot j < n_b of a packed
+row). Every per-token step -- the projections, norms, FFN, residuals and their gradients --
+runs on N tokens instead of B x S, and attention on L <= S with no mask to build or read
+(half the synthetic benchmark batch is padding; docs/ablation.md, "training speed").
 
-What the stock module costs in training and this path does not (``torch.profiler`` on the
-v2 training step, batch 256, |S_all| 192, 2 threads; the tables are in docs/ablation.md):
+Padded positions. The reference gives a padded query its own key and the earlier valid
+ones; the model never reads those outputs (max-pooling, first-K and the NAL all mask by
+validity), so here they are 0 -- the loss and every gradient are the reference's to float
+rounding (tested in tests/model/test_model_train_path.py), the outputs at valid positions too.
 
-- ``nn.MultiheadAttention`` transposes batch-first inputs to sequence-first copies and
-  splits Q/K/V through an unflatten + transpose whose backward zero-fills and copies a
-  [3, S, B, d] buffer per layer (fill_ + copy_ of 3 x 192 x 256 x 64 floats: the largest
-  items of the stock profile, with 135 MB of freshly faulted pages per step against 39 MB
-  here) -- here Q/K/V are views of the [B, S, 3d] projection and the backward of ``split``
-  is one concatenation;
-- it turns the boolean [B, S, S] mask into a float one in every layer (fill, masked_fill,
-  add) -- here one float mask serves both layers.
+Precision. Under bf16/fp16 autocast the whole encoder runs in that dtype with autocast
+off inside: the tokens and every weight are cast once, and the residual stream, the layer
+norms (fp32 statistics inside the kernel) and the attention keep it, instead of autocast's
+fp32 norms and residual adds that cast the activations back and forth around every matmul.
+The output is in that dtype.
 
-What is left is mostly the attention kernel itself (~35% of the step, flash forward +
-backward at ~150 GFLOP/s) and the GEMMs (~28%). Splitting the queries into causal blocks
-(keys [0, e) for queries [s, e)) skips up to 42% of the attention FLOPs but was slower
-here: the CPU flash kernel runs short query blocks less efficiently (forward, 1 thread:
-3 calls of 64 queries over all keys 30 ms, one call of 192 queries 23 ms), and bf16 flash attention is
-no faster than fp32 on this CPU (measured; the numbers are in docs/ablation.md).
-
-Device kernels. On CPU, SDPA with a float mask runs the flash-attention kernel (it skips
-no work for causality at S = 192; see encoder_cpu.py). On CUDA the same call goes to the
-memory-efficient kernel, which takes an additive mask (FlashAttention takes none: it would
-need ``is_causal`` and no padding) -- expected from PyTorch's SDPA dispatch, not measured
-here (no GPU). fp16/bf16 inputs (autocast) get the mask in their dtype.
+Device kernels. On CPU, bf16 attention runs the flash forward and a blocked GEMM backward
+on the matrix units; fp32 runs SDPA's flash kernel both ways. On CUDA SDPA with
+``is_causal`` and no mask is eligible for FlashAttention -- expected from PyTorch's SDPA
+dispatch, not measured here (no GPU).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transact.kernels.pytorch.attention_train import causal_attention_train
 from transact.kernels.pytorch.encoder import stock_layer_issue
 
 
@@ -59,37 +58,61 @@ def train_unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
     return None
 
 
-def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """valid bool [B, S] -> M [B, 1, S, S] of ``dtype``: 0 where the reference allows
-    query i to see key j, -inf elsewhere (the diagonal is always allowed)."""
-    S = valid.shape[1]
-    pos = torch.arange(S, device=valid.device)
-    blocked = (pos[None, :] > pos[:, None])[None] | ~valid[:, None, :]  # [B, S, S] j > i or key padded
-    blocked &= pos[None, :] != pos[:, None]  # [B, S, S] the diagonal stays allowed
-    zero = torch.zeros((), dtype=dtype, device=valid.device)
-    return torch.where(blocked, float("-inf"), zero)[:, None]  # [B, 1, S, S]
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The reduced dtype autocast would give ``x``'s matmuls here (bf16/fp16), or None."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if dt in (torch.bfloat16, torch.float16) else None
 
 
 def encoder_forward_train(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Encoder forward with the causal + padding mask, for training (autograd, dropout);
-    x [B, S, d] float, valid bool [B, S] -> [B, S, d]. Equals
-    :func:`~transact.kernels.pytorch.encoder.encoder_reference` at every position."""
+    x [B, S, d] float, valid bool [B, S] -> [B, S, d]: the reference's at valid positions,
+    0 at padded ones (module docstring); in autocast's dtype under bf16/fp16 autocast."""
     B, S, d = x.shape
-    if B == 0 or S == 0:
-        return encoder(x)  # nothing to attend; keeps the autograd graph
-    mask = None
+    src = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat slots of the valid tokens, row-major
+    t = encoder_tokens_train(encoder, x.reshape(B * S, d).index_select(0, src), valid)  # [N, d]
+    return t.new_zeros(B * S, d).index_copy(0, src, t).view(B, S, d)  # [B, S, d], 0 at padded slots
+
+
+def encoder_tokens_train(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The same on the valid tokens alone: t [N, d], the tokens ``x[valid]`` (row-major, so each
+    row's in time order), valid bool [B, S] -> [N, d]."""
+    dt = autocast_dtype(t)
+    if dt is None:
+        return _packed(encoder, t, valid, lambda p: p)
+    with torch.autocast(t.device.type, enabled=False):
+        return _packed(encoder, t.to(dt), valid, lambda p: p.to(dt))
+
+
+def _packed(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor,
+            w: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The layers on the valid tokens t [N, d], every parameter passed through ``w``."""
+    B, d = valid.shape[0], t.shape[1]
+    n = valid.sum(dim=1)  # [B] valid tokens per row
+    # L rounded up to a multiple of 16: the CPU flash kernel at L = 173 took 10-11 ms, at 176 5-8 ms
+    if t.shape[0] == 0:
+        return t  # no token to encode (an empty batch, or every row empty)
+    L = -(-int(n.max()) // 16) * 16
+    dst = (torch.arange(L, device=t.device) < n[:, None]).reshape(-1).nonzero().squeeze(1)  # [N] in [B*L]
     for layer in encoder.layers:
         attn = layer.self_attn
         H = attn.num_heads
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, S, 3d]
-        if mask is None or mask.dtype != qkv.dtype:  # once (autocast: in the projections' dtype)
-            mask = additive_mask(valid, qkv.dtype)  # [B, 1, S, S]
-        q, k, v = (t.view(B, S, H, d // H).transpose(1, 2) for t in qkv.split(d, dim=-1))  # [B, H, S, d/H] views
+        W, b = w(attn.in_proj_weight), w(attn.in_proj_bias)  # [3d, d], [3d]
+        q, k, v = (t.new_zeros(B * L, d).index_copy(0, dst, F.linear(t, W[i * d:(i + 1) * d], b[i * d:(i + 1) * d]))
+                   .view(B, L, H, d // H).transpose(1, 2) for i in range(3))  # [B, H, L, d/H] packed rows
         p = attn.dropout if attn.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, H, S, d/H]
-        a = a.transpose(1, 2).reshape(B, S, d)  # [B, S, d] (a view when H = 1)
-        x = layer.norm1(x + layer.dropout1(F.linear(a, attn.out_proj.weight, attn.out_proj.bias)))  # [B, S, d]
-        x = layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(F.relu(layer.linear1(x))))))  # [B, S, d]
+        a = causal_attention_train(q, k, v, dropout_p=p)  # [B, H, L, d/H]
+        a = a.transpose(1, 2).reshape(B * L, d).index_select(0, dst)  # [N, d]
+        t = _norm(layer.norm1, t + layer.dropout1(F.linear(a, w(attn.out_proj.weight), w(attn.out_proj.bias))), w)
+        h = layer.dropout(F.relu(F.linear(t, w(layer.linear1.weight), w(layer.linear1.bias))))  # [N, f]
+        t = _norm(layer.norm2, t + layer.dropout2(F.linear(h, w(layer.linear2.weight), w(layer.linear2.bias))), w)
     if encoder.norm is not None:
-        x = encoder.norm(x)  # [B, S, d]
-    return x
+        t = _norm(encoder.norm, t, w)  # [N, d]
+    return t
+
+
+def _norm(ln: nn.LayerNorm, x: torch.Tensor, w: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, w(ln.weight), w(ln.bias), ln.eps)  # [N, d]

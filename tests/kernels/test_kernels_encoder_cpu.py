@@ -12,9 +12,9 @@ from helpers import random_encoder, valid_pattern
 from transact.kernels import dispatch
 from transact.kernels.pytorch import encoder_cpu, encoder_train
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
-from transact.kernels.pytorch.encoder_train import additive_mask, encoder_forward_train, train_unsupported_reason
+from transact.kernels.pytorch.encoder_train import encoder_forward_train, train_unsupported_reason
 from transact.model.config import FeatureConfig
-from transact.kernels.pytorch.encoder import attention_mask, encoder_reference
+from transact.kernels.pytorch.encoder import encoder_reference
 from transact.model.encoder import make_encoder
 from transact.model.transact import Batch, build_model
 
@@ -146,7 +146,7 @@ def _grads(fn, enc, x, valid, g):
     x = x.clone().requires_grad_()
     out = fn(enc, x, valid)  # [B, S, d]
     params = list(enc.parameters())
-    grads = torch.autograd.grad(out, [x, *params], g)
+    grads = torch.autograd.grad(out, [x, *params], g, materialize_grads=True)  # 0 where unused (no valid token)
     return out.detach(), grads
 
 
@@ -155,36 +155,40 @@ def _grads(fn, enc, x, valid, g):
        kind=st.sampled_from(["random", "suffix", "mixed"]))
 def test_training_path_equals_the_stock_module_in_outputs_and_gradients(seed, B, S, heads, kind):
     """Fresh random weights (LayerNorm affine and biases included), inputs, upstream gradient
-    and padding patterns with empty and full rows, dropout 0, train mode: the SDPA training
-    path gives the stock module's output at *every* position (padded ones too: the mask keeps
-    the reference's diagonal) and the same gradients for the input and every parameter."""
+    and padding patterns with empty and full rows, dropout 0, train mode: the packed training
+    path gives the stock module's output at every valid position and 0 at padded ones, and --
+    for an upstream gradient that, like the model's, ignores padded positions -- the same
+    gradients for the input and every parameter."""
     rng = np.random.default_rng(seed)
     enc = random_encoder(seed % 1000, n_heads=heads).train()
     x = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32))
-    g = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32))
     valid = valid_pattern(rng, B, S, kind)
+    g = torch.from_numpy(rng.normal(size=(B, S, 64)).astype(np.float32)) * valid[..., None]
     out, grads = _grads(encoder_forward_train, enc, x, valid, g)
     ref, ref_grads = _grads(encoder_reference, enc, x, valid, g)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[valid], ref[valid], rtol=0, atol=1e-5)
+    assert bool((out[~valid] == 0).all())
     names = ["x"] + [n for n, _ in enc.named_parameters()]
     for name, a, b in zip(names, grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def test_training_mask_is_the_reference_mask():
-    rng = np.random.default_rng(1)
-    for kind in ("random", "suffix", "mixed"):
-        valid = valid_pattern(rng, 4, 13, kind)
-        m = additive_mask(valid, torch.float32)  # [B, 1, S, S]
-        blocked = attention_mask(valid)  # [B, S, S]
-        assert m.shape == (4, 1, 13, 13)
-        assert torch.equal(m[:, 0] == float("-inf"), blocked) and bool((m[:, 0][~blocked] == 0).all())
-        assert additive_mask(valid, torch.bfloat16).dtype == torch.bfloat16
+def test_training_path_tokens_equal_the_padded_layout():
+    """encoder_tokens (the model's training entry: valid tokens only) is the [B, S, d] path's
+    output at the valid positions, for the packed path and for the stock module."""
+    rng = np.random.default_rng(3)
+    enc = random_encoder(3, n_heads=2).train()
+    x = torch.from_numpy(rng.normal(size=(4, 21, 64)).astype(np.float32))
+    valid = valid_pattern(rng, 4, 21, "mixed")
+    want = encoder_reference(enc, x, valid)[valid]  # [N, d]
+    for path in ("sdpa", "stock"):
+        with dispatch.use_train_encoder(path):
+            torch.testing.assert_close(dispatch.encoder_tokens(enc, x[valid], valid), want, rtol=0, atol=1e-5)
 
 
 def test_training_path_dropout_and_empty_batch():
     """With dropout the path is stochastic, finite and differentiable; in eval mode (dropout
-    off) it is the reference again; an empty batch passes through."""
+    off) it is the reference again at valid positions; an empty batch passes through."""
     torch.manual_seed(0)
     enc = make_encoder(dropout=0.3).train()
     x, valid = torch.randn(3, 9, 64, requires_grad=True), torch.rand(3, 9) < 0.7
@@ -193,7 +197,7 @@ def test_training_path_dropout_and_empty_batch():
     a.sum().backward()
     assert torch.isfinite(x.grad).all()
     enc.eval()
-    torch.testing.assert_close(encoder_forward_train(enc, x, valid), encoder_reference(enc, x, valid),
+    torch.testing.assert_close(encoder_forward_train(enc, x, valid)[valid], encoder_reference(enc, x, valid)[valid],
                                rtol=0, atol=1e-5)
     assert encoder_forward_train(enc, torch.randn(0, 5, 64), torch.zeros(0, 5, dtype=torch.bool)).shape == (0, 5, 64)
 
@@ -205,5 +209,5 @@ def test_training_path_under_bf16_autocast_is_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = encoder_forward_train(enc, x, valid)
     ref = encoder_reference(enc, x, valid)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.1)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float()[valid], ref[valid], rtol=0, atol=0.1)

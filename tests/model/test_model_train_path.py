@@ -134,9 +134,11 @@ def test_bench_train_pairs_the_paths_and_writes_json(tmp_path):
 
     res = bench_train(["v2"], [4], steps=1, warmup=1, rounds=2, num_threads=1, bf16=True)
     by_path = {r["path"]: r for r in res["results"]}
-    assert list(by_path) == ["stock", "sdpa", "sdpa-bf16"]
+    assert list(by_path) == ["stock", "packed", "packed-bf16"]
     assert by_path["stock"]["speedup_vs_stock"] == 1.0 and by_path["stock"]["loss_max_diff"] == 0.0
-    assert by_path["sdpa"]["loss_max_diff"] < 1e-4  # the same loss curve, step by step
+    assert by_path["packed"]["loss_max_diff"] < 1e-4  # the same loss curve, step by step
+    assert by_path["packed-bf16"]["gemm_dtype"] == "bf16" and by_path["packed"]["gemm_dtype"] == "fp32"
+    assert 0 < res["models"]["v2"]["gemm"][0]["valid_token_fraction"] <= 1
     for r in by_path.values():
         assert r["examples_per_s"] > 0 and r["gflops"] > 0 and 0 < r["share_of_gemm_rep"]
         assert r["speedup_range"][0] <= r["speedup_vs_stock"] <= r["speedup_range"][1]
@@ -144,4 +146,4 @@ def test_bench_train_pairs_the_paths_and_writes_json(tmp_path):
     text = format_bench(res)
     assert "x stock" in text and "GEMM reference" in text
     data = json.loads(write_json(tmp_path / "train.json", res).read_text())
-    assert data["machine"]["cpu"] and data["results"][1]["path"] == "sdpa"
+    assert data["machine"]["cpu"] and data["results"][1]["path"] == "packed"
