@@ -48,6 +48,7 @@ from torch import nn
 
 from transact.kernels.pytorch.attention_train import causal_attention_train
 from transact.kernels.pytorch.encoder import stock_layer_issue
+from transact.kernels.pytorch.packing import length_groups, pack, unpack
 
 
 def train_unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
@@ -55,6 +56,8 @@ def train_unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
     for i, layer in enumerate(encoder.layers):
         if (issue := stock_layer_issue(layer)) is not None:
             return f"layer {i}: {issue}"
+    if encoder.norm is not None and not isinstance(encoder.norm, nn.LayerNorm):
+        return f"final norm is {type(encoder.norm).__name__}, not LayerNorm"
     return None
 
 
@@ -90,29 +93,33 @@ def encoder_tokens_train(encoder: nn.TransformerEncoder, t: torch.Tensor, valid:
 def _packed(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor,
             w: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The layers on the valid tokens t [N, d], every parameter passed through ``w``."""
-    B, d = valid.shape[0], t.shape[1]
-    n = valid.sum(dim=1)  # [B] valid tokens per row
-    # L rounded up to a multiple of 16: the CPU flash kernel at L = 173 took 10-11 ms, at 176 5-8 ms
-    if t.shape[0] == 0:
+    N, d = t.shape
+    if N == 0:
         return t  # no token to encode (an empty batch, or every row empty)
-    L = -(-int(n.max()) // 16) * 16
-    dst = (torch.arange(L, device=t.device) < n[:, None]).reshape(-1).nonzero().squeeze(1)  # [N] in [B*L]
+    pk = length_groups(valid)
     for layer in encoder.layers:
         attn = layer.self_attn
         H = attn.num_heads
-        W, b = w(attn.in_proj_weight), w(attn.in_proj_bias)  # [3d, d], [3d]
-        q, k, v = (t.new_zeros(B * L, d).index_copy(0, dst, F.linear(t, W[i * d:(i + 1) * d], b[i * d:(i + 1) * d]))
-                   .view(B, L, H, d // H).transpose(1, 2) for i in range(3))  # [B, H, L, d/H] packed rows
+        # One QKV GEMM and one gather into the groups' slots; ``split`` (not slicing) hands the
+        # groups and Q/K/V their parts, so the backward is concatenations -- one [N, 3d] gradient
+        # for one GEMM backward, where per-part slices would each be zero-filled to the whole
+        # buffer and added.
+        qkv = pack(F.linear(t, w(attn.in_proj_weight), w(attn.in_proj_bias)), pk)  # [M, 3d]
         p = attn.dropout if attn.training else 0.0
-        a = causal_attention_train(q, k, v, dropout_p=p)  # [B, H, L, d/H]
-        a = a.transpose(1, 2).reshape(B * L, d).index_select(0, dst)  # [N, d]
-        t = _norm(layer.norm1, t + layer.dropout1(F.linear(a, w(attn.out_proj.weight), w(attn.out_proj.bias))), w)
+        outs = []
+        for part, (b_, L) in zip(qkv.split(pk.sizes), pk.groups):
+            q, k, v = (z.reshape(b_, L, H, d // H).transpose(1, 2) for z in part.split(d, dim=-1))  # [b, H, L, d/H]
+            outs.append(causal_attention_train(q, k, v, dropout_p=p).transpose(1, 2).reshape(b_ * L, d))  # [b L, d]
+        a = unpack(torch.cat(outs), pk)  # [N, d]
+        t = _norm(layer.norm1, t + layer.dropout1(F.linear(a, w(attn.out_proj.weight), w(attn.out_proj.bias))))
         h = layer.dropout(F.relu(F.linear(t, w(layer.linear1.weight), w(layer.linear1.bias))))  # [N, f]
-        t = _norm(layer.norm2, t + layer.dropout2(F.linear(h, w(layer.linear2.weight), w(layer.linear2.bias))), w)
-    if encoder.norm is not None:
-        t = _norm(encoder.norm, t, w)  # [N, d]
+        t = _norm(layer.norm2, t + layer.dropout2(F.linear(h, w(layer.linear2.weight), w(layer.linear2.bias))))
+    if isinstance(encoder.norm, nn.LayerNorm):  # any other final norm: train_unsupported_reason
+        t = _norm(encoder.norm, t)  # [N, d]
     return t
 
 
-def _norm(ln: nn.LayerNorm, x: torch.Tensor, w: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return F.layer_norm(x, ln.normalized_shape, w(ln.weight), w(ln.bias), ln.eps)  # [N, d]
+def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # fp32 affine parameters with bf16 activations: PyTorch's CPU kernel takes the mixed
+    # pair (statistics in fp32 either way) and was faster than all-bf16 (3.1 vs 3.6 ms fwd+bwd)
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)  # [N, d]
