@@ -94,8 +94,9 @@ def _packed(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor
             w: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The layers on the valid tokens t [N, d], every parameter passed through ``w``."""
     N, d = t.shape
-    if N == 0:
-        return t  # no token to encode (an empty batch, or every row empty)
+    if N == 0:  # no token (an empty batch, or every row empty): every parameter stays in the
+        # graph with a zero gradient, as in the [B, S, d] path (DDP expects each to get one)
+        return t + sum((q.reshape(-1)[:1] * 0).sum() for q in encoder.parameters()).to(t.dtype)
     pk = length_groups(valid)
     for layer in encoder.layers:
         attn = layer.self_attn

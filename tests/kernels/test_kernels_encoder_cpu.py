@@ -211,3 +211,15 @@ def test_training_path_under_bf16_autocast_is_close():
     ref = encoder_reference(enc, x, valid)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float()[valid], ref[valid], rtol=0, atol=0.1)
+
+
+def test_training_path_without_tokens_keeps_every_parameter_in_the_graph():
+    """A batch whose rows have no token at all (cold start, or a time window that masks
+    everything): every encoder parameter still gets a (zero) gradient, as in the [B, S, d]
+    path -- DDP expects each parameter to get one in every step."""
+    enc = make_encoder().train()
+    x, valid = torch.randn(3, 5, 64, requires_grad=True), torch.zeros(3, 5, dtype=torch.bool)
+    out = encoder_forward_train(enc, x, valid)
+    out.sum().backward()
+    assert out.shape == (3, 5, 64) and bool((out == 0).all())
+    assert all(p.grad is not None and bool((p.grad == 0).all()) for p in enc.parameters())
