@@ -10,10 +10,13 @@
 # 1. installs this checkout's package, without dependencies, into a scratch folder;
 # 2. the CUDA tests with compiled kernels (TRITON_INTERPRET=0): Triton NN search and SKUT
 #    against their PyTorch references, and the serving path on the GPU (pinned staging
-#    arena, CUDA-graph replay, the Ranker against the CPU one)
+#    arena, CUDA-graph replay, the Ranker against the CPU one), and the training path on
+#    the GPU against the stock encoder (outputs and gradients)
 #    -> OUT_DIR/gpu-tests.xml (JUnit) and OUT_DIR/gpu-check.log;
 # 3. the kernel benchmarks at the paper's shapes: `transact bench nn-search` and
-#    `transact bench skut` (Tables 5 and 8) -> OUT_DIR/nn-search-<gpu>.json, skut-<gpu>.json.
+#    `transact bench skut` (Tables 5 and 8) -> OUT_DIR/nn-search-<gpu>.json, skut-<gpu>.json;
+# 4. training throughput, old path vs new, fp32 and bf16: `transact bench train --bf16`
+#    -> OUT_DIR/train-<gpu>.json.
 #
 # Each step has its own time limit (9.5 minutes in all, inside a 10-minute command), and
 # a failed step does not stop the next; the exit status is non-zero when any step failed.
@@ -78,13 +81,15 @@ fi
 step install 60 "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0
-step cuda-tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml" \
-  "$ROOT"/tests/kernels/test_kernels_nn_search.py "$ROOT"/tests/kernels/test_kernels_skut.py "$ROOT"/tests/serving/test_serving_cuda.py
+step cuda-tests 260 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml" \
+  "$ROOT"/tests/kernels/test_kernels_nn_search.py "$ROOT"/tests/kernels/test_kernels_skut.py "$ROOT"/tests/serving/test_serving_cuda.py \
+  "$ROOT"/tests/model/test_model_train_path.py
 # result files named after the device, as `transact bench` names them by default
 slug=$(cd "$WORK" && "$PY" -c "from transact.bench.report import device_slug; print(device_slug())" \
   2>/dev/null || echo gpu)
-step bench-nn-search 90 "$PY" -m transact.cli bench nn-search --out "$OUT_DIR/nn-search-$slug.json"
-step bench-skut 120 "$PY" -m transact.cli bench skut --out "$OUT_DIR/skut-$slug.json"
+step bench-nn-search 80 "$PY" -m transact.cli bench nn-search --out "$OUT_DIR/nn-search-$slug.json"
+step bench-skut 110 "$PY" -m transact.cli bench skut --out "$OUT_DIR/skut-$slug.json"
+step bench-train 60 "$PY" -m transact.cli bench train --bf16 --rounds 3 --out "$OUT_DIR/train-$slug.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]} (see $LOG)" | tee -a "$LOG"
   exit 1

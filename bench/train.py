@@ -39,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
 import torch
 
 from transact.data.schema import ACTIONS, EMB_DIM
@@ -160,14 +162,42 @@ def _make_step(net: TransActModel, batch, mcfg: ModelConfig, fcfg: FeatureConfig
     return step
 
 
+def rows_batch(rows: str | Path, batch_size: int, seed: int = 0) -> tuple[pa.Table, FeatureConfig]:
+    """``batch_size`` rows drawn at random (seeded) from the first row groups of a logged row
+    file or folder that hold 8x as many, and the rows' feature config."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from transact.model.dataset import read_feature_config, row_files
+
+    parts, n = [], 0
+    for f in row_files(rows):
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.num_row_groups):
+            parts.append(pf.read_row_group(rg))
+            n += parts[-1].num_rows
+            if n >= 8 * batch_size:
+                break
+        if n >= 8 * batch_size:
+            break
+    table = pa.concat_tables(parts)
+    if table.num_rows < batch_size:
+        raise ValueError(f"{rows}: {table.num_rows} rows, fewer than the batch size {batch_size}")
+    pick = np.sort(np.random.default_rng(seed).choice(table.num_rows, batch_size, replace=False))
+    return table.take(pa.array(pick)), read_feature_config(rows)
+
+
 def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tuple[int, ...] | list[int] = (256,),
                 steps: int = 5, warmup: int = 3, device: str | None = None, num_threads: int | None = None,
-                seed: int = 0, rounds: int = 5, bf16: bool = False, compile: bool = False) -> dict:
+                seed: int = 0, rounds: int = 5, bf16: bool = False, compile: bool = False,
+                rows: str | Path | None = None) -> dict:
     """Paired training throughput of the paths (see the module docstring) per (model, batch size).
 
     ``steps`` timed steps per path and round, ``rounds`` rounds, ``warmup`` untimed steps
-    per path first. Peak memory: the process's peak RSS on CPU (one process for all paths),
-    ``torch.cuda.max_memory_allocated`` during each path's steps on CUDA.
+    per path first; on synthetic rows of the default feature contract, or on a batch drawn
+    from ``rows`` (logged rows: the valid-token share of real histories). Peak memory: the
+    process's peak RSS on CPU (one process for all paths), ``torch.cuda.max_memory_allocated``
+    during each path's steps on CUDA.
     """
     from transact.bench.machine import device_label, machine_info, peak_rss_mib
     from transact.components.procmem import reset_peak_rss
@@ -176,7 +206,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     if num_threads:
         torch.set_num_threads(num_threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    fcfg = FeatureConfig()
+    fcfg = FeatureConfig() if rows is None else rows_batch(rows, 1, seed)[1]
     paths = ["stock", "packed"] + (["packed-bf16"] if bf16 else []) + (["packed-compile"] if compile else [])
     reset = reset_peak_rss() if dev.type == "cpu" else False
     results, per_model = [], {}
@@ -187,8 +217,11 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
         per_model[name] = {"forward_flops_per_example": flops, "train_flops_per_example": train_flops,
                            "tokens_per_example": seq_tokens(mcfg, fcfg)}
         for bs in batch_sizes:
-            table = synthetic_rows(max(1, -(-bs // 8)), fcfg, per_request=8, seed=seed)
-            batch = table_to_batch(table.slice(0, bs), fcfg).to(dev)
+            if rows is None:
+                table = synthetic_rows(max(1, -(-bs // 8)), fcfg, per_request=8, seed=seed).slice(0, bs)
+            else:
+                table = rows_batch(rows, bs, seed)[0]
+            batch = table_to_batch(table, fcfg).to(dev)
             B = len(batch)
             valid_fraction = float(valid_mask(batch.seg_len, fcfg).float().mean())
             M = label_weight_matrix(mcfg).to(dev)
@@ -282,6 +315,7 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                 "peak_mem_kind": "process peak RSS, all paths" + ("" if reset else " (not reset at start)")}
     return {"benchmark": "train", "device": device_label(), "torch_device": str(dev),
             "threads": torch.get_num_threads(), "feature_config": fcfg.to_dict(),
+            "rows": str(rows) if rows is not None else "synthetic (model.dataset.synthetic_rows)",
             "paths": paths, "models": per_model, "memory": peak, "machine": machine_info(), "results": results}
 
 
@@ -304,7 +338,8 @@ def format_bench(result: dict) -> str:
             "% 2048^3": f"{100 * r['share_of_gemm_square']:.0f}%", "GEMM dtype": r["gemm_dtype"],
             "loss diff": f"{r['loss_max_diff']:.1e}", "1st step s": f"{r['first_step_s']:.2f}"})
     lines = [f"training throughput on {result['device']} ({result['threads']} threads), |S_all| = {S}, "
-             f"paths alternated in each round; x stock: median [range] of per-round ratios",
+             f"rows: {result.get('rows', 'synthetic')}; paths alternated in each round; "
+             f"x stock: median [range] of per-round ratios",
              format_table(rows)]
     for name, m in result["models"].items():
         f = m["forward_flops_per_example"]

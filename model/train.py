@@ -19,11 +19,13 @@
   reads the checkpoint on resume, so ``--out`` must be visible to all ranks; in-memory
   row loading also happens once per rank. A run resumed at (or past) its end trains no
   further step.
-- Speed: the encoder trains through :func:`transact.kernels.dispatch.encoder_forward`
-  (SDPA with one mask for both layers; ``transact bench train`` times it against the stock
-  module). ``precision="bf16"`` runs the forward and the loss under bf16 autocast
-  (weights, Adam and gradients stay fp32): faster GEMMs on CPUs with AMX/AVX-512 BF16,
-  *not* the fp32 loss curve -- opt-in (docs/ablation.md has the comparison). The summary
+- Speed: the model builds and encodes only the valid tokens of a batch
+  (:func:`transact.kernels.dispatch.encoder_tokens`: rows packed in length groups, causal
+  attention; ``transact bench train`` times it against the stock module). ``precision="bf16"``
+  runs the forward and the loss under bf16 autocast (weights, Adam and gradients stay fp32;
+  the encoder wholly in bf16, its attention backward as GEMMs on the CPU's matrix units):
+  ~3x the old fp32 step on CPUs with AMX, *not* the fp32 loss curve to the bit -- opt-in
+  (docs/ablation.md has the side-by-side ablation). The summary
   records ``data_s``, the time spent waiting for batches (rows in memory: ~0.3 ms a
   batch of 256 -- decoding does not need to overlap compute).
 """

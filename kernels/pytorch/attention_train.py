@@ -32,18 +32,14 @@ eagerly (same values, ~3x slower), after one warning.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
+
+from transact.kernels.pytorch.compiled import CompiledOrEager
 
 #: examples per recomputed block: [32, 192, 192] fp32 scores are 4.7 MB; 16 / 32 / 64 rows
 #: took 18.9 / 15.5 / ~22 ms per layer on the machine measured
 BLOCK_ROWS: int = 32
-
-_compiled: Callable | None = None
-_compile_failed: bool = False
 
 
 def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
@@ -63,75 +59,114 @@ def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     return dq, dk, dv
 
 
-def _run_block(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The compiled block (built once per process), or the eager one once compiling failed."""
-    global _compiled, _compile_failed
-    if not _compile_failed:
-        try:
-            if _compiled is None:
-                # dynamic: one build for every packed length L and block size (a static build per
-                # shape hit Dynamo's recompile limit within an epoch); as fast as static here
-                _compiled = torch.compile(_block_backward, dynamic=True)
-            return _compiled(*args)
-        except Exception as e:  # noqa: BLE001 -- any compiler failure: the same math, eagerly
-            _compile_failed = True
-            first = str(e).splitlines()[0][:160] if str(e) else ""
-            warnings.warn(f"attention backward runs eagerly (torch.compile failed: {type(e).__name__}: {first})",
-                          RuntimeWarning, stacklevel=2)
-    return _block_backward(*args)
+#: the block, compiled (dynamic: one build for every packed length and block size -- a static
+#: build per shape hit Dynamo's recompile limit within an epoch; as fast as static here)
+_run_block = CompiledOrEager(_block_backward, "attention backward")
 
 
-@torch.library.custom_op("transact::causal_attention_fwd", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
-    return out, lse  # [B, H, L, d_h], [B, H, L] fp32
+def _pairs(groups: list[int]) -> list[tuple[int, int]]:
+    return list(zip(groups[0::2], groups[1::2]))
 
 
-@_flash_fwd.register_fake
-def _(q, k, v):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _views(x: torch.Tensor, lo: int, b: int, L: int, parts: int, heads: int) -> torch.Tensor:
+    """Rows [lo, lo + b L) of x [M, parts H d_h] as [b, L, parts, H, d_h] (a view)."""
+    return x[lo:lo + b * L].view(b, L, parts, heads, x.shape[1] // (parts * heads))
 
 
-@torch.library.custom_op("transact::causal_attention_bwd", mutates_args=())
-def _block_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, scale = q.shape[0], q.shape[-1] ** -0.5
-    dout = dout.to(q.dtype)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for s in range(0, B, BLOCK_ROWS):
-        e = min(s + BLOCK_ROWS, B)
-        dq[s:e], dk[s:e], dv[s:e] = _run_block(q[s:e], k[s:e], v[s:e], out[s:e], dout[s:e], lse[s:e], scale)
-    return dq, dk, dv
+@torch.library.custom_op("transact::grouped_causal_attention_fwd", mutates_args=())
+def _grouped_fwd(qkv: torch.Tensor, groups: list[int], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)  # [M, d]
+    lses, lo = [], 0
+    for b, L in _pairs(groups):
+        part = _views(qkv, lo, b, L, 3, heads)  # [b, L, 3, H, d_h]
+        q, k, v = (part[:, :, i].transpose(1, 2) for i in range(3))  # [b, H, L, d_h] strided views
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        _views(out, lo, b, L, 1, heads)[:, :, 0].copy_(o.transpose(1, 2))  # [b, L, H, d_h]
+        lses.append(lse.reshape(-1))  # [b H L] fp32
+        lo += b * L
+    return out, torch.cat(lses)
 
 
-@_block_bwd.register_fake
-def _(dout, q, k, v, out, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+@_grouped_fwd.register_fake
+def _(qkv, groups, heads):
+    n_lse = sum(b * L for b, L in _pairs(groups)) * heads
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3), qkv.new_empty(n_lse, dtype=torch.float32)
+
+
+@torch.library.custom_op("transact::grouped_causal_attention_bwd", mutates_args=())
+def _grouped_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, groups: list[int],
+                 heads: int) -> torch.Tensor:
+    dout = dout.to(qkv.dtype)
+    dqkv = torch.empty_like(qkv)  # [M, 3d], every row written below
+    scale = (qkv.shape[1] // (3 * heads)) ** -0.5
+    lo = lo_lse = 0
+    for b, L in _pairs(groups):
+        part, dpart = _views(qkv, lo, b, L, 3, heads), _views(dqkv, lo, b, L, 3, heads)  # [b, L, 3, H, d_h]
+        o, do = _views(out, lo, b, L, 1, heads)[:, :, 0], _views(dout, lo, b, L, 1, heads)[:, :, 0]  # [b, L, H, d_h]
+        lse_g = lse[lo_lse:lo_lse + b * heads * L].view(b, heads, L)
+        for s in range(0, b, BLOCK_ROWS):
+            e = min(s + BLOCK_ROWS, b)
+            # one block's operands, contiguous [rows, H, L, d_h] (cache-sized copies; the GEMMs
+            # on strided views were slower); its gradients written into the [M, 3d] result
+            q, k, v = (part[s:e, :, i].transpose(1, 2).contiguous() for i in range(3))
+            grads = _run_block(q, k, v, o[s:e].transpose(1, 2).contiguous(), do[s:e].transpose(1, 2).contiguous(),
+                               lse_g[s:e], scale)
+            for i, g in enumerate(grads):
+                dpart[s:e, :, i].copy_(g.transpose(1, 2))
+        lo += b * L
+        lo_lse += b * heads * L
+    return dqkv
+
+
+@_grouped_bwd.register_fake
+def _(dout, qkv, out, lse, groups, heads):
+    return torch.empty_like(qkv)
 
 
 def _setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs, *output)
+    qkv, groups, heads = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.groups, ctx.heads = groups, heads
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return _block_bwd(dout, q, k, v, out, lse)
+    qkv, out, lse = ctx.saved_tensors
+    return _grouped_bwd(dout, qkv, out, lse, ctx.groups, ctx.heads), None, None
 
 
-_flash_fwd.register_autograd(_backward, setup_context=_setup)
+_grouped_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def uses_block_backward(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`causal_attention_train` takes the flash-forward / block-backward route:
-    CPU, bf16, no dropout (the route recomputes P, so it cannot replay a dropout draw)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
+def uses_block_backward(x: torch.Tensor, dropout_p: float) -> bool:
+    """Whether attention on ``x`` takes the flash-forward / block-backward route: CPU, bf16,
+    no dropout (the route recomputes P, so it cannot replay a dropout draw)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and dropout_p == 0.0
+
+
+def grouped_causal_attention(qkv: torch.Tensor, groups: list[tuple[int, int]], heads: int,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention of packed rows in groups, with autograd.
+
+    qkv [M, 3d]: groups laid end to end, group g = b_g rows x L_g slots, each slot's
+    [q | k | v] (heads of d_h = d / heads each) -> [M, d], softmax(Q K^T / sqrt(d_h) + causal) V
+    per row. bf16 on CPU without dropout: one op, flash forward + block backward writing
+    straight into the [M, 3d] gradient (module docstring); anything else: SDPA per group
+    (``is_causal``; on CUDA its flash kernel)."""
+    if uses_block_backward(qkv, dropout_p) and torch.is_grad_enabled():
+        return _grouped_fwd(qkv.contiguous(), [x for g in groups for x in g], heads)[0]
+    # split / unbind, not slices: their backward is one concatenation / stack, where each
+    # slice's gradient would be zero-filled to the whole buffer and added
+    outs, d = [], qkv.shape[1] // 3
+    for part, (b, L) in zip(qkv.split([b * L for b, L in groups]), groups):
+        q, k, v = (z.transpose(1, 2) for z in part.view(b, L, 3, heads, d // heads).unbind(2))  # [b, H, L, d_h]
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # [b, H, L, d_h]
+        outs.append(o.transpose(1, 2).reshape(b * L, d))
+    return torch.cat(outs) if outs else qkv.new_zeros(0, d)
 
 
 def causal_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d_h) + causal) V with autograd; q, k, v [B, H, L, d_h] -> [B, H, L, d_h].
-
-    bf16 on CPU without dropout: flash forward + block backward (module docstring); anything
-    else: ``F.scaled_dot_product_attention(is_causal=True)`` (on CUDA its flash kernel)."""
-    if uses_block_backward(q, dropout_p) and torch.is_grad_enabled():
-        return _flash_fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    """One group: q, k, v [B, H, L, d_h] -> [B, H, L, d_h] through :func:`grouped_causal_attention`."""
+    B, H, L, dh = q.shape
+    qkv = torch.stack([q, k, v], dim=2).permute(0, 3, 2, 1, 4).reshape(B * L, 3 * H * dh)  # [B L, 3d]
+    out = grouped_causal_attention(qkv, [(B, L)], H, dropout_p)  # [B L, d]
+    return out.view(B, L, H, dh).transpose(1, 2)

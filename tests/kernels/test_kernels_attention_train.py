@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from transact.kernels.pytorch import attention_train
 from transact.kernels.pytorch.attention_train import causal_attention_train, uses_block_backward
+from transact.kernels.pytorch.compiled import CompiledOrEager
+from transact.kernels.pytorch.compiled import CompiledOrEager
 
 
 def _inputs(seed: int, B: int, H: int, L: int, dh: int):
@@ -56,12 +58,12 @@ def test_eager_fallback_gives_the_same_gradients(monkeypatch):
     def broken(*_a, **_k):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(attention_train, "_compiled", None)
-    monkeypatch.setattr(attention_train, "_compile_failed", False)
+    fresh = CompiledOrEager(attention_train._block_backward, "attention backward")
+    monkeypatch.setattr(attention_train, "_run_block", fresh)
     monkeypatch.setattr(torch, "compile", broken)
-    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+    with pytest.warns(RuntimeWarning, match="attention backward runs eagerly"):
         eager = _grads(causal_attention_train, q, k, v, do, torch.bfloat16)
-    assert attention_train._compile_failed
+    assert fresh.failed
     for a, b in zip(eager, compiled):
         assert _rel(a, b) < 1e-2
 

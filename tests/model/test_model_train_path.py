@@ -69,6 +69,30 @@ def test_model_outputs_and_gradients_equal_the_stock_encoder(name, overrides, se
         torch.testing.assert_close(g_new[n], g_old[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", ["v2", "bst"])
+def test_training_path_on_cuda_equals_the_stock_encoder(name):
+    """On the GPU (SDPA's causal kernels, the packed gathers): logits, loss and every gradient
+    equal the stock module's; under bf16 autocast the step is finite and close."""
+    torch.manual_seed(0)
+    net = TransActModel(model_config(name), FCFG).cuda().train()
+    b = batch_with_empty_rows(0).to("cuda")
+    M = label_weight_matrix(net.cfg).cuda()
+    runs = {}
+    for enc, bf16 in (("sdpa", False), ("stock", False), ("sdpa", True)):
+        net.zero_grad(set_to_none=True)
+        with use_train_encoder(enc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = total_loss(net(b), b, net.cfg, FCFG, M)
+        loss.backward()
+        runs[enc, bf16] = (loss.detach().float(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    (l_new, g_new), (l_old, g_old), (l_bf, g_bf) = runs["sdpa", False], runs["stock", False], runs["sdpa", True]
+    torch.testing.assert_close(l_new, l_old, rtol=1e-4, atol=1e-5)
+    for n in g_old:
+        torch.testing.assert_close(g_new[n], g_old[n], rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"grad {n}: {m}")
+        assert torch.isfinite(g_bf[n]).all(), n
+    assert abs(float(l_bf) - float(l_old)) < 0.05
+
+
 def test_batch_index_gathers_rows_by_tensor_mask_or_slice():
     b = table_to_batch(synthetic_rows(4, FCFG, per_request=4, seed=3), FCFG)
     idx = torch.tensor([5, 0, 15, 5])
@@ -147,3 +171,19 @@ def test_bench_train_pairs_the_paths_and_writes_json(tmp_path):
     assert "x stock" in text and "GEMM reference" in text
     data = json.loads(write_json(tmp_path / "train.json", res).read_text())
     assert data["machine"]["cpu"] and data["results"][1]["path"] == "packed"
+
+
+def test_bench_train_on_logged_rows(rows):
+    """--rows: the batch is drawn from the user's rows (their feature config, their share of
+    valid tokens), reported in the JSON; too few rows is a one-line refusal."""
+    from transact.bench.train import bench_train, rows_batch
+    from transact.model.nn_features import valid_mask
+
+    res = bench_train(["v2"], [16], steps=1, warmup=1, rounds=1, num_threads=1, rows=rows)
+    assert res["rows"] == str(rows) and res["feature_config"] == FCFG.to_dict()
+    table, fcfg = rows_batch(rows, 16)
+    want = float(valid_mask(table_to_batch(table, fcfg).seg_len, fcfg).float().mean())
+    assert res["models"]["v2"]["gemm"][0]["valid_token_fraction"] == round(want, 3)
+    assert [r["path"] for r in res["results"]] == ["stock", "packed"] and res["results"][1]["loss_max_diff"] < 1e-4
+    with pytest.raises(ValueError, match="fewer than the batch size"):
+        rows_batch(rows, 10_000)

@@ -172,9 +172,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
         out: Optional[Path] = typer.Option(None, help="JSON result path (default bench/results/train-<device>.json)."),
+        rows: Optional[Path] = typer.Option(None, help="Logged rows to draw the batch from (default: synthetic rows)."),
     ) -> None:
-        """Training throughput: the stock encoder (old) vs the SDPA training encoder (new), paired;
-        FLOPs per example and the share of a GEMM peak measured in the same run."""
+        """Training throughput: the stock encoder (old) vs the packed training path (new, fp32 and
+        with --bf16), paired; FLOPs per example and the share of a GEMM peak measured in the same run."""
         from transact.bench.report import default_output, write_json
         from transact.bench.train import bench_train, format_bench
 
@@ -183,7 +184,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             _check_options(batch_sizes=(b, 1))
 
         res = bench_train([m.strip() for m in models.split(",")], _ints(batch_sizes), steps, warmup,
-                          device, threads, rounds=rounds, bf16=bf16, compile=compile)
+                          device, threads, rounds=rounds, bf16=bf16, compile=compile, rows=rows)
         typer.echo(format_bench(res))
         path = write_json(out or default_output("train"), res)
         typer.echo(f"written {path}")
