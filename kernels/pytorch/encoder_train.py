@@ -97,7 +97,7 @@ def _packed(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor
     N, d = t.shape
     if N == 0:  # no token (an empty batch, or every row empty): every parameter stays in the
         # graph with a zero gradient, as in the [B, S, d] path (DDP expects each to get one)
-        return t + sum((q.reshape(-1)[:1] * 0).sum() for q in encoder.parameters()).to(t.dtype)
+        return t + torch.stack([(q.reshape(-1)[:1] * 0).sum() for q in encoder.parameters()]).sum().to(t.dtype)
     pk = length_groups(valid)
     for layer in encoder.layers:
         attn = layer.self_attn

@@ -91,13 +91,13 @@ class GatherRows(torch.autograd.Function):
     appended (``inverse`` pointing at it for rows of x that no row of y holds)."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse, zero_row):  # type: ignore[override]
+    def forward(ctx, x, index, inverse, zero_row):
         ctx.save_for_backward(inverse)
         ctx.zero_row = zero_row
         return _take_rows(x, index)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         (inverse,) = ctx.saved_tensors
         if ctx.zero_row:
             dy = torch.cat([dy, dy.new_zeros(1, dy.shape[1])])

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from transact.kernels.pytorch import attention_train
 from transact.kernels.pytorch.attention_train import causal_attention_train, uses_block_backward
 from transact.kernels.pytorch.compiled import CompiledOrEager
-from transact.kernels.pytorch.compiled import CompiledOrEager
 
 
 def _inputs(seed: int, B: int, H: int, L: int, dh: int):
