@@ -10,8 +10,9 @@ serving baseline used by the benchmarks.
   with :func:`attention_mask` (:mod:`transact.kernels.pytorch.encoder`).
 - :func:`encoder_forward_cpu`: the encoder's CPU inference path (the same layers through
   the CPU flash-attention kernel, no dense mask).
-- :func:`encoder_forward_train`: the encoder's training path (the same layers through SDPA
-  with one additive mask for all layers; autograd, dropout), any device.
+- :func:`encoder_forward_train` / ``encoder_tokens_train``: the encoder's training path (the
+  same layers on the valid tokens only, packed in length groups -- :mod:`.packing` -- with
+  causal attention, :mod:`.attention_train`; autograd, dropout), any device.
 - :func:`nn_search_unfused`: the broadcast-to-candidates baseline of paper §3.4.2.
 """
 from transact.kernels.pytorch.encoder import attention_mask, encoder_reference

@@ -1,5 +1,5 @@
-"""The encoder's training path: the stock layers' math on the valid tokens only, packed,
-with causal attention (:mod:`transact.kernels.pytorch.attention_train`).
+"""The encoder's training path: the stock layers' math on the valid tokens only, with causal
+attention over each row's tokens packed to the front.
 
 Same computation as :func:`transact.kernels.pytorch.encoder.encoder_reference` at every
 valid position (post-LN layers, ReLU FFN; the stock ``nn.TransformerEncoder`` stays the
@@ -9,34 +9,35 @@ Packing. Row b has n_b valid tokens (in time order); the reference lets valid qu
 the valid keys j <= i. Gather them to the front of the row, in order, and that is exactly
 causal attention over the packed row: padded slots sit after every valid query. So::
 
-    T           = X[valid]                                   [N, d]  N = sum_b n_b, row-major
+    T        = X[valid]                                      [N, d]  N = sum_b n_b, row-major
     per layer:
-    Q, K, V     = T W_{q,k,v}^T + b_{q,k,v}                  [N, d]  three GEMMs (contiguous)
-    A           = causal_attention(pack(Q), pack(K), pack(V)) [B, H, L, d_h]  L = max_b n_b
-    T           = LN1(T + drop(unpack(A) W_out^T + b_out))   [N, d]
-    T           = LN2(T + drop(W_2 drop(relu(W_1 T + b_1)) + b_2))
-    U           = scatter(T) into [B, S, d], 0 at padded slots
+    QKV      = pack(T W_in^T + b_in)                         [M, 3d] slots of the length groups
+    A        = unpack(causal_attention(QKV))                 [N, d]  per group [b_g, H, L_g, d_h]
+    T        = LN1(T + drop(A W_out^T + b_out))              [N, d]
+    T        = LN2(T + drop(W_2 drop(relu(W_1 T + b_1)) + b_2))
+    U        = scatter(T) into [B, S, d], 0 at padded slots (encoder_forward_train only)
 
-with pack/unpack index copies between the flat tokens and [B, L] (slot j < n_b of a packed
-row). Every per-token step -- the projections, norms, FFN, residuals and their gradients --
-runs on N tokens instead of B x S, and attention on L <= S with no mask to build or read
-(half the synthetic benchmark batch is padding; docs/ablation.md, "training speed").
+with rows sorted by length into groups, each attended at its own length
+(:mod:`transact.kernels.pytorch.packing`). Every per-token step -- projections, norms, FFN,
+residuals and their gradients -- runs on N tokens instead of B x S, attention on each
+group's L_g <= S with no mask to build or read (docs/ablation.md, "Training throughput").
 
 Padded positions. The reference gives a padded query its own key and the earlier valid
 ones; the model never reads those outputs (max-pooling, first-K and the NAL all mask by
 validity), so here they are 0 -- the loss and every gradient are the reference's to float
-rounding (tested in tests/model/test_model_train_path.py), the outputs at valid positions too.
+rounding (tests/model/test_model_train_path.py), the outputs at valid positions too.
 
 Precision. Under bf16/fp16 autocast the whole encoder runs in that dtype with autocast
-off inside: the tokens and every weight are cast once, and the residual stream, the layer
-norms (fp32 statistics inside the kernel) and the attention keep it, instead of autocast's
-fp32 norms and residual adds that cast the activations back and forth around every matmul.
-The output is in that dtype.
+off inside: the tokens and every weight are cast once, and the residual stream and the
+attention keep it, instead of autocast's fp32 norms and residual adds that cast the
+activations back and forth around every matmul; the layer norms take the fp32 affine
+parameters (statistics in fp32). The output is in that dtype.
 
 Device kernels. On CPU, bf16 attention runs the flash forward and a blocked GEMM backward
-on the matrix units; fp32 runs SDPA's flash kernel both ways. On CUDA SDPA with
-``is_causal`` and no mask is eligible for FlashAttention -- expected from PyTorch's SDPA
-dispatch, not measured here (no GPU).
+on the matrix units (:mod:`transact.kernels.pytorch.attention_train`), and the residual add +
+layer norm is fused by ``torch.compile``; fp32 runs SDPA's flash kernel both ways. On CUDA
+SDPA with ``is_causal`` and no mask is eligible for FlashAttention -- expected from
+PyTorch's SDPA dispatch, not measured here (no GPU).
 """
 from __future__ import annotations
 

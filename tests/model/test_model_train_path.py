@@ -162,6 +162,7 @@ def test_bench_train_pairs_the_paths_and_writes_json(tmp_path):
     assert by_path["stock"]["speedup_vs_stock"] == 1.0 and by_path["stock"]["loss_max_diff"] == 0.0
     assert by_path["packed"]["loss_max_diff"] < 1e-4  # the same loss curve, step by step
     assert by_path["packed-bf16"]["gemm_dtype"] == "bf16" and by_path["packed"]["gemm_dtype"] == "fp32"
+    assert by_path["packed-bf16"]["loss_max_diff"] < 0.05  # bf16: close, not the same to the bit
     assert 0 < res["models"]["v2"]["gemm"][0]["valid_token_fraction"] <= 1
     for r in by_path.values():
         assert r["examples_per_s"] > 0 and r["gflops"] > 0 and 0 < r["share_of_gemm_rep"]
