@@ -163,27 +163,29 @@ def _make_step(net: TransActModel, batch, mcfg: ModelConfig, fcfg: FeatureConfig
 
 
 def rows_batch(rows: str | Path, batch_size: int, seed: int = 0) -> tuple[pa.Table, FeatureConfig]:
-    """``batch_size`` rows drawn at random (seeded) from the first row groups of a logged row
-    file or folder that hold 8x as many, and the rows' feature config."""
+    """``batch_size`` rows drawn at random (seeded) from row groups picked at random across a
+    logged row file or folder until they hold 8x as many (early row groups alone are not
+    typical: in the demo world's rows they hold shorter histories), and the rows' feature
+    config."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from transact.model.dataset import read_feature_config, row_files
 
+    rng = np.random.default_rng(seed)
+    files = [pq.ParquetFile(f) for f in row_files(rows)]
+    groups = [(fi, rg) for fi, pf in enumerate(files) for rg in range(pf.num_row_groups)]
     parts, n = [], 0
-    for f in row_files(rows):
-        pf = pq.ParquetFile(f)
-        for rg in range(pf.num_row_groups):
-            parts.append(pf.read_row_group(rg))
-            n += parts[-1].num_rows
-            if n >= 8 * batch_size:
-                break
+    for i in rng.permutation(len(groups)):
+        fi, rg = groups[i]
+        parts.append(files[fi].read_row_group(rg))
+        n += parts[-1].num_rows
         if n >= 8 * batch_size:
             break
     table = pa.concat_tables(parts)
     if table.num_rows < batch_size:
         raise ValueError(f"{rows}: {table.num_rows} rows, fewer than the batch size {batch_size}")
-    pick = np.sort(np.random.default_rng(seed).choice(table.num_rows, batch_size, replace=False))
+    pick = np.sort(rng.choice(table.num_rows, batch_size, replace=False))
     return table.take(pa.array(pick)), read_feature_config(rows)
 
 
