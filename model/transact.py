@@ -441,7 +441,9 @@ class TransActModel(nn.Module):
         t = self._features(batch.emb_q[rows, sl], e_c[rows], batch.action[rows, sl], batch.tok_surface[rows, sl], sl)
         U = encoder_tokens(self.encoder, t, valid)  # [N, d]
         z = self.seq_proj(U)  # [N, d_o]
-        # rows are contiguous runs of z (row-major): a segment max (-inf for a row without tokens, then 0)
+        # rows are contiguous runs of z (row-major): a segment max (-inf for a row without tokens,
+        # then 0). Tied maxima share the gradient evenly (max(dim) gives it to one of them): the
+        # same value and total gradient, another subgradient -- ties are rare in fp32, not in bf16
         n = valid.sum(dim=1)  # [B]
         pooled = torch.segment_reduce(z, "max", lengths=n, unsafe=True)  # [B, d_o]
         pooled = torch.where(n[:, None] > 0, pooled, torch.zeros_like(pooled))  # [B, d_o]

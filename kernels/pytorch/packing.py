@@ -48,7 +48,9 @@ class Packing:
 
 
 def length_groups(valid: torch.Tensor, groups: int = LENGTH_GROUPS) -> Packing:
-    """The packing of valid bool [B, S] (module docstring); rows without tokens get no slot."""
+    """The packing of valid bool [B, S] (module docstring). Rows without tokens sort first: a
+    group of them alone gets no slot; sharing a group with rows that have tokens, they get
+    filler slots only."""
     n = valid.sum(dim=1)  # [B]
     N = int(n.sum())
     offs = torch.cumsum(n, 0) - n  # [B] first flat token of each row
