@@ -203,12 +203,12 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     """
     from transact.bench.machine import device_label, machine_info, peak_rss_mib
     from transact.components.procmem import reset_peak_rss
-    from transact.model.dataset import synthetic_rows, table_to_batch
+    from transact.model.dataset import read_feature_config, synthetic_rows, table_to_batch
 
     if num_threads:
         torch.set_num_threads(num_threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    fcfg = FeatureConfig() if rows is None else rows_batch(rows, 1, seed)[1]
+    fcfg = FeatureConfig() if rows is None else read_feature_config(rows)
     paths = ["stock", "packed"] + (["packed-bf16"] if bf16 else []) + (["packed-compile"] if compile else [])
     reset = reset_peak_rss() if dev.type == "cpu" else False
     results, per_model = [], {}

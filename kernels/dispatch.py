@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 #: encoders of the training (autograd) path: "sdpa" (:mod:`transact.kernels.pytorch.encoder_train`,
-#: the default) or "stock" (the ``nn.TransformerEncoder`` module with its boolean mask, the
-#: reference; what training ran before -- ``transact bench train`` times both)
+#: the default: the valid tokens only, packed, causal SDPA -- the name kept for existing
+#: ``TRANSACT_TRAIN_ENCODER`` settings) or "stock" (the ``nn.TransformerEncoder`` module with
+#: its boolean mask, the reference; what training ran before -- ``transact bench train`` times both)
 TRAIN_ENCODERS: tuple[str, ...] = ("sdpa", "stock")
 _train_encoder: str = os.environ.get("TRANSACT_TRAIN_ENCODER", "sdpa")
 
@@ -76,22 +77,24 @@ def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torc
 
     if inference and not x.is_cuda and unsupported_reason(encoder) is None:
         return encoder_forward_cpu(encoder, x, valid)
-    if not inference and train_encoder() == "sdpa":
-        from transact.kernels.pytorch.encoder_train import encoder_forward_train, train_unsupported_reason
+    if not inference and _packed_path(encoder):
+        from transact.kernels.pytorch.encoder_train import encoder_forward_train
 
-        if train_unsupported_reason(encoder) is None:
-            return encoder_forward_train(encoder, x, valid)
+        return encoder_forward_train(encoder, x, valid)
     return encoder_reference(encoder, x, valid)
+
+
+def _packed_path(encoder: nn.TransformerEncoder) -> bool:
+    """Whether training runs ``encoder`` on the packed path (selected, and its layers known)."""
+    from transact.kernels.pytorch.encoder_train import train_unsupported_reason
+
+    return train_encoder() == "sdpa" and train_unsupported_reason(encoder) is None
 
 
 def trains_on_tokens(encoder: nn.TransformerEncoder) -> bool:
     """Whether this forward of ``encoder`` is a training one that :func:`encoder_tokens` runs
     packed (so a caller may build the valid tokens alone instead of [B, S, d])."""
-    if not encoder.training and not torch.is_grad_enabled():
-        return False
-    from transact.kernels.pytorch.encoder_train import train_unsupported_reason
-
-    return train_encoder() == "sdpa" and train_unsupported_reason(encoder) is None
+    return (encoder.training or torch.is_grad_enabled()) and _packed_path(encoder)
 
 
 def encoder_tokens(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -100,14 +103,11 @@ def encoder_tokens(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch
 
     The packed training path takes them as they are; the stock module (or a layer that path
     cannot run) gets them scattered into [B, S, d] and gathered back."""
-    if train_encoder() == "sdpa":
-        from transact.kernels.pytorch.encoder_train import encoder_tokens_train, train_unsupported_reason
+    if _packed_path(encoder):
+        from transact.kernels.pytorch.encoder_train import encoder_tokens_train
 
-        if train_unsupported_reason(encoder) is None:
-            return encoder_tokens_train(encoder, t, valid)
+        return encoder_tokens_train(encoder, t, valid)
     from transact.kernels.pytorch.encoder import encoder_reference
+    from transact.kernels.pytorch.packing import scatter_tokens, tokens_of
 
-    B, S = valid.shape
-    src = valid.reshape(-1).nonzero().squeeze(1)  # [N]
-    x = t.new_zeros(B * S, t.shape[1]).index_copy(0, src, t).view(B, S, -1)  # [B, S, d]
-    return encoder_reference(encoder, x, valid).reshape(B * S, -1).index_select(0, src)  # [N, d]
+    return tokens_of(encoder_reference(encoder, scatter_tokens(t, valid), valid), valid)  # [N, d]

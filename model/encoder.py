@@ -8,8 +8,8 @@ are (``kernels/``).
 Its forward runs with the causal + padding mask of
 :func:`transact.kernels.pytorch.encoder.attention_mask` (the mask and the PyTorch
 reference forward live with the kernels); the model calls it through
-:func:`transact.kernels.dispatch.encoder_forward`, which trains through the same layers'
-parameters with SDPA and one mask for both layers
+:func:`transact.kernels.dispatch.encoder_forward` (training: ``encoder_tokens``), which trains
+the same layers' parameters on the valid tokens only, packed, with causal attention
 (:mod:`transact.kernels.pytorch.encoder_train`) -- the module stays the parameter
 container, so checkpoints do not change.
 """

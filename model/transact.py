@@ -49,6 +49,7 @@ from torch import nn
 
 from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
 from transact.kernels.dispatch import encoder_forward, encoder_tokens, trains_on_tokens
+from transact.kernels.pytorch.packing import scatter_tokens
 from transact.model.config import SEGMENTS, FeatureConfig
 from transact.model.encoder import make_encoder
 from transact.model.nn_features import SAll, valid_mask
@@ -449,7 +450,7 @@ class TransActModel(nn.Module):
         pooled = torch.where(n[:, None] > 0, pooled, torch.zeros_like(pooled))  # [B, d_o]
         first_k = None
         if self.cfg.first_k > 0:
-            first_k = self._first_k(z.new_zeros(B, L, z.shape[1]).index_put((rows, cols), z), valid)  # [B, K d_o]
+            first_k = self._first_k(scatter_tokens(z, valid), valid)  # [B, K d_o]
         U_rt = None
         if self.nal_proj is not None:
             r = self.rt_local.numel()

@@ -51,7 +51,7 @@ from torch import nn
 from transact.kernels.pytorch.attention_train import grouped_causal_attention
 from transact.kernels.pytorch.compiled import CompiledOrEager
 from transact.kernels.pytorch.encoder import stock_layer_issue
-from transact.kernels.pytorch.packing import length_groups, pack, unpack
+from transact.kernels.pytorch.packing import length_groups, pack, scatter_tokens, tokens_of, unpack
 
 
 def train_unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:
@@ -77,10 +77,7 @@ def encoder_forward_train(encoder: nn.TransformerEncoder, x: torch.Tensor, valid
     """Encoder forward with the causal + padding mask, for training (autograd, dropout);
     x [B, S, d] float, valid bool [B, S] -> [B, S, d]: the reference's at valid positions,
     0 at padded ones (module docstring); in autocast's dtype under bf16/fp16 autocast."""
-    B, S, d = x.shape
-    src = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat slots of the valid tokens, row-major
-    t = encoder_tokens_train(encoder, x.reshape(B * S, d).index_select(0, src), valid)  # [N, d]
-    return t.new_zeros(B * S, d).index_copy(0, src, t).view(B, S, d)  # [B, S, d], 0 at padded slots
+    return scatter_tokens(encoder_tokens_train(encoder, tokens_of(x, valid), valid), valid)  # [B, S, d]
 
 
 def encoder_tokens_train(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

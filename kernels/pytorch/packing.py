@@ -76,6 +76,19 @@ def length_groups(valid: torch.Tensor, groups: int = LENGTH_GROUPS) -> Packing:
     return Packing(shapes, flat, torch.where(real, flat, N), back)
 
 
+def tokens_of(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x [B, S, d], valid bool [B, S] -> the valid tokens [N, d], row-major (``x[valid]``)."""
+    B, S, d = x.shape
+    return x.reshape(B * S, d).index_select(0, valid.reshape(-1).nonzero().squeeze(1))
+
+
+def scatter_tokens(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The inverse: tokens t [N, d] -> [B, S, d] with 0 at the slots ``valid`` leaves out."""
+    B, S = valid.shape
+    src = valid.reshape(-1).nonzero().squeeze(1)  # [N]
+    return t.new_zeros(B * S, t.shape[1]).index_copy(0, src, t).view(B, S, t.shape[1])
+
+
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] along dim 0 for a contiguous 2-d x. Rows whose bytes divide by 8 are moved as
     int64 words: ``index_select`` of bf16 [25255, 192] rows took 2.7 ms, of the same bytes as
