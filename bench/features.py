@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transact.data import schema as S
-from transact.features.codec import decode_tokens, encode_tokens, lengths_of
-from transact.features.materialize import materialize
-from transact.features.offline import load_world, write_offline
-from transact.features.online import OnlineSequences
-from transact.features.store import (IMP_VIEW, ITEM_KEY, ITEM_VIEW, LL_VIEW, OFFLINE_DIRS, RT_VIEW, USER_KEY,
+from transact.features.feast.codec import decode_tokens, encode_tokens, lengths_of
+from transact.features.feast.materialize import materialize
+from transact.features.feast.offline import load_world, write_offline
+from transact.features.feast.online import OnlineSequences
+from transact.features.feast.store import (IMP_VIEW, ITEM_KEY, ITEM_VIEW, LL_VIEW, OFFLINE_DIRS, RT_VIEW, USER_KEY,
                                      VIEW_FEATURES, apply, init_repo, open_store)
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 
 
 @contextlib.contextmanager

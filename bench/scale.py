@@ -51,8 +51,8 @@ def _rss_now_mib() -> float:
 
 def _local_child(world: str, out: str, ll_cap: int) -> dict:
     """Runs in a fresh process: the local engine, with that process's memory."""
-    from transact.model.config import FeatureConfig
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.config import FeatureConfig
+    from transact.features.nn_logging import log_nn_features
 
     base = _rss_now_mib()  # after the imports: torch, pyarrow
     summary = log_nn_features(world, out, FeatureConfig(ll_cap=ll_cap), progress=False)
@@ -68,7 +68,7 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
                 ll_cap: int = 16_384, users_per_part: int = 250) -> dict:
     """Rows/s and peak RSS per worker of the local engine and of Ray with each worker count."""
     from transact.components.ray_engine import log_nn_ray, ray_session
-    from transact.model.config import FeatureConfig
+    from transact.features.config import FeatureConfig
 
     work_dir = Path(work_dir)
     worlds = {u: _world(work_dir, u, days) for u in users}

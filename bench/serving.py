@@ -47,7 +47,7 @@ def make_bench_world(out: str | Path, n_users: int = 2, ll: int = 16_384, rt: in
     import pyarrow.parquet as pq
 
     from transact.data import schema as S
-    from transact.model.quantization import quantize
+    from transact.data.quantization import quantize
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,8 +230,8 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
 
     from transact.bench.machine import machine_info
     from transact.model.checkpoint import load_model, save_model
-    from transact.model.config import FeatureConfig
-    from transact.model.sequences import EventStore
+    from transact.features.config import FeatureConfig
+    from transact.features.sequences import EventStore
     from transact.model.transact import Batch, build_model
     from transact.serving.device import StagingArena
     from transact.serving.launch import running_server

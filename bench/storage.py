@@ -19,9 +19,9 @@ import torch
 
 from transact.data import schema as S
 from transact.data.io import AtomicParquetWriter, read_table, table_path
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import JaggedSequences, build_s_all, nn_rows_schema, s_all_to_arrow
-from transact.model.quantization import quantize
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import JaggedSequences, build_s_all, nn_rows_schema, s_all_to_arrow
+from transact.data.quantization import quantize
 
 
 def _full_schema() -> pa.Schema:

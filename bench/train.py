@@ -47,9 +47,9 @@ import torch
 
 from transact.data.schema import ACTIONS, EMB_DIM
 from transact.kernels.dispatch import use_train_encoder
-from transact.model.config import SEGMENTS, FeatureConfig
+from transact.features.config import SEGMENTS, FeatureConfig
 from transact.model.losses import label_weight_matrix, total_loss
-from transact.model.nn_features import valid_mask
+from transact.features.nn_features import valid_mask
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
 
 #: layer groups of :func:`flops_per_example`

@@ -6,7 +6,7 @@ Two stages of plain Ray tasks over files (only small summaries pass through Ray)
    writes its rows of every part into the shuffle folder (:mod:`transact.data.partition`);
 2. reduce -- the task of part ``p`` reads only its part's files and builds its rows with
    the functions the local engine uses: NN logging through
-   :func:`transact.model.nn_logging.write_nn_rows` over an :class:`EventStore` of its users,
+   :func:`transact.features.nn_logging.write_nn_rows` over an :class:`EventStore` of its users,
    label attachment through :func:`transact.serving.served_log.attach_labels`.
 
 log-nn parts users by ``user_id`` (a user's requests and events meet in one task); a
@@ -42,7 +42,7 @@ from transact.data.partition import (filter_in, publishing_folder, read_bucket, 
                                      row_group_chunks, write_buckets)
 from transact.data.requests import sorted_requests
 from transact.data.world import check_world
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.components.procmem import reset_peak_rss, rss_mib
 
 #: rows a map task reads at once (whole row groups; one group at least)
@@ -212,8 +212,8 @@ def _map_world_tables(world: Path, tables: tuple[str, ...], n: int, shuffle: Pat
 def _reduce_log_nn(shuffle: str, part: int, items_path: str, out: str, schema: pa.Schema,
                    cfg: FeatureConfig, batch_requests: int) -> dict:
     """The NN rows of one part's users, built by the local engine's own functions."""
-    from transact.model.nn_logging import write_nn_rows
-    from transact.model.sequences import EventStore
+    from transact.features.nn_logging import write_nn_rows
+    from transact.features.sequences import EventStore
 
     stats: dict = {"part": part}
     with _measured(stats):
@@ -241,7 +241,7 @@ def log_nn_ray(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
     """The NN rows of ``world`` as a folder ``out`` of ``partitions`` parts (default: one per
     cluster CPU), built on the connected Ray (see :func:`ray_session`). Returns the summary
     (also written to ``<out>.json``), with each map and part task's stats."""
-    from transact.model.nn_logging import rows_schema
+    from transact.features.nn_logging import rows_schema
 
     t0 = time.perf_counter()
     cfg = cfg or FeatureConfig()
@@ -291,7 +291,7 @@ def run_log_nn(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "local":
-        from transact.model.nn_logging import log_nn_features
+        from transact.features.nn_logging import log_nn_features
 
         return log_nn_features(world, out, cfg, batch_requests, progress)
     if is_jobs_address(address):
@@ -307,7 +307,7 @@ def run_log_nn(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
 # ----------------------------------------------------------------------------- attach-labels
 def _reduce_attach(shuffle: str, part: int, out: str, served_schema: pa.Schema, cfg: FeatureConfig) -> dict:
     from transact.data.io import write_table
-    from transact.model.nn_features import nn_rows_schema
+    from transact.features.nn_features import nn_rows_schema
     from transact.serving.served_log import attach_labels
 
     stats: dict = {"part": part}

@@ -56,9 +56,9 @@ def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -
     ``repo_dir`` is created from the project's ``feature_repo`` definitions when it has no
     ``feature_store.yaml`` yet.
     """
-    from transact.features.materialize import materialize
-    from transact.features.offline import write_offline
-    from transact.features.store import apply, init_repo
+    from transact.features.feast.materialize import materialize
+    from transact.features.feast.offline import write_offline
+    from transact.features.feast.store import apply, init_repo
 
     repo = Path(repo_dir)
     if not (repo / "feature_store.yaml").exists():

@@ -1,7 +1,7 @@
 """Feast definitions of TransAct V2's features (only Feast objects: `feast apply` imports this).
 
 Every sequence is ONE packed ``Bytes`` feature (a "token blob", layout in README.md and
-``transact.features.codec``): per token ts int64, action uint8, surface int8 and
+``transact.features.feast.codec``): per token ts int64, action uint8, surface int8 and
 the int8 embedding[32], stored column by column. That is ~42 bytes per token, and
 materialisation converts one value per user instead of ~35 per token.
 

@@ -1,16 +1,12 @@
-"""Feast feature store integration: offline sources, apply, materialise, push, online and
-point-in-time reads of the three user sequences (docs/design.md §2.5, §3.4, §8). The Feast
-definitions themselves live in ``feature_repo/definitions.py``; import each name from the
-module that owns it:
+"""The feature contract: one definition of what the model sees, shared by training and serving.
 
-- ``store``: view / feature / source names and schemas, repo set-up, ``feast apply``, the offline manifest.
-- ``codec``: the token-blob codec (one sequence <-> one Feast ``Bytes`` value).
-- ``offline``: the offline writer (a world's events -> the parquet offline sources).
-- ``materialize``: materialisation of the offline sources into the online store.
-- ``engine``: what plain ``feast materialize[-incremental]`` needs (start watermark, start check).
-- ``push``: streaming updates (pushes) of the realtime and impression features.
-- ``online``: online reads for serving (:class:`~transact.features.online.OnlineSequences`).
-- ``historical``: point-in-time reads for training (:class:`~transact.features.historical.HistoricalSequences`).
+- ``config``: :class:`~transact.features.config.FeatureConfig` (sequence lengths, the |S_all| split).
+- ``event_order``: the one total order of events (ties broken the same way everywhere).
+- ``sequences``: point-in-time lifelong / realtime / impression sequences (``EventStore``).
+- ``nn_features``: NN selection and the S_all layout (paper Eq. 2-3), through ``kernels.dispatch``.
+- ``nn_logging``: the NN-feature logging pass (one row per request x candidate).
+- ``feast/``: the same sequences in a Feast feature store (offline sources, online reads).
 
-The benchmark (``transact bench features``) is :mod:`transact.bench.features`.
+It sits below ``model``: the network consumes the contract, Feast stores it, validation checks it,
+serving computes it; none of those needs the network.
 """

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.transact import ModelConfig, TransActModel
 
 FORMAT = "transact-model/1"

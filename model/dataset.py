@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import arrow_to_s_all
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import arrow_to_s_all
 from transact.model.transact import Batch
 
 SPLITS = ("all", "train", "eval")
@@ -78,7 +78,7 @@ def rows_train_end_ts(path: str | Path) -> tuple[int, str] | None:
     world folder); None when neither names one. The one place that looks (training,
     evaluation and the drift monitor all ask here)."""
     from transact.data.world import TRAIN_END_KEYS, read_world_json
-    from transact.model.nn_logging import TRAIN_END_META
+    from transact.features.nn_logging import TRAIN_END_META
 
     path = Path(path)
     for f in row_files(path):
@@ -278,8 +278,8 @@ def synthetic_rows(n_requests: int, cfg: FeatureConfig | None = None, *, per_req
     segments are (1.0: uniformly 0..size valid tokens).
     """
     from transact.data.schema import ACTION_BIT, REQUESTS
-    from transact.model.nn_features import SAll, s_all_to_arrow
-    from transact.model.quantization import quantize
+    from transact.features.nn_features import SAll, s_all_to_arrow
+    from transact.data.quantization import quantize
 
     cfg = cfg or FeatureConfig()
     rng = np.random.default_rng(seed)
@@ -331,7 +331,7 @@ def synthetic_rows(n_requests: int, cfg: FeatureConfig | None = None, *, per_req
 
 
 def valid_mask_np(seg_len: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    from transact.model.nn_features import valid_mask
+    from transact.features.nn_features import valid_mask
 
     return valid_mask(torch.from_numpy(np.asarray(seg_len)), cfg).numpy()
 

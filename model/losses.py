@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from transact.data.schema import POSITIVE_MASK
-from transact.model.config import SEGMENTS, FeatureConfig
-from transact.model.nn_features import valid_mask
-from transact.model.quantization import dequantize
+from transact.features.config import SEGMENTS, FeatureConfig
+from transact.features.nn_features import valid_mask
+from transact.data.quantization import dequantize
 from transact.model.transact import Batch, ModelConfig, ModelOutput
 
 NONE: str = "none"

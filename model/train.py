@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from transact.model import checkpoint as ckpt
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config

@@ -2,7 +2,7 @@
 
 One module, :class:`TransActModel`, configured by a :class:`ModelConfig`; every
 baseline of the paper's Table 2 is a named config (:data:`BASELINES`), and every one
-reads the same logged rows (:mod:`transact.model.nn_features`).
+reads the same logged rows (:mod:`transact.features.nn_features`).
 
 Forward pass for one example (S = |S_all| slots, d = 64, D = 32)::
 
@@ -50,10 +50,10 @@ from torch import nn
 from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
 from transact.kernels.dispatch import encoder_forward, encoder_tokens, trains_on_tokens
 from transact.kernels.pytorch.packing import scatter_tokens
-from transact.model.config import SEGMENTS, FeatureConfig
+from transact.features.config import SEGMENTS, FeatureConfig
 from transact.model.encoder import make_encoder
-from transact.model.nn_features import SAll, valid_mask
-from transact.model.quantization import dequantize
+from transact.features.nn_features import SAll, valid_mask
+from transact.data.quantization import dequantize
 
 #: Segments holding user actions (not impressions): "first K" draws from these.
 ACTION_SEGMENTS: tuple[str, ...] = ("ll_nn", "rt_nn", "rt_recent")

@@ -35,8 +35,8 @@ import pandas as pd
 import pyarrow as pa
 
 from transact.data.schema import ACTION_BIT, EMB_DIM, EXPLICIT_ACTIONS, SURFACES
-from transact.model.config import SEGMENTS, FeatureConfig
-from transact.model.quantization import STEP, dequantize
+from transact.features.config import SEGMENTS, FeatureConfig
+from transact.data.quantization import STEP, dequantize
 
 SEGMENT_COLUMNS: tuple[str, ...] = tuple(f"len_{s}" for s in SEGMENTS)
 ACTION_COLUMNS: tuple[str, ...] = tuple(f"act_{a}" for a in EXPLICIT_ACTIONS)
@@ -92,7 +92,7 @@ def _share(hit: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def features_frame(table: pa.Table, cfg: FeatureConfig | None = None, chunk_rows: int = 8192) -> pd.DataFrame:
-    """NN-feature rows (:func:`~transact.model.nn_features.nn_rows_schema`) or served-log rows
+    """NN-feature rows (:func:`~transact.features.nn_features.nn_rows_schema`) or served-log rows
     -> the monitoring frame described in the module docstring (one row per input row)."""
     cfg = cfg or feature_config_of(table)
     parts = [_features(table.slice(lo, chunk_rows), cfg) for lo in range(0, table.num_rows, chunk_rows)]
@@ -102,7 +102,7 @@ def features_frame(table: pa.Table, cfg: FeatureConfig | None = None, chunk_rows
 
 
 def _features(table: pa.Table, cfg: FeatureConfig) -> pd.DataFrame:
-    from transact.model.nn_features import arrow_to_s_all, valid_mask
+    from transact.features.nn_features import arrow_to_s_all, valid_mask
 
     s_all, cand_q = arrow_to_s_all(table, cfg)
     valid = valid_mask(s_all.seg_len, cfg).numpy()  # [N, S]
@@ -169,7 +169,7 @@ def add_predictions(frame: pd.DataFrame, table: pa.Table, model_dir: str | Path,
 
     from transact.model.checkpoint import load_model
     from transact.model.metrics import DEFAULT_SCORE_WEIGHTS, ranking_score
-    from transact.model.nn_features import arrow_to_s_all
+    from transact.features.nn_features import arrow_to_s_all
     from transact.model.transact import Batch
 
     model = load_model(model_dir, "cpu")

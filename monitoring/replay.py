@@ -56,7 +56,7 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
     import torch
 
     from transact.model.checkpoint import load_model
-    from transact.model.sequences import EventStore
+    from transact.features.sequences import EventStore
     from transact.serving.ranker import RankQuery, Ranker
     from transact.serving.served_log import ServedLogWriter
 
@@ -104,7 +104,7 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
 
 def log_rows(world: str | Path, out: str | Path, *, start_ts: int | None = None, end_ts: int | None = None,
              fraction: float = 1.0, sample_seed: int = 0) -> dict:
-    """NN-feature training rows (:func:`transact.model.nn_logging.log_nn_features`) of the
+    """NN-feature training rows (:func:`transact.features.nn_logging.log_nn_features`) of the
     world's requests with ts in [start_ts, end_ts), optionally a deterministic sample of them.
 
     The selected requests go into a side folder ``<out>.world/`` beside ``out`` that links the
@@ -115,7 +115,7 @@ def log_rows(world: str | Path, out: str | Path, *, start_ts: int | None = None,
 
     import pyarrow.parquet as pq
 
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     world, out = Path(world), Path(out)
     side = out.parent / f"{out.stem}.world"

@@ -3,7 +3,7 @@
 For the U requests of a (cross-request) micro-batch with N candidates in all:
 
 1. candidate embeddings: the request's raw embeddings (quantised with
-   :func:`transact.model.quantization.quantize`) or the source's item table;
+   :func:`transact.data.quantization.quantize`) or the source's item table;
 2. sequences: one ``source.sequences(user_ids[U], ts[U])`` call -- each request's three
    sequences ONCE (jagged values + offsets), cut point-in-time before its timestamp;
 3. assembly (paper §3.4.2, "request level de-duplication"): candidates concatenated and
@@ -12,7 +12,7 @@ For the U requests of a (cross-request) micro-batch with N candidates in all:
    as a classic ranking server does, and gives the same S_all;
 4. staging: all inputs packed into the reused (pinned) arena, one H2D copy
    (:class:`transact.serving.device.StagingArena`);
-5. S_all: :func:`transact.model.nn_features.build_s_all` -- the same function the
+5. S_all: :func:`transact.features.nn_features.build_s_all` -- the same function the
    offline NN-logging step uses (NN search through ``kernels.dispatch``);
 6. model: ``Batch.from_s_all`` -> encoder (``kernels.dispatch.encoder_forward``) + heads,
    probabilities per head; score ``S = sum_h w_h f_h`` by
@@ -34,8 +34,8 @@ import torch
 
 from transact.data.schema import EMB_DIM
 from transact.model.metrics import DEFAULT_SCORE_WEIGHTS, ranking_score
-from transact.model.nn_features import JaggedSequences, SAll, build_s_all
-from transact.model.quantization import quantize
+from transact.features.nn_features import JaggedSequences, SAll, build_s_all
+from transact.data.quantization import quantize
 from transact.serving.device import ModelRunner, StagingArena
 from transact.serving.served_log import LogRecord, ServedLogWriter
 from transact.serving.sources import SequenceSource

@@ -1,8 +1,8 @@
 """Served NN-feature log (paper §3.4.1): what the model saw, for training and monitoring.
 
 Every served (request, candidate) becomes one row with the SAME columns, types and byte
-layout as the offline NN-logging step (:func:`transact.model.nn_features.nn_rows_schema`,
-built by the same :func:`~transact.model.nn_features.s_all_to_arrow`), except:
+layout as the offline NN-logging step (:func:`transact.features.nn_features.nn_rows_schema`,
+built by the same :func:`~transact.features.nn_features.s_all_to_arrow`), except:
 
 - no ``label_*`` columns: labels are unknown when a request is served;
 - added: ``pred_<head>`` (float32, one per model head), ``score`` (float64, the S used
@@ -45,8 +45,8 @@ import torch
 
 from transact.data.io import AtomicParquetWriter, SchemaError
 from transact.data.schema import LABEL_COLUMNS
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import SAll, nn_rows_schema, s_all_to_arrow
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import SAll, nn_rows_schema, s_all_to_arrow
 from transact.serving.wal import WalStats, WriteAheadLog, recover, wal_metadata
 
 log = logging.getLogger("transact.serving")

@@ -1,10 +1,10 @@
 """Where the service reads a user's three sequences and the candidates' embeddings.
 
 A :class:`SequenceSource` has the two methods of
-:class:`transact.model.sequences.EventStore`, so the EventStore (a world folder's
+:class:`transact.features.sequences.EventStore`, so the EventStore (a world folder's
 parquet events, point-in-time) plugs in as it is; the Feast online store plugs in
 through :class:`FeastSource` (an adapter over
-``transact.features.online.OnlineSequences``). Unknown users get empty sequences (cold start), never an error; unknown items
+``transact.features.feast.online.OnlineSequences``). Unknown users get empty sequences (cold start), never an error; unknown items
 raise ``ValueError`` (the service answers 400 and asks for ``item_embeddings``).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import JaggedSequences
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import JaggedSequences
 
 
 @runtime_checkable
@@ -44,7 +44,7 @@ class EmptySource:
 class FeastSource:
     """The Feast online store as a :class:`SequenceSource`.
 
-    Wraps :class:`transact.features.online.OnlineSequences` (one Feast
+    Wraps :class:`transact.features.feast.online.OnlineSequences` (one Feast
     ``get_online_features`` call per batch for the sequences, one for the items). The
     online store holds each user's *current* state (the last lifelong materialisation and
     every pushed realtime action / impression), so ``ts`` does not cut the sequences
@@ -56,7 +56,7 @@ class FeastSource:
 
     @classmethod
     def from_repo(cls, repo: str, cfg: FeatureConfig) -> "FeastSource":
-        from transact.features.online import OnlineSequences
+        from transact.features.feast.online import OnlineSequences
 
         return cls(OnlineSequences(repo, cfg))
 
@@ -78,7 +78,7 @@ def open_source(world: str | None, feast_repo: str | None, cfg: FeatureConfig) -
     if world and feast_repo:
         raise ValueError("set TRANSACT_WORLD or TRANSACT_FEAST_REPO, not both")
     if world:
-        from transact.model.sequences import EventStore
+        from transact.features.sequences import EventStore
 
         return EventStore.from_dir(world, cfg)
     if feast_repo:

@@ -320,7 +320,7 @@ def _requests_hit(rng: np.random.Generator, rid: np.ndarray, frac: float = 0.02)
 def _corrupt_more(kind: str, t: pa.Table, rows: np.ndarray, rng: np.random.Generator,
                   world: Path) -> tuple[pa.Table, int]:
     """(corrupted table, rows touched) for the kinds of :data:`NEW_KINDS`."""
-    from transact.model.quantization import quantize
+    from transact.data.quantization import quantize
 
     n = t.num_rows
     if kind == "exact_duplicate_events":
@@ -399,7 +399,7 @@ def corrupt_rows(rows_path: str | os.PathLike, kind: str, seed: int = 0,
                  out: str | os.PathLike | None = None) -> dict:
     """Injects ``kind`` (see :data:`ROW_KINDS`) into an NN-feature row file (in place, or
     into a copy at ``out``), keeping its metadata (the feature config)."""
-    from transact.model.config import FeatureConfig
+    from transact.features.config import FeatureConfig
     import json
 
     if kind not in ROW_KINDS:
@@ -423,7 +423,7 @@ def corrupt_rows(rows_path: str | os.PathLike, kind: str, seed: int = 0,
     elif kind in ("rows_padding_not_empty", "rows_negative_age"):
         import torch
 
-        from transact.model.nn_features import valid_mask
+        from transact.features.nn_features import valid_mask
 
         seg = _list_np(t, "seg_len", np.int64)
         valid = valid_mask(torch.from_numpy(seg), cfg).numpy()  # [N, S]

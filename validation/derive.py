@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transact.data import schema as S
-from transact.model.quantization import QMAX, SCALE, STEP
+from transact.data.quantization import QMAX, SCALE, STEP
 from transact.validation.links import impression_links, label_links
 from transact.validation.params import (
     _ID_COLUMNS,
@@ -87,14 +87,14 @@ def derive_frame(name: str, table: pa.Table, known_items: np.ndarray | None = No
     scalar columns (list columns are replaced by per-row lengths, counts, extrema).
 
     ``known_items``: the items table's ids (referential checks; None skips them).
-    ``cfg``: the :class:`~transact.model.config.FeatureConfig` of an NN-row table.
+    ``cfg``: the :class:`~transact.features.config.FeatureConfig` of an NN-row table.
     ``others``: the world's other tables, for the cross-table columns (labels against
     actions, impressions against requests; skipped when absent). ``params``: their
     windows (default :class:`Params` values).
     Columns whose type is not the schema's are listed in ``frame.attrs["type_errors"]``.
     """
     if name == ROWS_TABLE:
-        from transact.model.nn_features import nn_rows_schema
+        from transact.features.nn_features import nn_rows_schema
 
         wrong = _type_errors(name, table, nn_rows_schema(cfg))
         df = _derive_rows(table, cfg, known_items)
@@ -284,7 +284,7 @@ def _derive_request_groups(df: pd.DataFrame, consistency: bool = True) -> None:
 
 
 def _valid_mask_np(seg_len: np.ndarray, sizes: Iterable[int]) -> np.ndarray:
-    """numpy twin of :func:`transact.model.nn_features.valid_mask`: bool [N, S]."""
+    """numpy twin of :func:`transact.features.nn_features.valid_mask`: bool [N, S]."""
     parts = []
     for s, size in enumerate(sizes):
         slot = np.arange(size)
@@ -293,7 +293,7 @@ def _valid_mask_np(seg_len: np.ndarray, sizes: Iterable[int]) -> np.ndarray:
 
 
 def _derive_rows(table: pa.Table, cfg, known_items: np.ndarray | None) -> pd.DataFrame:
-    from transact.model.config import SEGMENTS
+    from transact.features.config import SEGMENTS
 
     n = table.num_rows
     Sq, D = cfg.seq_len, S.EMB_DIM

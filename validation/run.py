@@ -120,7 +120,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
 
 
 def _rows_config(pf: pq.ParquetFile, cfg):
-    from transact.model.config import FeatureConfig
+    from transact.features.config import FeatureConfig
 
     if cfg is not None:
         return cfg, None
@@ -136,7 +136,7 @@ def validate_rows(rows_path: str | os.PathLike, quarantine_dir: str | os.PathLik
                   cfg=None, items: str | os.PathLike | None = None,
                   reference_out: str | os.PathLike | None = None, update_reference: bool = True,
                   min_ts: int | None = None, tolerance: Tolerance | None = None) -> ValidationResult:
-    """Validates a file of logged NN-feature rows (:func:`~transact.model.nn_features.nn_rows_schema`).
+    """Validates a file of logged NN-feature rows (:func:`~transact.features.nn_features.nn_rows_schema`).
 
     Checks ids, labels, surfaces, timestamps, the widths of the token blocks, segment
     lengths within their sizes (``seg_len``), padding (padding slots: emb 0, action 0,

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from transact.data import schema as S
-from transact.model.quantization import MAX_ERROR, QMAX, SCALE, STEP
+from transact.data.quantization import MAX_ERROR, QMAX, SCALE, STEP
 from transact.validation.params import (
     _ID_COLUMNS,
     EVENT_KEYS,
@@ -241,8 +241,8 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
 
 
 def _rows_checks(p: Params, ref: dict | None, n_rows: int, cfg, with_items: bool) -> list[Check]:
-    from transact.model.config import SEGMENTS
-    from transact.model.nn_features import nn_rows_schema
+    from transact.features.config import SEGMENTS
+    from transact.features.nn_features import nn_rows_schema
 
     t = ROWS_TABLE
     keys = ("request_id", "item_id")

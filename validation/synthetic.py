@@ -19,7 +19,7 @@ def synthetic_world(out: str | os.PathLike, n_items: int = 200_000, n_actions: i
                     seed: int = 0, t0_ms: int = 1_704_067_200_000, days: int = 30) -> Path:
     """A large, clean, schema-conform world built with numpy in seconds (no behaviour
     model): the validation benchmark's input. Impressions mirror the requests."""
-    from transact.model.quantization import quantize
+    from transact.data.quantization import quantize
 
     rng = np.random.default_rng(seed)
     out = Path(out)

@@ -10,7 +10,7 @@ Attention mask, for query position i and key position j of one example:
     allowed(i, j) = (j <= i and valid[j]) or j == i
 
 - causal: a token sees only itself and earlier tokens (S_all is laid out in time
-  order, see :mod:`transact.model.config`);
+  order, see :mod:`transact.features.config`);
 - padding: padded keys are never seen;
 - the diagonal is always allowed so that padded queries (and an all-padding cold-start
   row) have one key and softmax never divides by zero; their outputs are ignored by

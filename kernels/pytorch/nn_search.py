@@ -14,7 +14,7 @@ the token and the candidate alone, never of where the token sits in the batch (s
 depends on the column). :func:`nn_search` is the reference; the fused Triton kernel
 (:mod:`transact.kernels.triton.nn_search`) has the same signature, and callers go
 through :func:`transact.kernels.dispatch.nn_search`. S_all itself is built in
-:mod:`transact.model.nn_features`.
+:mod:`transact.features.nn_features`.
 """
 from __future__ import annotations
 

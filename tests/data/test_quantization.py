@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from transact.model.quantization import MAX_ERROR, SCALE, dequantize, quantize
+from transact.data.quantization import MAX_ERROR, SCALE, dequantize, quantize
 
 
 @settings(max_examples=200, deadline=None)

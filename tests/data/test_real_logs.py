@@ -22,7 +22,7 @@ from transact.data.adapter import _items, import_logs
 from transact.validation.corruption import CAUGHT_BY, corrupt
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
-from transact.model.quantization import MAX_ERROR
+from transact.data.quantization import MAX_ERROR
 
 DAY = 86_400_000
 
@@ -81,8 +81,8 @@ def test_import_and_validation_agree_on_every_fp32_embedding(seed, scale, bounda
 def test_fp32_logs_round_trip_through_import_validate_and_log_nn(tmp_path):
     """fp32 logs -> import-logs -> validate passes -> log-nn; the same logs with every
     table's rows shuffled give byte-identical NN rows (issue 16, "done means")."""
-    from transact.model.nn_logging import log_nn_features
-    from transact.model.config import FeatureConfig
+    from transact.features.nn_logging import log_nn_features
+    from transact.features.config import FeatureConfig
 
     tables = write_source(tmp_path / "src")
     rng = np.random.default_rng(3)

@@ -104,7 +104,7 @@ def test_tiny_atomic_files_exact_world(tmp_path):
 
 
 def test_tiny_world_is_deterministic_and_log_nn_runs(tmp_path):
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     w0, _ = tiny_world(tmp_path)
     w0b = tmp_path / "again"
@@ -153,7 +153,7 @@ def test_ml100k_from_the_recbole_wheel(tmp_path):
     """ML-100K as RecBole ships it, read from the wheel (recbole itself cannot be installed
     beside ray 2.60: it pins ray<=2.6.3). The wheel comes from the package registry, which
     `make test` needs anyway to install the project: a failed download fails the test."""
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     dl = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "recbole==1.2.1", "-d",
                          str(tmp_path / "whl")], capture_output=True, text=True)

@@ -12,7 +12,7 @@ import pytest
 from transact.data import simulator as sim
 from transact.data.io import table_path
 from transact.data.schema import ACTION_BIT, EXPLICIT_ACTIONS, LABEL_COLUMNS, TABLES
-from transact.model.quantization import quantize
+from transact.data.quantization import quantize
 from transact.data.simulator import (
     DAY_MS,
     DriftConfig,

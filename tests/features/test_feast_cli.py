@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from test_features import CFG, _world
 from transact.cli import app
-from transact.features.store import (EPOCH, ITEM_KEY, ITEM_SERVICE, SERVICE, USER_KEY, init_repo, open_store,
+from transact.features.feast.store import (EPOCH, ITEM_KEY, ITEM_SERVICE, SERVICE, USER_KEY, init_repo, open_store,
                                      read_manifest)
 
 pytestmark = pytest.mark.slow  # ~10 Feast CLI processes (each imports Feast: seconds on 2 cores)

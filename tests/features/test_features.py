@@ -1,7 +1,7 @@
 """Feast integration: apply -> materialise -> online reads, pushes, point-in-time training
 reads, SQLite vs Redis, and the `feast` / `transact features` command lines.
 
-Reference everywhere: :class:`transact.model.sequences.EventStore` (the contract).
+Reference everywhere: :class:`transact.features.sequences.EventStore` (the contract).
 """
 from __future__ import annotations
 
@@ -19,19 +19,19 @@ import torch
 
 from helpers import make_events, make_items, make_requests
 from transact.bench.features import local_redis
-from transact.features.codec import HEADER_BYTES, TOKEN_BYTES, decode_tokens, encode_tokens
-from transact.features.historical import HistoricalSequences, historical_for_requests
-from transact.features.materialize import materialize
-from transact.features.offline import write_offline
-from transact.features.online import OnlineSequences, online_item_emb_q, online_sequences
-from transact.features.push import push_events
-from transact.features.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_SERVICE, ITEM_VIEW,
+from transact.features.feast.codec import HEADER_BYTES, TOKEN_BYTES, decode_tokens, encode_tokens
+from transact.features.feast.historical import HistoricalSequences, historical_for_requests
+from transact.features.feast.materialize import materialize
+from transact.features.feast.offline import write_offline
+from transact.features.feast.online import OnlineSequences, online_item_emb_q, online_sequences
+from transact.features.feast.push import push_events
+from transact.features.feast.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_SERVICE, ITEM_VIEW,
                                      LL_VIEW, OFFLINE_DIRS, REPO_TEMPLATE, RT_PUSH, RT_VIEW, SERVICE, TRAIN_SERVICE,
                                      TS_COL, USER_KEY, VIEW_FEATURES, apply, init_repo, open_store)
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
-from transact.model.config import DAY_MS, FeatureConfig
-from transact.model.sequences import EventStore
+from transact.features.config import DAY_MS, FeatureConfig
+from transact.features.sequences import EventStore
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=12, imp_cap=5, k_ll=8, k_rt=4, r=4, k_imp=4)
 T0 = 1_700_006_400_000 - 1_700_006_400_000 % DAY_MS  # a day boundary
@@ -291,7 +291,7 @@ def test_historical_with_smaller_caps(sqlite_repo, world):
 
 
 def test_nn_rows_from_feast_equal_the_direct_path(sqlite_repo, world, tmp_path):
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     repo, _ = sqlite_repo
     log_nn_features(world[0], tmp_path / "direct.parquet", CFG, batch_requests=16, progress=False)
@@ -462,7 +462,7 @@ def test_tiny_simulated_world_end_to_end(tmp_path):
     training rows through Feast equal the direct path."""
     sim = pytest.importorskip("transact.data.simulator")
     from transact.components.steps import materialize_features
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     world = tmp_path / "world"
     sim.simulate(sim.get_profile("tiny"), world, seed=0, progress=False)

@@ -21,7 +21,7 @@ from helpers import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_
 from transact.kernels import dispatch
 from transact.kernels.triton.nn_search import launch_config, nn_search_triton
 from transact.kernels.pytorch.nn_search import nn_search as reference
-from transact.model.quantization import dequantize
+from transact.data.quantization import dequantize
 
 D = 32
 TOL = 1e-5  # fp32 cosine; reference and kernel sum in different orders

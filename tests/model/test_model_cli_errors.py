@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from transact.cli import app
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.dataset import read_feature_config, write_synthetic_rows
 from transact.model.train import train
 

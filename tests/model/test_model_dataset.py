@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.dataset import (
     RowDataset, batches_per_epoch, default_train_end_ts, read_feature_config, table_to_batch,
     write_synthetic_rows,
 )
-from transact.model.nn_features import arrow_to_s_all
+from transact.features.nn_features import arrow_to_s_all
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 

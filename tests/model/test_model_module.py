@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from transact.data.schema import ACTION_BIT
-from transact.model.config import SEGMENTS, FeatureConfig
+from transact.features.config import SEGMENTS, FeatureConfig
 from transact.model.dataset import synthetic_rows, table_to_batch
-from transact.model.nn_features import SAll, valid_mask
+from transact.features.nn_features import SAll, valid_mask
 from transact.model.transact import (
     BASELINES, Batch, ModelConfig, TransActModel, build_model, model_config,
 )
@@ -212,7 +212,7 @@ def test_append_fusion_adds_one_candidate_token():
     L = FCFG.k_rt + FCFG.r
     assert x.shape == (3, L + 1, 64) and valid[:, -1].all()
     # the candidate token carries e_c in its first half and no action embedding
-    from transact.model.quantization import dequantize
+    from transact.data.quantization import dequantize
 
     assert torch.allclose(x[:, -1, :32] - m.pos_emb[-1, :32], dequantize(b.cand_emb_q), atol=1e-6)
     assert m.act_emb is None and m.surf_emb is None
@@ -225,7 +225,7 @@ def test_concat_fusion_and_multi_hot_action_embedding():
     b = full_batch()
     b.action[0, 0] = ACTION_BIT["click"] | ACTION_BIT["repin"]
     x, _ = m.tokens(b)
-    from transact.model.quantization import dequantize
+    from transact.data.quantization import dequantize
 
     exp = torch.cat([dequantize(b.emb_q[0, 0]), dequantize(b.cand_emb_q[0])]) + m.act_emb[0] + m.act_emb[1]
     assert torch.allclose(x[0, 0], exp, atol=1e-6)

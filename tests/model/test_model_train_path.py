@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transact.kernels.dispatch import use_train_encoder
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.dataset import synthetic_rows, table_to_batch, write_synthetic_rows
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import Batch, TransActModel, model_config
@@ -178,7 +178,7 @@ def test_bench_train_on_logged_rows(rows):
     """--rows: the batch is drawn from the user's rows (their feature config, their share of
     valid tokens), reported in the JSON; too few rows is a one-line refusal."""
     from transact.bench.train import bench_train, rows_batch
-    from transact.model.nn_features import valid_mask
+    from transact.features.nn_features import valid_mask
 
     res = bench_train(["v2"], [16], steps=1, warmup=1, rounds=1, num_threads=1, rows=rows)
     assert res["rows"] == str(rows) and res["feature_config"] == FCFG.to_dict()

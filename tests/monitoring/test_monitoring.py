@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.monitoring.drift import DriftRule, WindowResult, decide, split_windows
 from transact.monitoring.trigger import DecisionLog, RetrainTrigger
 
@@ -26,14 +26,14 @@ DAY = 24 * HOUR
 
 def _rows(n: int = 6, seed: int = 0) -> tuple[pa.Table, FeatureConfig, object, torch.Tensor]:
     from transact.data.schema import LABEL_COLUMNS
-    from transact.model.nn_features import SAll, s_all_to_arrow
+    from transact.features.nn_features import SAll, s_all_to_arrow
 
     cfg = FeatureConfig(k_ll=4, k_rt=3, r=2, k_imp=3)
     S = cfg.seq_len
     g = torch.Generator().manual_seed(seed)
     seg_len = torch.tensor([[4, 3, 2, 3], [0, 0, 0, 0], [2, 1, 2, 0], [4, 3, 2, 3], [1, 0, 1, 1], [3, 2, 2, 2]],
                            dtype=torch.int16)[:n]
-    from transact.model.nn_features import valid_mask
+    from transact.features.nn_features import valid_mask
 
     valid = valid_mask(seg_len, cfg)
     emb = torch.randint(-60, 60, (n, S, 32), generator=g, dtype=torch.int64).to(torch.int8)
@@ -55,8 +55,8 @@ def _rows(n: int = 6, seed: int = 0) -> tuple[pa.Table, FeatureConfig, object, t
 
 def test_features_expand_rows_into_scalar_and_embedding_columns():
     from transact.data.schema import ACTION_BIT, SURFACES
-    from transact.model.nn_features import valid_mask
-    from transact.model.quantization import STEP
+    from transact.features.nn_features import valid_mask
+    from transact.data.quantization import STEP
     from transact.monitoring.features import EMBEDDINGS, SCALAR_COLUMNS, features_frame
 
     table, cfg, s_all, cand = _rows()

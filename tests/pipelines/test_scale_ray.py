@@ -23,8 +23,8 @@ from transact.data.io import SchemaError
 from transact.data.partition import (partition_of, publishing_folder, read_bucket, stable_hash,
                                      write_buckets)
 from transact.data.world import publishing, seal_world, write_world_json
-from transact.model.config import FeatureConfig
-from transact.model.nn_logging import TRAIN_END_META, log_nn_features
+from transact.features.config import FeatureConfig
+from transact.features.nn_logging import TRAIN_END_META, log_nn_features
 
 ray = pytest.importorskip("ray")
 

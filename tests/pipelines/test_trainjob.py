@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from helpers import rows_with_split
 from transact.components import steps, trainjob
 from transact.components.kfp_components import BASE_IMAGE
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 TRAIN = dict(model="v2", epochs=2, batch_size=16, lr=3e-3, seed=3)

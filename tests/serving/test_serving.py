@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from helpers import queries_of, write_world
-from transact.model.nn_logging import log_nn_features
+from transact.features.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.schema import LABEL_COLUMNS
 from transact.model.checkpoint import load_model, save_model
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import arrow_to_s_all, nn_rows_schema
-from transact.model.sequences import EventStore
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.features.sequences import EventStore
 from transact.model.transact import Batch, build_model
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
 from transact.serving.device import StagingArena
@@ -549,9 +549,9 @@ def test_feast_source_adapts_online_sequences(world):
 @pytest.mark.slow
 def test_feast_online_store_serves_the_same_sequences(tmp_path):
     """Real Feast (SQLite online store): the adapter returns what the EventStore cuts."""
-    from transact.features.materialize import materialize
-    from transact.features.offline import write_offline
-    from transact.features.store import apply, init_repo
+    from transact.features.feast.materialize import materialize
+    from transact.features.feast.offline import write_offline
+    from transact.features.feast.store import apply, init_repo
     from transact.serving.sources import open_source
 
     items, actions, impressions, _ = write_world(tmp_path / "w")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import queries_of, write_world
-from transact.model.config import FeatureConfig
-from transact.model.sequences import EventStore
+from transact.features.config import FeatureConfig
+from transact.features.sequences import EventStore
 from transact.model.transact import Batch, build_model
 from transact.serving.device import ModelRunner, StagingArena
 from transact.serving.ranker import Ranker, assemble

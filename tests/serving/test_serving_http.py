@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from helpers import write_world
-from transact.model.nn_logging import log_nn_features
+from transact.features.nn_logging import log_nn_features
 from transact.data.schema import SURFACES
 from transact.model.checkpoint import load_model, save_model
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import arrow_to_s_all, nn_rows_schema
 from transact.model.transact import Batch, build_model
 from transact.serving.launch import running_server
 from transact.serving.packaging import bentoml_home, package_model

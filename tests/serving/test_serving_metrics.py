@@ -16,7 +16,7 @@ import torch
 from helpers import write_world
 from test_serving_http import _world_bodies
 from transact.model.checkpoint import save_model
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.transact import build_model
 from transact.serving.launch import running_server
 from transact.serving.packaging import bentoml_home, package_model

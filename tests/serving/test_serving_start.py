@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from helpers import write_world
 from transact.cli import app
 from transact.model.checkpoint import save_model
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.model.transact import build_model
 from transact.serving.launch import free_port
 from transact.serving.packaging import bentoml_home, package_model

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 
 from transact.data.schema import EMB_DIM
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import SAll
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import SAll
 from transact.serving.served_log import LogRecord, ServedLogWriter, read_served_log
 from transact.serving.wal import WAL_DIR, WAL_META
 

@@ -38,8 +38,8 @@ from transact.validation.corruption import (
     corrupt_rows,
 )
 from transact.data.io import table_path
-from transact.model.config import FeatureConfig
-from transact.model.quantization import MAX_ERROR, quantize
+from transact.features.config import FeatureConfig
+from transact.data.quantization import MAX_ERROR, quantize
 
 SMALL_CFG = FeatureConfig(ll_cap=256, rt_cap=32, imp_cap=32, k_ll=16, k_rt=8, r=8, k_imp=8)
 
@@ -200,7 +200,7 @@ def test_quarantine_inside_batch_is_refused(clean, tmp_path):
 # ---------------------------------------------------------------------------- NN rows
 @pytest.fixture(scope="module")
 def rows_file(clean, tmp_path_factory) -> Path:
-    from transact.model.nn_logging import log_nn_features
+    from transact.features.nn_logging import log_nn_features
 
     out = tmp_path_factory.mktemp("rows") / "nn_rows.parquet"
     log_nn_features(clean, out, SMALL_CFG, progress=False)

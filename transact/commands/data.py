@@ -125,7 +125,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Build the NN-feature training rows (one per request x candidate)."""
         from transact.components.ray_engine import run_log_nn
-        from transact.model.config import FeatureConfig
+        from transact.features.config import FeatureConfig
 
         cfg = (FeatureConfig.from_dict(json.loads(feature_config), where="--feature-config") if feature_config
                else FeatureConfig(ll_cap=ll_cap))
@@ -185,7 +185,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Bytes per training example: logged NN features vs full sequences."""
         from transact.bench.storage import bench_storage, format_storage, write_json
-        from transact.model.config import FeatureConfig
+        from transact.features.config import FeatureConfig
 
         result = bench_storage(examples, FeatureConfig(ll_cap=ll_cap), world)
         typer.echo(format_storage(result))

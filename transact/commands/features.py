@@ -17,7 +17,7 @@ ONLINE_HELP = ("Online store: sqlite (feature_store.yaml) or redis (feature_stor
 
 
 def _store(repo: Path, online: str, redis: Optional[str]):
-    from transact.features.store import REDIS_ENV, open_store
+    from transact.features.feast.store import REDIS_ENV, open_store
 
     if online == "sqlite":
         return open_store(repo)
@@ -30,7 +30,7 @@ def _store(repo: Path, online: str, redis: Optional[str]):
 
 
 def _cfg(ll_cap: Optional[int], rt_cap: Optional[int], imp_cap: Optional[int]):
-    from transact.model.config import FeatureConfig
+    from transact.features.config import FeatureConfig
 
     kw = {k: v for k, v in (("ll_cap", ll_cap), ("rt_cap", rt_cap), ("imp_cap", imp_cap)) if v is not None}
     if "rt_cap" in kw:
@@ -59,8 +59,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Write a world's events into the offline sources (with --world), then `feast apply`."""
-        from transact.features.offline import write_offline
-        from transact.features.store import REPO_TEMPLATE, apply, init_repo
+        from transact.features.feast.offline import write_offline
+        from transact.features.feast.store import REPO_TEMPLATE, apply, init_repo
 
         if not (repo / "feature_store.yaml").exists():
             if repo.resolve() == REPO_TEMPLATE.resolve():
@@ -87,7 +87,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Load the latest offline rows into the online store."""
-        from transact.features.materialize import materialize
+        from transact.features.feast.materialize import materialize
 
         out = materialize(_store(repo, online, redis), end_ms=end_ms, engine=engine,
                           batch_rows=batch_rows, progress=progress)
@@ -106,7 +106,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         offline: bool = typer.Option(False, help="Also append the new states to the offline sources."),
     ) -> None:
         """Push new events into the realtime and impression features (online store)."""
-        from transact.features.push import push_events
+        from transact.features.feast.push import push_events
         from transact.data import schema as S
         from transact.data.io import read_table
 
@@ -126,7 +126,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
     ) -> None:
         """Print users' online sequences (lengths and newest token times)."""
-        from transact.features.online import OnlineSequences
+        from transact.features.feast.online import OnlineSequences
 
         seqs = OnlineSequences(_store(repo, online, redis)).sequences(user_id)
         for n, u in enumerate(user_id):
@@ -153,7 +153,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Materialisation throughput and peak memory, online read latency (SQLite, Redis)."""
         from transact.bench.features import bench_features, format_bench, write_bench_json
-        from transact.model.config import FeatureConfig
+        from transact.features.config import FeatureConfig
 
         res = bench_features(world, workdir, max_users, [x.strip() for x in online.split(",") if x.strip()],
                              redis, [x.strip() for x in engines.split(",") if x.strip()], reads,

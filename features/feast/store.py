@@ -43,7 +43,7 @@ OFFLINE_DIRS: dict[str, str] = {ITEM_VIEW: "data/offline/items", LL_VIEW: "data/
                                 IMP_VIEW: "data/offline/user_impressions",
                                 **{iv: f"data/offline/{iv}" for iv, _ in INDEX_VIEWS.values()}}
 MANIFEST = "data/offline/manifest.json"
-REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "feature_repo"
+REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "feature_repo"
 REDIS_ENV = "TRANSACT_REDIS"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ITEMS_TS_MS = 0  # items are static: one row each at the epoch
@@ -113,8 +113,8 @@ def load_definitions(repo: str | Path) -> list:
 
 def apply(store_or_repo) -> dict:
     """``feast apply``: registers the definitions and creates the online tables; then marks the
-    online views as materialised up to the epoch (see :mod:`transact.features.engine`)."""
-    from transact.features.engine import mark_start
+    online views as materialised up to the epoch (see :mod:`transact.features.feast.engine`)."""
+    from transact.features.feast.engine import mark_start
 
     store = as_store(store_or_repo)
     objs = load_definitions(store.repo_path)

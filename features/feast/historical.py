@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 
 from transact.data import schema as S
 from transact.data.io import SchemaError, table_path
-from transact.features.codec import decode_tokens, derive_imp, empty_tokens
-from transact.features.store import (IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, LL_VIEW,
+from transact.features.feast.codec import decode_tokens, derive_imp, empty_tokens
+from transact.features.feast.store import (IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, LL_VIEW,
                                      OFFLINE_DIRS, RT_VIEW, TS_COL, USER_KEY, VIEW_FEATURES, as_store,
                                      read_manifest)
-from transact.model.config import FeatureConfig
-from transact.model.event_order import dense_rank, group_offsets, search_in_groups
-from transact.model.nn_features import JaggedSequences
+from transact.features.config import FeatureConfig
+from transact.features.event_order import dense_rank, group_offsets, search_in_groups
+from transact.features.nn_features import JaggedSequences
 
 
 class _Payload:
@@ -79,8 +79,8 @@ class _Payload:
 
 class HistoricalSequences:
     """Point-in-time sequences from Feast's offline store: a drop-in for
-    :class:`~transact.model.sequences.EventStore` in
-    :func:`transact.model.nn_logging.log_nn_features` (``.sequences`` and
+    :class:`~transact.features.sequences.EventStore` in
+    :func:`transact.features.nn_logging.log_nn_features` (``.sequences`` and
     ``.item_emb_q_of``).
 
     Every lookup is a ``FeatureStore.get_historical_features`` point-in-time join:
@@ -101,7 +101,7 @@ class HistoricalSequences:
 
     Args:
         store_or_repo: the Feast repo (offline sources written by
-            :func:`transact.features.offline.write_offline`).
+            :func:`transact.features.feast.offline.write_offline`).
         cfg: caps; must not exceed those the sources were written with; same refresh.
     """
 

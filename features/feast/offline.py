@@ -6,7 +6,7 @@ Time semantics
 A row's ``event_timestamp`` is the first instant it is the user's state; it holds only
 events strictly before it. Feast's point-in-time join is inclusive (row ts <= entity ts),
 so querying at the request time t returns exactly the events before t -- the contract
-of :class:`transact.model.sequences.EventStore`:
+of :class:`transact.features.sequences.EventStore`:
 
 - ``user_lifelong``: snapshots at multiples of ``ll_refresh_ms`` (a day), one row per
   user and snapshot at which the sequence changed;
@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 
 from transact.data import schema as S
 from transact.data.io import read_table, table_path
-from transact.features.codec import Tokens, derive_imp, encode_rows, jagged_tokens, lengths_of
-from transact.features.store import (IMP_VIEW, INDEX_VIEWS, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW, OFFLINE_DIRS,
+from transact.features.feast.codec import Tokens, derive_imp, encode_rows, jagged_tokens, lengths_of
+from transact.features.feast.store import (IMP_VIEW, INDEX_VIEWS, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW, OFFLINE_DIRS,
                                      RT_VIEW, VIEW_FEATURES, view_schema)
-from transact.model.config import FeatureConfig
-from transact.model.sequences import IMP_LOOKBACK, EventStore
+from transact.features.config import FeatureConfig
+from transact.features.sequences import IMP_LOOKBACK, EventStore
 
 
 def _ts_array(ms: np.ndarray) -> pa.Array:
@@ -156,7 +156,7 @@ def write_offline(world: str | Path, repo: str | Path, cfg: FeatureConfig | None
         since_ms: first instant point-in-time reads must serve (default: the first
             request of the world, else its first event), floored to the LL refresh period.
         until_ms: events at or after it are left out (default: all events); later events
-            arrive by :func:`transact.features.push.push_events`.
+            arrive by :func:`transact.features.feast.push.push_events`.
         batch_users: users per block (bounds memory: block x L_LL tokens).
     Returns: a summary (rows and bytes per view), also written to ``data/offline/manifest.json``.
     """

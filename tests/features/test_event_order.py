@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from helpers import make_items, write_world
-from transact.model.nn_logging import log_nn_features
+from transact.features.nn_logging import log_nn_features
 from transact.data import schema as S
 from transact.data.world import publishing
-from transact.model.config import FeatureConfig
-from transact.model.event_order import dense_rank, event_order, group_offsets, pair_ids, search_in_groups
-from transact.model.sequences import EventStore
+from transact.features.config import FeatureConfig
+from transact.features.event_order import dense_rank, event_order, group_offsets, pair_ids, search_in_groups
+from transact.features.sequences import EventStore
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 TABLES = ("items", "actions", "impressions", "requests")
@@ -69,7 +69,7 @@ def test_nn_rows_do_not_depend_on_row_order(tmp_path_factory, seed):
 
 def test_offline_feature_rows_do_not_depend_on_row_order(tmp_path):
     """The Feast path (what serving reads) cuts its windows in the same order."""
-    from transact.features.offline import write_offline
+    from transact.features.feast.offline import write_offline
 
     tables = _world(tmp_path)
     _publish(tmp_path / "as-given", tables, None)

@@ -3,7 +3,7 @@
 One row per (request, candidate) holding its |S_all| tokens, labels and ids, so an
 example costs O(|S_all|) bytes instead of O(L_LL). Requests are processed in batches,
 de-duplicated exactly like serving does (each user's sequences once, candidates by
-offsets) through the same :func:`transact.model.nn_features.build_s_all`, and streamed
+offsets) through the same :func:`transact.features.nn_features.build_s_all`, and streamed
 to parquet row groups; the output file appears only when complete. :func:`write_nn_rows`
 builds the rows of any set of requests from an :class:`EventStore` holding their users'
 events: the whole world here, one user part on Ray (:mod:`transact.components.ray_engine`).
@@ -24,9 +24,9 @@ from transact.data import schema as S
 from transact.data.io import AtomicParquetWriter, read_table, table_path
 from transact.data.requests import sorted_requests
 from transact.data.world import check_world, read_world_json, train_end_of
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import build_s_all, nn_rows_schema, s_all_to_arrow
-from transact.model.sequences import EventStore
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import build_s_all, nn_rows_schema, s_all_to_arrow
+from transact.features.sequences import EventStore
 
 #: parquet schema metadata key of the rows' train/eval split (from the world's world.json)
 TRAIN_END_META = b"train_end_ts"

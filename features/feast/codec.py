@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from transact.data import schema as S
-from transact.model.nn_features import JaggedSequences
-from transact.model.sequences import IMP_LOOKBACK
+from transact.features.nn_features import JaggedSequences
+from transact.features.sequences import IMP_LOOKBACK
 
 
 MAGIC = b"TQ"

@@ -8,11 +8,11 @@ import numpy as np
 
 from transact.data import schema as S
 from transact.data.io import SchemaError
-from transact.features.codec import decode_tokens, derive_imp, empty_tokens
-from transact.features.store import (IMP_VIEW, ITEM_FEATURE, ITEM_KEY, ITEM_SERVICE, LL_VIEW, RT_VIEW, SERVICE,
+from transact.features.feast.codec import decode_tokens, derive_imp, empty_tokens
+from transact.features.feast.store import (IMP_VIEW, ITEM_FEATURE, ITEM_KEY, ITEM_SERVICE, LL_VIEW, RT_VIEW, SERVICE,
                                      USER_KEY, VIEW_FEATURES, as_store)
-from transact.model.config import FeatureConfig
-from transact.model.nn_features import JaggedSequences
+from transact.features.config import FeatureConfig
+from transact.features.nn_features import JaggedSequences
 
 
 class OnlineSequences:

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from transact.features.codec import lengths_of
-from transact.features.store import (EPOCH, IMP_VIEW, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW,
+from transact.features.feast.codec import lengths_of
+from transact.features.feast.store import (EPOCH, IMP_VIEW, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW,
                                      OFFLINE_DIRS, RT_VIEW, TS_COL, USER_KEY, VIEW_FEATURES, as_store,
                                      read_manifest)
 

@@ -25,7 +25,7 @@ import torch
 
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS, REQUESTS
 from transact.kernels import dispatch
-from transact.model.config import SEGMENTS, FeatureConfig
+from transact.features.config import SEGMENTS, FeatureConfig
 
 PAD_AGE: int = -1  # tok_age_s of a padding slot
 

@@ -14,7 +14,7 @@ stored newest first:
   bounds the work per request; with typical engagement rates that window holds far
   more than ``imp_cap`` unengaged impressions.
 
-Events are kept in the total order of :mod:`transact.model.event_order` (ties of one
+Events are kept in the total order of :mod:`transact.features.event_order` (ties of one
 timestamp decided by the other columns, never by storage order), so the sequences are a
 pure function of the set of events. Everything is vectorised over a batch of requests:
 per-user time ranges are found by one bisection of every request in its user's slice
@@ -32,10 +32,10 @@ import torch
 
 from transact.data import schema as S
 from transact.data.io import SchemaError, read_table, table_path
-from transact.model.config import FeatureConfig
-from transact.model.event_order import (ACTION_TIES, IMPRESSION_TIES, dense_rank, event_order,
+from transact.features.config import FeatureConfig
+from transact.features.event_order import (ACTION_TIES, IMPRESSION_TIES, dense_rank, event_order,
                                         group_offsets, pair_ids, search_in_groups)
-from transact.model.nn_features import JaggedSequences
+from transact.features.nn_features import JaggedSequences
 
 IMP_LOOKBACK: int = 3
 _NEVER: int = np.iinfo(np.int64).max

@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 
 from transact.data import schema as S
 from transact.data.io import SchemaError
-from transact.features.codec import Tokens, derive_imp, encode_tokens, split_blob
-from transact.features.offline import PartWriter, write_user_rows
-from transact.features.online import OnlineSequences
-from transact.features.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, OFFLINE_DIRS, RT_PUSH, RT_VIEW, TS_COL,
+from transact.features.feast.codec import Tokens, derive_imp, encode_tokens, split_blob
+from transact.features.feast.offline import PartWriter, write_user_rows
+from transact.features.feast.online import OnlineSequences
+from transact.features.feast.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, OFFLINE_DIRS, RT_PUSH, RT_VIEW, TS_COL,
                                      USER_KEY, VIEW_FEATURES, as_store, read_manifest)
-from transact.model.config import FeatureConfig
-from transact.model.event_order import ACTION_TIES, IMPRESSION_TIES, event_order
-from transact.model.sequences import IMP_LOOKBACK
+from transact.features.config import FeatureConfig
+from transact.features.event_order import ACTION_TIES, IMPRESSION_TIES, event_order
+from transact.features.sequences import IMP_LOOKBACK
 
 
 def _manifest_cfg(repo: Path, cfg: FeatureConfig | None) -> FeatureConfig:

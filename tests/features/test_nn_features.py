@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from transact.data.schema import LABEL_COLUMNS
-from transact.model.config import FeatureConfig
+from transact.features.config import FeatureConfig
 from transact.kernels.pytorch.nn_search import nn_search
-from transact.model.nn_features import (
+from transact.features.nn_features import (
     JaggedSequences, PAD_AGE, arrow_to_s_all, build_s_all, s_all_to_arrow, valid_mask,
 )
-from transact.model.quantization import dequantize
+from transact.data.quantization import dequantize
 
 
 def random_jagged(rng, lens, dup=False, t_req=None):

@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import make_events, make_items
 from transact.data.io import SchemaError
-from transact.model.config import DAY_MS, FeatureConfig
-from transact.model.event_order import ACTION_TIES, IMPRESSION_TIES
-from transact.model.sequences import IMP_LOOKBACK, EventStore
+from transact.features.config import DAY_MS, FeatureConfig
+from transact.features.event_order import ACTION_TIES, IMPRESSION_TIES
+from transact.features.sequences import IMP_LOOKBACK, EventStore
 
 T0 = 1_700_000_000_000
 

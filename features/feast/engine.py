@@ -25,9 +25,9 @@ from typing import Literal
 from feast.infra.compute_engines.local.compute import LocalComputeEngine, LocalComputeEngineConfig
 from feast.utils import make_tzaware
 
-from transact.features.store import EPOCH, as_store
+from transact.features.feast.store import EPOCH, as_store
 
-ENGINE = "transact.features.engine.TransactLocalEngine"
+ENGINE = "transact.features.feast.engine.TransactLocalEngine"
 
 
 def mark_start(store_or_repo) -> list[str]:
