@@ -6,7 +6,7 @@ the same synthetic batch of the default feature contract (|S_all| = 192), held o
 device, so the number is the model's, not the data loader's. Paths:
 
 - ``stock``: the encoder as the stock ``nn.TransformerEncoder`` with its boolean mask --
-  what training ran before (``TRANSACT_TRAIN_ENCODER=stock``);
+  what training ran before (``--train-encoder stock``);
 - ``packed``: the training path now (same weights): the model builds and encodes only the
   valid tokens, attention is causal over each row's packed tokens
   (:mod:`transact.kernels.pytorch.encoder_train`), fp32 -- the default;
@@ -46,7 +46,7 @@ import pyarrow as pa
 import torch
 
 from transact.data.schema import ACTIONS, EMB_DIM
-from transact.kernels.dispatch import use_train_encoder
+from transact.kernels import dispatch
 from transact.features.config import SEGMENTS, FeatureConfig
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.features.nn_features import valid_mask
@@ -57,9 +57,9 @@ FLOP_GROUPS: tuple[str, ...] = ("embed_proj", "attn_qk", "attn_av", "ffn", "dcn"
 #: path name -> (training encoder, autocast bf16, torch.compile)
 PATHS: dict[str, tuple[str, bool, bool]] = {
     "stock": ("stock", False, False),
-    "packed": ("sdpa", False, False),
-    "packed-bf16": ("sdpa", True, False),
-    "packed-compile": ("sdpa", False, True),
+    "packed": ("packed", False, False),
+    "packed-bf16": ("packed", True, False),
+    "packed-compile": ("packed", False, True),
 }
 SQUARE_GEMM: int = 2048
 
@@ -152,7 +152,7 @@ def _make_step(net: TransActModel, batch, mcfg: ModelConfig, fcfg: FeatureConfig
     loss_fn = torch.compile(loss_of) if compiled else loss_of
 
     def step() -> float:
-        with use_train_encoder(encoder), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with dispatch.using(train_encoder=encoder), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(net)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,28 +1,78 @@
 """The one dispatch point of every kernel: Triton on CUDA, the PyTorch reference elsewhere.
 
-The model and the service call only these functions.
+The model and the service call only these functions. Which kernels run is a
+:class:`KernelConfig` set once at the edge (:func:`configure`; the CLI reads it from its
+options), never read from the environment on a call.
 """
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
+import enum
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-#: encoders of the training (autograd) path: "sdpa" (:mod:`transact.kernels.pytorch.encoder_train`,
-#: the default: the valid tokens only, packed, causal SDPA -- the name kept for existing
-#: ``TRANSACT_TRAIN_ENCODER`` settings) or "stock" (the ``nn.TransformerEncoder`` module with
-#: its boolean mask, the reference; what training ran before -- ``transact bench train`` times both)
-TRAIN_ENCODERS: tuple[str, ...] = ("sdpa", "stock")
-_train_encoder: str = os.environ.get("TRANSACT_TRAIN_ENCODER", "sdpa")
+
+class TrainEncoder(str, enum.Enum):
+    """The encoder of the training (autograd) path."""
+
+    #: the valid tokens only, packed in length groups, causal attention
+    #: (:mod:`transact.kernels.pytorch.encoder_train`): the default
+    PACKED = "packed"
+    #: the ``nn.TransformerEncoder`` module with its boolean mask: the reference, what training
+    #: ran before (``transact bench train`` times both)
+    STOCK = "stock"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels run: set once at the edge (the CLI, a benchmark, a test), read here.
+
+    ``triton``: Triton kernels on CUDA tensors (False: the PyTorch references everywhere).
+    ``train_encoder``: see :class:`TrainEncoder`.
+    """
+
+    triton: bool = True
+    train_encoder: TrainEncoder = TrainEncoder.PACKED
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "train_encoder", TrainEncoder(self.train_encoder))
+        except ValueError:
+            raise ValueError(f"train encoder must be one of {[e.value for e in TrainEncoder]}, "
+                             f"got {self.train_encoder!r}") from None
+
+
+_config = KernelConfig()
+
+
+def config() -> KernelConfig:
+    """The kernel configuration in force."""
+    return _config
+
+
+def configure(cfg: KernelConfig) -> KernelConfig:
+    """Sets the kernel configuration for this process; returns the one it replaces."""
+    global _config
+    before, _config = _config, cfg
+    return before
+
+
+@contextlib.contextmanager
+def using(**changes) -> Iterator[KernelConfig]:
+    """Runs the block under the configuration in force with ``changes`` (``using(train_encoder="stock")``)."""
+    before = configure(dataclasses.replace(_config, **changes))
+    try:
+        yield _config
+    finally:
+        configure(before)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if os.environ.get("TRANSACT_DISABLE_TRITON") == "1":
-        return False
-    return t.is_cuda
+    return _config.triton and t.is_cuda
 
 
 def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
@@ -37,26 +87,6 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
 
 
-def train_encoder() -> str:
-    """The training encoder in use (see :data:`TRAIN_ENCODERS`)."""
-    if _train_encoder not in TRAIN_ENCODERS:
-        raise ValueError(f"TRANSACT_TRAIN_ENCODER must be one of {TRAIN_ENCODERS}, got {_train_encoder!r}")
-    return _train_encoder
-
-
-@contextlib.contextmanager
-def use_train_encoder(name: str) -> Iterator[None]:
-    """Runs the block with training encoder ``name`` (the benchmark's old and new paths)."""
-    global _train_encoder
-    if name not in TRAIN_ENCODERS:
-        raise ValueError(f"training encoder must be one of {TRAIN_ENCODERS}, got {name!r}")
-    before, _train_encoder = _train_encoder, name
-    try:
-        yield
-    finally:
-        _train_encoder = before
-
-
 def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Encoder forward with the causal + padding mask; x [B, S, d], valid bool [B, S].
 
@@ -64,7 +94,7 @@ def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torc
     layout of the same layers (:mod:`transact.kernels.pytorch.encoder_cpu`); training
     (autograd or dropout) runs the same layers on the valid tokens, packed, with causal
     attention (:mod:`transact.kernels.pytorch.encoder_train`; 0 at padded positions), or
-    the stock module where that path cannot run it or ``TRANSACT_TRAIN_ENCODER=stock``.
+    the stock module where that path cannot run it or ``KernelConfig.train_encoder`` is ``stock``.
     Valid positions agree to float rounding.
     """
     inference = not encoder.training and not torch.is_grad_enabled()
@@ -88,7 +118,7 @@ def _packed_path(encoder: nn.TransformerEncoder) -> bool:
     """Whether training runs ``encoder`` on the packed path (selected, and its layers known)."""
     from transact.kernels.pytorch.encoder_train import train_unsupported_reason
 
-    return train_encoder() == "sdpa" and train_unsupported_reason(encoder) is None
+    return _config.train_encoder is TrainEncoder.PACKED and train_unsupported_reason(encoder) is None
 
 
 def trains_on_tokens(encoder: nn.TransformerEncoder) -> bool:
@@ -111,3 +141,11 @@ def encoder_tokens(encoder: nn.TransformerEncoder, t: torch.Tensor, valid: torch
     from transact.kernels.pytorch.packing import scatter_tokens, tokens_of
 
     return tokens_of(encoder_reference(encoder, scatter_tokens(t, valid), valid), valid)  # [N, d]
+
+
+def scatter_tokens(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Valid tokens t [N, d] (row-major) -> [B, S, d] with zeros at invalid slots; see
+    :func:`transact.kernels.pytorch.packing.scatter_tokens` (its backward is a gather)."""
+    from transact.kernels.pytorch.packing import scatter_tokens as scatter
+
+    return scatter(t, valid)

@@ -10,7 +10,7 @@ Forward pass for one example (S = |S_all| slots, d = 64, D = 32)::
     F_i   = concat(dequant(E(S_all)_i), e_c)                        [d]   early fusion (Eq. 4)
             + sum_{b : action_i has bit b} E_act[b]                 [d]   multi-hot actions
             + E_surf[surface_i] + E_pos[i]                          [d]
-    U     = Encoder(F, causal + padding mask)                       [S, d]  (kernels.dispatch)
+    U     = Encoder(F, causal + padding mask)                       [S, d]  (model.encoder)
     z     = maxpool_{i valid}(W_o U_i + b_o)                        [d_o]  (0 if no valid token)
             (+ optional V1 "first K columns", see below)
     x0    = concat(z, e_c, E_ctx[request surface])                  [n0]
@@ -48,8 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
-from transact.kernels.dispatch import encoder_forward, encoder_tokens, trains_on_tokens
-from transact.kernels.pytorch.packing import scatter_tokens
 from transact.features.config import SEGMENTS, FeatureConfig
 from transact.model.encoder import make_encoder
 from transact.features.nn_features import SAll, valid_mask
@@ -411,55 +409,39 @@ class TransActModel(nn.Module):
             x = x + F.embedding(slot, self.pos_emb)  # [*, d], rows of the original slots
         return x
 
+    def token_features(self, batch: Batch, e_c: torch.Tensor, rows: torch.Tensor | None,
+                       cols: torch.Tensor | None) -> torch.Tensor:
+        """F of the tokens at (rows [M], positions among the selected slots cols [M]) -> [M, d];
+        ``rows is None``: every selected slot of every row -> [B, L, d] (the encoder's two layouts,
+        :class:`transact.model.encoder.SequenceEncoder`). e_c [B, D]: the candidates."""
+        if rows is None or cols is None:
+            slots = self.slots
+            B, L = e_c.shape[0], slots.numel()
+            return self._features(batch.emb_q[:, slots], e_c[:, None, :].expand(B, L, EMB_DIM),
+                                  batch.action[:, slots], batch.tok_surface[:, slots], slots)  # [B, L, d]
+        sl = self.slots[cols]  # [M] original slots
+        return self._features(batch.emb_q[rows, sl], e_c[rows], batch.action[rows, sl],
+                              batch.tok_surface[rows, sl], sl)  # [M, d]
+
+    def appended_token(self, e_c: torch.Tensor) -> torch.Tensor | None:
+        """BST's candidate token [B, d] (append fusion: zero action, the last positional row), else None."""
+        if self.cfg.fusion != "append":
+            return None
+        c = torch.cat([e_c, e_c.new_zeros(e_c.shape[0], self.cfg.d_model - EMB_DIM)], dim=-1)  # [B, d]
+        return c + self.pos_emb[-1] if self.pos_emb is not None else c  # [B, d]
+
     def tokens(self, batch: Batch, time_window: bool = False,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns F [B, L, d] and valid bool [B, L] (L = selected slots, +1 with append)."""
-        cfg, slots = self.cfg, self.slots
-        B, L = batch.cand_emb_q.shape[0], slots.numel()
+        """F [B, S, d] and valid bool [B, S] as the padded layout feeds them to the encoder
+        (S = selected slots, +1 with append): for tests and benchmarks of the encoder alone."""
         e_c = dequantize(batch.cand_emb_q)  # [B, D]
         valid = self.token_mask(batch, time_window, generator)  # [B, L]
-        x = self._features(batch.emb_q[:, slots], e_c[:, None, :].expand(B, L, EMB_DIM), batch.action[:, slots],
-                           batch.tok_surface[:, slots], slots)  # [B, L, d]
-        if cfg.fusion == "append":
-            c = torch.cat([e_c, e_c.new_zeros(B, cfg.d_model - EMB_DIM)], dim=-1)  # [B, d], zero action
-            if self.pos_emb is not None:
-                c = c + self.pos_emb[-1]  # [B, d]
+        x = self.token_features(batch, e_c, None, None)  # [B, L, d]
+        c = self.appended_token(e_c)
+        if c is not None:
             x = torch.cat([x, c[:, None, :]], dim=1)  # [B, L + 1, d]
-            valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B, L + 1]
+            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)  # [B, L + 1]
         return x, valid
-
-    def _sequence_packed(self, batch: Batch, e_c: torch.Tensor, time_window: bool,
-                         generator: torch.Generator | None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Training on the valid tokens alone (concat fusion): the same pooled [B, d_o], first-K
-        columns, u(t) inputs [B, r, d] and valid [B, L] as :meth:`forward`'s [B, L, d] path, with every
-        per-token step on the N valid tokens (:func:`transact.kernels.dispatch.encoder_tokens`)."""
-        slots = self.slots
-        B, L = batch.cand_emb_q.shape[0], slots.numel()
-        valid = self.token_mask(batch, time_window, generator)  # [B, L]
-        rows, cols = valid.nonzero(as_tuple=True)  # [N] each, row-major
-        sl = slots[cols]  # [N] original slots
-        t = self._features(batch.emb_q[rows, sl], e_c[rows], batch.action[rows, sl], batch.tok_surface[rows, sl], sl)
-        U = encoder_tokens(self.encoder, t, valid)  # [N, d]
-        z = self.seq_proj(U)  # [N, d_o]
-        # rows are contiguous runs of z (row-major): a segment max (-inf for a row without tokens,
-        # then 0). Tied maxima share the gradient evenly (max(dim) gives it to one of them): the
-        # same value and total gradient, another subgradient -- ties are rare in fp32, not in bf16
-        n = valid.sum(dim=1)  # [B]
-        pooled = torch.segment_reduce(z, "max", lengths=n, unsafe=True)  # [B, d_o]
-        pooled = torch.where(n[:, None] > 0, pooled, torch.zeros_like(pooled))  # [B, d_o]
-        first_k = None
-        if self.cfg.first_k > 0:
-            first_k = self._first_k(scatter_tokens(z, valid), valid)  # [B, K d_o]
-        U_rt = None
-        if self.nal_proj is not None:
-            r = self.rt_local.numel()
-            rt_of = torch.full((L,), -1, dtype=torch.long, device=U.device)
-            rt_of[self.rt_local] = torch.arange(r, device=U.device)  # [L] position among S_RT[:r], or -1
-            j = rt_of[cols]  # [N]
-            keep = j >= 0
-            U_rt = U.new_zeros(B, r, U.shape[1]).index_put((rows[keep], j[keep]), U[keep])  # [B, r, d]
-        return pooled, first_k, U_rt, valid
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
         cfg = self.cfg
@@ -467,27 +449,15 @@ class TransActModel(nn.Module):
         feats = []
         nal_user = nal_query_valid = None
         if cfg.has_sequence:
-            tw = self.training and cfg.time_window_mask
-            if cfg.fusion == "concat" and trains_on_tokens(self.encoder):
-                pooled, first_k, U_rt, valid = self._sequence_packed(batch, e_c, tw, generator)
-            else:
-                x, valid = self.tokens(batch, time_window=tw, generator=generator)  # [B, L, d], [B, L]
-                U = encoder_forward(self.encoder, x, valid)  # [B, L, d]
-                z = self.seq_proj(U)  # [B, L, d_o]
-                zm = z.masked_fill(~valid[..., None], float("-inf"))  # [B, L, d_o]
-                # With autograd, max (with indices) rather than amax: its backward scatters into the
-                # argmax rows instead of comparing all of z with the max (same values; the same
-                # gradient unless two tokens tie). Inference keeps amax (the exported graphs').
-                pooled = zm.max(dim=1).values if torch.is_grad_enabled() else zm.amax(dim=1)  # [B, d_o]
-                pooled = torch.where(valid.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))  # [B, d_o]
-                first_k = self._first_k(z, valid) if cfg.first_k > 0 else None  # [B, K * d_o]
-                U_rt = U[:, self.rt_local] if self.nal_proj is not None else None  # [B, r, d]
-            feats.append(pooled)
-            if first_k is not None:
-                feats.append(first_k)
+            valid = self.token_mask(batch, self.training and cfg.time_window_mask, generator)  # [B, L]
+            enc = self.encoder.encode(valid, lambda rows, cols: self.token_features(batch, e_c, rows, cols),
+                                      append=self.appended_token(e_c))  # U: [N, d] or [B, S, d]
+            z = self.seq_proj(enc.U)  # [N, d_o] or [B, S, d_o]
+            feats.append(enc.max_pool(z))  # [B, d_o]
+            if cfg.first_k > 0:
+                feats.append(self._first_k(enc.padded(z), enc.valid))  # [B, K * d_o]
             if self.nal_proj is not None:
-                assert U_rt is not None
-                nal_user = self.nal_proj(U_rt)  # [B, r, nal_dim]
+                nal_user = self.nal_proj(enc.at_slots(self.rt_local))  # [B, r, nal_dim]
                 nal_query_valid = valid[:, self.rt_local]  # [B, r]
         feats += [e_c, self.ctx_emb(batch.surface.long())]  # [B, D], [B, ctx]
         x0 = torch.cat(feats, dim=-1)  # [B, n0]

@@ -29,21 +29,27 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+    train_encoder: str = typer.Option("packed", help="Training encoder: packed (the valid tokens only) or "
+                                                     "stock (the nn.TransformerEncoder reference)."),
+    triton: bool = typer.Option(True, help="Triton kernels on CUDA (--no-triton: the PyTorch references)."),
+) -> None:
     """TransAct V2: lifelong-sequence CTR ranking, from simulated events to a served model."""
+    if train_encoder != "packed" or not triton:  # the defaults need no torch import (fast --help)
+        from transact.kernels import dispatch
+
+        try:
+            dispatch.configure(dispatch.KernelConfig(triton=triton, train_encoder=train_encoder))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--train-encoder") from None
 
 #: Command modules, each with ``register(app, bench_app)``.
 COMMAND_MODULES = ("data", "demo", "model", "kernels", "validation", "features", "serving", "pipeline", "monitoring")
 
 for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"transact.commands.{_name}")
-    except ModuleNotFoundError as e:  # an area not built yet in this checkout
-        if e.name != f"transact.commands.{_name}":
-            raise
-        continue
-    _mod.register(app, bench_app)
+    importlib.import_module(f"transact.commands.{_name}").register(app, bench_app)
 
 
 if __name__ == "__main__":

@@ -95,15 +95,14 @@ def test_dispatcher_sends_inference_here_and_training_to_the_training_path(monke
     with torch.inference_mode():
         dispatch.encoder_forward(enc, x, valid)
     assert calls == [1] and train_calls == []
-    enc.train()  # autograd goes through the training path (SDPA), not the inference kernel
+    enc.train()  # autograd goes through the training path (packed), not the inference kernel
     out = dispatch.encoder_forward(enc, x.requires_grad_(), valid)
     assert calls == [1] and train_calls == [1] and out.requires_grad
-    with dispatch.use_train_encoder("stock"):  # the old path, for the benchmark
+    with dispatch.using(train_encoder="stock"):  # the old path, for the benchmark
         assert dispatch.encoder_forward(enc, x, valid).requires_grad
-    assert train_calls == [1] and dispatch.train_encoder() == "sdpa"
-    with pytest.raises(ValueError, match="training encoder"):
-        with dispatch.use_train_encoder("fast"):
-            pass
+    assert train_calls == [1] and dispatch.config().train_encoder is dispatch.TrainEncoder.PACKED
+    with pytest.raises(ValueError, match="train encoder must be one of"), dispatch.using(train_encoder="sdpa"):
+        pass
     enc.layers[0].norm_first = True  # a layer the training path does not know: the stock module
     dispatch.encoder_forward(enc, x, valid)
     assert train_calls == [1] and "pre-LN" in train_unsupported_reason(enc)
@@ -181,8 +180,8 @@ def test_training_path_tokens_equal_the_padded_layout():
     x = torch.from_numpy(rng.normal(size=(4, 21, 64)).astype(np.float32))
     valid = valid_pattern(rng, 4, 21, "mixed")
     want = encoder_reference(enc, x, valid)[valid]  # [N, d]
-    for path in ("sdpa", "stock"):
-        with dispatch.use_train_encoder(path):
+    for path in ("packed", "stock"):
+        with dispatch.using(train_encoder=path):
             torch.testing.assert_close(dispatch.encoder_tokens(enc, x[valid], valid), want, rtol=0, atol=1e-5)
 
 

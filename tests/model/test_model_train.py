@@ -184,7 +184,7 @@ def test_cli_train_evaluate_and_bench(world, tmp_path):
 
 def test_ddp_two_processes_with_torchrun(world, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSACT_DISABLE_TRITON": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "transact.cli", "train", "--rows", str(world), "--model", "v2", "--out", str(out),
            "--epochs", "2", "--batch-size", "16", "--no-progress"]

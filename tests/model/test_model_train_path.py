@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from transact.kernels.dispatch import use_train_encoder
+from transact.kernels import dispatch
 from transact.features.config import FeatureConfig
 from transact.model.dataset import synthetic_rows, table_to_batch, write_synthetic_rows
 from transact.model.losses import label_weight_matrix, total_loss
@@ -31,7 +31,7 @@ def forward_and_grads(net: TransActModel, b: Batch, encoder: str, seed: int):
     (the time-window mask drawn from the same generator seed)."""
     net.zero_grad(set_to_none=True)
     M = label_weight_matrix(net.cfg)
-    with use_train_encoder(encoder):
+    with dispatch.using(train_encoder=encoder):
         out = net(b, generator=torch.Generator().manual_seed(seed))
         loss, _ = total_loss(out, b, net.cfg, FCFG, M)
         loss.backward()
@@ -56,7 +56,7 @@ def test_model_outputs_and_gradients_equal_the_stock_encoder(name, overrides, se
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     b = batch_with_empty_rows(seed)
-    new, loss_new, g_new = forward_and_grads(net, b, "sdpa", seed)
+    new, loss_new, g_new = forward_and_grads(net, b, "packed", seed)
     old, loss_old, g_old = forward_and_grads(net, b, "stock", seed)
     torch.testing.assert_close(new.logits, old.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_new, loss_old, rtol=1e-5, atol=1e-6)
@@ -79,13 +79,13 @@ def test_training_path_on_cuda_equals_the_stock_encoder(name):
     b = batch_with_empty_rows(0).to("cuda")
     M = label_weight_matrix(net.cfg).cuda()
     runs = {}
-    for enc, bf16 in (("sdpa", False), ("stock", False), ("sdpa", True)):
+    for enc, bf16 in (("packed", False), ("stock", False), ("packed", True)):
         net.zero_grad(set_to_none=True)
-        with use_train_encoder(enc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with dispatch.using(train_encoder=enc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = total_loss(net(b), b, net.cfg, FCFG, M)
         loss.backward()
         runs[enc, bf16] = (loss.detach().float(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
-    (l_new, g_new), (l_old, g_old), (l_bf, g_bf) = runs["sdpa", False], runs["stock", False], runs["sdpa", True]
+    (l_new, g_new), (l_old, g_old), (l_bf, g_bf) = runs["packed", False], runs["stock", False], runs["packed", True]
     torch.testing.assert_close(l_new, l_old, rtol=1e-4, atol=1e-5)
     for n in g_old:
         torch.testing.assert_close(g_new[n], g_old[n], rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"grad {n}: {m}")

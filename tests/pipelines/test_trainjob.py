@@ -32,7 +32,7 @@ from transact.features.config import FeatureConfig
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 TRAIN = dict(model="v2", epochs=2, batch_size=16, lr=3e-3, seed=3)
-ENV = {"OMP_NUM_THREADS": "1", "TRANSACT_DISABLE_TRITON": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
 GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
 NS = "ml"
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
