@@ -16,6 +16,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from transact import __version__
+from transact.model.defaults import TRAIN  # noqa: F401  (the pipelines' training parameters default to these)
 
 #: the image tag is the project's version (pyproject.toml), never written twice
 BASE_IMAGE = os.environ.get("TRANSACT_BASE_IMAGE", f"ghcr.io/transact-v2/transact:{__version__}")

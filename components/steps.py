@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from transact.model.defaults import TRAIN
+
 #: A champion folder holds the model currently in service: ``model/`` and ``metrics.json``.
 CHAMPION_MODEL = "model"
 
@@ -94,8 +96,9 @@ def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: b
                       batch_requests=batch_requests, progress=progress)
 
 
-def train(rows_path: str, model_dir: str, model: str = "v2", epochs: int = 2, batch_size: int = 256,
-          lr: float = 2e-3, seed: int = 0, max_steps: int = 0, progress: bool = True) -> dict:
+def train(rows_path: str, model_dir: str, model: str = TRAIN.model, epochs: int = TRAIN.epochs,
+          batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr, seed: int = TRAIN.seed, max_steps: int = 0,
+          progress: bool = True) -> dict:
     """Trains ``model`` on the training window; ``max_steps`` > 0 caps the optimiser steps
     (a time budget on small machines)."""
     from transact.model.train import train as run_train
@@ -105,8 +108,9 @@ def train(rows_path: str, model_dir: str, model: str = "v2", epochs: int = 2, ba
                      seed=seed, step_budget=max_steps or None, progress=progress)
 
 
-def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str = "v2", epochs: int = 2,
-                   batch_size: int = 256, lr: float = 2e-3, seed: int = 0, max_steps: int = 0, nodes: int = 1,
+def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str = TRAIN.model,
+                   epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr,
+                   seed: int = TRAIN.seed, max_steps: int = 0, nodes: int = 1,
                    gpus_per_node: int = 1, image: str = "", shared_pvc: str = "", backend: str = "kubernetes",
                    namespace: str = "", kubeconfig: str = "", env: dict | None = None, poll_s: int = 10) -> dict:
     """:func:`train` as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` DDP

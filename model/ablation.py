@@ -42,6 +42,7 @@ import numpy as np
 from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
 from transact.model.checkpoint import load_model
+from transact.model.defaults import TRAIN
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, train
@@ -81,8 +82,8 @@ def _fmt_s(s: float | None) -> str:
 
 
 def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
-             models: tuple[str, ...] | list[str] | None = None, seeds: int = 1, epochs: int = 1,
-             batch_size: int = 256, lr: float = 1e-3, train_end_ts: int | None = None,
+             models: tuple[str, ...] | list[str] | None = None, seeds: int = 1, epochs: int = TRAIN.epochs,
+             batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr, train_end_ts: int | None = None,
              n_boot: int = 1000, score_weights: dict[str, float] | None = None,
              progress: bool = True, resume: bool = True, num_threads: int | None = None,
              max_memory_mb: float = 1024, model_overrides: dict | None = None,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from transact.model import checkpoint as ckpt
 from transact.features.config import FeatureConfig
+from transact.model.defaults import TRAIN
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
@@ -117,8 +118,8 @@ def params_in_sync(model: torch.nn.Module, env: DistEnv) -> bool:
     return all(torch.equal(out[0], o) for o in out[1:])
 
 
-def train(rows: str | Path, out: str | Path, model: str | ModelConfig = "v2", *, epochs: int = 1,
-          batch_size: int = 256, lr: float = 1e-3, seed: int = 0, train_end_ts: int | None = None,
+def train(rows: str | Path, out: str | Path, model: str | ModelConfig = TRAIN.model, *, epochs: int = TRAIN.epochs,
+          batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr, seed: int = TRAIN.seed, train_end_ts: int | None = None,
           warmup_steps: int | None = None, weight_decay: float = 0.0, device: str | None = None,
           progress: bool = True, resume: bool = True, max_steps: int | None = None,
           ckpt_every: int = 0, num_threads: int | None = None, max_memory_mb: float = 1024,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kfp import dsl
 
 from transact.components.kfp_components import (
-    BASE_IMAGE, evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, trainjob_op,
+    BASE_IMAGE, TRAIN, evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, trainjob_op,
     validate_op,
 )
 
@@ -23,11 +23,11 @@ from transact.components.kfp_components import (
 class Defaults:
     """The pipelines' parameter defaults, defined once (both signatures read them)."""
 
-    seed: int = 0
-    model_name: str = "v2"
-    epochs: int = 2
-    batch_size: int = 256
-    lr: float = 0.002
+    seed: int = TRAIN.seed
+    model_name: str = TRAIN.model
+    epochs: int = TRAIN.epochs
+    batch_size: int = TRAIN.batch_size
+    lr: float = TRAIN.lr
     max_steps: int = 0
     quarantine_dir: str = "runs/quarantine"
     reference: str = "runs/validation-reference.json"

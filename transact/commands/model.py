@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from transact.commands._common import fail_on_user_error
+from transact.model.defaults import TRAIN
 
 
 def _overrides(time_window_mask: bool, nal_weight: Optional[float], first_k: Optional[int],
@@ -53,12 +54,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def train(
         rows: Path = typer.Option(..., help="NN-feature rows (parquet file or folder) from `transact log-nn`."),
-        model: str = typer.Option("v2", help="wdl | bst | transact | transact_nal_inbatch | transact_nal_imp | v2."),
+        model: str = typer.Option(TRAIN.model, help="wdl | bst | transact | transact_nal_inbatch | transact_nal_imp | v2."),
         out: Path = typer.Option(Path("runs/model"), help="Model folder (safetensors + JSON)."),
-        epochs: int = typer.Option(1, help="Passes over the training window."),
-        batch_size: int = typer.Option(256, help="Examples per step and per process."),
-        lr: float = typer.Option(1e-3, help="Peak learning rate (Adam, warm-up + cosine)."),
-        seed: int = typer.Option(0, help="Same seed, same model."),
+        epochs: int = typer.Option(TRAIN.epochs, help="Passes over the training window."),
+        batch_size: int = typer.Option(TRAIN.batch_size, help="Examples per step and per process."),
+        lr: float = typer.Option(TRAIN.lr, help="Peak learning rate (Adam, warm-up + cosine)."),
+        seed: int = typer.Option(TRAIN.seed, help="Same seed, same model."),
         train_end_ts: Optional[int] = typer.Option(None, help="Train on ts < this (ms); default: world.json next to the rows."),
         warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 5% of all)."),
         max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (checkpointed)."),
@@ -131,9 +132,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         baseline: str = typer.Option("transact", help="Model the relative changes are against."),
         models: Optional[str] = typer.Option(None, help="Comma-separated models (default: all)."),
         seeds: int = typer.Option(1, help="Seeds per model (results averaged per user)."),
-        epochs: int = typer.Option(1, help="Epochs per run."),
-        batch_size: int = typer.Option(256, help="Batch size."),
-        lr: float = typer.Option(1e-3, help="Peak learning rate."),
+        epochs: int = typer.Option(TRAIN.epochs, help="Epochs per run."),
+        batch_size: int = typer.Option(TRAIN.batch_size, help="Batch size."),
+        lr: float = typer.Option(TRAIN.lr, help="Peak learning rate."),
         train_end_ts: Optional[int] = typer.Option(None, help="Split point (default: world.json)."),
         score_weights: Optional[str] = typer.Option(None, help="Ranking score weights."),
         n_boot: int = typer.Option(1000, help="Paired bootstrap resamples."),
