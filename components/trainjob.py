@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import site
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -147,17 +148,22 @@ def build_options(name: str, shared_dir: str, shared_pvc: str = "", backend: str
     return opts
 
 
-@contextlib.contextmanager
-def _this_python_first():
-    """The local backend builds the job's venv from the first ``python`` on PATH; this
-    interpreter goes first, because the job imports this environment's site-packages,
-    which only fit the same Python."""
-    old = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + old
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
+def check_local_python() -> None:
+    """The local backend builds the job's venv from the first ``python`` on PATH (the SDK
+    looks it up itself); the job imports this environment's site-packages, which fit only
+    the same Python version. One-line ValueError when they differ (the PATH is the caller's:
+    activate this environment, or put its ``bin`` first)."""
+    found = shutil.which("python") or shutil.which("python3")
+    want = f"{sys.version_info.major}.{sys.version_info.minor}"
+    got = None
+    if found:
+        r = subprocess.run([found, "-c", "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')"],
+                           capture_output=True, text=True, timeout=60)
+        got = r.stdout.strip() if r.returncode == 0 else None
+    if got != want:
+        raise ValueError(f"the local TrainJob backend runs the first python on PATH ({found or 'none found'}, "
+                         f"Python {got or '?'}), but this environment is Python {want}: put "
+                         f"{os.path.dirname(sys.executable)} first on PATH (activate the environment)")
 
 
 def _copy_rows(rows: Path, dest: Path) -> Path:
@@ -208,6 +214,8 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "local":
+        check_local_python()
     # Absolute paths: the local backend changes this process's working directory while its job runs.
     rows_p, model_p = Path(rows).resolve(), Path(model_dir).resolve()
     name = f"transact-{uuid.uuid4().hex[:8]}"
@@ -219,8 +227,7 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
     trainer = build_trainer(args, nodes=nodes, gpus_per_node=gpus_per_node, image=image, backend=backend, env=env)
     opts = build_options(name, str(Path(shared_dir).resolve()), shared_pvc, backend)
     client = client or make_client(backend, namespace, kubeconfig)
-    with _this_python_first() if backend == "local" else contextlib.nullcontext():
-        client.train(runtime=RUNTIME, trainer=trainer, options=opts)
+    client.train(runtime=RUNTIME, trainer=trainer, options=opts)
     log = work / LOG_FILE
     try:
         job = client.wait_for_job_status(name, status={"Complete", "Failed"}, timeout=timeout_s,

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 from datetime import datetime, timezone
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,15 +78,27 @@ def init_repo(dest: str | Path, online: str = "sqlite", redis: str | None = None
     return dest
 
 
-def open_store(repo: str | Path, yaml_file: str | Path | None = None):
-    """``feast.FeatureStore`` of a repo (``yaml_file`` e.g. ``feature_store.redis.yaml``)."""
+def open_store(repo: str | Path, yaml_file: str | Path | None = None, redis: str | None = None):
+    """``feast.FeatureStore`` of a repo (``yaml_file`` e.g. ``feature_store.redis.yaml``).
+
+    ``redis`` (``host:port[,db=N,password=...]``) fills the yaml's ``${TRANSACT_REDIS}`` for this
+    store alone (the process environment is left as it is; without it Feast expands the
+    variable from the environment, as plain ``feast -f`` does)."""
     from feast import FeatureStore
 
     repo = Path(repo).resolve()
     if not (repo / "feature_store.yaml").exists() and yaml_file is None:
         raise FileNotFoundError(f"{repo} is not a Feast repo (no feature_store.yaml)")
-    kw = {"fs_yaml_file": (repo / yaml_file) if yaml_file else None}
-    return FeatureStore(repo_path=str(repo), **{k: v for k, v in kw.items() if v is not None})
+    if redis is None:
+        kw = {"fs_yaml_file": (repo / yaml_file) if yaml_file else None}
+        return FeatureStore(repo_path=str(repo), **{k: v for k, v in kw.items() if v is not None})
+    import yaml
+    from feast.repo_config import RepoConfig
+
+    text = (repo / (yaml_file or "feature_store.yaml")).read_text().replace("${" + REDIS_ENV + "}", redis)
+    config = RepoConfig(**yaml.safe_load(os.path.expandvars(text)))  # as feast's load_repo_config reads it
+    config.repo_path = repo
+    return FeatureStore(repo_path=str(repo), config=config)
 
 
 def as_store(store_or_repo):

@@ -300,3 +300,21 @@ def test_a_failed_local_trainjob_says_why_and_leaves_no_venv(rows, tmp_path):
     assert "\n" not in msg and "Failed" in msg and "no_such_model" in msg and "full log: " in msg, msg
     name = msg.split()[1]
     assert not list(Path(tempfile.gettempdir()).glob(f"{name}*"))  # the SDK's job venv is gone
+
+
+def test_the_local_backend_refuses_another_python_on_path_without_touching_path(tmp_path, monkeypatch):
+    """The local backend builds the job from the first python on PATH. The launcher used to put
+    this interpreter first by rewriting the process's PATH; now it checks and says what to do."""
+    from transact.components.trainjob import check_local_python
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\necho 2.7\n")
+    (fake / "python").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    before = os.environ["PATH"]
+    with pytest.raises(ValueError, match=r"first python on PATH .*Python 2\.7.*activate the environment"):
+        check_local_python()
+    assert os.environ["PATH"] == before
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{before}")
+    check_local_python()  # this environment's own python first: accepted

@@ -23,10 +23,8 @@ def _store(repo: Path, online: str, redis: Optional[str]):
         return open_store(repo)
     if online != "redis":
         raise ValueError(f"--online must be sqlite or redis, got {online!r}")
-    if redis:
-        os.environ[REDIS_ENV] = redis
-    os.environ.setdefault(REDIS_ENV, "localhost:6379")
-    return open_store(repo, "feature_store.redis.yaml")
+    # --redis, else $TRANSACT_REDIS (read here, at the edge), else a local server
+    return open_store(repo, "feature_store.redis.yaml", redis=redis or os.environ.get(REDIS_ENV) or "localhost:6379")
 
 
 def _cfg(ll_cap: Optional[int], rt_cap: Optional[int], imp_cap: Optional[int]):
