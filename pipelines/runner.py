@@ -16,8 +16,9 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 #: Parameters that are paths on the machine running the steps (made absolute locally).
 PATH_PARAMS = ("quarantine_dir", "feature_repo", "champion_dir", "source", "reference")
@@ -153,29 +154,27 @@ def step_logs(logs: Path, status: StatusLines, steps: tuple[str, ...] = ()) -> I
     """Captures a kfp.local run: each task's output into ``<logs>/<task>.log``, the rest
     (pipeline start/end, warnings between tasks) into ``<logs>/pipeline.log``.
 
-    kfp.local runs a task in ``task_executor.execute_single_task`` (retries included): it
-    ``print``s the subprocess's merged stdout/stderr line by line, logs through a handler it
-    binds to ``sys.stdout`` and ``warnings.warn``s to ``sys.stderr``. Wrapping that function
-    and pointing ``sys.stdout``/``sys.stderr`` (and file descriptors 1 and 2, for anything
+    kfp.local runs each task in one function (:mod:`transact.pipelines.kfp_task_hook`, retries
+    included): it ``print``s the subprocess's merged stdout/stderr line by line, logs through a
+    handler it binds to ``sys.stdout`` and ``warnings.warn``s to ``sys.stderr``. Wrapping that
+    function and pointing ``sys.stdout``/``sys.stderr`` (and file descriptors 1 and 2, for anything
     written below Python) at the task's file catches all of it, and the wrapper knows when
     each task starts and ends, so the status line is live. Yields step -> status record;
     ``steps`` that never ran are reported ``skipped`` at the end."""
-    from kfp.local.orchestrator import task_executor
+    from transact.pipelines.kfp_task_hook import around_each_task
 
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
     records: dict = {}
-    original = task_executor.execute_single_task
 
-    def run_task(*args, **kwargs):
-        step = kwargs.get("task_name") or args[0]
+    def run_task(step: str, run):
         status.started(step)
         t0 = time.perf_counter()
         outputs, ok = {}, False
         try:
             with redirected(logs / f"{step}.log"):
-                outputs, task_status = original(*args, **kwargs)
+                outputs, task_status = run()
             ok = task_status.name == "SUCCESS"
             return outputs, task_status
         finally:
@@ -185,12 +184,8 @@ def step_logs(logs: Path, status: StatusLines, steps: tuple[str, ...] = ()) -> I
             result = step_result(step, outputs) if ok else last_error(logs / f"{step}.log")
             status.finished(step, records[step]["status"], seconds, result)
 
-    task_executor.execute_single_task = run_task
-    try:
-        with redirected(logs / "pipeline.log", fds=False):
-            yield records
-    finally:
-        task_executor.execute_single_task = original
+    with around_each_task(run_task), redirected(logs / "pipeline.log", fds=False):
+        yield records
     for step in steps:
         if step not in records and not any(t in records for t in BRANCH_TASKS.get(step, ())):
             status.finished(step, "skipped", None)
