@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 
-class TrainEncoder(str, enum.Enum):
+class TrainEncoder(enum.StrEnum):
     """The encoder of the training (autograd) path."""
 
     #: the valid tokens only, packed in length groups, causal attention

@@ -29,10 +29,12 @@ def test_packed_and_padded_layouts_answer_alike(seed, kind):
     x = torch.from_numpy(rng.normal(size=(B, L, d)).astype(np.float32))
     valid = valid_pattern(rng, B, L, kind)
     packed = enc.encode(valid, features_of(x))
-    assert packed.packed and packed.U.shape == (int(valid.sum()), d)
+    assert packed.packed
+    assert packed.U.shape == (int(valid.sum()), d)
     with dispatch.using(train_encoder="stock"):
         padded = enc.encode(valid, features_of(x))
-    assert not padded.packed and padded.U.shape == (B, L, d)
+    assert not padded.packed
+    assert padded.U.shape == (B, L, d)
     torch.testing.assert_close(packed.U, padded.U[valid], rtol=0, atol=1e-5)
     z_p, z_d = packed.U[:, :7], padded.U[..., :7]  # any per-token values
     torch.testing.assert_close(packed.max_pool(z_p), padded.max_pool(z_d), rtol=0, atol=1e-5)
@@ -51,10 +53,13 @@ def test_inference_and_appended_tokens_run_padded():
     x = torch.randn(3, 6, 64)
     with torch.no_grad():
         out = enc.eval().encode(valid, features_of(x))
-    assert not out.packed and out.U.shape == (3, 6, 64)
+    assert not out.packed
+    assert out.U.shape == (3, 6, 64)
     enc.train()
     out = enc.encode(valid, features_of(x), append=torch.randn(3, 64))  # BST: one more token per row
-    assert not out.packed and out.U.shape == (3, 7, 64) and out.valid[:, -1].all()
+    assert not out.packed
+    assert out.U.shape == (3, 7, 64)
+    assert out.valid[:, -1].all()
 
 
 def test_a_row_without_tokens_pools_to_zero():
@@ -74,9 +79,11 @@ def test_the_kernel_config_is_set_once_not_read_from_the_environment():
     out = subprocess.run([sys.executable, "-c", "from transact.kernels import dispatch; print(dispatch.config())"],
                          env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == repr(dispatch.KernelConfig()), out
-    assert dispatch.config().triton and dispatch.config().train_encoder is dispatch.TrainEncoder.PACKED
+    assert dispatch.config().triton
+    assert dispatch.config().train_encoder is dispatch.TrainEncoder.PACKED
     with dispatch.using(triton=False) as inside:
-        assert not dispatch.config().triton and inside.train_encoder is dispatch.TrainEncoder.PACKED
+        assert not dispatch.config().triton
+        assert inside.train_encoder is dispatch.TrainEncoder.PACKED
     assert dispatch.config().triton
     with pytest.raises(ValueError, match="train encoder must be one of"):
         dispatch.KernelConfig(train_encoder="sdpa")
@@ -92,6 +99,7 @@ def test_the_cli_sets_the_kernel_config():
         r = CliRunner().invoke(app, ["--train-encoder", "stock", "--no-triton", "--version"])
         assert r.exit_code == 0
         r = CliRunner().invoke(app, ["--train-encoder", "sdpa", "seal-world", "/nonexistent"])
-        assert r.exit_code == 2 and "train encoder must be one of" in r.output
+        assert r.exit_code == 2
+        assert "train encoder must be one of" in r.output
     finally:
         dispatch.configure(before)
