@@ -236,7 +236,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     from transact.serving.device import StagingArena
     from transact.serving.launch import running_server
     from transact.serving.malloc import tune_malloc
-    from transact.serving.packaging import bentoml_home, package_model
+    from transact.serving.packaging import local_stores, package_model
     from transact.serving.ranker import Ranker, assemble
     from transact.serving.settings import ServeSettings
 
@@ -309,11 +309,10 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         with contextlib.ExitStack() as servers:
             urls = {}
             for assembly in runs:
-                # one BentoML home per server: each has its own Prometheus (multiprocess) metrics
+                # one BentoML home per server (running_server also gives each server its own
+                # Prometheus folder under a shared home); this process's store for packaging
                 home = root / f"bentoml-{assembly}"
-                # (BentoML's parent process makes the metrics folder under its configured home
-                # at start-up, emptying it: the server starts inside its home's context)
-                with bentoml_home(home):
+                with local_stores(home):
                     tag = package_model(root / "model")["tag"]
                     settings = ServeSettings(model_tag=tag, world=str(root / "world"), assembly=assembly,
                                              threads=threads, cpu_forward=cpu_forward,

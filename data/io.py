@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 
 #: ``<name>.tmp-<pid>``: a file being written by process ``pid``.
 TMP_SUFFIX = re.compile(r"\.tmp-(?P<pid>\d+)$")
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on this host: a writer on another host sharing
-    the folder would look dead)."""
+    """Whether process ``pid`` runs (on this host: a writer on another host sharing
+    the folder would look dead). A zombie -- exited, not yet reaped by its parent -- is dead:
+    it will never write again, and a killed server's worker can stay one for seconds."""
     if pid == os.getpid():
         return True
     try:
@@ -30,7 +30,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:  # Linux: the state is the field after the parenthesised command name
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def clean_stale_tmp(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
@@ -99,7 +103,7 @@ class AtomicParquetWriter:
         finally:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "AtomicParquetWriter":
+    def __enter__(self) -> AtomicParquetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -55,9 +55,9 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
     """
     import torch
 
-    from transact.model.checkpoint import load_model
     from transact.features.sequences import EventStore
-    from transact.serving.ranker import RankQuery, Ranker
+    from transact.model.checkpoint import load_model
+    from transact.serving.ranker import Ranker, RankQuery
     from transact.serving.served_log import ServedLogWriter
 
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
         store = EventStore.from_dir(world, model.fcfg)
         writer = ServedLogWriter(out_dir, model.fcfg, tuple(model.cfg.heads), max_queue_rows=1 << 30,
                                  flush_rows=1 << 20, flush_s=3600.0)
-        ranker = Ranker(model, store, "cpu", model_version=model_version, log_writer=writer)
+        ranker = Ranker(model, store, "cpu", model_version=model_version, log_writer=writer, cpu_forward="eager")
         try:
             queries = [RankQuery(user_id=int(users[s]), item_ids=items[s:e].astype(np.int64), item_emb_q=None,
                                  surface=int(surf[s]), ts=int(rts[s]), request_id=int(rid[s]),

@@ -7,9 +7,10 @@
 - :mod:`~transact.serving.served_log`: served NN-feature log (+ ``attach_labels``)
 - :mod:`~transact.serving.device`: pinned staging arena, CUDA-graph forward
 - :mod:`~transact.serving.sources`: where sequences come from (EventStore, Feast online store)
-- :mod:`~transact.serving.guard`: API key, body limit, content type, 4xx format
-- :mod:`~transact.serving.packaging`: model store packaging, bento build
-- :mod:`~transact.serving.launch`: start / stop a real server (CLI, tests, benchmark)
+- :mod:`~transact.serving.guard`: API key, body limit, content type, 4xx format, the served /docs.json
+- :mod:`~transact.serving.metrics`: the service's Prometheus metrics
+- :mod:`~transact.serving.packaging`: model store packaging, bento build, this process's BentoML stores
+- :mod:`~transact.serving.launch`: start / stop a real server as a child process (CLI, tests, benchmark)
 - :mod:`~transact.bench.serving`: ``transact bench serving``
-- :mod:`~transact.serving.settings`: ``TRANSACT_*`` environment settings
+- :mod:`~transact.serving.settings`: the ``TRANSACT_*`` settings, one table
 """

@@ -30,9 +30,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("transact.serving")
 
@@ -58,13 +59,16 @@ class MicroBatcher:
 
     ``process`` returns one result per payload; a result that is an ``Exception`` is
     raised to that request's caller only. An exception raised by ``process`` fails the
-    whole batch (every caller gets it).
+    whole batch (every caller gets it). ``clock`` (seconds, monotonic) times the queue
+    deadlines and the wait to grow a batch; the callers' own waits (:meth:`run`,
+    :meth:`call`) are real time.
     """
 
     def __init__(self, process: Callable[[list], list], max_batch_size: int, max_wait_s: float = 0.0,
                  max_queue: int = 64, name: str = "model", setup: Callable[[], None] | None = None,
-                 setup_timeout_s: float | None = None) -> None:
+                 setup_timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._process = process
+        self._clock = clock  # deadlines and the batch-growing wait (tests pass a fake one)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -98,7 +102,7 @@ class MicroBatcher:
                 raise Overloaded("the service is shutting down")
             if len(self._q) >= self.max_queue:
                 raise Overloaded(f"{len(self._q)} requests are queued (limit {self.max_queue})")
-            self._q.append(_Item(payload, size, time.monotonic() + timeout_s, fut))
+            self._q.append(_Item(payload, size, self._clock() + timeout_s, fut))
             self._cv.notify()
         return fut
 
@@ -107,7 +111,7 @@ class MicroBatcher:
         fut = self.submit(payload, size, timeout_s)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             fut.cancel()
             raise DeadlineExceeded(f"no result within {timeout_s:g} s") from None
 
@@ -134,14 +138,14 @@ class MicroBatcher:
             if not self._q:
                 return None  # closed and drained
             if self.max_wait_s > 0:
-                until = time.monotonic() + self.max_wait_s
+                until = self._clock() + self.max_wait_s
                 while not self._closed and sum(i.size for i in self._q) < self.max_batch_size:
-                    left = until - time.monotonic()
+                    left = until - self._clock()
                     if left <= 0:
                         break
                     self._cv.wait(left)
             batch: list = []
-            size, now = 0, time.monotonic()
+            size, now = 0, self._clock()
             while self._q and (not batch or size + self._q[0].size <= self.max_batch_size):
                 it = self._q.popleft()
                 if it.deadline < now:

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from transact.serving.settings import CPU_FORWARDS
+from transact.serving.settings import CPU_FORWARDS, DEFAULT_CPU_FORWARD
 
 log = logging.getLogger("transact.serving")
 
@@ -120,6 +121,8 @@ class ModelRunner:
     - ``compile``: ``torch.compile(dynamic=True)`` -- one compilation for every batch size;
     - ``eager``: plain PyTorch.
 
+    The default is the service's (:data:`transact.serving.settings.DEFAULT_CPU_FORWARD`).
+
     Each backend runs over row chunks of ``cpu_chunk_tokens`` tokens (0: the whole batch
     at once). The backend is built at the first call (the service's warm-up: export or
     compilation, seconds). If it cannot be built or fails, the runner logs why and runs
@@ -127,7 +130,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str, cuda_graphs: bool = True,
-                 max_graph_batch: int = 2048, cpu_forward: str = "eager",
+                 max_graph_batch: int = 2048, cpu_forward: str = DEFAULT_CPU_FORWARD,
                  cpu_chunk_tokens: int = CPU_CHUNK_TOKENS) -> None:
         if cpu_forward not in CPU_FORWARDS:
             raise ValueError(f"cpu_forward must be one of {CPU_FORWARDS}, got {cpu_forward!r}")

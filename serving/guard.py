@@ -21,13 +21,21 @@ no 401/413/415/503, the body as optional and optional fields as not nullable; th
 middleware also rewrites that document (:func:`served_openapi`) so that it says what the
 route does: every error response points at :data:`ERROR_SCHEMA`, the body it really gets. A 4xx body
 that is not JSON is sent as a ``body`` error, so every 4xx of the route is that format.
+The document also states what only the running service knows (:class:`RouteState`): the
+model's heads (the keys ``score_weights`` takes) and the clock rule of ``request_ts`` with
+its bound (``x-max-clock-skew-s``). Three rules no schema can state -- the clock (its
+bound moves with the server's time), which item ids the item table holds, one embedding
+row per item id -- are listed in the 400 response's description.
+
+The middleware is registered when the service class is defined, before any setting is
+read; the service instance hands it what it needs (:meth:`RouteState.configure`).
 """
 from __future__ import annotations
 
 import hmac
-import logging
 import json
-from typing import Callable
+import logging
+from collections.abc import Callable
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -51,9 +59,19 @@ ERROR_SCHEMA: dict = {
     },
 }
 
+#: Rules of POST /rank that a JSON schema cannot state: a schema-valid body may break them
+#: and get a 400 naming the field (the 400 response's description lists them).
+UNSTATED_RULES: tuple[str, ...] = (
+    "request_ts, when given, must lie within x-max-clock-skew-s seconds of the server clock "
+    "(no bound when that is null); omit it to use the server clock",
+    "item_ids must be in the item table unless item_embeddings gives their embeddings",
+    "item_embeddings, when given, has one row per item id",
+)
+
 #: Status -> description of each error response of the route (the body is ERROR_SCHEMA).
 ERROR_RESPONSES: dict[int, str] = {
-    400: "Schema or semantic error (the message names the field).",
+    400: "Schema or semantic error (the message names the field). Besides the schema, the body "
+         "must keep these rules: " + "; ".join(UNSTATED_RULES) + ".",
     401: "Missing or wrong API key (only when the service has one).",
     413: "Body larger than the limit.",
     415: "Content-Type is not JSON.",
@@ -62,13 +80,38 @@ ERROR_RESPONSES: dict[int, str] = {
 }
 
 
-def served_openapi(spec: dict, route: str = "/rank", api_key_header: str | None = None) -> dict:
+class RouteState:
+    """What the middleware and the document need from the running service.
+
+    The middleware is created from keyword options fixed when the service class is
+    defined; the service instance calls :meth:`configure` with its settings and, once the
+    model is loaded, its heads. Until then the defaults hold (no API key; the route answers
+    503 while the service is not ready anyway).
+    """
+
+    def __init__(self, max_body_bytes: int = 4 << 20, api_key: str | None = None,
+                 max_clock_skew_s: float | None = 300.0, heads: tuple[str, ...] | None = None) -> None:
+        self.configure(max_body_bytes=max_body_bytes, api_key=api_key, max_clock_skew_s=max_clock_skew_s,
+                       heads=heads)
+
+    def configure(self, *, max_body_bytes: int, api_key: str | None, max_clock_skew_s: float | None,
+                  heads: tuple[str, ...] | None = None) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+        self.max_clock_skew_s = max_clock_skew_s
+        self.heads = tuple(heads) if heads is not None else None
+
+
+def served_openapi(spec: dict, route: str = "/rank", api_key_header: str | None = None,
+                   heads: tuple[str, ...] | list[str] | None = None,
+                   max_clock_skew_s: float | None = 300.0) -> dict:
     """BentoML's OpenAPI document -> one that describes what ``POST route`` really does
     (:func:`_document_request`, :func:`_document_errors`, the API key when the service has
-    one); other paths are left alone."""
+    one, the model's ``heads`` when known, the clock bound); other paths are left alone."""
     op = spec.get("paths", {}).get(route, {}).get("post")
     if op is not None:
         _document_request(op)
+        _document_service(op, heads, max_clock_skew_s)
         _document_errors(spec, op)
         if api_key_header:
             spec["components"].setdefault("securitySchemes", {})["ApiKey"] = {
@@ -91,6 +134,35 @@ def _document_request(op: dict) -> None:
         for prop in media.get("schema", {}).get("properties", {}).values():
             if "default" in prop and prop["default"] is None:
                 prop["nullable"] = True
+
+
+def _body_properties(op: dict) -> dict:
+    content = op.get("requestBody", {}).get("content", {})
+    media: dict = content.get("application/json") or next(iter(content.values()), {})
+    return media.get("schema", {}).get("properties", {})
+
+
+def _document_service(op: dict, heads, max_clock_skew_s: float | None) -> None:
+    """What the running service accepts beyond the static schema: ``score_weights`` keys are
+    the model's heads (an unknown head is a 400), and ``request_ts`` carries the clock bound
+    (``x-max-clock-skew-s``: seconds, or null when client times are trusted) -- a bound
+    around a moving clock cannot be a static minimum/maximum."""
+    props = _body_properties(op)
+    weights = props.get("score_weights")
+    if heads and weights is not None and isinstance(weights.get("additionalProperties"), dict):
+        one = weights.pop("additionalProperties")
+        weights["properties"] = {h: dict(one) for h in heads}
+        weights["additionalProperties"] = False
+        weights["description"] = (weights.get("description", "") + " Keys: the model's heads "
+                                  f"({', '.join(heads)}).").strip()
+    ts = props.get("request_ts")
+    if ts is not None:
+        ts["x-max-clock-skew-s"] = max_clock_skew_s
+        rule = (f"This service refuses (400) a request_ts more than {max_clock_skew_s:g} s from its clock "
+                "(x-max-clock-skew-s)." if max_clock_skew_s is not None else
+                "This service trusts client times (x-max-clock-skew-s is null): any request_ts the schema "
+                "allows is used.")
+        ts["description"] = (ts.get("description", "") + " " + rule).strip()
 
 
 def _document_errors(spec: dict, op: dict) -> None:
@@ -150,12 +222,13 @@ class GuardMiddleware:
 
     def __init__(self, app, route: str = "/rank", max_body_bytes: int = 4 << 20,
                  api_key: str | None = None, header: str = "X-API-Key",
-                 on_status: Callable[[int], None] | None = None, docs: str = "/docs.json") -> None:
+                 on_status: Callable[[int], None] | None = None, docs: str = "/docs.json",
+                 state: RouteState | None = None) -> None:
         self.app = app
         self.route = route
         self.docs = docs
-        self.max_body_bytes = max_body_bytes
-        self.api_key = api_key.encode() if api_key else None
+        #: read per request: the service configures it once its settings are read
+        self.state = state if state is not None else RouteState(max_body_bytes=max_body_bytes, api_key=api_key)
         self.header = header.lower().encode()
         self.header_name = header
         self.on_status = on_status
@@ -163,8 +236,10 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else None
         if path == self.docs and scope.get("method") == "GET":
-            key_header = self.header_name if self.api_key is not None else None
-            return await self.app(scope, receive, _SpecRewriter(send, self.route, key_header))
+            st = self.state
+            key_header = self.header_name if st.api_key is not None else None
+            return await self.app(scope, receive, _SpecRewriter(send, self.route, key_header, st.heads,
+                                                                st.max_clock_skew_s))
         if path != self.route:
             return await self.app(scope, receive, send)
         status_seen = {"code": 500}
@@ -184,9 +259,10 @@ class GuardMiddleware:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)  # 405 from the router
-        if self.api_key is not None:
+        api_key = self.state.api_key
+        if api_key is not None:
             got = headers.get(self.header, b"")
-            if not hmac.compare_digest(got, self.api_key):
+            if not hmac.compare_digest(got, api_key):
                 return await _send_json(send, 401, {"error": f"{self.header.decode()}: missing or wrong API key",
                                                     "fields": [self.header.decode()]},
                                         [(b"www-authenticate", b"ApiKey")])
@@ -194,7 +270,7 @@ class GuardMiddleware:
         if ctype not in JSON_TYPES:
             return await _send_json(send, 415, {"error": f"content-type: {ctype!r} is not supported; send "
                                                          "application/json", "fields": ["content-type"]})
-        limit = self.max_body_bytes
+        limit = self.state.max_body_bytes
         try:
             declared = int(headers.get(b"content-length", b"-1"))
         except ValueError:
@@ -267,17 +343,20 @@ class _BodyRewriter:
 class _SpecRewriter(_BodyRewriter):
     """``/docs.json``: BentoML's document with :func:`served_openapi` applied."""
 
-    def __init__(self, send, route: str, api_key_header: str | None) -> None:
+    def __init__(self, send, route: str, api_key_header: str | None, heads=None,
+                 max_clock_skew_s: float | None = 300.0) -> None:
         super().__init__(send)
         self.route = route
         self.api_key_header = api_key_header
+        self.heads, self.max_clock_skew_s = heads, max_clock_skew_s
 
     def wants(self, status: int) -> bool:
         return status == 200
 
     def rewrite(self, raw: bytes) -> bytes:
         try:
-            return json.dumps(served_openapi(json.loads(raw), self.route, self.api_key_header)).encode()
+            return json.dumps(served_openapi(json.loads(raw), self.route, self.api_key_header, self.heads,
+                                             self.max_clock_skew_s)).encode()
         except (ValueError, TypeError, AttributeError):
             return raw
 

@@ -9,12 +9,17 @@ model is loaded once before it is stored (strict state-dict load), so a broken
 checkpoint never reaches the store. Training state (``train_state/``) is not copied.
 
 :func:`build_bento` runs ``bentoml build`` on ``serving/bentofile.yaml`` with the
-repository as build context (offline: ``lock_packages: false``).
+repository as build context (offline: ``lock_packages: false``), carrying the model it is
+given. :func:`local_stores` points this process's BentoML stores at a folder (tests, the
+benchmark) without touching the environment.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from transact.serving.settings import DEFAULT_MODEL_NAME
@@ -81,75 +86,76 @@ def bentofile_path() -> Path:
 
 
 def build_bento(model_tag: str | None = None, build_ctx: str | Path | None = None, version: str | None = None) -> str:
-    """``bentoml build -f serving/bentofile.yaml <repo>``; returns the bento tag.
+    """``bentoml build -f serving/bentofile.yaml <repo>``, carrying ``model_tag``; returns the bento tag.
 
-    ``model_tag`` (default: ``TRANSACT_MODEL_TAG`` or transact-ranker:latest) is the stored
-    model bundled into the bento.
+    ``model_tag`` (default: the bentofile's ``models``, transact-ranker:latest) is the stored
+    model bundled into the bento: the bentofile is built through a copy whose ``models``
+    names it (BentoML's own way to say which models a bento carries; the service looks its
+    model up by tag when it starts).
     """
-    import os
+    import tempfile
 
+    import yaml
     from bentoml.bentos import build_bentofile
 
     ctx = Path(build_ctx) if build_ctx else Path(__file__).resolve().parents[1]
-    old = os.environ.get("TRANSACT_MODEL_TAG")
+    config = yaml.safe_load(bentofile_path().read_text())
     if model_tag:
-        os.environ["TRANSACT_MODEL_TAG"] = model_tag
-    try:
-        bento = build_bentofile(str(bentofile_path()), build_ctx=str(ctx), version=version, reload=True)
-    finally:
-        if model_tag:
-            if old is None:
-                os.environ.pop("TRANSACT_MODEL_TAG", None)
-            else:
-                os.environ["TRANSACT_MODEL_TAG"] = old
+        config["models"] = [str(model_tag)]
+    with tempfile.TemporaryDirectory(prefix="transact-bentofile-") as tmp:
+        path = Path(tmp) / "bentofile.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        bento = build_bentofile(str(path), build_ctx=str(ctx), version=version)
     return str(bento.tag)
 
 
-class bentoml_home:
-    """Context manager: use ``path`` as BENTOML_HOME in this process and its children.
+def default_bentoml_home() -> Path:
+    """The BentoML home a process started now would use: ``$BENTOML_HOME`` or ``~/bentoml``
+    (BentoML's own rule, environment variables in the value expanded)."""
+    return Path(os.path.expanduser(os.path.expandvars(os.environ.get("BENTOML_HOME", "~/bentoml"))))
 
-    BentoML resolves its home once per process; this points the already-created stores
-    at ``path`` too (tests and the benchmark keep their models out of ~/bentoml).
+
+@contextlib.contextmanager
+def local_stores(path: str | Path) -> Iterator[Path]:
+    """Context manager: this process's BentoML model and bento stores in ``path``.
+
+    BentoML resolves its home once per process; tests and the benchmark keep their models
+    out of ~/bentoml by pointing the already-created stores at ``path``. The environment is
+    not touched: a child process gets its BentoML home explicitly
+    (:func:`transact.serving.launch.server_env`), or from its caller's environment.
     """
+    home = Path(path)
+    for sub in ("bentos", "models", "envs", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    with _point_bentoml_stores_at(home):
+        yield home
 
-    _NAMES = ("bentoml_home", "model_store_dir", "bento_store_dir", "tmp_bento_store_dir", "env_store_dir",
-              "model_store", "bento_store", "tmp_bento_store")
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+@contextlib.contextmanager
+def _point_bentoml_stores_at(home: Path) -> Iterator[None]:
+    """BentoML's private dependency container, in one place.
 
-    def __enter__(self) -> Path:
-        import os
+    BentoML has no public API to move this process's model and bento stores once its home
+    is resolved (``BENTOML_HOME`` is read once, at the first use); its stores are
+    ``simple_di`` providers of ``bentoml._internal.configuration.containers.BentoMLContainer``.
+    Each is set for the duration and its previous override restored after, also on an
+    error (simple_di keeps it in ``_override``; its own ``Provider.patch`` does not restore
+    when the body raises). Pinned against the installed BentoML by
+    ``tests/serving/test_serving_start.py::test_local_stores_point_this_process_at_a_home``.
+    """
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.configuration.containers import BentoMLContainer as c
+    from bentoml._internal.models import ModelStore
 
-        from bentoml._internal.bento import BentoStore
-        from bentoml._internal.configuration.containers import BentoMLContainer
-        from bentoml._internal.models import ModelStore
-
-        home = self.path
-        for sub in ("bentos", "models", "envs", "tmp"):
-            (home / sub).mkdir(parents=True, exist_ok=True)
-        self._env = os.environ.get("BENTOML_HOME")
-        os.environ["BENTOML_HOME"] = str(home)
-        c = BentoMLContainer
-        self._saved = {n: getattr(c, n)._override for n in self._NAMES}
-        c.bentoml_home.set(str(home))
-        c.model_store_dir.set(str(home / "models"))
-        c.bento_store_dir.set(str(home / "bentos"))
-        c.tmp_bento_store_dir.set(str(home / "tmp"))
-        c.env_store_dir.set(str(home / "envs"))
-        c.model_store.set(ModelStore(str(home / "models")))
-        c.bento_store.set(BentoStore(str(home / "bentos")))
-        c.tmp_bento_store.set(BentoStore(str(home / "tmp")))
-        return home
-
-    def __exit__(self, *exc) -> None:
-        import os
-
-        from bentoml._internal.configuration.containers import BentoMLContainer
-
-        for n, v in self._saved.items():
-            getattr(BentoMLContainer, n)._override = v
-        if self._env is None:
-            os.environ.pop("BENTOML_HOME", None)
-        else:
-            os.environ["BENTOML_HOME"] = self._env
+    values = {c.bentoml_home: str(home), c.model_store_dir: str(home / "models"),
+              c.bento_store_dir: str(home / "bentos"), c.tmp_bento_store_dir: str(home / "tmp"),
+              c.env_store_dir: str(home / "envs"), c.model_store: ModelStore(str(home / "models")),
+              c.bento_store: BentoStore(str(home / "bentos")), c.tmp_bento_store: BentoStore(str(home / "tmp"))}
+    saved = {provider: provider._override for provider in values}
+    try:
+        for provider, value in values.items():
+            provider.set(value)
+        yield
+    finally:
+        for provider, value in saved.items():
+            provider._override = value

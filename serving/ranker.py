@@ -18,8 +18,12 @@ For the U requests of a (cross-request) micro-batch with N candidates in all:
    probabilities per head; score ``S = sum_h w_h f_h`` by
    :func:`transact.model.metrics.ranking_score` with the request's weights; ranking by
    S descending, ties in request order (a stable sort, as HIT@3 does);
-7. the served rows go to the :class:`~transact.serving.served_log.ServedLogWriter`
-   queue (never blocking).
+7. the served rows go to the :class:`~transact.serving.served_log.ServedLogWriter`:
+   appended to its write-ahead segment here, on the model thread, before :meth:`Ranker.rank`
+   returns and so before any response of the batch is sent (an Arrow conversion and one
+   ``write`` per batch: the price of "an answered row is never lost"), then queued for the
+   background parquet writer, which the model thread never waits for (a full queue drops
+   and counts rows instead).
 
 A request that fails on its own (unknown item ids) gets its own error; the others in
 the micro-batch are served.
@@ -32,12 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from transact.data.schema import EMB_DIM
-from transact.model.metrics import DEFAULT_SCORE_WEIGHTS, ranking_score
-from transact.features.nn_features import JaggedSequences, SAll, build_s_all
 from transact.data.quantization import quantize
+from transact.data.schema import EMB_DIM
+from transact.features.nn_features import JaggedSequences, SAll, build_s_all
+from transact.model.metrics import DEFAULT_SCORE_WEIGHTS, ranking_score
 from transact.serving.device import ModelRunner, StagingArena
 from transact.serving.served_log import LogRecord, ServedLogWriter
+from transact.serving.settings import DEFAULT_CPU_FORWARD
 from transact.serving.sources import SequenceSource
 
 SEQ_FIELDS = ("emb_q", "action", "surface", "ts", "offsets")
@@ -171,12 +176,14 @@ class Ranker:
         assembly: "dedup" (default) or "naive" (benchmark baseline).
         log_writer: served NN-feature log, or None.
         cuda_graphs: CUDA graphs for the model forward on GPU.
+        cpu_forward: the CPU forward backend (:class:`~transact.serving.device.ModelRunner`);
+            the service's default, ``compile``, unless given (``eager`` skips the build).
     """
 
     def __init__(self, model, source: SequenceSource, device: str | torch.device = "cpu",
                  model_version: str = "", score_weights: dict[str, float] | None = None,
                  assembly: str = "dedup", log_writer: ServedLogWriter | None = None,
-                 cuda_graphs: bool = True, cpu_forward: str = "eager") -> None:
+                 cuda_graphs: bool = True, cpu_forward: str = DEFAULT_CPU_FORWARD) -> None:
         if assembly not in ("dedup", "naive"):
             raise ValueError(f"assembly must be dedup or naive, got {assembly!r}")
         self.device = torch.device(device)

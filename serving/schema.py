@@ -6,8 +6,10 @@ API as a keyword). Validation is *strict*: JSON types must match exactly (``"5"`
 as ``item_id`` is an error, not silently ignored), floats must be finite (``NaN`` and
 ``Infinity`` are rejected; score weights lie within +-1e6), ids are non-negative int64,
 and embeddings have exactly 32 values. ``request_ts`` must lie near the server clock
-(``TRANSACT_MAX_CLOCK_SKEW_S``, checked by the service). Every failure is an HTTP 400
-whose message names the field (:mod:`transact.serving.guard` formats it).
+(``TRANSACT_MAX_CLOCK_SKEW_S``, checked by the service: a bound around a moving clock is no
+static minimum/maximum, so the served document states it as ``x-max-clock-skew-s``, see
+:func:`transact.serving.guard.served_openapi`). Every failure is an HTTP 400 whose message
+names the field (:mod:`transact.serving.guard` formats it).
 
 Example::
 
@@ -18,12 +20,12 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from transact.data.schema import EMB_DIM, SURFACES
-from transact.serving.settings import ServeSettings, _int
+from transact.serving.settings import read_setting
 
 MAX_ID: int = 2**63 - 1
 #: Request timestamps: ms since the epoch, up to the year 9999.
@@ -33,8 +35,11 @@ MAX_TS: int = 253_402_300_799_999
 MAX_WEIGHTS: int = 16
 MAX_WEIGHT: float = 1e6
 
-#: Candidates per request; read once at import (the OpenAPI schema states it).
-MAX_CANDIDATES: int = _int("TRANSACT_MAX_CANDIDATES", ServeSettings.max_candidates, lo=1)
+#: Candidates per request (TRANSACT_MAX_CANDIDATES), read when this module is imported: the
+#: request schema -- and so the OpenAPI document -- states it, and BentoML builds both when the
+#: service class is defined. A server process is started with its settings in its
+#: environment (:mod:`transact.serving.launch`), so its import reads its own value.
+MAX_CANDIDATES: int = read_setting("max_candidates")
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -52,27 +57,27 @@ class RankRequest(BaseModel):
     item_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)] = Field(
         description=f"Candidate item ids (1..{MAX_CANDIDATES}); their embeddings come from the item table "
                     "unless item_embeddings is given.")
-    item_embeddings: Optional[Annotated[list[Embedding], Field(min_length=1, max_length=MAX_CANDIDATES)]] = Field(
+    item_embeddings: Annotated[list[Embedding], Field(min_length=1, max_length=MAX_CANDIDATES)] | None = Field(
         default=None,
         description=f"Raw {EMB_DIM}-d content embeddings, one per item id, in the same order "
                     "(quantised to int8 like the item table); for items the table does not know.")
     surface: Surface = Field(default="homefeed", description="Surface of the request (context feature).")
-    request_ts: Optional[Annotated[int, Field(ge=0, le=MAX_TS)]] = Field(
+    request_ts: Annotated[int, Field(ge=0, le=MAX_TS)] | None = Field(
         default=None, description="Request time, ms since the epoch (default: the server clock). "
                                   "Sequences are cut point-in-time before it. A client time further than "
                                   "TRANSACT_MAX_CLOCK_SKEW_S (default 300 s) from the server clock is a 400, "
                                   "unless the service trusts client times (=off, for replays).")
-    request_id: Optional[Id] = Field(
+    request_id: Id | None = Field(
         default=None, description="Caller's request id, logged with every served row so labels can be "
                                   "attached later (default: generated).")
-    score_weights: Optional[Annotated[dict[str, Weight], Field(max_length=MAX_WEIGHTS)]] = Field(
+    score_weights: Annotated[dict[str, Weight], Field(max_length=MAX_WEIGHTS)] | None = Field(
         default=None, description="Per-request head weights w_h of S = sum_h w_h f_h (default: the "
                                   "service's); heads not named get weight 0.")
-    top_k: Optional[Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]] = Field(
+    top_k: Annotated[int, Field(ge=1, le=MAX_CANDIDATES)] | None = Field(
         default=None, description="Return only the best top_k candidates (default: all).")
 
     @model_validator(mode="after")
-    def _same_length(self) -> "RankRequest":
+    def _same_length(self) -> RankRequest:
         if self.item_embeddings is not None and len(self.item_embeddings) != len(self.item_ids):
             raise ValueError(f"item_embeddings: {len(self.item_embeddings)} rows for "
                              f"{len(self.item_ids)} item_ids (need one per item id)")

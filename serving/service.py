@@ -2,7 +2,11 @@
 
 Start it with ``transact serve`` (or ``bentoml serve transact.serving.service:TransActRanker``
 with the ``TRANSACT_*`` variables of :mod:`transact.serving.settings`). It binds
-127.0.0.1:3000 unless told otherwise.
+127.0.0.1:3000 unless told otherwise (``--host`` / ``--port``). Importing this module reads
+no setting (except the candidate bound the request schema states,
+:data:`transact.serving.schema.MAX_CANDIDATES`): the service reads
+:meth:`ServeSettings.from_env` once, in :meth:`TransActRanker.__init__`, and passes the
+object down (the batcher, the ranker, the ASGI middleware's :class:`RouteState`).
 
 Per request: schema validation (strict pydantic, :mod:`transact.serving.schema`) ->
 protocol checks and error format (:mod:`transact.serving.guard`) -> a
@@ -37,38 +41,22 @@ from starlette.responses import JSONResponse
 
 from transact.data.schema import SURFACES
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
-from transact.serving.guard import GuardMiddleware, quiet_client_error_tracebacks
-from transact.serving.ranker import RankQuery, Ranked, Ranker, RequestError, SourceUnavailable, quantize_embeddings
-from transact.serving.served_log import ServedLogWriter
+from transact.serving.guard import GuardMiddleware, RouteState, quiet_client_error_tracebacks
+from transact.serving.metrics import BATCH, CANDIDATES, DROPPED, LOGGED, RECOVERED, REQUESTS, STAGE
+from transact.serving.ranker import Ranked, Ranker, RankQuery, RequestError, SourceUnavailable, quantize_embeddings
 from transact.serving.schema import RankedItem, RankRequest, RankResponse
-from transact.serving.settings import API_KEY_HEADER, ServeSettings
+from transact.serving.served_log import ServedLogWriter
+from transact.serving.settings import API_KEY_HEADER, DEFAULT_HOST, DEFAULT_PORT, MAX_REQUEST_TIMEOUT_S, ServeSettings
 
 log = logging.getLogger("transact.serving")
 
-SETTINGS = ServeSettings.from_env()
+#: BentoML's own per-request timeout: the service's deadline (TRANSACT_REQUEST_TIMEOUT_S, at
+#: most MAX_REQUEST_TIMEOUT_S, a 503 naming it) always comes first.
+TRAFFIC_TIMEOUT_S = MAX_REQUEST_TIMEOUT_S + 10
 
-def _metric(kind: str, name: str, doc: str, **kw):
-    """A prometheus collector, created once per process (the module may be re-imported:
-    ``bentoml build --reload``)."""
-    import prometheus_client
-
-    existing = prometheus_client.REGISTRY._names_to_collectors.get(name)
-    if existing is not None:
-        return existing
-    return getattr(prometheus_client, kind)(name, doc, **kw)
-
-
-REQUESTS = _metric("Counter", "transact_requests", "/rank responses by status code", labelnames=["code"])
-CANDIDATES = _metric("Counter", "transact_candidates", "candidates ranked")
-LOGGED = _metric("Counter", "transact_logged_rows",
-                 "served rows made durable in the NN-feature log (write-ahead segment; before the response)")
-RECOVERED = _metric("Counter", "transact_log_recovered_rows",
-                    "served rows of a stopped process recovered from its write-ahead segments at start-up")
-DROPPED = _metric("Counter", "transact_log_dropped_rows", "served rows NOT logged (queue full or write error)")
-BATCH = _metric("Histogram", "transact_batch_candidates", "candidates per model batch",
-                buckets=(1, 16, 64, 128, 256, 512, 1024, 2048, 4096))
-STAGE = _metric("Histogram", "transact_stage_seconds", "seconds per batch and stage", labelnames=["stage"],
-                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+#: What the ASGI middleware in front of /rank needs from the service; it is registered with the
+#: class, before any setting is read, and each instance configures it (one worker per process).
+ROUTE = RouteState()
 
 
 NO_SOURCE = ("no sequence source: set TRANSACT_WORLD (a world folder) or TRANSACT_FEAST_REPO (a Feast "
@@ -106,31 +94,33 @@ def _error(status: int, field: str, message: str, retry: bool = False) -> JSONRe
 
 @bentoml.service(
     name="transact_ranker",
-    http={"host": SETTINGS.host, "port": SETTINGS.port},
-    traffic={"timeout": SETTINGS.request_timeout_s + 10},
+    http={"host": DEFAULT_HOST, "port": DEFAULT_PORT},
+    traffic={"timeout": TRAFFIC_TIMEOUT_S},
     workers=1,
 )
 class TransActRanker:
-    """TransAct V2 ranking: one user's N candidates per request, de-duplicated batches."""
+    """TransAct V2 ranking: one user's N candidates per request, de-duplicated batches.
 
-    model_ref = bentoml.models.BentoModel(SETTINGS.model_tag)
+    The model is looked up by tag when the instance is made (``TRANSACT_MODEL_TAG``), in
+    BentoML's model store; a bento carries its model (bentofile ``models``), and in a
+    container the bento's store holds only that one.
+    """
 
     def __init__(self) -> None:
         from transact.serving.malloc import tune_malloc
 
         quiet_client_error_tracebacks()  # here: in the worker, after BentoML set up its logging
         tune_malloc()  # before the model's first allocation
-        s = self.settings = ServeSettings.from_env()
+        self.settings = ServeSettings()
         self.log_writer: ServedLogWriter | None = None
         self._ranker: Ranker | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
         try:
-            ref = type(self).__dict__.get("model_ref")
-            # The class attribute is what `bentoml build` bundles; a process whose settings name
-            # another tag (the module was imported earlier with other settings) looks it up.
-            stored = (self.model_ref if ref is not None and str(ref.tag) == s.model_tag
-                      else bentoml.models.get(s.model_tag))
+            # the one read of the settings: the environment is what reaches a worker process
+            s = self.settings = ServeSettings.from_env()
+            ROUTE.configure(max_body_bytes=s.max_body_bytes, api_key=s.api_key, max_clock_skew_s=s.max_clock_skew_s)
+            stored = bentoml.models.get(s.model_tag)
             self.model_dir = Path(stored.path)
             self.model_version = str(stored.tag)
             if not s.world and not s.feast_repo:
@@ -139,6 +129,8 @@ class TransActRanker:
             # batch: all tensor work of the process on one thread (see transact.serving.batching).
             self.batcher = MicroBatcher(self._process, s.max_batch_candidates, s.max_wait_ms / 1000.0,
                                         s.max_queue, setup=self._load_model)
+            ROUTE.configure(max_body_bytes=s.max_body_bytes, api_key=s.api_key, max_clock_skew_s=s.max_clock_skew_s,
+                            heads=self.ranker.heads)
         except Exception as e:  # noqa: BLE001 - any start-up failure: alive, not ready, one line
             # Raising here made BentoML restart the worker, which failed the same way, forever
             # (a traceback every second). The worker stays up instead: /readyz 503, /rank 503
@@ -267,5 +259,5 @@ class TransActRanker:
 
 
 TransActRanker.add_asgi_middleware(  # type: ignore[attr-defined]  # bentoml.service made it a Service
-    GuardMiddleware, route="/rank", max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key,
-    header=API_KEY_HEADER, on_status=lambda code: REQUESTS.labels(code=str(code)).inc())
+    GuardMiddleware, route="/rank", state=ROUTE, header=API_KEY_HEADER,
+    on_status=lambda code: REQUESTS.labels(code=str(code)).inc())

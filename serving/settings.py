@@ -1,25 +1,33 @@
-"""Service settings, read from ``TRANSACT_*`` environment variables.
+"""Service settings: one table, read from ``TRANSACT_*`` environment variables.
 
-The BentoML server imports the service module in its own worker process, so the
-environment is the one channel that reaches it from ``transact serve``, a test, a
-bento's ``envs`` or a container. Every value has a safe default; a bad value fails at
-start-up with a message naming the variable (never at request time).
+Each setting is declared once, as a field of :class:`ServeSettings`: its default, its
+variable, its parser (bounds included) and how it is written back
+(:func:`setting`). :meth:`ServeSettings.from_env` and :meth:`ServeSettings.to_env` are
+both derived from those fields, and constructing a ``ServeSettings`` checks every value
+with the same parsers, so ``transact serve`` and a worker refuse the same values with the
+same one-line message naming the variable.
+
+The environment is the channel into a BentoML worker process (a server started by
+:mod:`transact.serving.launch` gets ``to_env()`` as its environment, a bento gets its
+bentofile ``envs``, a container its ``-e``); the service reads it once, in
+``TransActRanker.__init__``, and passes the object down. A bad value leaves that worker
+alive and unready with the message (``/readyz`` 503, ``/rank`` 503 naming it).
 
 | variable | default | meaning |
 |---|---|---|
-| TRANSACT_MODEL_TAG | transact-ranker:latest | model in the BentoML model store |
+| TRANSACT_MODEL_TAG | transact-ranker:latest | model in the BentoML model store (a built bento sets the tag it carries) |
 | TRANSACT_WORLD | (none) | world folder: sequences + item table from its parquet events |
 | TRANSACT_FEAST_REPO | (none) | Feast repo: sequences + items from the online store |
-| TRANSACT_SOURCE | (none) | the same in one variable: ``world:<folder>`` or ``feast:<repo>`` (the bento requires it) |
-| TRANSACT_DEVICE | cuda if available else cpu | torch device |
-| TRANSACT_THREADS | (torch default) | torch intra-op threads |
-| TRANSACT_SCORE_WEIGHTS | click=1,repin=1,hide=-1 | S = sum_h w_h f_h (heads absent get 0) |
-| TRANSACT_MAX_CANDIDATES | 1024 | candidates per request (larger -> 400) |
+| TRANSACT_SOURCE | (none) | the same in one variable: ``world:<folder>`` or ``feast:<repo>`` (what a bento is given) |
+| TRANSACT_DEVICE | (none: cuda if available, else cpu) | torch device |
+| TRANSACT_THREADS | (none: the torch default) | torch intra-op threads (0: the torch default) |
+| TRANSACT_SCORE_WEIGHTS | (none: click=1,repin=1,hide=-1 for the heads the model has) | S = sum_h w_h f_h (heads absent get 0) |
+| TRANSACT_MAX_CANDIDATES | 1024 | candidates per request (larger -> 400); at most 32767 |
 | TRANSACT_MAX_BODY_BYTES | 4194304 | request body limit (larger -> 413) |
-| TRANSACT_MAX_BATCH_CANDIDATES | 2048 | candidates per cross-request micro-batch |
+| TRANSACT_MAX_BATCH_CANDIDATES | 2048 | candidates per cross-request micro-batch (raised to MAX_CANDIDATES) |
 | TRANSACT_MAX_WAIT_MS | 0 | extra wait to grow a batch (0: batch what is queued) |
 | TRANSACT_MAX_QUEUE | 64 | queued requests before 503 (load shedding) |
-| TRANSACT_REQUEST_TIMEOUT_S | 30 | queue + compute deadline per request (-> 503) |
+| TRANSACT_REQUEST_TIMEOUT_S | 30 | queue + compute deadline per request (-> 503); at most 600 |
 | TRANSACT_MAX_CLOCK_SKEW_S | 300 | client ``request_ts`` further from the server clock: 400; ``off`` trusts it |
 | TRANSACT_API_KEY | (none) | when set, /rank needs header ``X-API-Key`` |
 | TRANSACT_LOG_DIR | (none) | served NN-feature log folder (off when unset) |
@@ -29,13 +37,18 @@ start-up with a message naming the variable (never at request time).
 | TRANSACT_ASSEMBLY | dedup | ``naive`` broadcasts sequences per candidate (benchmark only) |
 | TRANSACT_CUDA_GRAPHS | 1 | CUDA graphs for the model forward on GPU |
 | TRANSACT_CPU_FORWARD | compile | CPU model forward: ``onnxruntime``, ``compile`` (torch.compile) or ``eager`` |
-| TRANSACT_HOST / TRANSACT_PORT | 127.0.0.1 / 3000 | default bind address of the service |
+
+The bind address is not a setting of the service: it is BentoML's (``bentoml serve --host
+--port``, or ``BENTOML_HOST`` / ``BENTOML_PORT``; ``transact serve --host --port``), and
+the service's own default is loopback, 127.0.0.1:3000 (:data:`DEFAULT_HOST`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MODEL_NAME = "transact-ranker"
 DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:latest"
@@ -43,37 +56,110 @@ API_KEY_HEADER = "X-API-Key"
 ASSEMBLIES = ("dedup", "naive")
 #: CPU model forward backends (see :class:`transact.serving.device.ModelRunner`).
 CPU_FORWARDS = ("onnxruntime", "compile", "eager")
+#: The CPU forward of the service (the ``cpu_forward`` default of the Ranker and the ModelRunner too).
+DEFAULT_CPU_FORWARD = "compile"
+#: Where the service binds unless told otherwise (``bentoml serve --host/--port``).
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 3000
+#: Bound on TRANSACT_REQUEST_TIMEOUT_S: BentoML's own per-request timeout (the service's
+#: ``traffic`` setting, fixed when the class is defined) is this plus a margin, so the
+#: service's deadline (a 503 naming it) always comes first.
+MAX_REQUEST_TIMEOUT_S = 600.0
+#: Positions are int16 in the served-row format.
+MAX_CANDIDATES_LIMIT = 32_767
 
 
-def _env(name: str, default=None):
-    v = os.environ.get(name)
-    return default if v is None or v.strip() == "" else v.strip()
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: the variable, its parser and how a value is written back.
+
+    ``parse(text, name)`` returns the value or raises a one-line ValueError naming ``name``;
+    ``show(value)`` is the text ``parse`` reads back (``None`` for "unset": the variable
+    is left out).
+    """
+
+    env: str
+    parse: Callable[[str, str], Any]
+    show: Callable[[Any], str | None]
 
 
-def _int(name: str, default: int, lo: int = 0) -> int:
-    raw = _env(name)
-    if raw is None:
-        return default
+def setting(default: Any, env: str, parse: Callable[[str, str], Any],
+            show: Callable[[Any], str | None] | None = None) -> Any:
+    """A :class:`ServeSettings` field: its default and its row of the table."""
+    return field(default=default, metadata={"setting": Setting(env, parse, show or _show_text)})
+
+
+# --- parsers (text -> value) and writers (value -> text) -----------------------------------------
+
+def _show_text(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def _show_number(v: float | int | None) -> str | None:
+    if v is None:
+        return None
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
+
+
+def _text(raw: str, name: str) -> str:
+    return raw
+
+
+def _integer(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(raw: str, name: str) -> int:
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name}={v} must be >= {lo}" + (f" and <= {hi:g}" if hi is not None else ""))
+        return v
+    return parse
+
+
+def _number(lo: float, hi: float | None = None) -> Callable[[str, str], float]:
+    def parse(raw: str, name: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+        if not (lo <= v < float("inf")) or (hi is not None and v > hi):
+            raise ValueError(f"{name}={raw} must be a finite number >= {lo:g}"
+                             + (f" and <= {hi:g}" if hi is not None else ""))
+        return v
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(raw: str, name: str) -> str:
+        if raw not in options:
+            raise ValueError(f"{name}={raw!r}: choose one of {options}")
+        return raw
+    return parse
+
+
+def _threads(raw: str, name: str) -> int | None:
+    return _integer(0)(raw, name) or None  # 0: the torch default
+
+
+def _flag(raw: str, name: str) -> bool:
+    return raw.lower() not in ("0", "false", "no")
+
+
+def _show_flag(v: bool) -> str:
+    return "1" if v else "0"
+
+
+def _weights(raw: str, name: str) -> dict[str, float] | None:
+    from transact.model.metrics import parse_score_weights
+
     try:
-        v = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if v < lo:
-        raise ValueError(f"{name}={v} must be >= {lo}")
-    return v
+        return parse_score_weights(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
-def _float(name: str, default: float, lo: float = 0.0) -> float:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not (v >= lo) or v != v or v == float("inf"):
-        raise ValueError(f"{name}={v} must be a finite number >= {lo}")
-    return v
+def _show_weights(v: dict[str, float] | None) -> str | None:
+    return None if not v else ",".join(f"{k}={_show_number(w)}" for k, w in v.items())
 
 
 def parse_clock_skew(raw: str, name: str = "TRANSACT_MAX_CLOCK_SKEW_S") -> float | None:
@@ -90,117 +176,100 @@ def parse_clock_skew(raw: str, name: str = "TRANSACT_MAX_CLOCK_SKEW_S") -> float
     return v
 
 
-def _source() -> tuple[str | None, str | None]:
-    """(world, feast repo) from TRANSACT_WORLD / TRANSACT_FEAST_REPO or TRANSACT_SOURCE."""
-    world, repo, source = _env("TRANSACT_WORLD"), _env("TRANSACT_FEAST_REPO"), _env("TRANSACT_SOURCE")
-    if source is None:
-        return world, repo
-    kind, _, where = source.partition(":")
-    if kind not in ("world", "feast") or not where:
-        raise ValueError(f"TRANSACT_SOURCE={source!r}: write world:<folder> or feast:<repo>")
-    if world or repo:
-        raise ValueError("TRANSACT_SOURCE and TRANSACT_WORLD/TRANSACT_FEAST_REPO are both set: keep one")
-    return (where, None) if kind == "world" else (None, where)
+def _show_skew(v: float | None) -> str:
+    return "off" if v is None else str(_show_number(v))
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    model_tag: str = DEFAULT_MODEL_TAG
-    world: str | None = None
-    feast_repo: str | None = None
-    device: str | None = None
-    threads: int | None = None
-    score_weights: dict[str, float] | None = None
-    max_candidates: int = 1024
-    max_body_bytes: int = 4 << 20
-    max_batch_candidates: int = 2048
-    max_wait_ms: float = 0.0
-    max_queue: int = 64
-    request_timeout_s: float = 30.0
+    """The service's settings; every field is one row of the module's table."""
+
+    model_tag: str = setting(DEFAULT_MODEL_TAG, "TRANSACT_MODEL_TAG", _text)
+    world: str | None = setting(None, "TRANSACT_WORLD", _text)
+    feast_repo: str | None = setting(None, "TRANSACT_FEAST_REPO", _text)
+    device: str | None = setting(None, "TRANSACT_DEVICE", _text)
+    threads: int | None = setting(None, "TRANSACT_THREADS", _threads)
+    score_weights: dict[str, float] | None = setting(None, "TRANSACT_SCORE_WEIGHTS", _weights, _show_weights)
+    max_candidates: int = setting(1024, "TRANSACT_MAX_CANDIDATES", _integer(1, MAX_CANDIDATES_LIMIT))
+    max_body_bytes: int = setting(4 << 20, "TRANSACT_MAX_BODY_BYTES", _integer(1024))
+    max_batch_candidates: int = setting(2048, "TRANSACT_MAX_BATCH_CANDIDATES", _integer(1))
+    max_wait_ms: float = setting(0.0, "TRANSACT_MAX_WAIT_MS", _number(0.0), _show_number)
+    max_queue: int = setting(64, "TRANSACT_MAX_QUEUE", _integer(1))
+    request_timeout_s: float = setting(30.0, "TRANSACT_REQUEST_TIMEOUT_S", _number(0.001, MAX_REQUEST_TIMEOUT_S),
+                                       _show_number)
     #: Bound on |client request_ts - server clock| in seconds; None trusts the client.
-    max_clock_skew_s: float | None = 300.0
-    api_key: str | None = field(default=None, repr=False)
-    log_dir: str | None = None
-    log_queue_rows: int = 32_768
-    log_flush_rows: int = 8192
-    log_flush_s: float = 5.0
-    assembly: str = "dedup"
-    cuda_graphs: bool = True
-    cpu_forward: str = "compile"
-    host: str = "127.0.0.1"
-    port: int = 3000
+    max_clock_skew_s: float | None = setting(300.0, "TRANSACT_MAX_CLOCK_SKEW_S", parse_clock_skew, _show_skew)
+    api_key: str | None = dataclasses.field(default=None, repr=False,
+                                            metadata={"setting": Setting("TRANSACT_API_KEY", _text, _show_text)})
+    log_dir: str | None = setting(None, "TRANSACT_LOG_DIR", _text)
+    log_queue_rows: int = setting(32_768, "TRANSACT_LOG_QUEUE_ROWS", _integer(1))
+    log_flush_rows: int = setting(8192, "TRANSACT_LOG_FLUSH_ROWS", _integer(1))
+    log_flush_s: float = setting(5.0, "TRANSACT_LOG_FLUSH_S", _number(0.01), _show_number)
+    assembly: str = setting("dedup", "TRANSACT_ASSEMBLY", _choice(ASSEMBLIES))
+    cuda_graphs: bool = setting(True, "TRANSACT_CUDA_GRAPHS", _flag, _show_flag)
+    cpu_forward: str = setting(DEFAULT_CPU_FORWARD, "TRANSACT_CPU_FORWARD", _choice(CPU_FORWARDS))
+
+    def __post_init__(self) -> None:
+        # every value as the worker would read it: the same parser, the same one-line error
+        for f, s in _table():
+            value = getattr(self, f.name)
+            text = s.show(value)
+            if text is not None:
+                s.parse(text, s.env)
+        if self.max_batch_candidates < self.max_candidates:  # a request always fits a batch
+            object.__setattr__(self, "max_batch_candidates", self.max_candidates)
 
     @classmethod
-    def from_env(cls) -> "ServeSettings":
-        from transact.model.metrics import parse_score_weights
-
-        assembly = _env("TRANSACT_ASSEMBLY", "dedup")
-        if assembly not in ASSEMBLIES:
-            raise ValueError(f"TRANSACT_ASSEMBLY={assembly!r}: choose one of {ASSEMBLIES}")
-        cpu_forward = _env("TRANSACT_CPU_FORWARD", cls.cpu_forward)
-        if cpu_forward not in CPU_FORWARDS:
-            raise ValueError(f"TRANSACT_CPU_FORWARD={cpu_forward!r}: choose one of {CPU_FORWARDS}")
-        threads = _int("TRANSACT_THREADS", 0, lo=0)
-        world, feast_repo = _source()
-        s = cls(
-            model_tag=_env("TRANSACT_MODEL_TAG", DEFAULT_MODEL_TAG),
-            world=world,
-            feast_repo=feast_repo,
-            device=_env("TRANSACT_DEVICE"),
-            threads=threads or None,
-            score_weights=parse_score_weights(_env("TRANSACT_SCORE_WEIGHTS")),
-            max_candidates=_int("TRANSACT_MAX_CANDIDATES", cls.max_candidates, lo=1),
-            max_body_bytes=_int("TRANSACT_MAX_BODY_BYTES", cls.max_body_bytes, lo=1024),
-            max_batch_candidates=_int("TRANSACT_MAX_BATCH_CANDIDATES", cls.max_batch_candidates, lo=1),
-            max_wait_ms=_float("TRANSACT_MAX_WAIT_MS", cls.max_wait_ms),
-            max_queue=_int("TRANSACT_MAX_QUEUE", cls.max_queue, lo=1),
-            request_timeout_s=_float("TRANSACT_REQUEST_TIMEOUT_S", cls.request_timeout_s, lo=0.001),
-            max_clock_skew_s=(cls.max_clock_skew_s if _env("TRANSACT_MAX_CLOCK_SKEW_S") is None
-                              else parse_clock_skew(_env("TRANSACT_MAX_CLOCK_SKEW_S"))),
-            api_key=_env("TRANSACT_API_KEY"),
-            log_dir=_env("TRANSACT_LOG_DIR"),
-            log_queue_rows=_int("TRANSACT_LOG_QUEUE_ROWS", cls.log_queue_rows, lo=1),
-            log_flush_rows=_int("TRANSACT_LOG_FLUSH_ROWS", cls.log_flush_rows, lo=1),
-            log_flush_s=_float("TRANSACT_LOG_FLUSH_S", cls.log_flush_s, lo=0.01),
-            assembly=assembly,
-            cuda_graphs=_env("TRANSACT_CUDA_GRAPHS", "1") not in ("0", "false", "no"),
-            cpu_forward=cpu_forward,
-            host=_env("TRANSACT_HOST", cls.host),
-            port=_int("TRANSACT_PORT", cls.port, lo=1),
-        )
-        if s.max_candidates > 32_767:
-            raise ValueError("TRANSACT_MAX_CANDIDATES must be <= 32767 (positions are int16 in the row format)")
-        if s.max_batch_candidates < s.max_candidates:
-            s = dataclasses.replace(s, max_batch_candidates=s.max_candidates)
-        return s
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
+        """The settings in ``environ`` (default: this process's environment); unset or empty
+        variables keep their default. ``TRANSACT_SOURCE`` stands for TRANSACT_WORLD or
+        TRANSACT_FEAST_REPO."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f, s in _table():
+            raw = _get(env, s.env)
+            if raw is not None:
+                values[f.name] = s.parse(raw, s.env)
+        source = _get(env, "TRANSACT_SOURCE")
+        if source is not None:
+            kind, _, where = source.partition(":")
+            if kind not in ("world", "feast") or not where:
+                raise ValueError(f"TRANSACT_SOURCE={source!r}: write world:<folder> or feast:<repo>")
+            if values.get("world") or values.get("feast_repo"):
+                raise ValueError("TRANSACT_SOURCE and TRANSACT_WORLD/TRANSACT_FEAST_REPO are both set: keep one")
+            values["world" if kind == "world" else "feast_repo"] = where
+        return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        """The environment variables that reproduce these settings (for a server process)."""
-        out = {
-            "TRANSACT_MODEL_TAG": self.model_tag,
-            "TRANSACT_MAX_CANDIDATES": str(self.max_candidates),
-            "TRANSACT_MAX_BODY_BYTES": str(self.max_body_bytes),
-            "TRANSACT_MAX_BATCH_CANDIDATES": str(self.max_batch_candidates),
-            "TRANSACT_MAX_WAIT_MS": str(self.max_wait_ms),
-            "TRANSACT_MAX_QUEUE": str(self.max_queue),
-            "TRANSACT_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
-            "TRANSACT_MAX_CLOCK_SKEW_S": "off" if self.max_clock_skew_s is None else str(self.max_clock_skew_s),
-            "TRANSACT_LOG_QUEUE_ROWS": str(self.log_queue_rows),
-            "TRANSACT_LOG_FLUSH_ROWS": str(self.log_flush_rows),
-            "TRANSACT_LOG_FLUSH_S": str(self.log_flush_s),
-            "TRANSACT_ASSEMBLY": self.assembly,
-            "TRANSACT_CUDA_GRAPHS": "1" if self.cuda_graphs else "0",
-            "TRANSACT_CPU_FORWARD": self.cpu_forward,
-            "TRANSACT_HOST": self.host,
-            "TRANSACT_PORT": str(self.port),
-        }
-        opt = {
-            "TRANSACT_WORLD": self.world, "TRANSACT_FEAST_REPO": self.feast_repo,
-            "TRANSACT_DEVICE": self.device, "TRANSACT_API_KEY": self.api_key,
-            "TRANSACT_LOG_DIR": self.log_dir,
-            "TRANSACT_THREADS": str(self.threads) if self.threads else None,
-            "TRANSACT_SCORE_WEIGHTS": (",".join(f"{k}={v}" for k, v in self.score_weights.items())
-                                       if self.score_weights else None),
-        }
-        out.update({k: v for k, v in opt.items() if v is not None})
+        """The environment variables that reproduce these settings (for a server process):
+        ``from_env(s.to_env()) == s``."""
+        out = {}
+        for f, s in _table():
+            text = s.show(getattr(self, f.name))
+            if text is not None:
+                out[s.env] = text
         return out
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Field name -> its environment variable."""
+        return {f.name: s.env for f, s in _table()}
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    v = env.get(name)
+    return None if v is None or v.strip() == "" else v.strip()
+
+
+def _table() -> list[tuple[dataclasses.Field, Setting]]:
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(ServeSettings)]
+
+
+def read_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment (its default when unset), parsed by its row of the
+    table: for what must be known when a module is imported (the request schema states
+    TRANSACT_MAX_CANDIDATES)."""
+    f = next(f for f in dataclasses.fields(ServeSettings) if f.name == name)
+    s: Setting = f.metadata["setting"]
+    raw = _get(os.environ if environ is None else environ, s.env)
+    return f.default if raw is None else s.parse(raw, s.env)

@@ -55,7 +55,7 @@ class FeastSource:
         self._online = online
 
     @classmethod
-    def from_repo(cls, repo: str, cfg: FeatureConfig) -> "FeastSource":
+    def from_repo(cls, repo: str, cfg: FeatureConfig) -> FeastSource:
         from transact.features.feast.online import OnlineSequences
 
         return cls(OnlineSequences(repo, cfg))

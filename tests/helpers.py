@@ -217,3 +217,130 @@ def rows_with_split(folder, n_requests: int, cfg, n_users: int, seed: int, quant
     ts = pq.read_table(rows, columns=["ts"]).column("ts").to_numpy()
     (folder / "world.json").write_text(json.dumps({"train_end_ts": int(np.quantile(ts, quantile))}))
     return rows
+
+
+# --- features ---
+
+#: the Feast tests' feature caps (``FeatureConfig(**FEAST_CAPS)``): small, so every sequence fills and overflows
+FEAST_CAPS = {"ll_cap": 50, "rt_cap": 12, "imp_cap": 5, "k_ll": 8, "k_rt": 4, "r": 4, "k_imp": 4}
+#: the first day of :func:`feast_world` (a day boundary)
+FEAST_T0 = 1_700_006_400_000 - 1_700_006_400_000 % 86_400_000
+#: users of :func:`feast_world`: every event late, impressions only, no event at all
+LATE_USER, IMP_ONLY_USER, COLD_USER = 999, 555, 66
+
+
+def feast_world(path: Path) -> dict:
+    """Small sealed world with ties (15-minute grid), a user whose events all come late, a
+    user with impressions only, a cold user in the requests, requests on event times and on
+    day boundaries; returns its tables by name."""
+    import pyarrow.parquet as pq
+
+    from transact.data.world import seal_world
+    from transact.features.config import DAY_MS
+
+    rng = np.random.default_rng(7)
+    items = make_items(60, rng)
+    span = 6 * DAY_MS
+    actions, imps = make_events(items, 6, 700, 700, rng, t_span=span, t0=FEAST_T0)
+    grid = 15 * 60_000
+    actions = actions.set_column(2, "ts", pa.array((actions.column("ts").to_numpy() // grid) * grid, pa.int64()))
+    imps = imps.set_column(2, "ts", pa.array((imps.column("ts").to_numpy() // grid) * grid, pa.int64()))
+    item_ids = items.column("item_id").to_numpy()
+    late_t = FEAST_T0 + 5 * DAY_MS + np.arange(8) * grid
+    late = pa.table({"user_id": pa.array(np.full(8, LATE_USER), pa.int64()),
+                     "item_id": pa.array(item_ids[:8], pa.int64()), "ts": pa.array(late_t, pa.int64()),
+                     "action": pa.array(np.full(8, 3), pa.uint8()), "surface": pa.array(np.zeros(8), pa.int8())},
+                    schema=actions.schema)
+    only_imp = pa.table({"user_id": pa.array(np.full(6, IMP_ONLY_USER), pa.int64()),
+                         "item_id": pa.array(item_ids[:6], pa.int64()),
+                         "ts": pa.array(FEAST_T0 + DAY_MS + np.arange(6) * grid, pa.int64()),
+                         "surface": pa.array(np.ones(6), pa.int8()), "request_id": pa.array(np.zeros(6), pa.int64()),
+                         "position": pa.array(np.arange(6), pa.int16())}, schema=imps.schema)
+    actions = pa.concat_tables([actions, late])
+    imps = pa.concat_tables([imps, only_imp])
+    req = make_requests(items, 6, 60, 3, rng, t_span=span - DAY_MS, t0=FEAST_T0 + DAY_MS)
+    ts = req.column("ts").to_numpy().copy()
+    users = req.column("user_id").to_numpy().copy()
+    a_ts, a_u = actions.column("ts").to_numpy(), actions.column("user_id").to_numpy()
+    for k in range(0, 30, 3):  # requests exactly at one of the user's action times
+        j = np.flatnonzero((a_u == users[k]) & (a_ts >= FEAST_T0 + DAY_MS))
+        if len(j):
+            ts[k:k + 3] = a_ts[j[0]]
+    ts[30:33] = FEAST_T0 + 3 * DAY_MS  # exactly at a snapshot instant
+    users[33:36], ts[33:36] = LATE_USER, FEAST_T0 + 2 * DAY_MS  # before the late user's first event
+    users[36:39] = IMP_ONLY_USER
+    req = req.set_column(1, "user_id", pa.array(users, pa.int64())).set_column(3, "ts", pa.array(ts, pa.int64()))
+    path.mkdir(parents=True, exist_ok=True)
+    tables = {"items": items, "actions": actions, "impressions": imps, "requests": req}
+    for name, t in tables.items():
+        pq.write_table(t, path / f"{name}.parquet")
+    seal_world(path)
+    return tables
+
+
+def feast_cli() -> str:
+    """The project's ``feast`` command. Feast is a dependency: its console script sits beside
+    this interpreter (or on PATH); a missing one is a broken install, and fails the test."""
+    import shutil
+
+    exe = Path(sys.executable).parent / "feast"
+    found = str(exe) if exe.exists() else shutil.which("feast")
+    assert found, f"no feast command beside {sys.executable} or on PATH: feast is a dependency (pip install -e .)"
+    return found
+
+
+# --- serving ---
+# Shared by tests/serving/*: the small feature contract of the service tests, a request poster,
+# the world's requests as /rank bodies, and a BentoML home for tests that start child processes.
+
+def _serving_cfg():
+    from transact.features.config import FeatureConfig
+
+    return FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
+
+
+#: The feature contract of the service tests (small sequences: fast on CPU).
+SERVING_CFG = _serving_cfg()
+
+
+def post_rank(url: str, body, **kw):
+    """POST ``body`` to ``<url>/rank``: a dict or list as JSON, bytes as they are (JSON content type)."""
+    import httpx
+
+    if isinstance(body, (dict, list)):
+        return httpx.post(f"{url}/rank", json=body, timeout=60, **kw)
+    return httpx.post(f"{url}/rank", content=body, timeout=60,
+                      headers=kw.pop("headers", {"content-type": "application/json"}), **kw)
+
+
+def world_bodies(requests: pa.Table) -> list[dict]:
+    """One /rank body per request of a world's requests table (its ids, surface and time)."""
+    df = requests.to_pandas().sort_values(["request_id", "position"])
+    return [{"user_id": int(g.user_id.iloc[0]), "item_ids": [int(x) for x in g.item_id],
+             "surface": S.SURFACES[int(g.surface.iloc[0])], "request_ts": int(g.ts.iloc[0]), "request_id": int(rid)}
+            for rid, g in df.groupby("request_id", sort=True)]
+
+
+def bentoml_home(path):
+    """Context manager for tests: this process's BentoML stores in ``path`` *and*
+    ``BENTOML_HOME=path`` in the environment, for the child processes a test starts
+    (pipelines, CLI runs). Serving code never writes the environment
+    (``transact.serving.packaging.local_stores`` is the in-process part)."""
+    import contextlib
+
+    from transact.serving.packaging import local_stores
+
+    @contextlib.contextmanager
+    def both():
+        old = os.environ.get("BENTOML_HOME")
+        os.environ["BENTOML_HOME"] = str(path)
+        try:
+            with local_stores(path) as home:
+                yield home
+        finally:
+            if old is None:
+                os.environ.pop("BENTOML_HOME", None)
+            else:
+                os.environ["BENTOML_HOME"] = old
+
+    return both()

@@ -33,7 +33,7 @@ def test_import_round_trip_with_names_and_timestamps(tmp_path):
     assert json.loads((tmp_path / "world" / "world.json").read_text())["train_end_ts"] == summary["train_end_ts"]
 
 
-@pytest.mark.parametrize("table,mutate,message", [
+@pytest.mark.parametrize(("table", "mutate", "message"), [
     ("actions", lambda t: t.drop_columns(["surface"]), "actions: missing column.*surface"),
     ("actions", lambda t: t.set_column(2, "ts", pa.array(["x"] * t.num_rows)), "actions: column 'ts' has type string"),
     ("actions", lambda t: t.set_column(3, "action", pa.array(["click|share"] * t.num_rows)), "unknown value 'share'"),
@@ -65,10 +65,14 @@ def test_conform_names_missing_and_mistyped_columns():
 
 def test_atomic_writer_publishes_only_on_success(tmp_path):
     path = tmp_path / "t.parquet"
-    with pytest.raises(RuntimeError):
+
+    def fail_midway():
         with AtomicParquetWriter(path, S.ACTIONS_TABLE) as w:
             w.write({"user_id": [1], "item_id": [2], "ts": [3], "action": [1], "surface": [0]})
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_midway()
     assert list(tmp_path.iterdir()) == []
     with AtomicParquetWriter(path, S.ACTIONS_TABLE) as w:
         w.write({"user_id": [1], "item_id": [2], "ts": [3], "action": [1], "surface": [0]})
@@ -93,3 +97,28 @@ def test_atomic_writer_skips_dictionaries_for_per_row_blocks_only(tmp_path):
         w.write(data)
     assert encodings(tmp_path / "b.parquet")["tok"] is True
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+
+def test_a_zombie_writer_is_dead():
+    """A killed server's worker can stay a zombie (exited, not reaped) for seconds: its
+    segments and temporary files belong to nobody, so recovery must not wait for it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from transact.data.io import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # exited but not reaped: a zombie
+            with open(f"/proc/{child.pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())

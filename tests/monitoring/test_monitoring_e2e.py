@@ -29,14 +29,14 @@ DAY = 86_400_000
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     from transact.components import steps
-    from transact.data.io import read_table, table_path
     from transact.data import schema as S
+    from transact.data.io import read_table, table_path
     from transact.data.simulator import DriftConfig, get_profile, simulate
     from transact.model.train import train
     from transact.monitoring.monitor import load_current, load_reference, run_monitor
     from transact.monitoring.replay import log_rows, serve_world
     from transact.monitoring.trigger import DecisionLog, RetrainTrigger
-    from transact.serving.packaging import bentoml_home
+    from helpers import bentoml_home
     from transact.serving.served_log import attach_labels, read_served_log
 
     root = tmp_path_factory.mktemp("monitoring-e2e")
@@ -203,7 +203,7 @@ def test_transact_dashboard_serves_the_workspace_on_localhost(loop):
         except subprocess.TimeoutExpired:
             proc.kill()
     # the UI went down with the command
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011 - refused or timed out: any socket error means the UI is gone
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=3)
 
 
@@ -216,7 +216,7 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
     from typer.testing import CliRunner
 
     from transact.cli import app
-    from transact.serving.packaging import bentoml_home
+    from helpers import bentoml_home
 
     root = loop["root"]
     repo = tmp_path / "feature_repo"

@@ -7,9 +7,11 @@ Every *positive* case is therefore grounded before it is sent -- known item ids,
 heads, ``request_ts`` at the server clock, one embedding row per id -- and must then be
 accepted (2xx); negative cases are sent as generated and must be refused.
 
-Use: ``SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py TRANSACT_FUZZ_GROUND=<ground.json>
-schemathesis run <url>/docs.json --checks all``, where ground.json is
-``{"item_ids": [...], "heads": [...]}``.
+Use: ``SCHEMATHESIS_HOOKS=tests/serving/schemathesis_hooks.py TRANSACT_FUZZ_GROUND=<ground.json>
+schemathesis run <url>/docs.json --checks all`` from outside the repository (its
+``schemathesis.toml`` lets positive cases of /rank get a 400; the grounded run needs no such
+allowance), where ground.json is ``{"item_ids": [...], "heads": [...]}``. Without hooks,
+from the repository, the plain command passes too (``schemathesis.toml``).
 """
 from __future__ import annotations
 

@@ -17,19 +17,25 @@ import pytest
 import torch
 
 from helpers import queries_of, write_world
-from transact.features.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.schema import LABEL_COLUMNS
-from transact.model.checkpoint import load_model, save_model
 from transact.features.config import FeatureConfig
 from transact.features.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.features.nn_logging import log_nn_features
 from transact.features.sequences import EventStore
+from transact.model.checkpoint import load_model, save_model
 from transact.model.transact import Batch, build_model
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
 from transact.serving.device import StagingArena
-from transact.serving.ranker import RankQuery, Ranker, RequestError, assemble, default_weights
-from transact.serving.served_log import (WRITER_NICE, ServedLogWriter, WriterPriority, attach_labels,
-                                         read_served_log, served_log_schema)
+from transact.serving.ranker import Ranker, RankQuery, RequestError, assemble, default_weights
+from transact.serving.served_log import (
+    WRITER_NICE,
+    ServedLogWriter,
+    WriterPriority,
+    attach_labels,
+    read_served_log,
+    served_log_schema,
+)
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 
@@ -60,7 +66,7 @@ def test_online_scores_match_offline_rows_for_both_assemblies(world):
                                                                rows.column("position").to_numpy()))}
     out = {}
     for assembly in ("dedup", "naive"):
-        ranker = Ranker(model, world["store"], assembly=assembly)
+        ranker = Ranker(model, world["store"], assembly=assembly, cpu_forward="eager")
         qs = queries_of(world["requests"], ranker.weights)
         results, st = ranker.rank(qs[:11])
         results2, _ = ranker.rank(qs[11:])  # two cross-request batches of different sizes
@@ -126,7 +132,7 @@ def test_dedup_moves_far_fewer_bytes_than_broadcasting(world):
 
 def test_cold_user_and_raw_embeddings(world):
     model, store = world["model"], world["store"]
-    ranker = Ranker(model, store)
+    ranker = Ranker(model, store, cpu_forward="eager")
     items = world["items"]
     ids = items.column("item_id").to_numpy()[:5]
     raw = items.column("emb").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 32)[:5]
@@ -142,7 +148,7 @@ def test_cold_user_and_raw_embeddings(world):
 
 
 def test_a_bad_request_fails_alone(world):
-    ranker = Ranker(world["model"], world["store"])
+    ranker = Ranker(world["model"], world["store"], cpu_forward="eager")
     qs = queries_of(world["requests"], ranker.weights)[:2]
     bad_item = RankQuery(11, np.array([123456789]), None, 0, 1_700_500_000_000, 7, ranker.weights)
     bad_w = RankQuery(11, qs[0].item_ids, None, 0, 1_700_500_000_000, 8, {"nope": 1.0})
@@ -165,7 +171,7 @@ def test_served_log_with_labels_equals_offline_rows(world, tmp_path):
     """Served rows + attach_labels = exactly the rows of the offline NN-logging step."""
     model = world["model"]
     writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads, flush_rows=64, flush_s=0.2)
-    ranker = Ranker(model, world["store"], log_writer=writer, model_version="m:1")
+    ranker = Ranker(model, world["store"], log_writer=writer, model_version="m:1", cpu_forward="eager")
     qs = queries_of(world["requests"], ranker.weights)
     for i in range(0, len(qs), 7):
         ranker.rank(qs[i:i + 7])
@@ -188,7 +194,7 @@ def test_served_log_with_labels_equals_offline_rows(world, tmp_path):
 def test_attach_labels_drops_unlabelled_and_checks_ids(world, tmp_path):
     model = world["model"]
     writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads)
-    ranker = Ranker(model, world["store"], log_writer=writer)
+    ranker = Ranker(model, world["store"], log_writer=writer, cpu_forward="eager")
     qs = queries_of(world["requests"], ranker.weights)[:3]
     ranker.rank(qs)
     writer.close()
@@ -206,8 +212,36 @@ def test_attach_labels_drops_unlabelled_and_checks_ids(world, tmp_path):
         attach_labels(served, one.drop_columns([LABEL_COLUMNS[0]]))
 
 
+def test_rank_makes_the_batch_durable_on_the_model_thread_before_it_returns(world, tmp_path):
+    """What the ranker's docstring says: the write-ahead append runs inside rank(), on the
+    calling (model) thread, before the responses exist; the parquet writer runs later."""
+    from transact.serving.wal import WAL_DIR
+
+    model = world["model"]
+    appended_on = []
+    writer = ServedLogWriter(tmp_path / "log", CFG, model.cfg.heads, flush_rows=10**6, flush_s=3600)
+    real_append = writer.wal.append
+    writer.wal.append = lambda table: (appended_on.append(threading.get_ident()), real_append(table))[1]
+    try:
+        ranker = Ranker(model, world["store"], log_writer=writer, cpu_forward="eager")
+        qs = queries_of(world["requests"], ranker.weights)[:3]
+        ranker.rank(qs)
+        assert appended_on == [threading.get_ident()]  # on this thread, within rank()
+        assert writer.logged_rows == sum(q.n for q in qs)  # durable when rank() returns
+        assert list((tmp_path / "log" / WAL_DIR).iterdir()) and not writer.files  # no parquet yet
+    finally:
+        writer.close()
+    assert "never blocking" not in ranker_module_doc()
+
+
+def ranker_module_doc() -> str:
+    import transact.serving.ranker as ranker_module
+
+    return ranker_module.__doc__ or ""
+
+
 def _record(model, store, n_req=1):
-    ranker = Ranker(model, store)
+    ranker = Ranker(model, store, cpu_forward="eager")
     rec = {}
 
     class Catch:
@@ -312,75 +346,116 @@ def test_log_writer_runs_idle_and_catches_up_at_normal_policy_when_behind(world,
 
 
 # --- micro-batching -------------------------------------------------------------------------------
+# No test here sleeps or races a deadline: the batcher's clock is a fake one the test moves,
+# and threading.Events say when the model thread holds a batch. The callers' own waits are
+# generous bounds (60 s) that only a hung batcher reaches.
+
+WAIT = 60.0
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 def test_micro_batcher_groups_waiting_requests_and_isolates_errors():
     seen = []
-    gate = threading.Event()
+    holding, gate = threading.Event(), threading.Event()
 
     def process(items):
-        gate.wait(5)
+        holding.set()
+        assert gate.wait(WAIT)
         seen.append(list(items))
         return [ValueError("bad") if x == "bad" else x * 2 for x in items]
 
-    b = MicroBatcher(process, max_batch_size=10, max_queue=100)
-    first = b.submit(1, 1, 5)  # the worker takes it alone and blocks on the gate
-    time.sleep(0.1)
-    futs = [b.submit(x, 4, 5) for x in (2, 3, "bad", 5)]  # sizes 4: at most 2 per batch
+    b = MicroBatcher(process, max_batch_size=10, max_queue=100, clock=FakeClock())
+    first = b.submit(1, 1, WAIT)  # the worker takes it alone and blocks on the gate
+    assert holding.wait(WAIT)
+    futs = [b.submit(x, 4, WAIT) for x in (2, 3, "bad", 5)]  # sizes 4: at most 2 per batch
     gate.set()
-    assert first.result(5) == 2
-    assert [f.result(5) for f in futs[:2]] == [4, 6]
-    with pytest.raises(ValueError):
-        futs[2].result(5)
-    assert futs[3].result(5) == 10
+    assert first.result(WAIT) == 2
+    assert [f.result(WAIT) for f in futs[:2]] == [4, 6]
+    with pytest.raises(ValueError, match="bad"):
+        futs[2].result(WAIT)
+    assert futs[3].result(WAIT) == 10
     assert seen == [[1], [2, 3], ["bad", 5]]
     b.close()
 
 
 def test_micro_batcher_sheds_load_times_out_and_survives_a_crash():
-    gate = threading.Event()
+    clock = FakeClock()
+    holding, gate = threading.Event(), threading.Event()
 
     def process(items):
         if "crash" in items:
             raise RuntimeError("boom")
-        gate.wait(5)
+        holding.set()
+        assert gate.wait(WAIT)
         return items
 
-    b = MicroBatcher(process, max_batch_size=1, max_queue=2)
-    b.submit("a", 1, 5)
-    time.sleep(0.1)
+    b = MicroBatcher(process, max_batch_size=1, max_queue=2, clock=clock)
+    b.submit("a", 1, WAIT)
+    assert holding.wait(WAIT)  # the worker holds "a": the queue is empty again
     expired = b.submit("b", 1, 0.05)
-    c = b.submit("c", 1, 5)
+    c = b.submit("c", 1, WAIT)
     with pytest.raises(Overloaded):
-        b.submit("d", 1, 5)
-    time.sleep(0.2)
+        b.submit("d", 1, WAIT)  # two queued: the limit
+    clock.advance(1.0)  # "b" waited past its deadline in the queue, "c" did not
     gate.set()
-    assert c.result(5) == "c"
-    with pytest.raises(DeadlineExceeded):
-        expired.result(5)
+    assert c.result(WAIT) == "c"
+    with pytest.raises(DeadlineExceeded, match="expired in the queue"):
+        expired.result(WAIT)
+    assert b.expired == 1
+    holding.clear()
     gate.clear()
-    b.submit("slow", 1, 5)  # holds the worker while "e" times out
-    time.sleep(0.1)
-    with pytest.raises(DeadlineExceeded):
-        asyncio.run(b.run("e", 1, 0.0001))
+    b.submit("slow", 1, WAIT)  # holds the worker while "e" times out
+    assert holding.wait(WAIT)
+    with pytest.raises(DeadlineExceeded, match="no result within"):
+        asyncio.run(b.run("e", 1, 0.01))  # the caller's own (real-time) wait ends first: the worker is held
     gate.set()
-    fut = b.submit("crash", 1, 5)
+    fut = b.submit("crash", 1, WAIT)
     with pytest.raises(RuntimeError, match="boom"):
-        fut.result(5)
-    assert b.call("ok", 1, 5) == "ok" and b.alive and b.expired >= 1
+        fut.result(WAIT)
+    assert b.call("ok", 1, WAIT) == "ok" and b.alive
     b.close()
     with pytest.raises(Overloaded):
-        b.submit("late", 1, 5)
+        b.submit("late", 1, WAIT)
 
 
 def test_micro_batcher_waits_to_grow_a_batch_when_asked():
+    """With max_wait_s, the first request waits (on the batcher's clock) for more: four
+    requests submitted while the clock stands still are one batch, however slowly they come."""
+    clock = FakeClock()
     sizes = []
-    b = MicroBatcher(lambda items: sizes.append(len(items)) or items, max_batch_size=8, max_wait_s=0.3)
-    futs = []
-    for i in range(4):
-        futs.append(b.submit(i, 1, 5))
-        time.sleep(0.02)
-    assert [f.result(5) for f in futs] == [0, 1, 2, 3]
+    b = MicroBatcher(lambda items: sizes.append(len(items)) or items, max_batch_size=8, max_wait_s=0.05, clock=clock)
+    futs = [b.submit(i, 1, WAIT) for i in range(4)]
+    assert not any(f.done() for f in futs)  # the clock stands still: the worker waits for more
+    # Move the clock until the batch goes. The worker starts its wait whenever it gets to run
+    # (maybe after a first move): each move ends any wait begun before it, at the worker's next
+    # (real, <= 0.05 s) wake-up. Whenever that is, all four were queued before the clock moved.
+    give_up = time.monotonic() + WAIT
+    while not futs[0].done() and time.monotonic() < give_up:
+        clock.advance(0.05)
+        time.sleep(0.01)
+    assert [f.result(WAIT) for f in futs] == [0, 1, 2, 3]
     assert sizes == [4]
+    b.close()
+
+
+def test_micro_batcher_stops_waiting_when_the_batch_is_full():
+    clock = FakeClock()
+    sizes = []
+    b = MicroBatcher(lambda items: sizes.append(len(items)) or items, max_batch_size=3, max_wait_s=3600, clock=clock)
+    futs = [b.submit(i, 1, WAIT) for i in range(3)]  # full before the (never passing) wait ends
+    assert [f.result(WAIT) for f in futs] == [0, 1, 2] and sizes == [3]
     b.close()
 
 
@@ -396,7 +471,7 @@ def test_micro_batcher_sets_up_and_processes_on_one_thread():
 
     b = MicroBatcher(process, max_batch_size=4, setup=setup)
     assert len(threads) == 1  # the constructor returned after the setup
-    assert b.call("x", 1, 5) == "x"
+    assert b.call("x", 1, WAIT) == "x"
     assert threads[0] == threads[1] != threading.get_ident()
     b.close()
 
@@ -407,12 +482,14 @@ def test_micro_batcher_raises_the_setup_error_in_the_constructor():
 
     with pytest.raises(FileNotFoundError, match="no model here"):
         MicroBatcher(lambda items: items, max_batch_size=4, setup=setup)
-    with pytest.raises(TimeoutError, match="setup"):
-        MicroBatcher(lambda items: items, max_batch_size=4, setup=lambda: time.sleep(1), setup_timeout_s=0.05)
+    release = threading.Event()
+    with pytest.raises(TimeoutError, match="setup"):  # a setup that cannot finish in time
+        MicroBatcher(lambda items: items, max_batch_size=4, setup=lambda: release.wait(WAIT), setup_timeout_s=0.01)
+    release.set()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-@pytest.mark.parametrize("tunables, expected", [(None, "True"), ("glibc.malloc.arena_max=2", "False")])
+@pytest.mark.parametrize(("tunables", "expected"), [(None, "True"), ("glibc.malloc.arena_max=2", "False")])
 def test_tune_malloc_applies_unless_the_user_set_glibc_tunables(tunables, expected):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tunables:
@@ -497,23 +574,19 @@ def test_guard_middleware_key_size_and_type():
     assert codes == [401, 401, 200, 413, 415, 400, 405, 413]
 
 
-def test_settings_from_env_fail_on_bad_values(monkeypatch):
+def test_settings_from_env_fail_on_bad_values():
     from transact.serving.settings import ServeSettings
 
-    monkeypatch.setenv("TRANSACT_MAX_CANDIDATES", "ten")
     with pytest.raises(ValueError, match="TRANSACT_MAX_CANDIDATES"):
-        ServeSettings.from_env()
-    monkeypatch.setenv("TRANSACT_MAX_CANDIDATES", "64")
-    monkeypatch.setenv("TRANSACT_ASSEMBLY", "fancy")
+        ServeSettings.from_env({"TRANSACT_MAX_CANDIDATES": "ten"})
+    env = {"TRANSACT_MAX_CANDIDATES": "64", "TRANSACT_ASSEMBLY": "fancy"}
     with pytest.raises(ValueError, match="TRANSACT_ASSEMBLY"):
-        ServeSettings.from_env()
-    monkeypatch.setenv("TRANSACT_ASSEMBLY", "naive")
-    monkeypatch.setenv("TRANSACT_SCORE_WEIGHTS", "click=2,hide=-1")
-    s = ServeSettings.from_env()
+        ServeSettings.from_env(env)
+    env.update(TRANSACT_ASSEMBLY="naive", TRANSACT_SCORE_WEIGHTS="click=2,hide=-1")
+    s = ServeSettings.from_env(env)
     assert s.max_candidates == 64 and s.assembly == "naive" and s.score_weights == {"click": 2.0, "hide": -1.0}
-    assert s.host == "127.0.0.1"  # loopback unless told otherwise
-    env = s.to_env()
-    assert env["TRANSACT_ASSEMBLY"] == "naive" and "TRANSACT_API_KEY" not in env
+    out = s.to_env()
+    assert out["TRANSACT_ASSEMBLY"] == "naive" and "TRANSACT_API_KEY" not in out
 
 
 # --- sequence sources -----------------------------------------------------------------------------
@@ -541,7 +614,7 @@ def test_feast_source_adapts_online_sequences(world):
             return store.item_emb_q_of(np.asarray(item_ids))
 
     src = FeastSource(FakeOnline())
-    ranker = Ranker(world["model"], src)
+    ranker = Ranker(world["model"], src, cpu_forward="eager")
     (r,), _ = ranker.rank([RankQuery(11, np.array([3, 10]), None, 0, 1_800_000_000_000, 1, ranker.weights)])
     assert not r.cold_start and r.probs.shape == (2, 3)
 
@@ -568,7 +641,7 @@ def test_feast_online_store_serves_the_same_sequences(tmp_path):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
     ids = items.column("item_id").to_numpy()[:4]
     np.testing.assert_array_equal(src.item_emb_q_of(ids), store.item_emb_q_of(ids))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="5"):
         src.item_emb_q_of(np.array([5]))
 
 
@@ -582,7 +655,7 @@ def test_a_failing_source_is_a_server_side_error(world):
         def item_emb_q_of(self, ids):
             return world["store"].item_emb_q_of(ids)
 
-    ranker = Ranker(world["model"], Down())
+    ranker = Ranker(world["model"], Down(), cpu_forward="eager")
     with pytest.raises(SourceUnavailable, match="redis is down"):
         ranker.rank([RankQuery(11, np.array([3]), None, 0, 1_700_500_000_000, 1, ranker.weights)])
 

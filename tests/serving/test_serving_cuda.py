@@ -114,7 +114,7 @@ def test_ranker_on_cuda_equals_the_cpu_ranker(tmp_path):
     store = EventStore(items, actions, impressions, CFG)
     cpu_model = random_model(4)
     gpu = Ranker(copy.deepcopy(cpu_model), store, "cuda")
-    cpu = Ranker(cpu_model, store, "cpu")
+    cpu = Ranker(cpu_model, store, "cpu", cpu_forward="eager")
     gpu.warmup(max_batch=64)
     qs = queries_of(requests, cpu.weights)
     for chunk in (qs[:1], qs[1:7], qs[7:]):  # micro-batches of different sizes

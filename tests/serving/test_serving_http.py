@@ -19,18 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import write_world
-from transact.features.nn_logging import log_nn_features
-from transact.data.schema import SURFACES
-from transact.model.checkpoint import load_model, save_model
-from transact.features.config import FeatureConfig
+from helpers import SERVING_CFG as CFG, post_rank as _post, world_bodies, write_world
 from transact.features.nn_features import arrow_to_s_all, nn_rows_schema
+from transact.features.nn_logging import log_nn_features
+from transact.model.checkpoint import load_model, save_model
 from transact.model.transact import Batch, build_model
 from transact.serving.launch import running_server
-from transact.serving.packaging import bentoml_home, package_model
+from transact.serving.packaging import local_stores, package_model
 from transact.serving.settings import ServeSettings
 
-CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 MAX_CANDIDATES = 64
 
 
@@ -54,7 +51,7 @@ def served(tmp_path_factory):
     torch.manual_seed(1)
     save_model(root / "model", build_model("v2", CFG))
     log_nn_features(root / "w", root / "rows.parquet", CFG, progress=False)
-    with bentoml_home(root / "bentoml"):
+    with local_stores(root / "bentoml"):
         info = package_model(root / "model")
         settings = ServeSettings(model_tag=info["tag"], world=str(root / "w"), log_dir=str(root / "log"),
                                  log_flush_rows=10**7, log_flush_s=3600, log_queue_rows=10**7,
@@ -69,20 +66,6 @@ def served(tmp_path_factory):
             s.stop()
 
 
-def _post(url, body, **kw):
-    if isinstance(body, (dict, list)):
-        return httpx.post(f"{url}/rank", json=body, timeout=60, **kw)
-    return httpx.post(f"{url}/rank", content=body, timeout=60,
-                      headers=kw.pop("headers", {"content-type": "application/json"}), **kw)
-
-
-def _world_bodies(requests):
-    df = requests.to_pandas().sort_values(["request_id", "position"])
-    return [{"user_id": int(g.user_id.iloc[0]), "item_ids": [int(x) for x in g.item_id],
-             "surface": SURFACES[int(g.surface.iloc[0])], "request_ts": int(g.ts.iloc[0]), "request_id": int(rid)}
-            for rid, g in df.groupby("request_id", sort=True)]
-
-
 def test_rank_over_http_matches_offline_model_scores(served):
     rows, model = served.rows, served.model
     s_all, cand = arrow_to_s_all(rows, CFG)
@@ -90,7 +73,7 @@ def test_rank_over_http_matches_offline_model_scores(served):
     exp = model.predict_proba(Batch.from_s_all(s_all, cand, surface)).numpy()
     key = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(rows.column("request_id").to_numpy(),
                                                                rows.column("position").to_numpy()))}
-    bodies = _world_bodies(served.requests)
+    bodies = world_bodies(served.requests)
     first = [_post(served.url, b) for b in bodies[:10]]  # one at a time
     with ThreadPoolExecutor(8) as pool:  # concurrent: cross-request batches
         rest = list(pool.map(lambda b: _post(served.url, b), bodies[10:]))
@@ -154,7 +137,7 @@ CLIENT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name,body,status,field", CLIENT_ERRORS, ids=[c[0] for c in CLIENT_ERRORS])
+@pytest.mark.parametrize(("name", "body", "status", "field"), CLIENT_ERRORS, ids=[c[0] for c in CLIENT_ERRORS])
 def test_client_errors_are_4xx_naming_the_field(served, name, body, status, field):
     r = _post(served.url, body)
     assert r.status_code == status, r.text
@@ -183,12 +166,15 @@ def test_probes_and_metrics(served):
 
 
 def test_binds_loopback_by_default():
-    from transact.serving.settings import ServeSettings as S
-
-    assert S().host == "127.0.0.1"
+    """The bind address is a constant of the class (BentoML's ``--host/--port`` override it),
+    not a setting read when the module is imported."""
     import transact.serving.service as svc
+    from transact.serving.launch import server_command
 
-    assert svc.TransActRanker.config["http"]["host"] in ("127.0.0.1", svc.SETTINGS.host)
+    assert svc.TransActRanker.config["http"] == {"host": "127.0.0.1", "port": 3000}
+    assert not hasattr(svc, "SETTINGS") and "host" not in ServeSettings.variables()
+    cmd = server_command("127.0.0.1", 4321)
+    assert cmd[-4:] == ["--host", "127.0.0.1", "--port", "4321"]
 
 
 def _grounded(body: dict, known: list[int], heads: list[str]) -> dict:
@@ -276,7 +262,7 @@ def test_packaging_round_trip_and_offline_bento_build(tmp_path):
     torch.manual_seed(3)
     model = build_model("v2", CFG)
     save_model(tmp_path / "model", model)
-    with bentoml_home(tmp_path / "bentoml"):
+    with local_stores(tmp_path / "bentoml"):
         a = package_model(tmp_path / "model")
         b = package_model(tmp_path / "model")
         assert a["created"] and not b["created"] and a["tag"] == b["tag"]
@@ -302,7 +288,7 @@ def test_service_class_instantiated_directly(tmp_path, monkeypatch):
     write_world(tmp_path / "w")
     torch.manual_seed(5)
     save_model(tmp_path / "model", build_model("v2", CFG))
-    with bentoml_home(tmp_path / "bentoml"):
+    with local_stores(tmp_path / "bentoml"):
         tag = package_model(tmp_path / "model")["tag"]
         monkeypatch.setenv("TRANSACT_MODEL_TAG", tag)
         monkeypatch.setenv("TRANSACT_WORLD", str(tmp_path / "w"))

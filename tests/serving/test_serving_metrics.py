@@ -2,27 +2,26 @@
 
 BentoML empties ``$BENTOML_HOME/prometheus_multiproc_dir`` whenever a server starts, so a
 second server under the same home blanked the first one's ``/metrics`` (200, empty body)
-for good. Each server now has a folder of its own: the first keeps every series through
-load, client errors and a second server's start.
+for good. Each server now runs with a BentoML home of its own (its models linked to the
+shared store, :func:`transact.serving.launch.server_home`): the first keeps every series
+through load, client errors and a second server's start.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
 import pytest
 import torch
 
-from helpers import write_world
-from test_serving_http import _world_bodies
+from helpers import SERVING_CFG as CFG, world_bodies, write_world
 from transact.model.checkpoint import save_model
-from transact.features.config import FeatureConfig
 from transact.model.transact import build_model
-from transact.serving.launch import running_server
-from transact.serving.packaging import bentoml_home, package_model
+from transact.serving.launch import running_server, server_env, server_home
+from transact.serving.packaging import local_stores, package_model
 from transact.serving.settings import ServeSettings
 
-CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 SERIES = ("transact_requests_total", "transact_candidates_total", "transact_batch_candidates_bucket",
           "transact_stage_seconds_bucket")
 
@@ -48,8 +47,8 @@ def test_metrics_survive_load_errors_and_a_second_server(tmp_path):
     _, _, _, requests = write_world(tmp_path / "w")
     torch.manual_seed(0)
     save_model(tmp_path / "model", build_model("v2", CFG))
-    bodies = _world_bodies(requests)
-    with bentoml_home(tmp_path / "bentoml"):
+    bodies = world_bodies(requests)
+    with local_stores(tmp_path / "bentoml"):
         tag = package_model(tmp_path / "model")["tag"]
         # the world's past request times are replayed: client times are trusted
         settings = ServeSettings(model_tag=tag, world=str(tmp_path / "w"), threads=1, max_clock_skew_s=None)
@@ -73,3 +72,18 @@ def test_metrics_survive_load_errors_and_a_second_server(tmp_path):
             assert all(any(k.startswith(s) for k in after) for s in SERIES), sorted(after)
             assert requests_by_code(after) == {"200": 15, "400": 3, "405": 1}
             assert after["transact_candidates_total"] > before["transact_candidates_total"]
+
+
+def test_each_server_has_its_own_bentoml_home_sharing_the_model_store(tmp_path):
+    """Unit level: two addresses, two homes (two Prometheus folders), one model store."""
+    home = tmp_path / "bentoml"
+    s = ServeSettings(world="/w")
+    a, b = (server_env(s, home, "127.0.0.1", p, base={}) for p in (4001, 4002))
+    assert a["BENTOML_HOME"] != b["BENTOML_HOME"]
+    assert a["BENTOML_HOME"] == str(server_home(home, "127.0.0.1", 4001))
+    for env in (a, b):
+        models = os.path.join(env["BENTOML_HOME"], "models")
+        assert os.path.islink(models) and os.path.realpath(models) == str((home / "models").resolve())
+    (home / "models" / "m").mkdir()
+    assert os.path.isdir(os.path.join(a["BENTOML_HOME"], "models", "m"))
+    assert server_home(home, "127.0.0.1", 4001) == server_home(home, "127.0.0.1", 4001)  # again: same link

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from transact.commands._common import fail_on_user_error
 from transact.serving.launch import sample_curl
+from transact.serving.settings import (
+    DEFAULT_CPU_FORWARD,
+    DEFAULT_HOST,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_TAG,
+    DEFAULT_PORT,
+    ServeSettings,
+)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -16,7 +23,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def package(
         model_dir: Path = typer.Option(..., help="Trained model folder (config.json + model.safetensors)."),
-        name: str = typer.Option("transact-ranker", help="Model name in the BentoML model store."),
+        name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name in the BentoML model store."),
         build: bool = typer.Option(False, help="Also build the bento (serving/bentofile.yaml, offline)."),
     ) -> None:
         """Put a trained model into the BentoML model store (same weights, same tag)."""
@@ -32,20 +39,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command()
     @fail_on_user_error
     def serve(
-        model: str = typer.Option("transact-ranker:latest", help="Model tag in the BentoML model store."),
-        world: Optional[Path] = typer.Option(None, help="World folder: sequences and items from its parquet events."),
-        feast_repo: Optional[Path] = typer.Option(None, help="Feast repo: sequences and items from the online store."),
-        host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 exposes the service to the network)."),
-        port: int = typer.Option(3000, help="Port."),
-        log_dir: Optional[Path] = typer.Option(None, help="Served NN-feature log folder (off when not given)."),
-        score_weights: Optional[str] = typer.Option(None, help="Head weights, e.g. click=1,repin=1,hide=-1."),
-        device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
-        threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
-        max_candidates: int = typer.Option(1024, help="Candidates per request."),
-        max_wait_ms: float = typer.Option(0.0, help="Extra wait to grow cross-request batches."),
-        cpu_forward: str = typer.Option("compile", help="CPU model forward: onnxruntime | compile | eager "
-                                                        "(built at start-up, seconds)."),
-        api_key_env: Optional[str] = typer.Option(None, help="Name of an environment variable holding the API "
+        model: str = typer.Option(DEFAULT_MODEL_TAG, help="Model tag in the BentoML model store."),
+        world: Path | None = typer.Option(None, help="World folder: sequences and items from its parquet events."),
+        feast_repo: Path | None = typer.Option(None, help="Feast repo: sequences and items from the online store."),
+        host: str = typer.Option(DEFAULT_HOST, help="Bind address (0.0.0.0 exposes the service to the network)."),
+        port: int = typer.Option(DEFAULT_PORT, help="Port."),
+        log_dir: Path | None = typer.Option(None, help="Served NN-feature log folder (off when not given)."),
+        score_weights: str | None = typer.Option(None, help="Head weights, e.g. click=1,repin=1,hide=-1."),
+        device: str | None = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+        threads: int | None = typer.Option(None, help="torch intra-op threads."),
+        max_candidates: int = typer.Option(ServeSettings.max_candidates, help="Candidates per request."),
+        max_wait_ms: float = typer.Option(ServeSettings.max_wait_ms, help="Extra wait to grow cross-request batches."),
+        cpu_forward: str = typer.Option(DEFAULT_CPU_FORWARD, help="CPU model forward: onnxruntime | compile | eager "
+                                                                  "(built at start-up, seconds)."),
+        api_key_env: str | None = typer.Option(None, help="Name of an environment variable holding the API "
                                                              "key that /rank requires (X-API-Key header)."),
         max_clock_skew: str = typer.Option("300", help="Seconds a client request_ts may lie from the server "
                                                        "clock (further: 400), or off to trust client times "
@@ -54,34 +61,30 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Start the ranking service (foreground; Ctrl+C stops it and flushes the served log)."""
         import os
 
-        import bentoml
-
-        from transact.serving.launch import SERVICE, check_config, service_env
         from transact.model.metrics import parse_score_weights
-        from transact.serving.settings import ServeSettings, parse_clock_skew
+        from transact.serving.launch import check_config, serve_forever
+        from transact.serving.settings import parse_clock_skew
 
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ValueError(f"--api-key-env {api_key_env}: that environment variable is empty")
-        settings = ServeSettings(
+        # the settings are read once, here, and reach the server process as its environment
+        settings = ServeSettings(  # a bad value fails here, one line, not in the worker
             model_tag=model, world=str(world) if world else None, feast_repo=str(feast_repo) if feast_repo else None,
             device=device, threads=threads, score_weights=parse_score_weights(score_weights),
-            max_candidates=max_candidates, max_batch_candidates=max(2048, max_candidates),
-            max_wait_ms=max_wait_ms, api_key=api_key, log_dir=str(log_dir) if log_dir else None,
-            host=host, port=port, cpu_forward=cpu_forward,
+            max_candidates=max_candidates, max_wait_ms=max_wait_ms, api_key=api_key,
+            log_dir=str(log_dir) if log_dir else None, cpu_forward=cpu_forward,
             max_clock_skew_s=parse_clock_skew(max_clock_skew, "--max-clock-skew"))
-        with service_env(settings):
-            ServeSettings.from_env()  # fail here, not in the worker, on bad values
-            check_config(settings)  # the model, the source: one line and exit 2, not a worker loop
-            typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
-            bentoml.serve(SERVICE, host=host, port=port, blocking=True)
+        check_config(settings)  # the model, the source: one line and exit 2, not a worker loop
+        typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
+        raise typer.Exit(serve_forever(settings, host=host, port=port))
 
     @bench_app.command("serving")
     @fail_on_user_error
     def bench_serving(
-        out: Optional[Path] = typer.Option(None, help="JSON output (default bench/results/serving-<device>.json)."),
+        out: Path | None = typer.Option(None, help="JSON output (default bench/results/serving-<device>.json)."),
         seconds: float = typer.Option(30.0, help="Load duration per path (dedup, naive)."),
         candidates: int = typer.Option(256, help="Candidates per request (N)."),
         ll: int = typer.Option(16_384, help="Lifelong sequence length L_LL."),
@@ -93,7 +96,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                             "(0: torch default, all cores)."),
         min_requests: int = typer.Option(3, help="Requests per path even when the time is up."),
         log_rows: bool = typer.Option(True, help="Served-row logging on (as in production)."),
-        cpu_forward: str = typer.Option("compile", help="CPU model forward of the server and the forward floor: "
+        cpu_forward: str = typer.Option(DEFAULT_CPU_FORWARD, help="CPU model forward of the server and the forward floor: "
                                                         "onnxruntime | compile | eager."),
         compare: bool = typer.Option(True, help="Also time the CPU forward variants (eager, torch.compile, "
                                                 "ONNX Runtime) against each other."),
