@@ -26,17 +26,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# ruff over the tree; mypy over the typed rooms, through a tree that names them the way
-# they are installed (transact.<room>): the editable install maps folders, mypy cannot.
-MYPY_ROOT := build/mypy
-MYPY_PACKAGES := transact.kernels transact.model transact.serving
+# ruff over the tree; mypy over the whole package and lint-imports (the rooms contract in
+# pyproject.toml), both from the repository root: `transact/<room>` links every room into the
+# package, so no install step or link tree is needed for them to see `transact.<room>`.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	@rm -rf $(MYPY_ROOT) && mkdir -p $(MYPY_ROOT)/transact
-	@for d in data model kernels features validation serving components pipelines monitoring bench; do \
-	  ln -s $(CURDIR)/$$d $(MYPY_ROOT)/transact/$$d; done
-	@ln -s $(CURDIR)/transact/__init__.py $(CURDIR)/transact/cli.py $(CURDIR)/transact/commands $(MYPY_ROOT)/transact/
-	cd $(MYPY_ROOT) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml $(addprefix -p ,$(MYPY_PACKAGES))
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -47,4 +43,4 @@ gpu-check:
 	PYTHON=$(PYTHON) bench/gpu-check.sh bench/results
 
 clean:
-	rm -rf $(VENV) runs build .pytest_cache .hypothesis
+	rm -rf $(VENV) runs build .pytest_cache .hypothesis .mypy_cache .import_linter_cache

@@ -78,13 +78,13 @@ def bench_drift(out: str | Path, seeds=range(10), *, users: int = 300, fraction:
                 rule: DriftRule | None = None, model_dir: str | Path | None = None,
                 progress=print) -> dict:
     """Runs the benchmark (module docstring); returns the result (also ``<out>/drift.json``)."""
+    import pyarrow.parquet as pq
+
     from transact.bench.machine import machine_info
     from transact.monitoring.features import add_predictions, features_frame
     from transact.monitoring.replay import log_rows, serve_world
     from transact.monitoring.trigger import DecisionLog, RetrainTrigger
     from transact.serving.served_log import read_served_log
-
-    import pyarrow.parquet as pq
 
     rule = rule or DriftRule()
     root = Path(out)
@@ -120,9 +120,11 @@ def bench_drift(out: str | Path, seeds=range(10), *, users: int = 300, fraction:
             log = DecisionLog(root / "decisions" / f"seed{seed}-{kind}.jsonl")
             if log.path.exists():
                 log.path.unlink()
-            trigger = RetrainTrigger(log, mode="local", cooldown_hours=0.0,
-                                     retrain=lambda ctx, s=seed, k=kind: retrains.append(
-                                         {"seed": s, "kind": k, "window": ctx["window"]}) or {"outcome": "counted"})
+            def counted(ctx: dict, s: int = seed, k: str = kind) -> dict:
+                retrains.append({"seed": s, "kind": k, "window": ctx["window"]})
+                return {"outcome": "counted"}
+
+            trigger = RetrainTrigger(log, mode="local", cooldown_hours=0.0, retrain=counted)
             for name, start, end, rows in split_windows(current, 24.0):
                 _, res = analyze_window(reference, rows, heads, rule, window=name, start_ts=start, end_ts=end,
                                         report=False)

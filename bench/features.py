@@ -7,21 +7,33 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transact.data import schema as S
+from transact.features.config import FeatureConfig
 from transact.features.feast.codec import decode_tokens, encode_tokens, lengths_of
 from transact.features.feast.materialize import materialize
 from transact.features.feast.offline import load_world, write_offline
 from transact.features.feast.online import OnlineSequences
-from transact.features.feast.store import (IMP_VIEW, ITEM_KEY, ITEM_VIEW, LL_VIEW, OFFLINE_DIRS, RT_VIEW, USER_KEY,
-                                     VIEW_FEATURES, apply, init_repo, open_store)
-from transact.features.config import FeatureConfig
+from transact.features.feast.store import (
+    IMP_VIEW,
+    ITEM_KEY,
+    ITEM_VIEW,
+    LL_VIEW,
+    OFFLINE_DIRS,
+    RT_VIEW,
+    USER_KEY,
+    VIEW_FEATURES,
+    apply,
+    init_repo,
+    open_store,
+)
 
 
 @contextlib.contextmanager
@@ -158,7 +170,7 @@ def bench_features(world: str | Path, workdir: str | Path | None = None, max_use
         t0 = time.perf_counter()
         offline = write_offline(world, base, cfg, progress=progress)
         offline["wall_s"] = time.perf_counter() - t0
-        result = {"world": str(world), "max_users": max_users, "feature_config": cfg.to_dict(),
+        result: dict[str, Any] = {"world": str(world), "max_users": max_users, "feature_config": cfg.to_dict(),
                   "offline": offline, "stores": {}}
         items = load_world(world)["items"]
         emb = items.column("emb_q").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, S.EMB_DIM)

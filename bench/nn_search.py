@@ -13,7 +13,8 @@ N = 256 candidates of one request, K = 96, L_LL from 1k to 16k). Implementations
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ def bench_nn_search(lengths: Sequence[int] | None = None, n_cand: int | None = N
     n_cand = n_cand or (256 if gpu else 64)
     repeats = repeats or (50 if gpu else 5)
     warmup = warmup if warmup is not None else (10 if gpu else 1)
-    impls = {"reference_padded": reference, "unfused_broadcast": nn_search_unfused}
+    impls: dict[str, Callable[..., Any]] = {"reference_padded": reference, "unfused_broadcast": nn_search_unfused}
     if gpu:
         from transact.kernels.triton.nn_search import nn_search_triton
 
@@ -76,6 +77,7 @@ def bench_nn_search(lengths: Sequence[int] | None = None, n_cand: int | None = N
             rows.append(row)
             if name == "unfused_broadcast":
                 base = row
+        assert base is not None  # unfused_broadcast runs on every device
         for row in rows[-len(impls):]:
             row["latency_vs_unfused_pct"] = pct_change(row["latency_ms"], base["latency_ms"])
             row["memory_vs_unfused_pct"] = pct_change(row["peak_mem_mib"], base["peak_mem_mib"])

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -229,9 +230,9 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     import torch
 
     from transact.bench.machine import machine_info
-    from transact.model.checkpoint import load_model, save_model
     from transact.features.config import FeatureConfig
     from transact.features.sequences import EventStore
+    from transact.model.checkpoint import load_model, save_model
     from transact.model.transact import Batch, build_model
     from transact.serving.device import StagingArena
     from transact.serving.launch import running_server
@@ -243,8 +244,12 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     load_before = _load()
-    tmp = tempfile.TemporaryDirectory(prefix="transact-bench-serving-") if workdir is None else None
-    root = Path(workdir or tmp.name)
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-serving-")
+        root = Path(tmp.name)
+    else:
+        root = Path(workdir)
     cfg = FeatureConfig(ll_cap=max(ll, 1), rt_cap=rt, imp_cap=imp)
     try:
         progress(f"world: {ll} lifelong + {rt} realtime actions, {imp} impressions per user")
@@ -302,7 +307,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
         # which one phase after the other did not guarantee.
         phases = {}
         headers = {"content-type": "application/json"}
-        runs = {a: {"latencies_s": [], "errors": [], "wall_s": 0.0} for a in ("dedup", "naive")}
+        runs: dict[str, dict[str, Any]] = {a: {"latencies_s": [], "errors": [], "wall_s": 0.0} for a in ("dedup", "naive")}
         per_round: list[dict] = []  # each round's slice of both paths, back to back
         ranker.warmup()  # the variants reset torch.compile's caches: recompile outside the timing
         ranker.compute(dedup_inputs)
@@ -335,7 +340,7 @@ def run_serving_bench(out: str | Path | None = None, seconds: float = 30.0, cand
             gc.freeze()
             try:
                 for i in range(rounds):
-                    this_round = {}
+                    this_round: dict[str, Any] = {}
                     for assembly, url in urls.items():
                         res = _load_phase(url, body, slice_s, concurrency, per_slice, headers)
                         run = runs[assembly]

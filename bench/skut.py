@@ -20,7 +20,8 @@ mode and the input dtype (fp16 by default), with a random padding pattern:
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ def bench_skut(table: str = "both", lengths: Sequence[int] | None = None, batch:
     else:
         impls["pytorch_eager"] = lambda x, valid: encoder_reference(encoder, x, valid)
     notes = [] if gpu else [GPU_NOTE]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for tbl, b, s in _shapes(table, gpu, lengths, batch, batches, length):
         x, valid = make_inputs(b, s, d_model, device, dt, seed)
         shape_impls = dict(impls)
@@ -127,8 +128,8 @@ def bench_skut(table: str = "both", lengths: Sequence[int] | None = None, batch:
             if name == "pytorch_mem_efficient":
                 base = row
         for row in rows[start:]:
-            row["latency_vs_mem_efficient_pct"] = pct_change(row["latency_ms"], base and base["latency_ms"])
-            row["memory_vs_mem_efficient_pct"] = pct_change(row["peak_mem_mib"], base and base["peak_mem_mib"])
+            row["latency_vs_mem_efficient_pct"] = pct_change(row["latency_ms"], base["latency_ms"] if base else None)
+            row["memory_vs_mem_efficient_pct"] = pct_change(row["peak_mem_mib"], base["peak_mem_mib"] if base else None)
     return {"benchmark": "skut", "device": device_label() if gpu else f"{device_label()} (CPU timings)",
             "gpu": gpu, "notes": notes,
             "params": {"table": table, "dtype": str(dt).replace("torch.", ""), "repeats": repeats,

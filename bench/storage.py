@@ -19,9 +19,9 @@ import torch
 
 from transact.data import schema as S
 from transact.data.io import AtomicParquetWriter, read_table, table_path
+from transact.data.quantization import quantize
 from transact.features.config import FeatureConfig
 from transact.features.nn_features import JaggedSequences, build_s_all, nn_rows_schema, s_all_to_arrow
-from transact.data.quantization import quantize
 
 
 def _full_schema() -> pa.Schema:
@@ -68,9 +68,9 @@ def bench_storage(n_examples: int = 64, cfg: FeatureConfig | None = None, world:
         with AtomicParquetWriter(full_path, _full_schema()) as full, \
                 AtomicParquetWriter(nn_path, nn_rows_schema(cfg)) as nn:
             for i in range(n_examples):
-                seqs = [_random_sequence(rng, item_emb_q, cfg.ll_cap, t_req, 730 * 86_400_000, False),
+                seqs = (_random_sequence(rng, item_emb_q, cfg.ll_cap, t_req, 730 * 86_400_000, False),
                         _random_sequence(rng, item_emb_q, cfg.rt_cap, t_req, 86_400_000, False),
-                        _random_sequence(rng, item_emb_q, cfg.imp_cap, t_req, 86_400_000, True)]
+                        _random_sequence(rng, item_emb_q, cfg.imp_cap, t_req, 86_400_000, True))
                 cand = torch.from_numpy(item_emb_q[rng.integers(0, len(item_emb_q), 1)])
                 meta = pa.table({"request_id": pa.array([i], pa.int64()), "user_id": pa.array([i], pa.int64()),
                                  "item_id": pa.array([i], pa.int64()), "ts": pa.array([t_req], pa.int64()),

@@ -39,17 +39,17 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
 
 from transact.data.schema import ACTIONS, EMB_DIM
-from transact.kernels import dispatch
 from transact.features.config import SEGMENTS, FeatureConfig
-from transact.model.losses import label_weight_matrix, total_loss
 from transact.features.nn_features import valid_mask
+from transact.kernels import dispatch
+from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
 
 #: layer groups of :func:`flops_per_example`
@@ -211,7 +211,8 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
     fcfg = FeatureConfig() if rows is None else read_feature_config(rows)
     paths = ["stock", "packed"] + (["packed-bf16"] if bf16 else []) + (["packed-compile"] if compile else [])
     reset = reset_peak_rss() if dev.type == "cpu" else False
-    results, per_model = [], {}
+    results: list[dict] = []
+    per_model: dict[str, dict] = {}
     for name in models:
         mcfg = model_config(name)
         flops = flops_per_example(mcfg, fcfg)
@@ -309,8 +310,9 @@ def bench_train(models: tuple[str, ...] | list[str] = ("v2",), batch_sizes: tupl
                 "batch_size": B, "valid_token_fraction": round(valid_fraction, 3),
                 "rep_shape": list(rep), "rep_gflops": round(rep_peak, 1),
                 "square_shape": [SQUARE_GEMM] * 3, "square_gflops": round(sq_peak, 1),
-                **({"rep_gflops_bf16": round(rep16, 1), "square_gflops_bf16": round(sq16, 1)} if rep16 else {})})
-            runs = batch = None  # free before the next configuration
+                **({"rep_gflops_bf16": round(rep16, 1), "square_gflops_bf16": round(sq16, 1)}
+                   if rep16 is not None and sq16 is not None else {})})
+            del runs, batch  # free before the next configuration
     peak = None
     if dev.type == "cpu":
         peak = {"peak_mem_mb": round(peak_rss_mib(), 1),

@@ -22,8 +22,8 @@ def bench_validation(n_actions: int = 1_000_000, n_request_rows: int = 200_000,
     from transact.validation.corruption import corrupt
     from transact.validation.synthetic import synthetic_world
 
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp_name:
+        tmp = Path(tmp_name)
         t = time.perf_counter()
         import great_expectations  # noqa: F401
 

@@ -30,20 +30,20 @@ import os
 import shlex
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TypeGuard
 
 import numpy as np
 import pyarrow as pa
 
+from transact.components.procmem import reset_peak_rss, rss_mib
 from transact.data import schema as S
 from transact.data.io import conform, read_table, table_path
-from transact.data.partition import (filter_in, publishing_folder, read_bucket, read_row_groups,
-                                     row_group_chunks, write_buckets)
+from transact.data.partition import filter_in, publishing_folder, read_bucket, read_row_groups, row_group_chunks, write_buckets
 from transact.data.requests import sorted_requests
 from transact.data.world import check_world
 from transact.features.config import FeatureConfig
-from transact.components.procmem import reset_peak_rss, rss_mib
 
 #: rows a map task reads at once (whole row groups; one group at least)
 CHUNK_ROWS = 1 << 20
@@ -79,9 +79,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
 
 
-def is_jobs_address(address: str | None) -> bool:
+def is_jobs_address(address: str | None) -> TypeGuard[str]:
     """An ``http(s)://`` address is a cluster's dashboard: work goes there as a Ray job."""
-    return bool(address) and address.startswith(("http://", "https://"))
+    return address is not None and address.startswith(("http://", "https://"))
 
 
 def submit_job(address: str, argv: list[str], poll_s: float = 1.0, timeout_s: float | None = None) -> dict:

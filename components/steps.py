@@ -24,9 +24,9 @@ def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "
         from transact.data.adapter import import_logs
 
         return import_logs(source, out)
-    from transact.data.simulator import DriftConfig, get_profile, simulate
-
     from dataclasses import asdict
+
+    from transact.data.simulator import DriftConfig, get_profile, simulate
 
     config = get_profile(profile)
     drift_cfg = None if drift == "none" else DriftConfig(kind=drift)
@@ -48,7 +48,7 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     from transact.validation import validate_world
 
     result = validate_world(world_dir, quarantine_dir, reference=reference or None)
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    return result.to_dict()
 
 
 def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -> dict:

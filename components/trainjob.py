@@ -33,6 +33,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 #: the Kubeflow Trainer runtime every TrainJob of this project runs on
 RUNTIME = "torch-distributed"
@@ -118,9 +119,9 @@ def build_trainer(train_args: dict, *, nodes: int, gpus_per_node: int, image: st
         # One machine: every process of every node, CPU (gloo) or this machine's GPUs.
         local_env = {**_local_env(env), "PET_NPROC_PER_NODE": str(nodes * gpus_per_node), "PET_STANDALONE": "1"}
         index = os.environ.get("PIP_INDEX_URL")
+        index_urls: dict[str, Any] = {"pip_index_urls": [index]} if index else {}
         return CustomTrainer(func=train_node, func_args={**train_args, "python_paths": site.getsitepackages()},
-                             packages_to_install=[f"torch=={version('torch')}"], env=local_env,
-                             **({"pip_index_urls": [index]} if index else {}))
+                             packages_to_install=[f"torch=={version('torch')}"], env=local_env, **index_urls)
     if backend != "kubernetes":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not image:

@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 
 from transact.data import schema as S
 from transact.data.io import SchemaError, conform, table_path, write_table
+from transact.data.quantization import SCALE, quantize
 from transact.data.times import iso_utc
 from transact.data.world import publishing, write_world_json
-from transact.data.quantization import SCALE, quantize
 
 FP16_MAX: float = float(np.finfo(np.float16).max)
 

@@ -7,9 +7,13 @@ itself, so a bad value is one line naming the field -- never a traceback.
 from __future__ import annotations
 
 import math
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 def with_overrides(cfg: C, pairs: Sequence[str]) -> C:

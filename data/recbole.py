@@ -176,7 +176,7 @@ def item_embeddings(inter_users: np.ndarray, inter_items: np.ndarray, inter_ts: 
     by_genre: dict[str, list[int]] = {}
     for i in np.flatnonzero(learned):
         for g in genres[i]:
-            by_genre.setdefault(g, []).append(i)
+            by_genre.setdefault(g, []).append(int(i))
     means = {g: emb[ix].mean(0) for g, ix in by_genre.items()}
     for i in np.flatnonzero(fill):
         got = [means[g] for g in genres[i] if g in means]

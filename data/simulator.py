@@ -88,16 +88,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from transact.data.io import AtomicParquetWriter, table_path
-from transact.data.world import publishing, write_world_json
+from transact.data.quantization import quantize
 from transact.data.schema import (
     ACTION_BIT,
     ACTIONS_TABLE,
@@ -110,7 +110,7 @@ from transact.data.schema import (
     REQUESTS,
     SURFACES,
 )
-from transact.data.quantization import quantize
+from transact.data.world import publishing, write_world_json
 
 __all__ = [
     "DAY_MS", "DRIFT_KINDS", "DriftConfig", "EPOCH_MS", "PROFILES", "SOURCES", "UserProfile",
@@ -256,7 +256,7 @@ class WorldConfig:
             check(ids == sorted(set(ids)), "user_ids must be sorted and unique")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldConfig":
+    def from_dict(cls, d: dict) -> WorldConfig:
         """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists -> tuples)."""
         def tup(v):
             return tuple(tup(x) for x in v) if isinstance(v, list) else v
@@ -623,6 +623,7 @@ def _candidates(rng, drng, ctx: _Context, support, active, lifelong, intent, sur
     item = np.where(src == _S_RANDOM, (u_item * cfg.n_items).astype(np.int64), item)
     if ctx.drift.kind == "new_items":
         u_new, u_pick = drng.random((n, C)), drng.random((n, C))
+        assert items.new_cum is not None  # the new_items drift builds it with the catalogue
         new = items.n_base + _sample_popular(items.new_cum, u_pick)
         item = np.where((ts >= ctx.drift_ms)[:, None] & (u_new < ctx.drift.strength), new, item)
     return _dedup(item, alt, items)
@@ -721,7 +722,8 @@ class _RowBuffer:
     layout does not depend on how users were blocked."""
 
     def __init__(self, writer: AtomicParquetWriter) -> None:
-        self.writer, self.parts, self.rows = writer, [], 0
+        self.writer, self.rows = writer, 0
+        self.parts: list[dict] = []
 
     def add(self, cols: dict) -> None:
         n = len(next(iter(cols.values())))

@@ -2,7 +2,7 @@
 types (an ISO date, epoch ms) becomes that here, and ms become a readable date here."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -17,7 +17,7 @@ def to_epoch_ms(value: Any, what: str = "time") -> int:
         return int(value)
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return int(value.timestamp() * 1000)
     if hasattr(value, "item") and not isinstance(value, str):  # numpy scalars
         return to_epoch_ms(value.item(), what)
@@ -36,6 +36,6 @@ def to_epoch_ms(value: Any, what: str = "time") -> int:
 def iso_utc(ms: int) -> str:
     """``2026-12-02 22:17:07 UTC`` for epoch ms (times past the calendar say so)."""
     try:
-        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return f"{ms} ms (outside the calendar)"

@@ -29,8 +29,8 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 

@@ -81,7 +81,7 @@ class FeatureConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "feature_config") -> "FeatureConfig":
+    def from_dict(cls, d: dict, where: str = "feature_config") -> FeatureConfig:
         """Inverse of :meth:`to_dict`; ``where`` names the source in errors. A field this
         code does not know (rows or a model written by another version) is refused by
         name: silently dropping it could change what S_all means."""
@@ -92,7 +92,7 @@ class FeatureConfig:
                              f"field of this code (it has {', '.join(sorted(known))})")
         return cls(**d)
 
-    def check_same(self, other: "FeatureConfig", mine: str, theirs: str,
+    def check_same(self, other: FeatureConfig, mine: str, theirs: str,
                    hint: str = "rows must be logged with the model's FeatureConfig") -> None:
         """ValueError naming the first differing field and both values, e.g.
         ``feature config: k_ll = 64 in the rows x.parquet, 96 in the model m/``."""

@@ -19,13 +19,12 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-
 import pyarrow as pa
 import torch
 
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS, REQUESTS
-from transact.kernels import dispatch
 from transact.features.config import SEGMENTS, FeatureConfig
+from transact.kernels import dispatch
 
 PAD_AGE: int = -1  # tok_age_s of a padding slot
 
@@ -61,7 +60,7 @@ class JaggedSequences:
         """int64 [T]: each token's index within its user's sequence (0 = newest)."""
         return torch.arange(self.ts.numel(), device=self.ts.device) - self.offsets[self.token_user()]
 
-    def select(self, keep: torch.Tensor) -> "JaggedSequences":
+    def select(self, keep: torch.Tensor) -> JaggedSequences:
         """Keeps the tokens where ``keep`` (bool [T]) is True; order is preserved (``self``,
         not a copy, when every token is kept)."""
         if bool(keep.all()):
@@ -73,12 +72,12 @@ class JaggedSequences:
         return JaggedSequences(self.emb_q[keep], self.action[keep], self.surface[keep],
                                self.ts[keep], offsets)
 
-    def to(self, device) -> "JaggedSequences":
+    def to(self, device) -> JaggedSequences:
         return JaggedSequences(*(t.to(device) for t in (self.emb_q, self.action, self.surface,
                                                            self.ts, self.offsets)))
 
     @staticmethod
-    def empty(num_users: int, device=None) -> "JaggedSequences":
+    def empty(num_users: int, device=None) -> JaggedSequences:
         z = lambda dt, *s: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         return JaggedSequences(z(torch.int8, 0, EMB_DIM), z(torch.uint8, 0), z(torch.int8, 0),
                                z(torch.int64, 0), z(torch.int64, num_users + 1))

@@ -33,8 +33,15 @@ import torch
 from transact.data import schema as S
 from transact.data.io import SchemaError, read_table, table_path
 from transact.features.config import FeatureConfig
-from transact.features.event_order import (ACTION_TIES, IMPRESSION_TIES, dense_rank, event_order,
-                                        group_offsets, pair_ids, search_in_groups)
+from transact.features.event_order import (
+    ACTION_TIES,
+    IMPRESSION_TIES,
+    dense_rank,
+    event_order,
+    group_offsets,
+    pair_ids,
+    search_in_groups,
+)
 from transact.features.nn_features import JaggedSequences
 
 IMP_LOOKBACK: int = 3
@@ -91,7 +98,7 @@ class EventStore:
         self._imp_next_action = self._next_action_ts()
 
     @classmethod
-    def from_dir(cls, world: str | Path, cfg: FeatureConfig | None = None) -> "EventStore":
+    def from_dir(cls, world: str | Path, cfg: FeatureConfig | None = None) -> EventStore:
         """Loads ``items``, ``actions`` and ``impressions`` parquet tables of a world folder."""
         from transact.data.world import check_world
 

@@ -39,11 +39,15 @@ class KernelConfig:
     train_encoder: TrainEncoder = TrainEncoder.PACKED
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "train_encoder", TrainEncoder(self.train_encoder))
-        except ValueError:
-            raise ValueError(f"train encoder must be one of {[e.value for e in TrainEncoder]}, "
-                             f"got {self.train_encoder!r}") from None
+        object.__setattr__(self, "train_encoder", train_encoder_named(self.train_encoder))
+
+
+def train_encoder_named(name: str) -> TrainEncoder:
+    """The :class:`TrainEncoder` called ``name``; one-line ValueError naming the choices."""
+    try:
+        return TrainEncoder(name)
+    except ValueError:
+        raise ValueError(f"train encoder must be one of {[e.value for e in TrainEncoder]}, got {name!r}") from None
 
 
 _config = KernelConfig()

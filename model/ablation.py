@@ -34,16 +34,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
 from transact.model.checkpoint import load_model
-from transact.model.defaults import TRAIN
 from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, train
 from transact.model.transact import BASELINES

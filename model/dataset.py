@@ -25,8 +25,8 @@ decoding is far faster than training, so on one machine this costs memory, not t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -277,9 +277,9 @@ def synthetic_rows(n_requests: int, cfg: FeatureConfig | None = None, *, per_req
     reads the sequence can beat one that does not. ``fill`` scales how full the
     segments are (1.0: uniformly 0..size valid tokens).
     """
+    from transact.data.quantization import quantize
     from transact.data.schema import ACTION_BIT, REQUESTS
     from transact.features.nn_features import SAll, s_all_to_arrow
-    from transact.data.quantization import quantize
 
     cfg = cfg or FeatureConfig()
     rng = np.random.default_rng(seed)

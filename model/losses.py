@@ -50,10 +50,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transact.data.quantization import dequantize
 from transact.data.schema import POSITIVE_MASK
 from transact.features.config import SEGMENTS, FeatureConfig
 from transact.features.nn_features import valid_mask
-from transact.data.quantization import dequantize
 from transact.model.transact import Batch, ModelConfig, ModelOutput
 
 NONE: str = "none"

@@ -36,20 +36,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from transact.model import checkpoint as ckpt
 from transact.features.config import FeatureConfig
-from transact.model.defaults import TRAIN
+from transact.model import checkpoint as ckpt
 from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.defaults import TRAIN
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
-
 
 #: numeric precisions of the forward pass (``precision`` of :func:`train`)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")

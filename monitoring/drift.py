@@ -50,7 +50,9 @@ import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,7 +98,7 @@ class DriftRule:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DriftRule":
+    def from_dict(cls, d: dict) -> DriftRule:
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "match_columns" in kw:
             kw["match_columns"] = tuple(kw["match_columns"])
@@ -189,8 +191,8 @@ def build_report(heads, rule: DriftRule, scalar=SCALAR_COLUMNS):
 
 def scores_from_snapshot(snapshot_dict: dict, heads, rule: DriftRule) -> dict:
     """The rule's inputs, read back from ``snapshot.dict()``."""
-    out = {"drift_share": None, "drifted_count": None, "columns": {}, "embeddings": {}, "predictions": {},
-           "prediction_means": {}, "rows": None}
+    out: dict[str, Any] = {"drift_share": None, "drifted_count": None, "columns": {}, "embeddings": {},
+                           "predictions": {}, "prediction_means": {}, "rows": None}
     pred_cols = {f"pred_{h}": h for h in heads}
     for m in snapshot_dict.get("metrics", []):
         cfg, value = m.get("config", {}), m.get("value")
@@ -261,8 +263,8 @@ def compute_scores(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
     from evidently.metrics.embeddings import ModelDriftMethod
 
     scalar = usable_columns(reference, current, SCALAR_COLUMNS)
-    out = {"drift_share": None, "drifted_count": None, "columns": {}, "embeddings": {}, "predictions": {},
-           "prediction_means": {}, "rows": len(current)}
+    out: dict[str, Any] = {"drift_share": None, "drifted_count": None, "columns": {}, "embeddings": {},
+                           "predictions": {}, "prediction_means": {}, "rows": len(current)}
 
     def one(col: str, method: str, threshold: float, ctype) -> tuple[float, bool]:
         ref, cur = _clean(reference[col]), _clean(current[col])
@@ -292,8 +294,8 @@ def compute_scores(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
 
 def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: DriftRule | None = None, *,
                    window: str = "window", start_ts: int | None = None, end_ts: int | None = None,
-                   report: bool = True, plot_points: int = 300, html: str | None = None,
-                   json_path: str | None = None, threads: int | None = 1):
+                   report: bool = True, plot_points: int = 300, html: str | Path | None = None,
+                   json_path: str | Path | None = None, threads: int | None = 1):
     """Scores one window against the reference and applies the rule.
 
     Args:
@@ -351,7 +353,7 @@ def _run_report(reference, current, heads, rule, window, start_ts, end_ts, plot_
     cols = scalar + [c for v in EMBEDDINGS.values() for c in v] + [f"pred_{h}" for h in heads]
     ref_ds = Dataset.from_pandas(reference[cols].reset_index(drop=True), data_definition=definition)
     cur_ds = Dataset.from_pandas(current[cols].reset_index(drop=True), data_definition=definition)
-    stamp = datetime.fromtimestamp(end_ts / 1000, tz=timezone.utc).replace(tzinfo=None)
+    stamp = datetime.fromtimestamp(end_ts / 1000, tz=UTC).replace(tzinfo=None)
     with _embedding_plot_points(plot_points):
         return build_report(heads, rule, scalar).run(
             cur_ds, ref_ds, timestamp=stamp, name=window,
@@ -370,6 +372,6 @@ def split_windows(frame: pd.DataFrame, window_hours: float) -> list[tuple[str, i
     out = []
     for k in np.unique(idx):
         start = int(k) * w
-        name = datetime.fromtimestamp(start / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+        name = datetime.fromtimestamp(start / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%MZ")
         out.append((name, start, start + w, frame[idx == k]))
     return out

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from transact.data.quantization import STEP, dequantize
 from transact.data.schema import ACTION_BIT, EMB_DIM, EXPLICIT_ACTIONS, SURFACES
 from transact.features.config import SEGMENTS, FeatureConfig
-from transact.data.quantization import STEP, dequantize
 
 SEGMENT_COLUMNS: tuple[str, ...] = tuple(f"len_{s}" for s in SEGMENTS)
 ACTION_COLUMNS: tuple[str, ...] = tuple(f"act_{a}" for a in EXPLICIT_ACTIONS)
@@ -167,9 +167,9 @@ def add_predictions(frame: pd.DataFrame, table: pa.Table, model_dir: str | Path,
     training reference, which has no logged predictions)."""
     import torch
 
+    from transact.features.nn_features import arrow_to_s_all
     from transact.model.checkpoint import load_model
     from transact.model.metrics import DEFAULT_SCORE_WEIGHTS, ranking_score
-    from transact.features.nn_features import arrow_to_s_all
     from transact.model.transact import Batch
 
     model = load_model(model_dir, "cpu")

@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 HOUR_MS = 3_600_000
 ACTIONS = ("retrain", "cooldown", "retrain_failed", "dry_run", "none", "insufficient_data")
@@ -142,7 +142,7 @@ class RetrainTrigger:
             "window": r["window"], "start_ts": int(r["start_ts"]), "end_ts": int(r["end_ts"]),
             "rows": int(r["rows"]), "drift": bool(r["drift"]), "reasons": list(r.get("reasons", [])),
             "scores": r.get("scores", {}), "report": report or r.get("report_html"),
-            "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "retrain": None,
+            "decided_at": datetime.now(UTC).isoformat(timespec="seconds"), "retrain": None,
         }
         insufficient = any(x.startswith("insufficient data") for x in record["reasons"])
         if not record["drift"]:
@@ -172,6 +172,7 @@ class RetrainTrigger:
 
     def _run(self, context: dict) -> dict:
         if self.mode == "cluster":
+            assert self.kfp_host  # __post_init__ refuses mode "cluster" without a host
             return cluster_retrain(self.kfp_host, self.pipeline_params, context)
         fn = self.retrain or (lambda ctx: local_pipeline_retrain(ctx, self.run_root, self.pipeline_params))
         return fn(context)

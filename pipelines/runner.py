@@ -205,8 +205,10 @@ def redirected(path: Path, fds: bool = True) -> Iterator[None]:
         stack.enter_context(contextlib.redirect_stdout(f))
         stack.enter_context(contextlib.redirect_stderr(f))
         stack.enter_context(warnings.catch_warnings())
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: f.write(
-            warnings.formatwarning(message, category, filename, lineno, line))
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            f.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        warnings.showwarning = show
         yield
 
 
@@ -455,8 +457,13 @@ def _is_json(data: bytes) -> bool:
 
 def _no_answer(e: Exception, timeout: float) -> str:
     """Why a connection failed, in a few words (urllib3 nests the cause in long reprs)."""
-    from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError, SSLError
-    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+    from urllib3.exceptions import (
+        MaxRetryError,
+        NameResolutionError,
+        NewConnectionError,
+        SSLError,
+        TimeoutError as Urllib3Timeout,
+    )
 
     cause = e.reason if isinstance(e, MaxRetryError) and e.reason else e
     if isinstance(cause, NameResolutionError):

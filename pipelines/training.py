@@ -15,9 +15,19 @@ from dataclasses import dataclass
 from kfp import dsl
 
 from transact.components.kfp_components import (
-    BASE_IMAGE, TRAIN, evaluate_op, features_op, gate_op, ingest_op, log_nn_op, package_op, train_op, trainjob_op,
+    BASE_IMAGE,
+    TRAIN,
+    evaluate_op,
+    features_op,
+    gate_op,
+    ingest_op,
+    log_nn_op,
+    package_op,
+    train_op,
+    trainjob_op,
     validate_op,
 )
+
 
 @dataclass(frozen=True)
 class Defaults:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from transact.data import schema as S
-from transact.model.encoder import make_encoder
 from transact.data.quantization import quantize
+from transact.model.encoder import make_encoder
 
 #: Kernel parity tests: CPU runs the Triton interpreter, CUDA the compiled kernel.
 #: ``TRITON_INTERPRET=0 pytest tests/kernels/`` on a GPU machine runs the CUDA

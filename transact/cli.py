@@ -41,7 +41,7 @@ def _main(
         from transact.kernels import dispatch
 
         try:
-            dispatch.configure(dispatch.KernelConfig(triton=triton, train_encoder=train_encoder))
+            dispatch.configure(dispatch.KernelConfig(triton=triton, train_encoder=dispatch.train_encoder_named(train_encoder)))
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--train-encoder") from None
 

@@ -267,8 +267,8 @@ def corrupt(world_dir: str | os.PathLike, kind: str, seed: int = 0,
         touched = m
     elif kind == "mixed_request":
         rid = t.column("request_id").to_numpy()
-        sizes = np.unique(rid, return_counts=True)
-        target = sizes[0][np.argmax(sizes[1] >= 2)]
+        ids, counts = np.unique(rid, return_counts=True)
+        target = ids[np.argmax(counts >= 2)]
         where = np.flatnonzero(rid == target)
         v = t.column("user_id").to_numpy().copy()
         v[where[len(where) // 2:]] = v.max() + 11
@@ -399,8 +399,9 @@ def corrupt_rows(rows_path: str | os.PathLike, kind: str, seed: int = 0,
                  out: str | os.PathLike | None = None) -> dict:
     """Injects ``kind`` (see :data:`ROW_KINDS`) into an NN-feature row file (in place, or
     into a copy at ``out``), keeping its metadata (the feature config)."""
-    from transact.features.config import FeatureConfig
     import json
+
+    from transact.features.config import FeatureConfig
 
     if kind not in ROW_KINDS:
         raise ValueError(f"unknown row corruption kind {kind!r}; valid: {', '.join(ROW_KINDS)}")

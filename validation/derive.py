@@ -4,7 +4,7 @@ cross-table links): lengths, non-finite counts, max quantisation error, padding
 violations, duplicate and link flags, ..."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -312,8 +312,8 @@ def _derive_rows(table: pa.Table, cfg, known_items: np.ndarray | None) -> pd.Dat
         "cand_emb_q_absmax", "tok_emb_q_absmax", "pad_emb_nonzero", "pad_action_nonzero",
         "pad_surface_nonzero", "pad_age_not_pad", "valid_age_negative", "valid_action_bad",
         "valid_surface_bad")}
-    for seg in SEGMENTS:
-        derived[f"seg_len_{seg}"] = np.full(n, np.nan)
+    for segment in SEGMENTS:
+        derived[f"seg_len_{segment}"] = np.full(n, np.nan)
     ok = np.ones(n, bool)
     for c, w in widths.items():
         ok &= lens[c] == w

@@ -91,6 +91,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
             rows_in[name] = _parquet_rows(path)
             failures.append(Failure(f"world: {name} table is readable", name, "table readable",
                                     {"path": str(path)}, gx=False, exception=f"{type(e).__name__}: {e}"))
+    assert b.manifest is not None  # a world batch has one: open_batch refuses a folder without it
     failures += _manifest_failures(world, b.manifest)
 
     known = None
@@ -104,6 +105,7 @@ def validate_world(world_dir: str | os.PathLike, quarantine_dir: str | os.PathLi
     for name in WORLD_TABLES:
         if name not in tables:
             continue
+        assert gxr is not None  # made whenever a table was read
         t = time.perf_counter()
         df = derive_frame(name, tables[name], known, others=tables, params=params)
         frames[name] = df

@@ -4,8 +4,9 @@ expectation with a stable human-readable name in ``meta["name"]`` (also its
 reports, ``CAUGHT_BY`` and tests use these names."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 

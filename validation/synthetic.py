@@ -49,7 +49,8 @@ def synthetic_world(out: str | os.PathLike, n_items: int = 200_000, n_actions: i
     requests = pa.table({**common, **labels}, schema=S.REQUESTS)
     # Every label's engagement is in the action log, a second after its request; the rest
     # of the log is background activity.
-    bits = sum(labels[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS)
+    bits = sum((labels[f"label_{a}"].astype(np.uint8) * np.uint8(S.ACTION_BIT[a]) for a in S.EXPLICIT_ACTIONS),
+               np.zeros(n, np.uint8))
     eng = np.flatnonzero(bits)
     n_bg = max(0, n_actions - len(eng))
     actions = pa.table({

@@ -13,8 +13,8 @@ sequence is the 8-byte header, never an empty value (Feast mishandles empty arra
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ import torch
 from transact.data import schema as S
 from transact.features.nn_features import JaggedSequences
 from transact.features.sequences import IMP_LOOKBACK
-
 
 MAGIC = b"TQ"
 VERSION = 1
@@ -106,22 +105,21 @@ def decode_tokens(blobs: Sequence[bytes | None], cap: int | None = None) -> Toke
         lens = np.minimum(lens, cap)
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
-    fields = {"ts": (np.int64, ()), "emb_q": (np.int8, (S.EMB_DIM,)), "action": (np.uint8, ()),
-              "surface": (np.int8, ()), "item_id": (np.int64, ()), "engaged": (np.uint8, ())}
     got = {k for p in parts if p is not None for k in p}
-    cols = {}
-    for name, (dtype, shape) in fields.items():
-        if name not in got and name in ("item_id", "engaged"):
-            cols[name] = None
-            continue
+
+    def column(name: str, dtype: type, shape: tuple[int, ...] = ()) -> np.ndarray:
         chunks = []
         for p, n in zip(parts, lens):
-            if n:
+            if n and p is not None:  # n > 0 only where the user has a blob
                 if name not in p:
                     raise ValueError(f"token blobs mix layouts: some lack {name}")
                 chunks.append(p[name][:n])
-        cols[name] = (np.concatenate(chunks) if chunks else np.zeros((0, *shape), dtype=dtype))
-    return Tokens(offsets=offsets, **cols)
+        return np.concatenate(chunks) if chunks else np.zeros((0, *shape), dtype=dtype)
+
+    return Tokens(ts=column("ts", np.int64), emb_q=column("emb_q", np.int8, (S.EMB_DIM,)),
+                  action=column("action", np.uint8), surface=column("surface", np.int8), offsets=offsets,
+                  item_id=column("item_id", np.int64) if "item_id" in got else None,
+                  engaged=column("engaged", np.uint8) if "engaged" in got else None)
 
 
 def encode_rows(tok: Tokens) -> list[bytes]:

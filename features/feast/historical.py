@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +13,24 @@ import pyarrow.parquet as pq
 
 from transact.data import schema as S
 from transact.data.io import SchemaError, table_path
-from transact.features.feast.codec import decode_tokens, derive_imp, empty_tokens
-from transact.features.feast.store import (IMP_VIEW, INDEX_VIEWS, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, LL_VIEW,
-                                     OFFLINE_DIRS, RT_VIEW, TS_COL, USER_KEY, VIEW_FEATURES, as_store,
-                                     read_manifest)
 from transact.features.config import FeatureConfig
 from transact.features.event_order import dense_rank, group_offsets, search_in_groups
+from transact.features.feast.codec import decode_tokens, derive_imp, empty_tokens
+from transact.features.feast.store import (
+    IMP_VIEW,
+    INDEX_VIEWS,
+    ITEM_FEATURE,
+    ITEM_KEY,
+    ITEM_VIEW,
+    LL_VIEW,
+    OFFLINE_DIRS,
+    RT_VIEW,
+    TS_COL,
+    USER_KEY,
+    VIEW_FEATURES,
+    as_store,
+    read_manifest,
+)
 from transact.features.nn_features import JaggedSequences
 
 
@@ -35,7 +47,8 @@ class _Payload:
             t = pf.read(columns=[USER_KEY, TS_COL])
             us.append(t.column(USER_KEY).to_numpy())
             ts.append(t.column(TS_COL).cast(pa.int64()).to_numpy() // 1000)
-            fid.append(np.full(t.num_rows, f_id)), row.append(np.arange(t.num_rows))
+            fid.append(np.full(t.num_rows, f_id))
+            row.append(np.arange(t.num_rows))
             self.rg_starts.append(np.cumsum([0] + [pf.metadata.row_group(i).num_rows
                                                    for i in range(pf.num_row_groups)]))
         u, t, self.fid, self.row = (np.concatenate(x) if x else np.zeros(0, np.int64)
@@ -164,7 +177,9 @@ class HistoricalSequences:
             return [[None if x is None else bytes(x) for x in col] for col in vals]
         asofs = self._historical(USER_KEY, users, ts_ms,
                                  [f"{INDEX_VIEWS[v][0]}:{INDEX_VIEWS[v][1]}" for v in views])
-        return [self._payload[v].get(users, [None if a is None else int(a) for a in col])
+        payloads = self._payload
+        assert payloads is not None  # payload="index" reads its payload files
+        return [payloads[v].get(users, [None if a is None else int(a) for a in col])
                 for v, col in zip(views, asofs)]
 
     def _fetch(self, users: np.ndarray, ts: np.ndarray) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +14,22 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from transact.features.feast.codec import lengths_of
-from transact.features.feast.store import (EPOCH, IMP_VIEW, ITEM_FEATURE, ITEM_KEY, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW,
-                                     OFFLINE_DIRS, RT_VIEW, TS_COL, USER_KEY, VIEW_FEATURES, as_store,
-                                     read_manifest)
+from transact.features.feast.store import (
+    EPOCH,
+    IMP_VIEW,
+    ITEM_FEATURE,
+    ITEM_KEY,
+    ITEM_VIEW,
+    ITEMS_TS_MS,
+    LL_VIEW,
+    OFFLINE_DIRS,
+    RT_VIEW,
+    TS_COL,
+    USER_KEY,
+    VIEW_FEATURES,
+    as_store,
+    read_manifest,
+)
 
 
 def _dt(ms: int) -> datetime:
@@ -41,7 +55,10 @@ def _latest_rows(files: list[Path], key: str, start_us: int, end_us: int):
         t = pq.read_table(f, columns=[key, TS_COL])
         k = t.column(key).to_numpy()
         ts = t.column(TS_COL).cast(pa.int64()).to_numpy()
-        keys.append(k), tss.append(ts), fids.append(np.full(len(k), f_id)), rows.append(np.arange(len(k)))
+        keys.append(k)
+        tss.append(ts)
+        fids.append(np.full(len(k), f_id))
+        rows.append(np.arange(len(k)))
     if not keys:
         return {}
     k, ts, fid, row = (np.concatenate(x) for x in (keys, tss, fids, rows))
@@ -81,7 +98,7 @@ def materialize(store_or_repo, end_ms: int | None = None, start_ms: int | None =
     start_ms = int(ITEMS_TS_MS if start_ms is None else start_ms)
     views = list(views or (ITEM_VIEW, LL_VIEW, RT_VIEW, IMP_VIEW))
     t0 = time.perf_counter()
-    out = {"engine": engine, "end_ms": end_ms, "views": {}}
+    out: dict[str, Any] = {"engine": engine, "end_ms": end_ms, "views": {}}
     if engine == "feast":
         for view in views:  # one view per call, to time each
             tv = time.perf_counter()
@@ -102,7 +119,8 @@ def materialize(store_or_repo, end_ms: int | None = None, start_ms: int | None =
         total = sum(len(v) for v in picked.values())
         n_rows = n_tokens = n_bytes = 0
         bar = tqdm(total=total, desc=f"materialize {view}", unit="row", disable=not progress)
-        batch, size = [], 0
+        batch: list[tuple] = []
+        size = 0
 
         def flush():
             nonlocal batch, size

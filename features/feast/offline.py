@@ -40,10 +40,19 @@ from tqdm.auto import tqdm
 
 from transact.data import schema as S
 from transact.data.io import read_table, table_path
-from transact.features.feast.codec import Tokens, derive_imp, encode_rows, jagged_tokens, lengths_of
-from transact.features.feast.store import (IMP_VIEW, INDEX_VIEWS, ITEM_VIEW, ITEMS_TS_MS, LL_VIEW, OFFLINE_DIRS,
-                                     RT_VIEW, VIEW_FEATURES, view_schema)
 from transact.features.config import FeatureConfig
+from transact.features.feast.codec import Tokens, derive_imp, encode_rows, jagged_tokens, lengths_of
+from transact.features.feast.store import (
+    IMP_VIEW,
+    INDEX_VIEWS,
+    ITEM_VIEW,
+    ITEMS_TS_MS,
+    LL_VIEW,
+    OFFLINE_DIRS,
+    RT_VIEW,
+    VIEW_FEATURES,
+    view_schema,
+)
 from transact.features.sequences import IMP_LOOKBACK, EventStore
 
 
@@ -61,15 +70,16 @@ class PartWriter:
         self.row_group_size, self.rows_per_file = row_group_size, rows_per_file
         folder.mkdir(parents=True, exist_ok=True)
         self._n = len(list(folder.glob("part-*.parquet")))
-        self._w = None
+        self._w: pq.ParquetWriter | None = None
         self._rows_in_file = 0
         self.rows = 0
         self.bytes = 0
 
-    def _open(self):
+    def _open(self) -> pq.ParquetWriter:
         self._tmp = self.folder / f".part-{self._n:05d}.parquet.tmp-{os.getpid()}"
         self._w = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._rows_in_file = 0
+        return self._w
 
     def _publish(self):
         if self._w is None:
@@ -82,9 +92,8 @@ class PartWriter:
         self._w = None
 
     def write(self, table: pa.Table) -> None:
-        if self._w is None:
-            self._open()
-        self._w.write_table(table.cast(self.schema), row_group_size=self.row_group_size)
+        w = self._w if self._w is not None else self._open()
+        w.write_table(table.cast(self.schema), row_group_size=self.row_group_size)
         self.rows += table.num_rows
         self._rows_in_file += table.num_rows
         if self._rows_in_file >= self.rows_per_file:
@@ -105,9 +114,9 @@ def _user_rows(view: str, users: np.ndarray, ts_ms: np.ndarray, blobs: list[byte
                lens: np.ndarray | None = None) -> pa.Table:
     """Offline / push rows of a user view (``lens``: the length feature; default T of each blob)."""
     blob, length = VIEW_FEATURES[view]
-    lens = [lengths_of(b) for b in blobs] if lens is None else np.asarray(lens, np.int32)
+    n_tokens = [lengths_of(b) for b in blobs] if lens is None else np.asarray(lens, np.int32)
     return pa.table([pa.array(users, pa.int64()), _ts_array(ts_ms), pa.array(blobs, pa.binary()),
-                     pa.array(lens, pa.int32())], schema=view_schema(view))
+                     pa.array(n_tokens, pa.int32())], schema=view_schema(view))
 
 
 def write_user_rows(writers: dict, view: str, users, ts_ms, blobs: list[bytes], lens=None) -> None:
@@ -176,7 +185,7 @@ def write_offline(world: str | Path, repo: str | Path, cfg: FeatureConfig | None
     until = int(until_ms) if until_ms is not None else last
     if since_ms is None:
         req = Path(table_path(world, "requests"))
-        req_ts = pq.read_table(req, columns=["ts"]).column("ts").to_numpy() if req.exists() else []
+        req_ts = pq.read_table(req, columns=["ts"]).column("ts").to_numpy() if req.exists() else np.zeros(0, np.int64)
         since_ms = (int(req_ts.min()) if len(req_ts) else
                     min([int(t.min()) for t in (a_ts, i_ts) if len(t)], default=0))
     r = cfg.ll_refresh_ms

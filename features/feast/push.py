@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -11,13 +12,24 @@ from tqdm.auto import tqdm
 
 from transact.data import schema as S
 from transact.data.io import SchemaError
+from transact.features.config import FeatureConfig
+from transact.features.event_order import ACTION_TIES, IMPRESSION_TIES, event_order
 from transact.features.feast.codec import Tokens, derive_imp, encode_tokens, split_blob
 from transact.features.feast.offline import PartWriter, write_user_rows
 from transact.features.feast.online import OnlineSequences
-from transact.features.feast.store import (IMP_PUSH, IMP_VIEW, INDEX_VIEWS, OFFLINE_DIRS, RT_PUSH, RT_VIEW, TS_COL,
-                                     USER_KEY, VIEW_FEATURES, as_store, read_manifest)
-from transact.features.config import FeatureConfig
-from transact.features.event_order import ACTION_TIES, IMPRESSION_TIES, event_order
+from transact.features.feast.store import (
+    IMP_PUSH,
+    IMP_VIEW,
+    INDEX_VIEWS,
+    OFFLINE_DIRS,
+    RT_PUSH,
+    RT_VIEW,
+    TS_COL,
+    USER_KEY,
+    VIEW_FEATURES,
+    as_store,
+    read_manifest,
+)
 from transact.features.sequences import IMP_LOOKBACK
 
 
@@ -32,7 +44,7 @@ def _manifest_cfg(repo: Path, cfg: FeatureConfig | None) -> FeatureConfig:
 
 def _tokens_of(blob: bytes | None, with_extras: bool) -> dict[str, np.ndarray]:
     if blob is None:
-        d = {"ts": np.zeros(0, np.int64), "emb_q": np.zeros((0, S.EMB_DIM), np.int8),
+        d: dict[str, np.ndarray] = {"ts": np.zeros(0, np.int64), "emb_q": np.zeros((0, S.EMB_DIM), np.int8),
              "action": np.zeros(0, np.uint8), "surface": np.zeros(0, np.int8)}
         if with_extras:
             d |= {"item_id": np.zeros(0, np.int64), "engaged": np.zeros(0, np.uint8)}
@@ -70,10 +82,10 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
     placed by its timestamp (exact for the realtime sequence, approximate for impression
     engagement). The lifelong sequence is a daily batch feature: pushes do not change it.
     """
-    from feast.data_source import PushMode
-    from transact.data.io import conform
-
     import pandas as pd
+    from feast.data_source import PushMode
+
+    from transact.data.io import conform
 
     if to not in ("online", "online_and_offline"):
         raise ValueError(f"to must be 'online' or 'online_and_offline', got {to!r}")
@@ -109,8 +121,9 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
     # EventStore's total order: events of one ts reach the state in the same order as offline
     a_order = event_order(a["user_id"], a["ts"], *(a[c] for c in ACTION_TIES))
     i_order = event_order(i["user_id"], i["ts"], *(i[c] for c in IMPRESSION_TIES))
-    out = {RT_VIEW: ([], [], [], []), IMP_VIEW: ([], [], [], [])}  # users, taus, blobs, lens
-    final = {RT_VIEW: {}, IMP_VIEW: {}}
+    # per view: users, taus, blobs, lens
+    out: dict[str, tuple[list, list, list, list]] = {RT_VIEW: ([], [], [], []), IMP_VIEW: ([], [], [], [])}
+    final: dict[str, dict[int, int]] = {RT_VIEW: {}, IMP_VIEW: {}}
     for n, u in enumerate(tqdm(users, desc="push", unit="user", disable=not progress)):
         al, ah = np.searchsorted(a["user_id"][a_order], u), np.searchsorted(a["user_id"][a_order], u, "right")
         il, ih = np.searchsorted(i["user_id"][i_order], u), np.searchsorted(i["user_id"][i_order], u, "right")
@@ -126,8 +139,10 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
             if len(ga):
                 rt = _prepend(rt, {"ts": a["ts"][ga], "emb_q": emb_of(a["item_id"][ga]),
                                    "action": a["action"][ga], "surface": a["surface"][ga]}, cfg.rt_cap)
-                out[RT_VIEW][0].append(u), out[RT_VIEW][1].append(t + 1)
-                out[RT_VIEW][2].append(encode_tokens(**rt)), out[RT_VIEW][3].append(len(rt["ts"]))
+                out[RT_VIEW][0].append(u)
+                out[RT_VIEW][1].append(t + 1)
+                out[RT_VIEW][2].append(encode_tokens(**rt))
+                out[RT_VIEW][3].append(len(rt["ts"]))
             before = encode_tokens(**win)
             if len(gi):
                 win = _prepend(win, {"ts": i["ts"][gi], "emb_q": emb_of(i["item_id"][gi]),
@@ -140,14 +155,16 @@ def push_events(store_or_repo, actions: pa.Table | None = None, impressions: pa.
             blob = encode_tokens(**win)
             if blob != before:
                 tok = Tokens(offsets=np.array([0, len(win["ts"])]), **win)
-                out[IMP_VIEW][0].append(u), out[IMP_VIEW][1].append(t + 1)
-                out[IMP_VIEW][2].append(blob), out[IMP_VIEW][3].append(int(derive_imp(tok, cfg.imp_cap).offsets[-1]))
+                out[IMP_VIEW][0].append(u)
+                out[IMP_VIEW][1].append(t + 1)
+                out[IMP_VIEW][2].append(blob)
+                out[IMP_VIEW][3].append(int(derive_imp(tok, cfg.imp_cap).offsets[-1]))
         for view in (RT_VIEW, IMP_VIEW):
             us = out[view][0]
             if us and us[-1] == u:
                 final[view][int(u)] = len(us) - 1
 
-    summary = {"users": int(len(users)), "actions": int(acts.num_rows), "impressions": int(imps.num_rows),
+    summary: dict[str, Any] = {"users": int(len(users)), "actions": int(acts.num_rows), "impressions": int(imps.num_rows),
                "rows": {}, "to": to}
     for view, push_name in ((RT_VIEW, RT_PUSH), (IMP_VIEW, IMP_PUSH)):
         us, taus, blobs, lens = out[view]

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-from datetime import datetime, timezone
 import os
+import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-
 
 # --- names shared with feature_repo/definitions.py (a test checks them against the registry)
 
@@ -46,7 +45,7 @@ OFFLINE_DIRS: dict[str, str] = {ITEM_VIEW: "data/offline/items", LL_VIEW: "data/
 MANIFEST = "data/offline/manifest.json"
 REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "feature_repo"
 REDIS_ENV = "TRANSACT_REDIS"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ITEMS_TS_MS = 0  # items are static: one row each at the epoch
 
 
@@ -90,8 +89,9 @@ def open_store(repo: str | Path, yaml_file: str | Path | None = None, redis: str
     if not (repo / "feature_store.yaml").exists() and yaml_file is None:
         raise FileNotFoundError(f"{repo} is not a Feast repo (no feature_store.yaml)")
     if redis is None:
-        kw = {"fs_yaml_file": (repo / yaml_file) if yaml_file else None}
-        return FeatureStore(repo_path=str(repo), **{k: v for k, v in kw.items() if v is not None})
+        if yaml_file:
+            return FeatureStore(repo_path=str(repo), fs_yaml_file=repo / yaml_file)
+        return FeatureStore(repo_path=str(repo))
     import yaml
     from feast.repo_config import RepoConfig
 
@@ -115,6 +115,7 @@ def load_definitions(repo: str | Path) -> list:
     for path in sorted(Path(repo).glob("*.py")):
         name = f"_transact_feast_repo_{abs(hash(str(path.resolve())))}_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None  # a .py file always has a source loader
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for value in vars(module).values():

@@ -42,7 +42,7 @@ PyTorch's SDPA dispatch, not measured here (no GPU).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

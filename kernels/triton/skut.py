@@ -212,7 +212,7 @@ class PackedWeights:
 
 
 #: module -> {(dtype, device): (signature, PackedWeights)}; entries die with the module.
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def unsupported_reason(encoder: nn.TransformerEncoder) -> str | None:

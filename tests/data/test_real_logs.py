@@ -11,18 +11,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from typer.testing import CliRunner
 
 from helpers import linked, make_events, make_requests
-from transact.validation import derive_frame, validate_world
 from transact.data import schema as S
 from transact.data.adapter import _items, import_logs
-from transact.validation.corruption import CAUGHT_BY, corrupt
 from transact.data.io import SchemaError
-from transact.data.world import seal_world
 from transact.data.quantization import MAX_ERROR
+from transact.data.world import seal_world
+from transact.validation import derive_frame, validate_world
+from transact.validation.corruption import CAUGHT_BY, corrupt
 
 DAY = 86_400_000
 
@@ -81,8 +80,8 @@ def test_import_and_validation_agree_on_every_fp32_embedding(seed, scale, bounda
 def test_fp32_logs_round_trip_through_import_validate_and_log_nn(tmp_path):
     """fp32 logs -> import-logs -> validate passes -> log-nn; the same logs with every
     table's rows shuffled give byte-identical NN rows (issue 16, "done means")."""
-    from transact.features.nn_logging import log_nn_features
     from transact.features.config import FeatureConfig
+    from transact.features.nn_logging import log_nn_features
 
     tables = write_source(tmp_path / "src")
     rng = np.random.default_rng(3)
@@ -179,7 +178,7 @@ def test_validate_prints_the_time_bound_and_the_option(tmp_path):
 
 
 # ---------------------------------------------------------------------------- item 6: named faults
-@pytest.mark.parametrize("kind,column", [("string_ids", "user_id"), ("tz_timestamps", "ts")])
+@pytest.mark.parametrize(("kind", "column"), [("string_ids", "user_id"), ("tz_timestamps", "ts")])
 def test_wrong_types_name_the_column_and_the_fix(kind, column, tmp_path):
     write_source(tmp_path / "src")
     import_logs(tmp_path / "src", tmp_path / "w")

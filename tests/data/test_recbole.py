@@ -127,7 +127,7 @@ def test_cli_import_recbole(tmp_path):
     assert r.exit_code == 2 and "no folder" in r.output
 
 
-@pytest.mark.parametrize("make,message", [
+@pytest.mark.parametrize(("make", "message"), [
     (lambda src: (src / "tiny.inter").unlink(), r"tiny\.inter: no such file"),
     (lambda src: write_atomic(src, inter_header="user_id:token\titem_id:token\trating\ttimestamp:float"),
      r"tiny\.inter: header field 'rating' is not name:type"),

@@ -11,8 +11,8 @@ import pytest
 
 from transact.data import simulator as sim
 from transact.data.io import table_path
-from transact.data.schema import ACTION_BIT, EXPLICIT_ACTIONS, LABEL_COLUMNS, TABLES
 from transact.data.quantization import quantize
+from transact.data.schema import ACTION_BIT, EXPLICIT_ACTIONS, LABEL_COLUMNS, TABLES
 from transact.data.simulator import (
     DAY_MS,
     DriftConfig,
@@ -60,14 +60,14 @@ def test_profiles_and_unknown_name():
     {"user_ids": (3, 1)}, {"w_long": (1.0,)},
 ])
 def test_config_validation(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^WorldConfig: "):
         replace(TINY, **bad)
 
 
 def test_drift_validation():
     with pytest.raises(ValueError, match="kind"):
         DriftConfig(kind="sideways")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
         DriftConfig(kind="new_items", strength=2.0)
 
 

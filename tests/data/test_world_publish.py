@@ -137,7 +137,7 @@ def bad_world(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, where", [("quarantine-reported", "batch"), ("quarantine-moved", "quarantine")])
+@pytest.mark.parametrize(("fault", "where"), [("quarantine-reported", "batch"), ("quarantine-moved", "quarantine")])
 def test_a_quarantine_killed_midway_keeps_its_reasons(bad_world, tmp_path, fault, where):
     import shutil
 

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from helpers import make_items, write_world
-from transact.features.nn_logging import log_nn_features
 from transact.data import schema as S
 from transact.data.world import publishing
 from transact.features.config import FeatureConfig
 from transact.features.event_order import dense_rank, event_order, group_offsets, pair_ids, search_in_groups
+from transact.features.nn_logging import log_nn_features
 from transact.features.sequences import EventStore
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,12 +16,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from test_features import CFG, _world
+from helpers import FEAST_CAPS, feast_cli, feast_world
 from transact.cli import app
-from transact.features.feast.store import (EPOCH, ITEM_KEY, ITEM_SERVICE, SERVICE, USER_KEY, init_repo, open_store,
-                                     read_manifest)
+from transact.features.config import FeatureConfig
+from transact.features.feast.store import EPOCH, ITEM_KEY, ITEM_SERVICE, SERVICE, USER_KEY, init_repo, open_store, read_manifest
 
 pytestmark = pytest.mark.slow  # ~10 Feast CLI processes (each imports Feast: seconds on 2 cores)
+
+CFG = FeatureConfig(**FEAST_CAPS)
 
 CAPS = ["--ll-cap", str(CFG.ll_cap), "--rt-cap", str(CFG.rt_cap), "--imp-cap", str(CFG.imp_cap)]
 REFUSAL = "transact features materialize"
@@ -30,10 +31,8 @@ REFUSAL = "transact features materialize"
 
 def _feast(repo: Path, *args: str) -> subprocess.CompletedProcess:
     """`cd repo && feast <args>` with the project's Feast."""
-    exe = Path(sys.executable).parent / "feast"
-    exe = str(exe) if exe.exists() else shutil.which("feast") or pytest.skip("feast CLI not found")
     env = {**os.environ, "FEAST_USAGE": "False"}
-    return subprocess.run([exe, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([feast_cli(), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _transact(*args: str) -> None:
@@ -69,7 +68,7 @@ def _filled(values: dict) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     path = tmp_path_factory.mktemp("world")
-    t = _world(path)
+    t = feast_world(path)
     users = np.unique(np.concatenate([t["actions"].column("user_id").to_numpy(),
                                       t["impressions"].column("user_id").to_numpy(), [66, 123456]]))
     return path, users, t["items"].column("item_id").to_numpy()

@@ -7,13 +7,18 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from transact.data.quantization import dequantize
 from transact.data.schema import LABEL_COLUMNS
 from transact.features.config import FeatureConfig
-from transact.kernels.pytorch.nn_search import nn_search
 from transact.features.nn_features import (
-    JaggedSequences, PAD_AGE, arrow_to_s_all, build_s_all, s_all_to_arrow, valid_mask,
+    PAD_AGE,
+    JaggedSequences,
+    arrow_to_s_all,
+    build_s_all,
+    s_all_to_arrow,
+    valid_mask,
 )
-from transact.data.quantization import dequantize
+from transact.kernels.pytorch.nn_search import nn_search
 
 
 def random_jagged(rng, lens, dup=False, t_req=None):
@@ -84,7 +89,7 @@ def test_int8_dot_path_equals_the_float_path(seed, n_users, k, dup):
     cand_off = torch.from_numpy(np.concatenate([[0], np.cumsum(ncand)]).astype(np.int64))
     assert nns._is_int8_valued(cand) and nns._int8_dots_available(seq.emb_q)
     idx, score = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
-    with mock.patch.object(nns, "_int8_dots_available", lambda *_: False):
+    with mock.patch.object(nns, "_int8_dots_available", return_value=False):
         idx_f, score_f = nn_search(seq.emb_q, seq.offsets, cand, cand_off, k)
     assert torch.equal(idx, idx_f) and torch.equal(score, score_f)
     assert not nns._is_int8_valued(torch.full((1, 32), 0.5)) and not nns._is_int8_valued(torch.full((1, 32), 128.0))

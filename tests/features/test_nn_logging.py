@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from helpers import write_world
-from transact.features import nn_logging
-from transact.features.nn_logging import log_nn_features
 from transact.data.io import SchemaError
 from transact.data.world import seal_world
+from transact.features import nn_logging
 from transact.features.config import FeatureConfig
 from transact.features.nn_features import arrow_to_s_all, build_s_all
+from transact.features.nn_logging import log_nn_features
 from transact.features.sequences import EventStore
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)

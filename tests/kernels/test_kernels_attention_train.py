@@ -29,7 +29,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("seed,B,H,L,dh", [
+@pytest.mark.parametrize(("seed", "B", "H", "L", "dh"), [
     (0, 5, 2, 24, 32),  # several heads, one block
     (1, 33, 1, 16, 64),  # a full block of 32 rows and a block of 1
 ])

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from helpers import random_encoder, valid_pattern
+from transact.features.config import FeatureConfig
 from transact.kernels import dispatch
 from transact.kernels.pytorch import encoder_cpu, encoder_train
+from transact.kernels.pytorch.encoder import encoder_reference
 from transact.kernels.pytorch.encoder_cpu import encoder_forward_cpu, unsupported_reason
 from transact.kernels.pytorch.encoder_train import encoder_forward_train, train_unsupported_reason
-from transact.features.config import FeatureConfig
-from transact.kernels.pytorch.encoder import encoder_reference
 from transact.model.encoder import make_encoder
 from transact.model.transact import Batch, build_model
 

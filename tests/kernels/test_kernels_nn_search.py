@@ -18,10 +18,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from helpers import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available
-from transact.kernels import dispatch
-from transact.kernels.triton.nn_search import launch_config, nn_search_triton
-from transact.kernels.pytorch.nn_search import nn_search as reference
 from transact.data.quantization import dequantize
+from transact.kernels import dispatch
+from transact.kernels.pytorch.nn_search import nn_search as reference
+from transact.kernels.triton.nn_search import launch_config, nn_search_triton
 
 D = 32
 TOL = 1e-5  # fp32 cosine; reference and kernel sum in different orders

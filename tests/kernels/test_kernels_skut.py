@@ -22,8 +22,8 @@ from torch import nn
 
 from helpers import KERNEL_DEVICES as DEVICES, aot_compile_in_subprocess, ptxas_available, random_encoder, valid_pattern
 from transact.kernels import dispatch
-from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
 from transact.kernels.pytorch.encoder import encoder_reference
+from transact.kernels.triton.skut import cached_weights, skut_forward, unsupported_reason
 from transact.model.encoder import make_encoder
 
 #: max |SKUT - fp32 reference| per input dtype (outputs are LayerNorm'd, O(1)).
@@ -55,7 +55,7 @@ def test_matches_reference(device, seed, B, S, kind, block, mode):
 
 
 # bf16 runs on CUDA only: the Triton interpreter has no bf16.
-@pytest.mark.parametrize("device,dtype", [
+@pytest.mark.parametrize(("device", "dtype"), [
     pytest.param(d.values[0], t, marks=d.marks) for d in DEVICES for t in (torch.float16, torch.bfloat16)
     if not (t == torch.bfloat16 and d.values[0] == "cpu")])
 def test_half_precision(device, dtype):

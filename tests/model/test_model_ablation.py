@@ -7,8 +7,8 @@ import json
 import pytest
 
 from helpers import rows_with_split
-from transact.model import ablation as A
 from transact.features.config import FeatureConfig
+from transact.model import ablation as A
 from transact.model.dataset import RowDataset
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)

@@ -56,7 +56,7 @@ ABL = ["ablation", "--rows", "rows.parquet", "--out", "out", "--no-progress"]
 BENCH = ["bench", "train", "--out", "b.json"]
 
 
-@pytest.mark.parametrize("base, option, value", [
+@pytest.mark.parametrize(("base", "option", "value"), [
     (TRAIN, "--max-steps", "0"), (TRAIN, "--max-steps", "-1"), (TRAIN, "--seed", "-3"),
     (TRAIN, "--batch-size", "0"), (TRAIN, "--epochs", "0"), (TRAIN, "--lr", "0"), (TRAIN, "--lr", "nan"),
     (TRAIN, "--lr", "-0.001"), (TRAIN, "--threads", "0"), (TRAIN, "--warmup-steps", "-1"),

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from transact.features.config import FeatureConfig
+from transact.features.nn_features import arrow_to_s_all
 from transact.model.dataset import (
-    RowDataset, batches_per_epoch, default_train_end_ts, read_feature_config, table_to_batch,
+    RowDataset,
+    batches_per_epoch,
+    default_train_end_ts,
+    read_feature_config,
+    table_to_batch,
     write_synthetic_rows,
 )
-from transact.features.nn_features import arrow_to_s_all
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 
@@ -44,7 +48,7 @@ def test_feature_config_and_time_split(rows):
     assert len(tr) == int((ts < cut).sum()) and len(ev) == int((ts >= cut).sum())
     assert all((b.ts < cut).all() for b in tr.iter_batches(16))
     assert all((b.ts >= cut).all() for b in ev.iter_batches(16))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="train_end_ts is needed"):
         RowDataset(rows, "train")
 
 

@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from transact.data.quantization import dequantize
 from transact.data.schema import ACTION_BIT, LABEL_COLUMNS
 from transact.features.config import FeatureConfig
 from transact.model.losses import (
-    default_label_weights, head_weights, label_weight_matrix, nal_targets, sampled_softmax_nal,
-    total_loss, weighted_bce,
+    default_label_weights,
+    head_weights,
+    label_weight_matrix,
+    nal_targets,
+    sampled_softmax_nal,
+    total_loss,
+    weighted_bce,
 )
-from transact.data.quantization import dequantize
 from transact.model.transact import Batch, ModelConfig, ModelOutput, model_config
 
 CFG = model_config("v2")  # heads click, repin, hide; actions click, repin, hide (+ none)

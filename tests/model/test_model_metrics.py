@@ -52,7 +52,7 @@ def test_ranking_score_uses_head_weights():
     s = M.ranking_score(probs, ("click", "repin", "hide"))  # click + repin - hide
     assert s.tolist() == pytest.approx([-0.6, 0.6])
     assert M.ranking_score(probs, ("click", "repin", "hide"), {"repin": 2.0}).tolist() == pytest.approx([0.2, 0.6])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"heads the model lacks: \['save'\]"):
         M.ranking_score(probs, ("click", "repin", "hide"), {"save": 1.0})
     assert M.parse_score_weights("click=1, repin=2,hide=-0.5") == {"click": 1, "repin": 2, "hide": -0.5}
 

@@ -8,10 +8,15 @@ import torch
 
 from transact.data.schema import ACTION_BIT
 from transact.features.config import SEGMENTS, FeatureConfig
-from transact.model.dataset import synthetic_rows, table_to_batch
 from transact.features.nn_features import SAll, valid_mask
+from transact.model.dataset import synthetic_rows, table_to_batch
 from transact.model.transact import (
-    BASELINES, Batch, ModelConfig, TransActModel, build_model, model_config,
+    BASELINES,
+    Batch,
+    ModelConfig,
+    TransActModel,
+    build_model,
+    model_config,
 )
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
@@ -68,11 +73,11 @@ def test_registry_names_and_overrides():
     assert "imp_nn" not in model_config("transact_nal_imp").segments
     assert model_config("wdl").segments == ()
     assert model_config("v2", heads=("click", "closeup")).heads == ("click", "closeup")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
         model_config("nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="head 'like' has no label column"):
         ModelConfig(heads=("like",))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Next Action Loss needs the rt_recent segment"):
         ModelConfig(segments=("ll_nn",), nal="impression")  # NAL needs rt_recent
     cfg = model_config("bst")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import rows_with_split
-from transact.model.checkpoint import load_model, read_config, save_model
 from transact.features.config import FeatureConfig
+from transact.model.checkpoint import load_model, read_config, save_model
 from transact.model.dataset import table_to_batch, write_synthetic_rows
 from transact.model.train import lr_at, train
 from transact.model.transact import BASELINES, build_model

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from transact.kernels import dispatch
 from transact.features.config import FeatureConfig
+from transact.kernels import dispatch
 from transact.model.dataset import synthetic_rows, table_to_batch, write_synthetic_rows
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import Batch, TransActModel, model_config
@@ -39,7 +39,7 @@ def forward_and_grads(net: TransActModel, b: Batch, encoder: str, seed: int):
     return out, loss.detach(), grads
 
 
-@pytest.mark.parametrize("name,overrides", [
+@pytest.mark.parametrize(("name", "overrides"), [
     ("v2", {"time_window_mask": True}),  # concat fusion, NAL with impression negatives, time window
     ("v2", {"n_heads": 2, "first_k": 3}),
     ("bst", {}),  # append fusion: the candidate as the last token

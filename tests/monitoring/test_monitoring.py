@@ -54,9 +54,9 @@ def _rows(n: int = 6, seed: int = 0) -> tuple[pa.Table, FeatureConfig, object, t
 
 
 def test_features_expand_rows_into_scalar_and_embedding_columns():
+    from transact.data.quantization import STEP
     from transact.data.schema import ACTION_BIT, SURFACES
     from transact.features.nn_features import valid_mask
-    from transact.data.quantization import STEP
     from transact.monitoring.features import EMBEDDINGS, SCALAR_COLUMNS, features_frame
 
     table, cfg, s_all, cand = _rows()
@@ -220,7 +220,7 @@ def test_cluster_mode_submits_the_retrain_pipeline(tmp_path, monkeypatch):
     assert rec["action"] == "retrain" and rec["retrain"]["run_id"] == "run-123"
     assert submitted["host"] == "http://kfp.example" and submitted["name"] == "retrain"
     assert submitted["params"]["source"] == "gs://logs/latest"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a Kubeflow Pipelines host"):
         RetrainTrigger(DecisionLog(tmp_path / "e.jsonl"), mode="cluster")
 
 

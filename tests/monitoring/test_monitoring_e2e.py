@@ -28,6 +28,7 @@ DAY = 86_400_000
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
+    from helpers import bentoml_home
     from transact.components import steps
     from transact.data import schema as S
     from transact.data.io import read_table, table_path
@@ -36,7 +37,6 @@ def loop(tmp_path_factory):
     from transact.monitoring.monitor import load_current, load_reference, run_monitor
     from transact.monitoring.replay import log_rows, serve_world
     from transact.monitoring.trigger import DecisionLog, RetrainTrigger
-    from helpers import bentoml_home
     from transact.serving.served_log import attach_labels, read_served_log
 
     root = tmp_path_factory.mktemp("monitoring-e2e")
@@ -215,8 +215,8 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
 
     from typer.testing import CliRunner
 
-    from transact.cli import app
     from helpers import bentoml_home
+    from transact.cli import app
 
     root = loop["root"]
     repo = tmp_path / "feature_repo"

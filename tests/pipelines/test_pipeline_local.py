@@ -89,8 +89,8 @@ def _assert_compact_screen(screen, logs: Path) -> None:
 
 
 def test_corrupted_batch_stops_before_training(env, tmp_path):
-    from transact.validation.corruption import corrupt
     from transact.data.simulator import get_profile, simulate
+    from transact.validation.corruption import corrupt
 
     src = tmp_path / "logs"
     simulate(get_profile("tiny"), src, seed=1, progress=False)

@@ -17,16 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray  # a declared test dependency: a missing one fails the run
 
 from helpers import write_world
 from transact.data.io import SchemaError
-from transact.data.partition import (partition_of, publishing_folder, read_bucket, stable_hash,
-                                     write_buckets)
+from transact.data.partition import partition_of, publishing_folder, read_bucket, stable_hash, write_buckets
 from transact.data.world import publishing, seal_world, write_world_json
 from transact.features.config import FeatureConfig
 from transact.features.nn_logging import TRAIN_END_META, log_nn_features
-
-ray = pytest.importorskip("ray")
 
 CFG = FeatureConfig(ll_cap=50, rt_cap=10, imp_cap=8, k_ll=6, k_rt=3, r=4, k_imp=3)
 ORDER = [("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending"), ("item_id", "ascending")]
@@ -55,9 +53,14 @@ def test_buckets_round_trip_and_a_folder_appears_whole(tmp_path):
         assert sorted(back.column("v").to_pylist()) == list(range(40))
         assert not (tmp_path / "parts").exists()  # nothing visible until the end
     assert (tmp_path / "parts" / "b").is_dir()
-    with pytest.raises(RuntimeError), publishing_folder(tmp_path / "parts") as stage:
-        (stage / "new").mkdir()
-        raise RuntimeError("killed")
+
+    def killed_midway():
+        with publishing_folder(tmp_path / "parts") as stage:
+            (stage / "new").mkdir()
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        killed_midway()
     assert (tmp_path / "parts" / "b").is_dir() and not (tmp_path / "parts" / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["parts"]  # no staging left
 

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,7 +35,7 @@ TRAIN = dict(model="v2", epochs=2, batch_size=16, lr=3e-3, seed=3)
 ENV = {"OMP_NUM_THREADS": "1"}
 GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
 NS = "ml"
-NOW = datetime(2025, 1, 1, tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+NOW = datetime(2025, 1, 1, tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 #: the torch-distributed ClusterTrainingRuntime as Kubeflow Trainer installs it (the fields the SDK reads)
 RUNTIME = {

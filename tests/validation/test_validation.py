@@ -11,10 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+from transact.data import schema as S
+from transact.data.io import table_path
+from transact.data.quantization import MAX_ERROR, quantize
+from transact.features.config import FeatureConfig
 from transact.validation import (
     PROFILE_JSON,
     REPORT_MD,
@@ -27,7 +30,6 @@ from transact.validation import (
     validate_rows,
     validate_world,
 )
-from transact.data import schema as S
 from transact.validation.corruption import (
     CAUGHT_BY,
     KINDS,
@@ -37,9 +39,6 @@ from transact.validation.corruption import (
     corrupt,
     corrupt_rows,
 )
-from transact.data.io import table_path
-from transact.features.config import FeatureConfig
-from transact.data.quantization import MAX_ERROR, quantize
 
 SMALL_CFG = FeatureConfig(ll_cap=256, rt_cap=32, imp_cap=32, k_ll=16, k_rt=8, r=8, k_imp=8)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
@@ -19,9 +19,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/world"), help="Output folder for the parquet tables."),
         drift: str = typer.Option("none", help="Drift to inject: none | interest_shift | new_items."),
         drift_strength: float = typer.Option(1.0, help="Drift strength in [0, 1]."),
-        drift_start_day: Optional[int] = typer.Option(None, help="Day the drift starts "
+        drift_start_day: int | None = typer.Option(None, help="Day the drift starts "
                                                                "(default: the profile's evaluation window)."),
-        max_users: Optional[int] = typer.Option(None, help="Simulate only the first N users."),
+        max_users: int | None = typer.Option(None, help="Simulate only the first N users."),
         set_: list[str] = typer.Option([], "--set", help="Override a WorldConfig field, e.g. --set interests_mean=6 "
                                                          "--set dormant_frac=0.5 (repeatable; recorded in world.json)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -37,7 +37,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             cfg = replace(cfg, n_users=max_users)
         drift_cfg = None
         if drift != "none":
-            kw = {"kind": drift, "strength": drift_strength}
+            kw: dict[str, Any] = {"kind": drift, "strength": drift_strength}
             if drift_start_day is not None:
                 kw["start_day"] = drift_start_day
             drift_cfg = DriftConfig(**kw)
@@ -51,10 +51,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Folder with items/actions/impressions/requests (.parquet or .csv)."),
         out: Path = typer.Option(Path("runs/world"), help="Output world folder."),
         eval_fraction: float = typer.Option(0.2, help="Share of the latest requests kept for evaluation."),
-        min_ts: Optional[str] = typer.Option(None, help="No event is older than this (ISO date or epoch ms); "
+        min_ts: str | None = typer.Option(None, help="No event is older than this (ISO date or epoch ms); "
                                                         "recorded in world.json, validation's lower time bound "
                                                         "[default: the source's world.json, else 2010-01-01]."),
-        label_window_ms: Optional[int] = typer.Option(None, help="A label's engagement is logged at most this long "
+        label_window_ms: int | None = typer.Option(None, help="A label's engagement is logged at most this long "
                                                                  "after its request (ms); recorded in world.json "
                                                                  "[default: the source's world.json, else 1 h]."),
     ) -> None:
@@ -73,13 +73,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="RecBole atomic-file folder (<name>.inter, optional .item/.user), "
                                              "or the .inter file."),
         out: Path = typer.Option(Path("runs/world"), help="Output world folder."),
-        name: Optional[str] = typer.Option(None, help="Data set name, the files' stem (default: the folder's name)."),
+        name: str | None = typer.Option(None, help="Data set name, the files' stem (default: the folder's name)."),
         request_days: float = typer.Option(30, help="Requests for the interactions of the last N days "
                                                     "(0: every interaction)."),
         negatives: int = typer.Option(20, help="Sampled negatives per request (point in time)."),
         eval_fraction: float = typer.Option(0.2, help="Share of the latest requests kept for evaluation."),
         seed: int = typer.Option(0, help="Same seed, same requests and positions."),
-        max_users: Optional[int] = typer.Option(None, help="Keep only the first N users (by id)."),
+        max_users: int | None = typer.Option(None, help="Keep only the first N users (by id)."),
         pos_rating: float = typer.Option(4.0, help="rating >= this: click|repin."),
         hide_rating: float = typer.Option(2.0, help="rating <= this: hide (between: click)."),
     ) -> None:
@@ -109,18 +109,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def log_nn(
         world: Path = typer.Option(Path("runs/world"), help="World folder (simulated or imported)."),
-        out: Optional[Path] = typer.Option(None, help="Row file, or folder of parts with --engine ray "
+        out: Path | None = typer.Option(None, help="Row file, or folder of parts with --engine ray "
                                                       "(default: <world>/nn_rows.parquet, <world>/nn_rows)."),
         batch_requests: int = typer.Option(256, help="Requests per de-duplicated batch."),
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
-        feature_config: Optional[str] = typer.Option(None, help="The whole feature contract as JSON "
+        feature_config: str | None = typer.Option(None, help="The whole feature contract as JSON "
                                                                 "(FeatureConfig fields); overrides --ll-cap."),
         engine: str = typer.Option("local", help="local: one process, one file | ray: users partitioned "
                                                  "by a stable hash, one Ray task per part (docs/scale-out.md)."),
-        address: Optional[str] = typer.Option(None, help="Ray cluster (--engine ray): auto | host:port | "
+        address: str | None = typer.Option(None, help="Ray cluster (--engine ray): auto | host:port | "
                                                          "http://head:8265 (submitted as a Ray job) "
                                                          "(default: the job's cluster, else a local Ray)."),
-        partitions: Optional[int] = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
+        partitions: int | None = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Build the NN-feature training rows (one per request x candidate)."""
@@ -141,8 +141,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         world: Path = typer.Option(Path("runs/world"), help="World whose requests table holds the labels."),
         out: Path = typer.Option(..., help="Training rows: a file, or a folder of parts with --engine ray."),
         engine: str = typer.Option("local", help="local: joined in memory | ray: parts by request_id on Ray."),
-        address: Optional[str] = typer.Option(None, help="Ray cluster (--engine ray) (default: a local Ray)."),
-        partitions: Optional[int] = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
+        address: str | None = typer.Option(None, help="Ray cluster (--engine ray) (default: a local Ray)."),
+        partitions: int | None = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
     ) -> None:
         """Served NN-feature log + labels -> training rows (the offline rows' layout)."""
         from transact.components.ray_engine import attach_labels_local, attach_labels_ray, ray_session
@@ -164,7 +164,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         workers: str = typer.Option("1,2", help="Ray worker counts (comma-separated)."),
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
         work_dir: Path = typer.Option(Path("runs/bench-scale"), help="Worlds and rows (kept for re-runs)."),
-        out: Optional[Path] = typer.Option(None, help="JSON result path (default: bench/results/scale-<device>.json)."),
+        out: Path | None = typer.Option(None, help="JSON result path (default: bench/results/scale-<device>.json)."),
     ) -> None:
         """NN-logging throughput and peak RSS per worker: local vs Ray, worlds of growing size."""
         from transact.bench.report import default_output, write_json
@@ -180,7 +180,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_storage_cmd(
         examples: int = typer.Option(64, help="Examples written each way."),
         ll_cap: int = typer.Option(16_384, help="L_LL of the full sequences."),
-        world: Optional[Path] = typer.Option(None, help="Draw token embeddings from this world's items."),
+        world: Path | None = typer.Option(None, help="Draw token embeddings from this world's items."),
         out: Path = typer.Option(Path("bench/results/storage.json"), help="JSON result path."),
     ) -> None:
         """Bytes per training example: logged NN features vs full sequences."""

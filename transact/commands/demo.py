@@ -15,7 +15,6 @@ import typer
 
 from transact.commands._common import fail_on_user_error
 
-
 #: Optimiser steps of the demo's training run: a time budget for 2 CPU cores; the
 #: learning-rate schedule is laid over it (see ``train(step_budget=...)``).
 DEMO_STEPS = 200

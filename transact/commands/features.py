@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,7 +15,7 @@ ONLINE_HELP = ("Online store: sqlite (feature_store.yaml) or redis (feature_stor
                "server from --redis or $TRANSACT_REDIS).")
 
 
-def _store(repo: Path, online: str, redis: Optional[str]):
+def _store(repo: Path, online: str, redis: str | None):
     from transact.features.feast.store import REDIS_ENV, open_store
 
     if online == "sqlite":
@@ -27,7 +26,7 @@ def _store(repo: Path, online: str, redis: Optional[str]):
     return open_store(repo, "feature_store.redis.yaml", redis=redis or os.environ.get(REDIS_ENV) or "localhost:6379")
 
 
-def _cfg(ll_cap: Optional[int], rt_cap: Optional[int], imp_cap: Optional[int]):
+def _cfg(ll_cap: int | None, rt_cap: int | None, imp_cap: int | None):
     from transact.features.config import FeatureConfig
 
     kw = {k: v for k, v in (("ll_cap", ll_cap), ("rt_cap", rt_cap), ("imp_cap", imp_cap)) if v is not None}
@@ -45,15 +44,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def apply_cmd(
         repo: Path = typer.Option(Path("feature_repo"), help=REPO_HELP),
-        world: Optional[Path] = typer.Option(None, help="Write this world's events into the offline sources first."),
+        world: Path | None = typer.Option(None, help="Write this world's events into the offline sources first."),
         online: str = typer.Option("sqlite", help=ONLINE_HELP),
-        redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
-        since_ms: Optional[int] = typer.Option(None, help="First instant training reads must serve "
+        redis: str | None = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
+        since_ms: int | None = typer.Option(None, help="First instant training reads must serve "
                                                         "(default: the first request)."),
-        until_ms: Optional[int] = typer.Option(None, help="Leave out events at or after this instant (ms)."),
-        ll_cap: Optional[int] = typer.Option(None, help="L_LL (default 16384)."),
-        rt_cap: Optional[int] = typer.Option(None, help="L_RT (default 100)."),
-        imp_cap: Optional[int] = typer.Option(None, help="L_imp (default 100)."),
+        until_ms: int | None = typer.Option(None, help="Leave out events at or after this instant (ms)."),
+        ll_cap: int | None = typer.Option(None, help="L_LL (default 16384)."),
+        rt_cap: int | None = typer.Option(None, help="L_RT (default 100)."),
+        imp_cap: int | None = typer.Option(None, help="L_imp (default 100)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         """Write a world's events into the offline sources (with --world), then `feast apply`."""
@@ -78,8 +77,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def materialize_cmd(
         repo: Path = typer.Option(Path("feature_repo"), help=REPO_HELP),
         online: str = typer.Option("sqlite", help=ONLINE_HELP),
-        redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
-        end_ms: Optional[int] = typer.Option(None, help="Materialise the state at this instant (default: the sources' end)."),
+        redis: str | None = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
+        end_ms: int | None = typer.Option(None, help="Materialise the state at this instant (default: the sources' end)."),
         engine: str = typer.Option("direct", help="direct (streamed, bounded memory) | feast (FeatureStore.materialize)."),
         batch_rows: int = typer.Option(2048, help="Entities per online write (direct engine; also capped at 32 MiB)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
@@ -97,16 +96,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def push_cmd(
         repo: Path = typer.Option(Path("feature_repo"), help=REPO_HELP),
-        actions: Optional[Path] = typer.Option(None, help="New explicit actions (parquet, actions schema)."),
-        impressions: Optional[Path] = typer.Option(None, help="New impressions (parquet, impressions schema)."),
+        actions: Path | None = typer.Option(None, help="New explicit actions (parquet, actions schema)."),
+        impressions: Path | None = typer.Option(None, help="New impressions (parquet, impressions schema)."),
         online: str = typer.Option("sqlite", help=ONLINE_HELP),
-        redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
+        redis: str | None = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
         offline: bool = typer.Option(False, help="Also append the new states to the offline sources."),
     ) -> None:
         """Push new events into the realtime and impression features (online store)."""
-        from transact.features.feast.push import push_events
         from transact.data import schema as S
         from transact.data.io import read_table
+        from transact.features.feast.push import push_events
 
         if actions is None and impressions is None:
             raise ValueError("give --actions and/or --impressions")
@@ -121,7 +120,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         user_id: list[int] = typer.Argument(..., help="User ids."),
         repo: Path = typer.Option(Path("feature_repo"), help=REPO_HELP),
         online: str = typer.Option("sqlite", help=ONLINE_HELP),
-        redis: Optional[str] = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
+        redis: str | None = typer.Option(None, help="Redis host:port[,db=N,password=...]."),
     ) -> None:
         """Print users' online sequences (lengths and newest token times)."""
         from transact.features.feast.online import OnlineSequences
@@ -139,13 +138,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def bench_features_cmd(
         world: Path = typer.Option(Path("runs/world"), help="World folder (demo or bench profile)."),
-        max_users: Optional[int] = typer.Option(None, help="Only the N users with the most actions."),
+        max_users: int | None = typer.Option(None, help="Only the N users with the most actions."),
         online: str = typer.Option("sqlite,redis", help="Online stores to measure, comma-separated."),
-        redis: Optional[str] = typer.Option(None, help="Redis host:port (default: start a local redis-server)."),
+        redis: str | None = typer.Option(None, help="Redis host:port (default: start a local redis-server)."),
         engines: str = typer.Option("direct,feast", help="Materialisation engines, comma-separated."),
         reads: int = typer.Option(300, help="Online reads timed per store."),
         ll_cap: int = typer.Option(16_384, help="L_LL."),
-        workdir: Optional[Path] = typer.Option(None, help="Keep the benchmark repos here (default: a temp dir)."),
+        workdir: Path | None = typer.Option(None, help="Keep the benchmark repos here (default: a temp dir)."),
         out: Path = typer.Option(Path("bench/results/features.json"), help="JSON result path."),
         progress: bool = typer.Option(False, help="Show progress bars."),
     ) -> None:

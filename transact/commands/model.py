@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,8 +10,8 @@ from transact.commands._common import fail_on_user_error
 from transact.model.defaults import TRAIN
 
 
-def _overrides(time_window_mask: bool, nal_weight: Optional[float], first_k: Optional[int],
-               heads: Optional[str], model_json: Optional[str]) -> dict:
+def _overrides(time_window_mask: bool, nal_weight: float | None, first_k: int | None,
+               heads: str | None, model_json: str | None) -> dict:
     ov: dict = json.loads(model_json) if model_json else {}
     if time_window_mask:
         ov["time_window_mask"] = True
@@ -25,7 +24,7 @@ def _overrides(time_window_mask: bool, nal_weight: Optional[float], first_k: Opt
     return ov
 
 
-def _fmt(x: Optional[float]) -> str:
+def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
@@ -60,18 +59,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         batch_size: int = typer.Option(TRAIN.batch_size, help="Examples per step and per process."),
         lr: float = typer.Option(TRAIN.lr, help="Peak learning rate (Adam, warm-up + cosine)."),
         seed: int = typer.Option(TRAIN.seed, help="Same seed, same model."),
-        train_end_ts: Optional[int] = typer.Option(None, help="Train on ts < this (ms); default: world.json next to the rows."),
-        warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 5% of all)."),
-        max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (checkpointed)."),
+        train_end_ts: int | None = typer.Option(None, help="Train on ts < this (ms); default: world.json next to the rows."),
+        warmup_steps: int | None = typer.Option(None, help="Warm-up steps (default 5% of all)."),
+        max_steps: int | None = typer.Option(None, help="Stop after this many steps (checkpointed)."),
         ckpt_every: int = typer.Option(0, help="Also checkpoint every N steps (0: per epoch)."),
         resume: bool = typer.Option(True, help="Continue from the checkpoint in --out if there is one."),
-        device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: CUDA when available)."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        device: str | None = typer.Option(None, help="cpu | cuda | cuda:N (default: CUDA when available)."),
+        threads: int | None = typer.Option(None, help="torch CPU threads."),
         time_window_mask: bool = typer.Option(False, help="V1 random time-window mask in training."),
-        nal_weight: Optional[float] = typer.Option(None, help="w_NAL (default 0.01)."),
-        first_k: Optional[int] = typer.Option(None, help="V1 output compression: K most recent tokens."),
-        heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
-        model_json: Optional[str] = typer.Option(None, help="JSON of further ModelConfig fields."),
+        nal_weight: float | None = typer.Option(None, help="w_NAL (default 0.01)."),
+        first_k: int | None = typer.Option(None, help="V1 output compression: K most recent tokens."),
+        heads: str | None = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
+        model_json: str | None = typer.Option(None, help="JSON of further ModelConfig fields."),
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast: faster with AMX, not the fp32 loss curve)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
@@ -100,13 +99,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def evaluate(
         model_dir: Path = typer.Option(Path("runs/model"), help="Trained model folder."),
         rows: Path = typer.Option(..., help="NN-feature rows (the eval window is ts >= train_end_ts)."),
-        out: Optional[Path] = typer.Option(None, help="Output folder (default <model-dir>/eval)."),
-        score_weights: Optional[str] = typer.Option(None, help="Ranking score S, e.g. click=1,repin=1,hide=-1 (the default)."),
-        train_end_ts: Optional[int] = typer.Option(None, help="Eval window start (default: the model's train_end_ts)."),
-        eval_end_ts: Optional[int] = typer.Option(None, help="Eval window end (exclusive)."),
+        out: Path | None = typer.Option(None, help="Output folder (default <model-dir>/eval)."),
+        score_weights: str | None = typer.Option(None, help="Ranking score S, e.g. click=1,repin=1,hide=-1 (the default)."),
+        train_end_ts: int | None = typer.Option(None, help="Eval window start (default: the model's train_end_ts)."),
+        eval_end_ts: int | None = typer.Option(None, help="Eval window end (exclusive)."),
         n_boot: int = typer.Option(1000, help="User-bootstrap resamples for the CIs."),
         batch_size: int = typer.Option(1024, help="Scoring batch size."),
-        device: Optional[str] = typer.Option(None, help="cpu | cuda."),
+        device: str | None = typer.Option(None, help="cpu | cuda."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """HIT@3 (V2 §4.2.1), AUC and log-loss on the eval window; writes metrics.json."""
@@ -130,16 +129,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rows: Path = typer.Option(..., help="NN-feature rows."),
         out: Path = typer.Option(Path("runs/ablation"), help="Output folder (one sub-folder per model and seed)."),
         baseline: str = typer.Option("transact", help="Model the relative changes are against."),
-        models: Optional[str] = typer.Option(None, help="Comma-separated models (default: all)."),
+        models: str | None = typer.Option(None, help="Comma-separated models (default: all)."),
         seeds: int = typer.Option(1, help="Seeds per model (results averaged per user)."),
         epochs: int = typer.Option(TRAIN.epochs, help="Epochs per run."),
         batch_size: int = typer.Option(TRAIN.batch_size, help="Batch size."),
         lr: float = typer.Option(TRAIN.lr, help="Peak learning rate."),
-        train_end_ts: Optional[int] = typer.Option(None, help="Split point (default: world.json)."),
-        score_weights: Optional[str] = typer.Option(None, help="Ranking score weights."),
+        train_end_ts: int | None = typer.Option(None, help="Split point (default: world.json)."),
+        score_weights: str | None = typer.Option(None, help="Ranking score weights."),
         n_boot: int = typer.Option(1000, help="Paired bootstrap resamples."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-        max_steps: Optional[int] = typer.Option(None, help="Optimiser steps per run, same for all (epochs cycled to reach it)."),
+        threads: int | None = typer.Option(None, help="torch CPU threads."),
+        max_steps: int | None = typer.Option(None, help="Optimiser steps per run, same for all (epochs cycled to reach it)."),
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; see `transact train --help`)."),
         progress: bool = typer.Option(True, help="Progress lines and the (partial) table after every run."),
     ) -> None:
@@ -170,10 +169,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         warmup: int = typer.Option(3, help="Untimed steps per path first."),
         bf16: bool = typer.Option(False, help="Also time the new path under bf16 autocast."),
         compile: bool = typer.Option(False, "--compile", help="Also time the new path through torch.compile."),
-        device: Optional[str] = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-        out: Optional[Path] = typer.Option(None, help="JSON result path (default bench/results/train-<device>.json)."),
-        rows: Optional[Path] = typer.Option(None, help="Logged rows to draw the batch from (default: synthetic rows)."),
+        device: str | None = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
+        threads: int | None = typer.Option(None, help="torch CPU threads."),
+        out: Path | None = typer.Option(None, help="JSON result path (default bench/results/train-<device>.json)."),
+        rows: Path | None = typer.Option(None, help="Logged rows to draw the batch from (default: synthetic rows)."),
     ) -> None:
         """Training throughput: the stock encoder (old) vs the packed training path (new, fp32 and
         with --bf16), paired; FLOPs per example and the share of a GEMM peak measured in the same run."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -29,30 +28,30 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         reference: Path = typer.Option(..., help="Training reference: NN-feature rows (file or folder), "
                                                  "or a served log."),
         current: Path = typer.Option(..., help="Served log to judge (folder of served-*.parquet or a file)."),
-        model: Optional[Path] = typer.Option(None, help="Served model folder: computes the reference "
+        model: Path | None = typer.Option(None, help="Served model folder: computes the reference "
                                                         "predictions (prediction drift)."),
         out: Path = typer.Option(Path("runs/monitor"), help="Reports, decision log, summary, workspace."),
         window_hours: float = typer.Option(24.0, help="Window length (request time, epoch-aligned)."),
-        reference_start: Optional[str] = typer.Option(None, help="Reference rows from this ts (ms or ISO)."),
-        reference_end: Optional[str] = typer.Option(None, help="Reference rows before this ts (default: "
+        reference_start: str | None = typer.Option(None, help="Reference rows from this ts (ms or ISO)."),
+        reference_end: str | None = typer.Option(None, help="Reference rows before this ts (default: "
                                                                "train_end_ts of the world.json beside the rows)."),
-        current_start: Optional[str] = typer.Option(None, help="Served rows from this ts (ms or ISO)."),
-        current_end: Optional[str] = typer.Option(None, help="Served rows before this ts (ms or ISO)."),
+        current_start: str | None = typer.Option(None, help="Served rows from this ts (ms or ISO)."),
+        current_end: str | None = typer.Option(None, help="Served rows before this ts (ms or ISO)."),
         reference_max_rows: int = typer.Option(50_000, help="Sample the reference (whole requests) to this."),
-        max_window_rows: Optional[int] = typer.Option(None, help="Sample each window to this many rows."),
-        rule: Optional[Path] = typer.Option(None, help="JSON file of DriftRule thresholds to override."),
+        max_window_rows: int | None = typer.Option(None, help="Sample each window to this many rows."),
+        rule: Path | None = typer.Option(None, help="JSON file of DriftRule thresholds to override."),
         retrain: str = typer.Option("off", help="On drift: local (run the retrain pipeline here), "
                                                 "cluster (submit it to --kfp-host) or off (log only)."),
-        retrain_source: Optional[str] = typer.Option(None, help="Logs folder (generic schema) the retrain "
+        retrain_source: str | None = typer.Option(None, help="Logs folder (generic schema) the retrain "
                                                                  "pipeline trains on."),
         champion_dir: Path = typer.Option(Path("runs/champion"), help="Champion folder of the retrain pipeline."),
-        kfp_host: Optional[str] = typer.Option(None, help="Kubeflow Pipelines API for --retrain cluster."),
-        param: List[str] = typer.Option([], "--param", "-p", help="Extra retrain pipeline parameter key=value."),
+        kfp_host: str | None = typer.Option(None, help="Kubeflow Pipelines API for --retrain cluster."),
+        param: list[str] = typer.Option([], "--param", "-p", help="Extra retrain pipeline parameter key=value."),
         cooldown_hours: float = typer.Option(72.0, help="No second retrain within this many hours "
                                                         "(request time) of the last one."),
         cooldown_windows: int = typer.Option(0, help="... nor within this many windows."),
-        workspace: Optional[Path] = typer.Option(None, help="Evidently UI workspace (default <out>/workspace)."),
-        project: Optional[str] = typer.Option(None, help="Evidently UI project name."),
+        workspace: Path | None = typer.Option(None, help="Evidently UI workspace (default <out>/workspace)."),
+        project: str | None = typer.Option(None, help="Evidently UI project name."),
     ) -> None:
         """Judge served-log windows against the training reference; retrain on drift."""
         from transact.monitoring.drift import DriftRule
@@ -123,9 +122,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         seeds: str = typer.Option("10", help="Seeds: N (0..N-1), A-B, or a comma list."),
         users: int = typer.Option(300, help="Users of the tiny world (tiny has 50)."),
         fraction: float = typer.Option(0.3, help="Share of requests served/logged (sampled per request)."),
-        strength: Optional[float] = typer.Option(None, help="Drift strength (default: the simulator's 0.5)."),
+        strength: float | None = typer.Option(None, help="Drift strength (default: the simulator's 0.5)."),
         train_steps: int = typer.Option(20, help="Steps of the one small model trained for the benchmark."),
-        model: Optional[Path] = typer.Option(None, help="Use this model instead of training one."),
+        model: Path | None = typer.Option(None, help="Use this model instead of training one."),
         work: Path = typer.Option(Path("runs/bench-drift"), help="Worlds, logs and decisions."),
         out: Path = typer.Option(Path("bench/results/drift-tiny300.json"), help="JSON result path."),
     ) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -19,7 +18,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def run(
         name: str = typer.Option("training", help="training | retrain"),
         run_dir: Path = typer.Option(Path("runs/pipeline"), help="Run folder (artefacts + summary)."),
-        param: List[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
+        param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
     ) -> None:
         """Run the pipeline on this machine (kfp.local, one subprocess per step)."""
         import sys
@@ -38,7 +37,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def compile_(
         name: str = typer.Option("training", help="training | retrain"),
-        out: Optional[Path] = typer.Option(None, help="YAML path (default: build/<name>.yaml)."),
+        out: Path | None = typer.Option(None, help="YAML path (default: build/<name>.yaml)."),
     ) -> None:
         """Write the KFP IR YAML (upload it in the Kubeflow UI or with `submit`)."""
         from transact.pipelines.runner import compile_pipeline
@@ -51,11 +50,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def submit_(
         host: str = typer.Option(..., help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline"),
         name: str = typer.Option("training", help="training | retrain"),
-        param: List[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
+        param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter key=value (repeatable)."),
         experiment: str = typer.Option("transact", help="Experiment name."),
-        namespace: Optional[str] = typer.Option(None, help="Kubeflow namespace (multi-user clusters)."),
-        run_name: Optional[str] = typer.Option(None, help="Run name."),
-        token: Optional[str] = typer.Option(None, envvar="KFP_TOKEN", help="Bearer token (or $KFP_TOKEN)."),
+        namespace: str | None = typer.Option(None, help="Kubeflow namespace (multi-user clusters)."),
+        run_name: str | None = typer.Option(None, help="Run name."),
+        token: str | None = typer.Option(None, envvar="KFP_TOKEN", help="Bearer token (or $KFP_TOKEN)."),
     ) -> None:
         """Compile and submit a run to a Kubeflow cluster."""
         from transact.pipelines.runner import submit

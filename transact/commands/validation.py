@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,31 +17,30 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def validate(
         path: Path = typer.Argument(..., help="World folder (or, with --rows, an NN-row parquet file)."),
         quarantine: Path = typer.Option(Path("runs/quarantine"), help="Where a failed batch is moved."),
-        reference: Optional[Path] = typer.Option(
+        reference: Path | None = typer.Option(
             None, help="Profile JSON of the previous accepted batch (distribution checks). A path "
                        "that does not exist yet is created on pass."),
-        reference_out: Optional[Path] = typer.Option(
+        reference_out: Path | None = typer.Option(
             None, help="Where a passing batch writes its profile (default: --reference)."),
         update_reference: bool = typer.Option(True, help="Write the new reference on pass."),
         rows: bool = typer.Option(False, "--rows", help="PATH is a file of logged NN-feature rows."),
-        items: Optional[Path] = typer.Option(None, help="--rows: world folder whose items the rows must reference."),
-        now: Optional[str] = typer.Option(None, help="'Now' for the future-timestamp check: ISO time or epoch ms "
+        items: Path | None = typer.Option(None, help="--rows: world folder whose items the rows must reference."),
+        now: str | None = typer.Option(None, help="'Now' for the future-timestamp check: ISO time or epoch ms "
                                                      "(default: the wall clock)."),
-        max_candidates: Optional[int] = typer.Option(None, help="Rows per request allowed (default: world.json "
+        max_candidates: int | None = typer.Option(None, help="Rows per request allowed (default: world.json "
                                                                 "chunk_size, else 1000)."),
         max_duplicate_rate: float = typer.Option(0.01, help="Share of duplicated events allowed."),
-        min_ts: Optional[str] = typer.Option(None, help="No event may be older (ISO date or epoch ms); default: "
+        min_ts: str | None = typer.Option(None, help="No event may be older (ISO date or epoch ms); default: "
                                                         "min_ts of world.json, else 2010-01-01."),
-        label_window_ms: Optional[int] = typer.Option(
+        label_window_ms: int | None = typer.Option(
             None, help="A label's engagement is logged at most this long after its request (ms); "
                        "default: world.json, else 1 h."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of text."),
     ) -> None:
         """Validate a batch with Great Expectations; exit 1 (and quarantine it) if it fails."""
+        from transact.data.times import to_epoch_ms
         from transact.validation import validate_rows, validate_world
         from transact.validation.report import render_console
-
-        from transact.data.times import to_epoch_ms
 
         lower = None if min_ts is None else to_epoch_ms(min_ts, "--min-ts")
         if rows:
@@ -69,7 +67,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         path: Path = typer.Argument(..., help="Clean world folder (or, with --rows, an NN-row file)."),
         kind: str = typer.Option(..., help="Corruption kind; --kind list shows them."),
         seed: int = typer.Option(0, help="Which rows are hit."),
-        out: Optional[Path] = typer.Option(None, help="Write a corrupted copy here instead of in place."),
+        out: Path | None = typer.Option(None, help="Write a corrupted copy here instead of in place."),
         rows: bool = typer.Option(False, "--rows", help="PATH is a file of logged NN-feature rows."),
     ) -> None:
         """Inject one kind of bad data (as a broken upstream would) to see validation reject it."""
@@ -92,7 +90,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         actions: int = typer.Option(1_000_000, help="Action rows."),
         request_rows: int = typer.Option(200_000, help="Request rows (and as many impressions)."),
         items: int = typer.Option(200_000, help="Items."),
-        workdir: Optional[Path] = typer.Option(None, help="Scratch folder (default: the system temp)."),
+        workdir: Path | None = typer.Option(None, help="Scratch folder (default: the system temp)."),
         out: Path = typer.Option(Path("bench/results/validation.json"), help="JSON result path."),
     ) -> None:
         """Validation time on a synthetic world (~1M actions, ~200k requests by default)."""
