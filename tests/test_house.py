@@ -99,7 +99,7 @@ def test_the_install_map_names_the_contracts_rooms():
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "lint-imports"
     assert exe.exists(), f"{exe} missing: import-linter is in the test extra (pip install -e '.[test]')"
-    return subprocess.run([str(exe), "--config", "pyproject.toml", "--no-cache"], cwd=cwd,
+    return subprocess.run([str(exe), "pyproject.toml", "--no-cache"], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -122,7 +122,11 @@ def test_the_contract_catches_a_lazy_upward_import_and_an_unlisted_room(tmp_path
         else:
             (pkg / name).mkdir()
             (pkg / name / "__init__.py").write_text("")
+    for sub in ("pytorch", "triton"):  # named by the one-dispatch contract
+        (pkg / "kernels" / sub).mkdir()
+        (pkg / "kernels" / sub / "__init__.py").write_text("")
     (pkg / "data" / "bad.py").write_text("def f():\n    from transact.serving import x\n    return x\n")
+    (pkg / "model" / "leak.py").write_text("from transact.kernels.pytorch import packing\n")  # past the dispatch
     (pkg / "attic").mkdir()
     (pkg / "attic" / "__init__.py").write_text("")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
@@ -131,6 +135,7 @@ def test_the_contract_catches_a_lazy_upward_import_and_an_unlisted_room(tmp_path
     assert "transact.data is not allowed to import transact.serving" in r.stdout, r.stdout
     assert "transact.data.bad -> transact.serving" in r.stdout, r.stdout
     assert "- transact.attic" in r.stdout, r.stdout
+    assert "transact.model is not allowed to import transact.kernels.pytorch" in r.stdout, r.stdout
 
 
 def test_the_feast_repo_imports_only_the_feature_room():
