@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from transact.data.storage import local_path
 from transact.model.defaults import TRAIN
 
 #: A champion folder holds the model currently in service: ``model/`` and ``metrics.json``.
@@ -23,7 +24,7 @@ def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "
     if source:
         from transact.data.adapter import import_logs
 
-        return import_logs(source, out)
+        return import_logs(local_path(source, "source"), out)
     from dataclasses import asdict
 
     from transact.data.simulator import DriftConfig, get_profile, simulate
@@ -47,7 +48,9 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     """
     from transact.validation import validate_world
 
-    result = validate_world(world_dir, quarantine_dir, reference=reference or None)
+    quarantine = local_path(quarantine_dir, "quarantine_dir")
+    ref = local_path(reference, "reference") if reference else None
+    result = validate_world(world_dir, quarantine, reference=ref)
     return result.to_dict()
 
 
@@ -62,7 +65,7 @@ def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -
     from transact.features.feast.offline import write_offline
     from transact.features.feast.store import apply, init_repo
 
-    repo = Path(repo_dir)
+    repo = local_path(repo_dir, "feature_repo")
     if not (repo / "feature_store.yaml").exists():
         init_repo(repo)
     written = write_offline(world_dir, repo, progress=progress)
@@ -145,7 +148,7 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, champion_dir:
     the champion's and HIT@3/hide no more than ``tolerance`` above it. With no champion
     yet, it passes.
     """
-    champion_model = Path(champion_dir) / CHAMPION_MODEL
+    champion_model = local_path(champion_dir, "champion_dir") / CHAMPION_MODEL
     if not (champion_model / "config.json").exists():
         return {"passed": True, "reason": "no champion yet: the first model is promoted"}
     champ = evaluate(str(champion_model), rows_path, str(Path(model_dir) / "champion_eval"),
@@ -166,7 +169,7 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, champion_dir:
 
 def promote(model_dir: str, champion_dir: str, metrics: dict) -> dict:
     """Makes the model the champion (copied atomically: a new folder, then renamed)."""
-    champ = Path(champion_dir)
+    champ = local_path(champion_dir, "champion_dir")
     champ.mkdir(parents=True, exist_ok=True)
     tmp = champ / f".{CHAMPION_MODEL}.new"
     shutil.rmtree(tmp, ignore_errors=True)

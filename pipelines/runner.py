@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from transact.data.storage import local_path
+
 #: Parameters that are paths on the machine running the steps (made absolute locally).
 PATH_PARAMS = ("quarantine_dir", "feature_repo", "champion_dir", "source", "reference")
 
@@ -100,12 +102,12 @@ def run_local(name: str = "training", run_dir: str | Path = "runs/pipeline", /, 
     from kfp import local
 
     params = check_params(name, params)
-    run_dir = Path(run_dir).resolve()
+    for key in PATH_PARAMS:  # before anything is written: a URI here is refused, never a local folder
+        if params.get(key):
+            params[key] = str(local_path(params[key], key).resolve())
+    run_dir = local_path(run_dir, "run_dir").resolve()
     root = run_dir / "pipeline"
     root.mkdir(parents=True, exist_ok=True)
-    for key in PATH_PARAMS:
-        if params.get(key):
-            params[key] = str(Path(params[key]).resolve())
     if params.get("source") and not Path(params["source"]).exists():  # else: ingest fails after its retries
         raise FileNotFoundError(f"source {params['source']} does not exist (a folder of logs to import)")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),

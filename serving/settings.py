@@ -104,6 +104,14 @@ def _text(raw: str, name: str) -> str:
     return raw
 
 
+def _local_folder(raw: str, name: str) -> str:
+    """A local folder: ``file://`` unwrapped, an object-store URI refused naming the variable
+    (this service reads its world, Feast repo and log folder from local paths)."""
+    from transact.data.storage import local_path
+
+    return str(local_path(raw, name))
+
+
 def _integer(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
     def parse(raw: str, name: str) -> int:
         try:
@@ -185,8 +193,8 @@ class ServeSettings:
     """The service's settings; every field is one row of the module's table."""
 
     model_tag: str = setting(DEFAULT_MODEL_TAG, "TRANSACT_MODEL_TAG", _text)
-    world: str | None = setting(None, "TRANSACT_WORLD", _text)
-    feast_repo: str | None = setting(None, "TRANSACT_FEAST_REPO", _text)
+    world: str | None = setting(None, "TRANSACT_WORLD", _local_folder)
+    feast_repo: str | None = setting(None, "TRANSACT_FEAST_REPO", _local_folder)
     device: str | None = setting(None, "TRANSACT_DEVICE", _text)
     threads: int | None = setting(None, "TRANSACT_THREADS", _threads)
     score_weights: dict[str, float] | None = setting(None, "TRANSACT_SCORE_WEIGHTS", _weights, _show_weights)
@@ -201,7 +209,7 @@ class ServeSettings:
     max_clock_skew_s: float | None = setting(300.0, "TRANSACT_MAX_CLOCK_SKEW_S", parse_clock_skew, _show_skew)
     api_key: str | None = dataclasses.field(default=None, repr=False,
                                             metadata={"setting": Setting("TRANSACT_API_KEY", _text, _show_text)})
-    log_dir: str | None = setting(None, "TRANSACT_LOG_DIR", _text)
+    log_dir: str | None = setting(None, "TRANSACT_LOG_DIR", _local_folder)
     log_queue_rows: int = setting(32_768, "TRANSACT_LOG_QUEUE_ROWS", _integer(1))
     log_flush_rows: int = setting(8192, "TRANSACT_LOG_FLUSH_ROWS", _integer(1))
     log_flush_s: float = setting(5.0, "TRANSACT_LOG_FLUSH_S", _number(0.01), _show_number)
@@ -237,7 +245,7 @@ class ServeSettings:
                 raise ValueError(f"TRANSACT_SOURCE={source!r}: write world:<folder> or feast:<repo>")
             if values.get("world") or values.get("feast_repo"):
                 raise ValueError("TRANSACT_SOURCE and TRANSACT_WORLD/TRANSACT_FEAST_REPO are both set: keep one")
-            values["world" if kind == "world" else "feast_repo"] = where
+            values["world" if kind == "world" else "feast_repo"] = _local_folder(where, "TRANSACT_SOURCE")
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:

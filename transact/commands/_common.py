@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import typer
 
@@ -50,16 +51,33 @@ def _file_in_the_way(path: str) -> str | None:
     return None
 
 
+def local_paths(kwargs: dict) -> dict:
+    """The command's path options as local paths (:func:`transact.data.storage.local_path`):
+    ``file://`` unwrapped, an object-store URI refused naming the option before the command
+    runs (typer has already made it a ``Path``, the local folder ``s3:/...``)."""
+    from transact.data.storage import local_path
+
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        option = "--" + key.replace("_", "-")
+        if isinstance(value, Path):
+            out[key] = local_path(value, option)
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            out[key] = [local_path(v, option) for v in value]
+    return out
+
+
 def fail_on_user_error(fn):
     """Turns expected user errors (bad input files, bad paths, bad options, a host that does
-    not answer) into a one-line message and exit code 2 instead of a traceback."""
+    not answer) into a one-line message and exit code 2 instead of a traceback. Path options
+    go through :func:`local_paths` first: a URI never becomes a local folder."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from transact.data.io import SchemaError
 
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, **local_paths(kwargs))
         except (SchemaError, ValueError, *PATH_ERRORS) as e:
             typer.secho(f"error: {user_message(e)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None

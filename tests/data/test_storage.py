@@ -1,0 +1,129 @@
+"""A URI is never taken for a local path: `transact simulate --out s3://bucket/w` used to write
+a local folder `./s3:/bucket/w` and report success, with nothing in the bucket."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from transact.cli import app
+from transact.data.storage import ObjectStoreURI, local_path, uri_scheme
+
+
+@pytest.mark.parametrize(("given", "want"), [
+    ("runs/w", Path("runs/w")),
+    ("/abs/w", Path("/abs/w")),
+    ("file:///abs/w", Path("/abs/w")),
+    ("file://localhost/abs/my%20w", Path("/abs/my w")),
+    (Path("file:///abs/w"), Path("/abs/w")),  # what typer makes of it: file:/abs/w
+    ("C:/data/w", Path("C:/data/w")),  # a drive letter is not a scheme
+])
+def test_local_paths_and_file_uris(given, want):
+    assert local_path(given) == want
+
+
+@pytest.mark.parametrize("given", ["s3://bucket/w", "gs://b/w", "abfs://c@acct/w", "S3://b/w", Path("s3://bucket/w"),
+                                   "s3:/bucket/w"])
+def test_object_store_uris_are_refused_in_one_line_naming_the_setting(given):
+    with pytest.raises(ObjectStoreURI, match=r"^--out: [a-zA-Z0-9]+://\S+ is an object-store URI; .*nothing was written"):
+        local_path(given, "--out")
+    assert uri_scheme(given) is not None
+
+
+def test_a_file_uri_of_another_host_is_refused():
+    with pytest.raises(ValueError, match="names another host"):
+        local_path("file://fileserver/share/w")
+
+
+def path_options() -> list[tuple[str, str]]:
+    """(command path, parameter name) of every Path-typed parameter of every CLI command."""
+    out = []
+
+    def walk(cmd, prefix: tuple[str, ...]) -> None:
+        if hasattr(cmd, "commands"):  # a group
+            for name, sub in cmd.commands.items():
+                walk(sub, (*prefix, name))
+            return
+        for p in cmd.params:
+            if "Path" in str(p.bare_type()):
+                out.append((" ".join(prefix), p.name))
+
+    walk(get_command(app), ())
+    return out
+
+
+def args_for(command: str, target: str) -> list[str]:
+    """Arguments that reach the command's body: ``target`` an s3 URI, other required
+    parameters a harmless local value."""
+    cmd = get_command(app)
+    for word in command.split():
+        cmd = cmd.commands[word]  # type: ignore[attr-defined]
+    args: list[str] = []
+    for p in cmd.params:
+        value = None
+        if p.name == target:
+            value = "s3://transact-bucket/x"
+        elif p.required:
+            value = "1" if any(t in str(p.bare_type()) for t in ("int", "float")) else "local-value"
+        if value is None:
+            continue
+        if type(p).__name__ == "TyperArgument":
+            args.append(value)
+        else:
+            args += [p.opts[0], value]
+    return [*command.split(), *args]
+
+
+@pytest.mark.parametrize(("command", "param"), path_options())
+def test_every_path_option_refuses_an_object_store_uri_and_writes_nothing(command, param, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, args_for(command, param))
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert "s3://transact-bucket/x is an object-store URI" in r.output, r.output
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_the_cli_has_path_options_to_check():
+    commands = {c for c, _ in path_options()}
+    assert {"simulate", "validate", "train", "serve", "log-nn", "features apply", "pipeline compile"} <= commands
+
+
+@pytest.mark.parametrize("param", ["champion_dir", "quarantine_dir", "feature_repo", "reference", "source"])
+def test_a_pipeline_path_parameter_that_is_a_uri_is_refused_before_the_run(param, tmp_path, monkeypatch):
+    from transact.pipelines.runner import run_local
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ObjectStoreURI, match=f"^{param}: s3://transact-bucket/x is an object-store URI"):
+        run_local("training", tmp_path / "run", **{param: "s3://transact-bucket/x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_steps_refuse_a_uri_instead_of_writing_the_pods_disk(tmp_path, monkeypatch):
+    """On a cluster the champion, quarantine and Feast repo given as URIs were written to the
+    pod's own disk (a local folder `s3:`) and lost with it."""
+    from transact.components import steps
+
+    monkeypatch.chdir(tmp_path)
+    uri = "s3://transact-bucket/champion"
+    with pytest.raises(ObjectStoreURI, match="^champion_dir: "):
+        steps.gate({}, str(tmp_path / "m"), str(tmp_path / "r"), uri)
+    with pytest.raises(ObjectStoreURI, match="^champion_dir: "):
+        steps.promote(str(tmp_path / "m"), uri, {})
+    with pytest.raises(ObjectStoreURI, match="^quarantine_dir: "):
+        steps.validate(str(tmp_path / "w"), uri)
+    with pytest.raises(ObjectStoreURI, match="^feature_repo: "):
+        steps.materialize_features(str(tmp_path / "w"), uri)
+    with pytest.raises(ObjectStoreURI, match="^source: "):
+        steps.ingest(str(tmp_path / "w"), source=uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_service_settings_refuse_a_uri_folder():
+    from transact.serving.settings import ServeSettings
+
+    assert ServeSettings.from_env({"TRANSACT_WORLD": "file:///srv/world"}).world == "/srv/world"
+    for env in ({"TRANSACT_WORLD": "s3://b/w"}, {"TRANSACT_SOURCE": "feast:gs://b/repo"}, {"TRANSACT_LOG_DIR": "s3://b/l"}):
+        with pytest.raises(ObjectStoreURI, match="is an object-store URI"):
+            ServeSettings.from_env(env)
