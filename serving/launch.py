@@ -206,15 +206,17 @@ def serve_forever(settings: ServeSettings, bentoml_home: str | Path | None = Non
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _stop)
+    # SIGHUP too: a closed terminal or ssh session must not leave the server (its own session,
+    # so it never sees the terminal's signals) holding the port
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return server.proc.wait()
     except KeyboardInterrupt:
         return server.stop() or 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if server.running:
-            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()  # always: an arbiter that died alone may leave workers in its group
 
 
 def sample_curl(url: str = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", api_key: bool = False) -> str:

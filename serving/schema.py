@@ -39,7 +39,7 @@ MAX_WEIGHT: float = 1e6
 #: request schema -- and so the OpenAPI document -- states it, and BentoML builds both when the
 #: service class is defined. A server process is started with its settings in its
 #: environment (:mod:`transact.serving.launch`), so its import reads its own value.
-MAX_CANDIDATES: int = read_setting("max_candidates")
+MAX_CANDIDATES: int = read_setting("max_candidates", fallback=True)
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]

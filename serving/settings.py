@@ -223,7 +223,9 @@ class ServeSettings:
             value = getattr(self, f.name)
             text = s.show(value)
             if text is not None:
-                s.parse(text, s.env)
+                parsed = s.parse(text, s.env)
+                if isinstance(value, str) and parsed != value:  # file:///x -> /x, as the worker reads it
+                    object.__setattr__(self, f.name, parsed)
         if self.max_batch_candidates < self.max_candidates:  # a request always fits a batch
             object.__setattr__(self, "max_batch_candidates", self.max_candidates)
 
@@ -273,11 +275,20 @@ def _table() -> list[tuple[dataclasses.Field, Setting]]:
     return [(f, f.metadata["setting"]) for f in dataclasses.fields(ServeSettings)]
 
 
-def read_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+def read_setting(name: str, environ: Mapping[str, str] | None = None, fallback: bool = False) -> Any:
     """One setting from the environment (its default when unset), parsed by its row of the
     table: for what must be known when a module is imported (the request schema states
-    TRANSACT_MAX_CANDIDATES)."""
+    TRANSACT_MAX_CANDIDATES). ``fallback``: a bad value gives the default instead of raising
+    -- an import must not fail (BentoML would restart the worker in a loop); the service's
+    ``__init__`` reads the same value and reports it, unready, in one line."""
     f = next(f for f in dataclasses.fields(ServeSettings) if f.name == name)
     s: Setting = f.metadata["setting"]
     raw = _get(os.environ if environ is None else environ, s.env)
-    return f.default if raw is None else s.parse(raw, s.env)
+    if raw is None:
+        return f.default
+    try:
+        return s.parse(raw, s.env)
+    except ValueError:
+        if fallback:
+            return f.default
+        raise

@@ -28,8 +28,14 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Commands whose work runs in other processes (kfp.local steps, the retrain pipeline), which
+#: the kernel options of this process do not reach: refused with them rather than ignored.
+OTHER_PROCESSES = ("demo", "pipeline", "monitor")
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
     train_encoder: str = typer.Option("packed", help="Training encoder: packed (the valid tokens only) or "
@@ -39,6 +45,11 @@ def _main(
     """TransAct V2: lifelong-sequence CTR ranking, from simulated events to a served model."""
     if train_encoder != "packed" or not triton:  # the defaults need no torch import (fast --help)
         from transact.kernels import dispatch
+
+        if ctx.invoked_subcommand in OTHER_PROCESSES:
+            raise typer.BadParameter(f"applies to the work of this process; `transact {ctx.invoked_subcommand}` "
+                                     "runs its steps in other processes, which would not see it",
+                                     param_hint="--train-encoder/--no-triton")
 
         try:
             dispatch.configure(dispatch.KernelConfig(triton=triton, train_encoder=dispatch.train_encoder_named(train_encoder)))

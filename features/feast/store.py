@@ -95,8 +95,12 @@ def open_store(repo: str | Path, yaml_file: str | Path | None = None, redis: str
     import yaml
     from feast.repo_config import RepoConfig
 
-    text = (repo / (yaml_file or "feature_store.yaml")).read_text().replace("${" + REDIS_ENV + "}", redis)
-    config = RepoConfig(**yaml.safe_load(os.path.expandvars(text)))  # as feast's load_repo_config reads it
+    # as feast's load_repo_config reads it (variables expanded), the address put in afterwards so
+    # that a $ in a password stays as given
+    placeholder = "${" + REDIS_ENV + "}"
+    text = (repo / (yaml_file or "feature_store.yaml")).read_text().replace(placeholder, "\0redis\0")
+    text = os.path.expandvars(text).replace("\0redis\0", redis)
+    config = RepoConfig(**yaml.safe_load(text))
     config.repo_path = repo
     return FeatureStore(repo_path=str(repo), config=config)
 

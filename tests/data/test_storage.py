@@ -127,3 +127,23 @@ def test_the_service_settings_refuse_a_uri_folder():
     for env in ({"TRANSACT_WORLD": "s3://b/w"}, {"TRANSACT_SOURCE": "feast:gs://b/repo"}, {"TRANSACT_LOG_DIR": "s3://b/l"}):
         with pytest.raises(ObjectStoreURI, match="is an object-store URI"):
             ServeSettings.from_env(env)
+
+
+def test_settings_built_in_code_read_a_file_uri_as_the_worker_does():
+    from transact.serving.settings import ServeSettings
+
+    assert ServeSettings(world="file:///srv/world").world == "/srv/world"
+
+
+def test_a_bad_candidate_bound_does_not_break_the_schema_import():
+    """The request schema reads TRANSACT_MAX_CANDIDATES at import: a bad value there must not
+    crash the worker's import (BentoML restarts it in a loop); __init__ reports it unready."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRANSACT_MAX_CANDIDATES": "many"}
+    out = subprocess.run([sys.executable, "-c", "from transact.serving import schema; print(schema.MAX_CANDIDATES)"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1024"

@@ -18,3 +18,12 @@ def test_the_redis_address_is_passed_not_written_to_the_environment(tmp_path, mo
     monkeypatch.setenv(REDIS_ENV, "127.0.0.1:6400")  # the variable still works, read at the edge
     assert _store(repo, "redis", None).config.online_store.connection_string == "127.0.0.1:6400"
     assert open_store(repo, "feature_store.redis.yaml").config.online_store.connection_string == "127.0.0.1:6400"
+
+
+def test_a_dollar_in_the_redis_password_stays_as_given(tmp_path, monkeypatch):
+    from transact.commands.features import _store
+
+    monkeypatch.setenv("WORD", "expanded")
+    repo = init_repo(tmp_path / "repo")
+    store = _store(repo, "redis", "127.0.0.1:6399,password=pa$WORD")
+    assert store.config.online_store.connection_string == "127.0.0.1:6399,password=pa$WORD"

@@ -95,10 +95,18 @@ def test_the_cli_sets_the_kernel_config():
 
     before = dispatch.config()
     try:
-        r = CliRunner().invoke(app, ["--train-encoder", "stock", "--no-triton", "--version"])
-        assert r.exit_code == 0
+        r = CliRunner().invoke(app, ["--train-encoder", "stock", "--no-triton", "seal-world", "/nonexistent"])
+        assert r.exit_code == 2  # the command's own refusal: the options were taken
+        assert dispatch.config() == dispatch.KernelConfig(triton=False, train_encoder=dispatch.TrainEncoder.STOCK)
+        dispatch.configure(before)
         r = CliRunner().invoke(app, ["--train-encoder", "sdpa", "seal-world", "/nonexistent"])
         assert r.exit_code == 2
         assert "train encoder must be one of" in r.output
+        assert dispatch.config() == before
+        for command in (["demo"], ["pipeline", "run"]):  # their steps run in other processes
+            r = CliRunner().invoke(app, ["--train-encoder", "stock", *command])
+            assert r.exit_code == 2
+            assert "runs its steps in other processes" in " ".join(r.output.split()), r.output
+            assert dispatch.config() == before
     finally:
         dispatch.configure(before)

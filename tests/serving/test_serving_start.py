@@ -302,9 +302,9 @@ def test_a_built_bento_carries_its_model_and_serves_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "ctrl-c", "hangup"])
 def test_transact_serve_runs_in_the_foreground_and_stops_gracefully(packaged, tmp_path, sig):
-    """`transact serve` starts the server as its child, serves, and on SIGTERM or Ctrl+C stops
+    """`transact serve` starts the server as its child, serves, and on SIGTERM, Ctrl+C or a hang-up stops
     it the graceful way: the shutdown hook flushes the served log, nothing is left running."""
     import psutil
 
