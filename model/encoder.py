@@ -102,11 +102,18 @@ class SequenceEncoder(nn.TransformerEncoder):
             rows, cols = valid.nonzero(as_tuple=True)  # [N] each, row-major
             t = features(rows, cols)  # [N, d]
             return Encoded(dispatch.encoder_tokens(self, t, valid), valid, rows, cols)  # [N, d]
-        x = features(None, None)  # [B, L, d]
-        if append is not None:
-            x = torch.cat([x, append[:, None, :]], dim=1)  # [B, L + 1, d]
-            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)  # [B, L + 1]
+        x, valid = padded_input(features(None, None), valid, append)  # [B, S, d], [B, S]
         return Encoded(dispatch.encoder_forward(self, x, valid), valid)  # [B, S, d]
+
+
+def padded_input(x: torch.Tensor, valid: torch.Tensor, append: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded layout's input: x [B, L, d], valid bool [B, L], plus ``append`` [B, d] as one
+    more, always valid, last token when given -> [B, S, d], [B, S] (S = L or L + 1)."""
+    if append is None:
+        return x, valid
+    x = torch.cat([x, append[:, None, :]], dim=1)  # [B, L + 1, d]
+    return x, torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)  # [B, L + 1]
 
 
 def make_encoder(d_model: int = 64, n_heads: int = 1, ffn_dim: int = 32, n_layers: int = 2,

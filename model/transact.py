@@ -52,7 +52,7 @@ from transact.data.quantization import dequantize
 from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
 from transact.features.config import SEGMENTS, FeatureConfig
 from transact.features.nn_features import SAll, valid_mask
-from transact.model.encoder import make_encoder
+from transact.model.encoder import make_encoder, padded_input
 
 #: Segments holding user actions (not impressions): "first K" draws from these.
 ACTION_SEGMENTS: tuple[str, ...] = ("ll_nn", "rt_nn", "rt_recent")
@@ -437,12 +437,7 @@ class TransActModel(nn.Module):
         (S = selected slots, +1 with append): for tests and benchmarks of the encoder alone."""
         e_c = dequantize(batch.cand_emb_q)  # [B, D]
         valid = self.token_mask(batch, time_window, generator)  # [B, L]
-        x = self.token_features(batch, e_c, None, None)  # [B, L, d]
-        c = self.appended_token(e_c)
-        if c is not None:
-            x = torch.cat([x, c[:, None, :]], dim=1)  # [B, L + 1, d]
-            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)  # [B, L + 1]
-        return x, valid
+        return padded_input(self.token_features(batch, e_c, None, None), valid, self.appended_token(e_c))
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
         cfg = self.cfg

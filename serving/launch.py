@@ -163,24 +163,27 @@ def check_config(settings: ServeSettings, bentoml_home: str | Path | None = None
         raise ValueError("no sequence source: give --world (a world folder) or --feast-repo (a Feast repo)")
 
 
-def wait_ready(url: str, timeout: float, server: ServerProcess | None = None) -> None:
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, probe: str = "/readyz") -> None:
+    """Until ``url``'s ``probe`` (``/readyz``; ``/livez``: up, ready or not) answers 200:
+    TimeoutError after ``timeout`` s, RuntimeError as soon as the server process ``proc``
+    (when given) has exited."""
     import httpx
 
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        if server is not None and not server.running:
-            raise RuntimeError(f"the service at {url} exited during start-up (status {server.proc.returncode}; "
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service at {url} exited during start-up (status {proc.returncode}; "
                                "see its log above)")
         try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
+            r = httpx.get(f"{url}{probe}", timeout=2)
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}"
         except httpx.HTTPError as e:
             last = repr(e)
         time.sleep(0.25)
-    raise TimeoutError(f"the service at {url} was not ready within {timeout:.0f} s (last: {last})")
+    raise TimeoutError(f"the service at {url} did not answer {probe} within {timeout:.0f} s (last: {last})")
 
 
 @contextlib.contextmanager
@@ -191,7 +194,7 @@ def running_server(settings: ServeSettings, bentoml_home: str | Path | None = No
     ``$BENTOML_HOME`` or ~/bentoml)."""
     server = start_server(settings, bentoml_home, host, port or free_port(host), stdout=stdout)
     try:
-        wait_ready(server.url, timeout, server)
+        wait_ready(server.url, timeout, server.proc)
         yield server.url
     finally:
         server.stop()

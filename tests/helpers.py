@@ -344,3 +344,14 @@ def bentoml_home(path):
                 os.environ["BENTOML_HOME"] = old
 
     return both()
+
+
+def wait_served(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0, probe: str = "/readyz") -> None:
+    """:func:`transact.serving.launch.wait_ready` for a server process a test started itself:
+    the test fails with the tail of the server's log when it exits or never becomes ready."""
+    from transact.serving.launch import wait_ready
+
+    try:
+        wait_ready(url, timeout, proc, probe)
+    except (RuntimeError, TimeoutError) as e:
+        pytest.fail(f"{e}:\n" + log.read_text()[-3000:])

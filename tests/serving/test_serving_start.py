@@ -27,7 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SERVING_CFG as CFG, write_world
+from helpers import SERVING_CFG as CFG, wait_served, write_world
 from transact.cli import app
 from transact.model.checkpoint import save_model
 from transact.model.transact import build_model
@@ -122,17 +122,7 @@ def test_plain_bentoml_serve_with_a_bad_world_stays_up_unready_without_a_restart
                              "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail("the server never answered /livez:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        wait_served(url, proc, tmp_path / "server.log", timeout=120, probe="/livez")
         for _ in range(6):  # over a few seconds: alive, unready, the same worker
             assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
             assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503
@@ -282,17 +272,7 @@ def test_a_built_bento_carries_its_model_and_serves_it(tmp_path):
                             start_new_session=True, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the bento never became ready:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        wait_served(url, proc, tmp_path / "server.log")
         r = httpx.post(f"{url}/rank", json={"user_id": 11, "item_ids": [3, 10]}, timeout=60)
         assert r.status_code == 200 and r.json()["model_version"] == tag, r.text
     finally:
@@ -318,17 +298,7 @@ def test_transact_serve_runs_in_the_foreground_and_stops_gracefully(packaged, tm
     proc = subprocess.Popen(cli, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "cli.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("never ready:\n" + (tmp_path / "cli.log").read_text()[-3000:])
+        wait_served(url, proc, tmp_path / "cli.log")
         r = httpx.post(f"{url}/rank", json={"user_id": 11, "item_ids": [3, 10, 17], "request_id": 4242}, timeout=60)
         assert r.status_code == 200, r.text
         server_tree = psutil.Process(proc.pid).children(recursive=True)
