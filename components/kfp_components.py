@@ -11,6 +11,7 @@ image with CUDA for the GPU steps).
 """
 
 import os
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -36,11 +37,12 @@ def ingest_op(profile: str, seed: int, source: str, drift: str, world: Output[Da
 
 
 @dsl.component(**_opts)
-def validate_op(world: Input[Dataset], quarantine_dir: str, reference: str, report: Output[Markdown]) -> str:
-    """Great Expectations; returns "pass" or "fail" (the failed batch is quarantined)."""
+def validate_op(world: Input[Dataset], storage_root: str, report: Output[Markdown]) -> str:
+    """Great Expectations; returns "pass" or "fail" (the failed batch is quarantined under the storage root)."""
     from transact.components import steps
 
-    result = steps.validate(world.path, quarantine_dir, reference)
+    where = steps.Layout(storage_root)
+    result = steps.validate(world.path, where.quarantine, where.reference)
     with open(report.path, "w") as f:
         f.write(result.get("summary", ""))
     if result.get("data_docs"):  # the GX Data Docs index, for the run summary to link
@@ -50,13 +52,15 @@ def validate_op(world: Input[Dataset], quarantine_dir: str, reference: str, repo
 
 
 @dsl.component(**_opts)
-def features_op(world: Input[Dataset], repo_dir: str) -> str:
-    """Feast: write sources, apply, materialise the lifelong sequence, push realtime ones."""
+def features_op(world: Input[Dataset], storage_root: str, repo_dir: str) -> str:
+    """Feast: write sources, apply, materialise the lifelong sequence, push realtime ones
+    (``repo_dir`` empty: ``<storage_root>/feature_repo``)."""
     import json
 
     from transact.components import steps
 
-    return json.dumps(steps.materialize_features(world.path, repo_dir), default=str)
+    repo = repo_dir or steps.Layout(storage_root).feature_repo
+    return json.dumps(steps.materialize_features(world.path, repo), default=str)
 
 
 @dsl.component(**_opts)
@@ -122,30 +126,46 @@ def evaluate_op(model: Input[Model], rows: Input[Dataset], metrics: Output[Metri
     return json.dumps(m)
 
 
+# The outputs' NamedTuple is written inline, KFP's way: the function's source alone reaches the
+# pod (where KFP star-imports typing), so a module-level class would be an unknown name there.
 @dsl.component(**_opts)
-def gate_op(metrics_json: str, model: Input[Model], rows: Input[Dataset], champion_dir: str,
-            tolerance: float, report: Output[Markdown]) -> str:
-    """Challenger vs champion on the same window; "pass" or "fail"."""
+def gate_op(metrics_json: str, model: Input[Model], rows: Input[Dataset], storage_root: str, tolerance: float,
+            report: Output[Markdown]) -> NamedTuple("GateOutputs", verdict=str, champion_generation=int):  # type: ignore[valid-type]
+    """Challenger vs the registry's champion on the same window: "pass" or "fail", and the
+    champion generation it was judged against (promotion holds only while that is the champion)."""
     import json
+    from collections import namedtuple
 
     from transact.components import steps
 
-    g = steps.gate(json.loads(metrics_json), model.path, rows.path, champion_dir, tolerance, progress=False)
+    g = steps.gate(json.loads(metrics_json), model.path, rows.path, steps.Layout(storage_root).registry, tolerance,
+                   progress=False)
     with open(report.path, "w") as f:
         f.write(f"# Gate: {'PASS' if g['passed'] else 'FAIL'}\n\n{g['reason']}\n")
     print(f"gate: {'pass' if g['passed'] else 'FAIL'}: {g['reason']}")
-    return "pass" if g["passed"] else "fail"
+    GateOutputs = namedtuple("GateOutputs", ["verdict", "champion_generation"])  # noqa: N806 (a type)
+    return GateOutputs("pass" if g["passed"] else "fail", int(g["champion_generation"]))
 
 
 @dsl.component(**_opts)
-def package_op(model: Input[Model], metrics_json: str, champion_dir: str, bento: Output[Dataset]) -> str:
-    """Promote to champion and put the model into the BentoML model store."""
+def package_op(model: Input[Model], rows: Input[Dataset], metrics_json: str, storage_root: str,
+               gated_against: int, tolerance: float, run_id: str, bento: Output[Dataset]) -> str:
+    """Promote to the registry's champion (if it is still the one the gate judged against, else
+    gate again), put the model into the BentoML model store and export it to the registry."""
     import json
 
+    from transact import __version__
     from transact.components import steps
 
-    promoted = steps.promote(model.path, champion_dir, json.loads(metrics_json))
-    packaged = steps.package(promoted["champion"])
+    registry = steps.Layout(storage_root).registry
+    lineage = {"run_id": run_id, "version": __version__, "rows": rows.uri, "rows_count": rows.metadata.get("rows"),
+               "model": model.metadata.get("model")}
+    promoted = steps.promote(model.path, registry, json.loads(metrics_json), gated_against, rows.path, tolerance,
+                             lineage=lineage, progress=False)
+    out = {**promoted, "champion": model.path}
+    if promoted["promoted"]:
+        out.update(steps.package(model.path, registry))
+    print(f"promotion: {promoted['reason']}")
     with open(bento.path, "w") as f:
-        json.dump({**promoted, **packaged}, f, indent=2, default=str)
-    return json.dumps({**promoted, **packaged}, default=str)
+        json.dump(out, f, indent=2, default=str)
+    return json.dumps(out, default=str)

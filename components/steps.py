@@ -3,18 +3,53 @@
 The KFP components in :mod:`transact.components.kfp_components` are thin typed
 wrappers over these; tests and the CLI call them directly. Each step is idempotent:
 run twice on the same inputs, it leaves the same outputs.
+
+What must outlive a step lives under one **storage root** (a local folder, or an object-store
+URI on a cluster, where each step is a fresh pod with an empty disk): :class:`Layout` names
+its places. A step's own inputs and outputs are KFP artifacts (local paths inside the step).
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from transact.data import storage
 from transact.data.storage import local_path
 from transact.model.defaults import TRAIN
 
-#: A champion folder holds the model currently in service: ``model/`` and ``metrics.json``.
-CHAMPION_MODEL = "model"
+
+@dataclass(frozen=True)
+class Layout:
+    """The places under a storage root (``root``: a local folder or an object-store URI)."""
+
+    root: str
+
+    def __post_init__(self):
+        if not self.root:
+            raise ValueError("storage_root: a local folder or an object-store URI (s3://bucket/prefix) is needed")
+
+    @property
+    def quarantine(self) -> str:
+        return storage.join(self.root, "quarantine")
+
+    @property
+    def reference(self) -> str:
+        return storage.join(self.root, "validation", "reference.json")
+
+    @property
+    def registry(self) -> str:
+        return storage.join(self.root, "registry")
+
+    @property
+    def feature_repo(self) -> str:
+        return storage.join(self.root, "feature_repo")
+
+
+#: attempts at promotion when other runs keep moving the champion (each one gates again)
+PROMOTE_ATTEMPTS = 5
 
 
 def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "",
@@ -44,14 +79,38 @@ def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "
 def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     """Great Expectations on every table; a failed batch is moved to quarantine.
 
+    ``quarantine_dir`` and ``reference`` may be object-store URIs: the reference is read from
+    there and a passing batch's profile written back (one PUT); a failed batch is quarantined
+    into a staging folder beside it (reports first, then the move, as locally), then published
+    to ``quarantine_dir`` and only then deleted here (:func:`~transact.data.storage.move_tree`):
+    a step killed mid-way leaves the batch in staging, never nowhere.
     Returns ``{"passed": bool, "summary": markdown, ...}``.
     """
     from transact.validation import validate_world
 
-    quarantine = local_path(quarantine_dir, "quarantine_dir")
-    ref = local_path(reference, "reference") if reference else None
-    result = validate_world(world_dir, quarantine, reference=ref)
-    return result.to_dict()
+    remote_q = storage.is_remote(quarantine_dir)
+    staging = Path(world_dir).resolve().parent / ".quarantine-staging"
+    quarantine = staging if remote_q else local_path(quarantine_dir, "quarantine_dir")
+    with tempfile.TemporaryDirectory(prefix="transact-validate-") as tmp:
+        ref: Path | None = None
+        if reference and storage.is_remote(reference):
+            ref = Path(tmp) / "reference.json"
+            if storage.exists(reference):
+                ref.write_bytes(storage.read_bytes(reference))
+        elif reference:
+            ref = local_path(reference, "reference")
+        result = validate_world(world_dir, quarantine, reference=ref).to_dict()
+        if ref is not None and storage.is_remote(reference) and result.get("reference_written"):
+            storage.write_bytes(reference, ref.read_bytes())
+            result["reference_written"] = reference
+    if remote_q and result.get("quarantine"):
+        local_batch = Path(result["quarantine"])
+        remote_batch = storage.join(quarantine_dir, local_batch.name)
+        storage.move_tree(local_batch, remote_batch, meta={"rows": result.get("rows", {})})
+        result["quarantine"] = remote_batch
+        if not any(staging.iterdir()):
+            staging.rmdir()
+    return result
 
 
 def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -> dict:
@@ -140,19 +199,24 @@ def evaluate(model_dir: str, rows_path: str, out_dir: str, n_boot: int = 500,
     return m
 
 
-def gate(challenger_metrics: dict, model_dir: str, rows_path: str, champion_dir: str,
+def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str,
          tolerance: float = 0.02, progress: bool = True) -> dict:
-    """Challenger vs the champion, both evaluated on the same evaluation window.
+    """Challenger vs the registry's champion, both evaluated on the same evaluation window.
 
     The challenger passes when HIT@3/repin is no more than ``tolerance`` (relative) below
     the champion's and HIT@3/hide no more than ``tolerance`` above it. With no champion
-    yet, it passes.
+    yet, it passes. ``champion_generation`` in the result is the champion it was judged
+    against (0: none): promotion succeeds only while that is still the champion.
     """
-    champion_model = local_path(champion_dir, "champion_dir") / CHAMPION_MODEL
-    if not (champion_model / "config.json").exists():
-        return {"passed": True, "reason": "no champion yet: the first model is promoted"}
-    champ = evaluate(str(champion_model), rows_path, str(Path(model_dir) / "champion_eval"),
-                     progress=progress, train_end_ts=challenger_metrics["eval_window"]["train_end_ts"])
+    from transact.model.registry import Registry
+
+    current = Registry(registry).champion()
+    if current is None:
+        return {"passed": True, "reason": "no champion yet: the first model is promoted", "champion_generation": 0}
+    with tempfile.TemporaryDirectory(prefix="transact-gate-") as tmp:
+        champion_model = Registry(registry).fetch_model(current.model_id, Path(tmp) / "champion")
+        champ = evaluate(str(champion_model), rows_path, str(Path(tmp) / "champion_eval"),
+                         progress=progress, train_end_ts=challenger_metrics["eval_window"]["train_end_ts"])
     c_rep, c_hide = champ["hit"]["repin"]["value"], champ["hit"]["hide"]["value"]
     n_rep, n_hide = challenger_metrics["hit"]["repin"]["value"], challenger_metrics["hit"]["hide"]["value"]
     checks = {
@@ -164,28 +228,45 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, champion_dir:
               f"HIT@3/hide {n_hide:.4f} vs champion {c_hide:.4f} ({'ok' if checks['hide'] else 'regressed'}); "
               f"tolerance {tolerance:.0%}")
     return {"passed": passed, "reason": reason, "champion": {"repin": c_rep, "hide": c_hide},
-            "challenger": {"repin": n_rep, "hide": n_hide}}
+            "challenger": {"repin": n_rep, "hide": n_hide}, "champion_generation": current.generation,
+            "champion_model": current.model_id}
 
 
-def promote(model_dir: str, champion_dir: str, metrics: dict) -> dict:
-    """Makes the model the champion (copied atomically: a new folder, then renamed)."""
-    champ = local_path(champion_dir, "champion_dir")
-    champ.mkdir(parents=True, exist_ok=True)
-    tmp = champ / f".{CHAMPION_MODEL}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("train_state", "eval", "champion_eval"))
-    old = champ / f".{CHAMPION_MODEL}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (champ / CHAMPION_MODEL).exists():
-        (champ / CHAMPION_MODEL).rename(old)
-    tmp.rename(champ / CHAMPION_MODEL)
-    shutil.rmtree(old, ignore_errors=True)
-    (champ / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return {"champion": str(champ / CHAMPION_MODEL)}
+def promote(model_dir: str, registry: str, metrics: dict, gated_against: int, rows_path: str,
+            tolerance: float = 0.02, lineage: dict | None = None, progress: bool = True) -> dict:
+    """Makes the gated model the registry's champion -- if the champion is still the one it
+    was gated against (generation ``gated_against``). When another run moved it meanwhile,
+    the model is gated again against the new champion and promoted only if it passes again
+    (:mod:`transact.model.registry` says why this is race-free). Returns ``promoted`` (bool),
+    ``reason``, and on success ``generation`` and ``model_id``."""
+    from transact.model.registry import ChampionMoved, Registry
+
+    reg = Registry(registry)
+    reasons = []
+    for _ in range(PROMOTE_ATTEMPTS):
+        try:
+            record = reg.promote(model_dir, metrics, lineage or {}, expected=gated_against)
+        except ChampionMoved as moved:
+            again = gate(metrics, model_dir, rows_path, registry, tolerance, progress=progress)
+            reasons.append(f"{moved}: {again['reason']}")
+            if not again["passed"]:
+                return {"promoted": False, "reason": "; ".join(reasons), "registry": registry}
+            gated_against = again["champion_generation"]
+            continue
+        return {"promoted": True, "generation": record.generation, "model_id": record.model_id,
+                "previous": record.previous, "registry": registry,
+                "reason": "; ".join([*reasons, f"champion generation {record.generation}"])}
+    raise RuntimeError(f"{registry}: the champion moved {PROMOTE_ATTEMPTS} times while this run was gated; "
+                       "try again when fewer runs promote at once")
 
 
-def package(model_dir: str) -> dict:
-    """Puts the model into the BentoML model store (idempotent: same weights, same tag)."""
-    from transact.serving.packaging import package_model
+def package(model_dir: str, registry: str = "") -> dict:
+    """Puts the model into the BentoML model store (idempotent: same weights, same tag) and,
+    with a ``registry``, exports it there (``<registry>/bentoml/<name>-<version>.bentomodel``) so
+    that a fresh machine can serve it (``transact serve --from-registry``)."""
+    from transact.serving.packaging import export_model, package_model
 
-    return package_model(model_dir)
+    packaged = package_model(model_dir)
+    if registry:
+        packaged["exported"] = export_model(packaged["tag"], registry)
+    return packaged

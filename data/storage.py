@@ -15,8 +15,14 @@ A scheme is two or more letters (``C:/x`` stays a Windows drive path).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
+import uuid
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -49,3 +55,255 @@ def local_path(value: str | os.PathLike, setting: str = "path") -> Path:
     shown = text if "://" in text else text.replace(":/", "://", 1)
     raise ObjectStoreURI(f"{setting}: {shown} is an object-store URI; this reads and writes local paths only, "
                          "so nothing was written -- give a local path or a file:// URI")
+
+
+# --- object storage: one layer over fsspec (s3fs for s3://, gcsfs/adlfs when installed) ---------
+#
+# Every location below is a string: a local path, a file:// URI or an object-store URI. Local
+# paths go through the os module (rename and O_EXCL give the atomicity); the rest through
+# fsspec, with credentials and endpoint read by the backend the standard way (AWS_ENDPOINT_URL,
+# AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a pod's IAM role; GOOGLE_APPLICATION_CREDENTIALS).
+#
+# Objects cannot be renamed, so a folder is *published*: its files are written under the prefix,
+# then MANIFEST.json -- names, sizes, sha256 -- last, with a create-only write. A reader trusts
+# only what a manifest names and checks every byte it fetches against it; a writer that dies
+# mid-way leaves files no manifest names, which no reader takes and the next publish overwrites.
+
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = "transact-manifest/1"
+_CHUNK = 8 << 20
+
+
+class Unpublished(FileNotFoundError):
+    """A location with no manifest: never published, or its writer died before finishing."""
+
+
+def is_remote(value: str | os.PathLike) -> bool:
+    """True for an object-store URI (``s3://``, ``gs://``, ...); False for local paths and file://."""
+    scheme = uri_scheme(value)
+    return scheme is not None and scheme != "file"
+
+
+def _remote(uri: str):
+    """(fsspec filesystem, path within it) of an object-store URI."""
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - fsspec comes with s3fs, a dependency
+        raise RuntimeError("object storage needs fsspec (and s3fs for s3://): pip install s3fs") from e
+    text = uri if "://" in uri else uri.replace(":/", "://", 1)
+    try:
+        fs, path = fsspec.core.url_to_fs(text)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"{text}: no filesystem for this scheme is installed ({e})") from None
+    return fs, path
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI alike (a URI never passes through pathlib)."""
+    text = os.fspath(base)
+    if is_remote(text):
+        text = text if "://" in text else text.replace(":/", "://", 1)
+        return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(local_path(text).joinpath(*parts))
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        fs.invalidate_cache(path)  # another process may have written it since a listing was cached
+        return bool(fs.exists(path))
+    return local_path(location).exists()
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{os.fspath(location)}: no such object") from None
+    return local_path(location).read_bytes()
+
+
+def read_json(location: str | os.PathLike) -> dict:
+    return json.loads(read_bytes(location))
+
+
+def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> None:
+    """Writes ``data`` whole or not at all: a local file through a temporary name and a rename,
+    an object in one PUT. ``exclusive``: fail with :class:`FileExistsError` when ``location``
+    exists -- atomically (a hard link locally; a conditional ``If-None-Match: *`` PUT on S3).
+    Two writers racing for the same name: exactly one succeeds."""
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        with fs.open(path, "xb" if exclusive else "wb") as f:
+            f.write(data)
+        return
+    path = local_path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    try:
+        if exclusive:
+            os.link(tmp, path)  # fails when path exists: the create-only write
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already exists") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(location: str | os.PathLike, obj: dict, *, exclusive: bool = False) -> None:
+    write_bytes(location, json.dumps(obj, indent=2, default=str).encode(), exclusive=exclusive)
+
+
+def listdir(location: str | os.PathLike) -> list[str]:
+    """Names directly under ``location`` (empty when it does not exist)."""
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+    path = local_path(location)
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def remove_tree(location: str | os.PathLike) -> None:
+    """Deletes ``location`` and everything under it (nothing there: nothing done)."""
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        fs.invalidate_cache(path)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    path = local_path(location)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path, only: Collection[str] | None = None) -> dict[str, dict]:
+    """Relative name -> size and sha256 of every file under ``folder`` (or of the names ``only``)."""
+    paths = [folder / n for n in only] if only is not None else sorted(folder.rglob("*"))
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in paths if p.is_file() and p.name != MANIFEST}
+
+
+def _put_file(src: Path, location: str) -> None:
+    if is_remote(location):
+        fs, path = _remote(location)
+        fs.put_file(str(src), path)
+        return
+    dest = local_path(location)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _get_file(location: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(location):
+        fs, path = _remote(location)
+        fs.get_file(path, str(dest))
+    else:
+        shutil.copyfile(local_path(location), dest)
+
+
+def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict | None = None,
+                 progress: Callable[[str], None] | None = None, only: Collection[str] | None = None) -> dict:
+    """Publishes the local ``folder`` (or its files ``only``) at ``location`` (files first,
+    :data:`MANIFEST` last, create-only).
+
+    Publishing the same files again is a no-op (the manifests agree); other files at a published
+    location raise :class:`FileExistsError` -- a published location never changes. Returns the manifest.
+    """
+    src = local_path(folder, "folder")
+    target = os.fspath(location)
+    files = _files(src, only)
+    if only is not None and len(files) != len(only):
+        raise FileNotFoundError(f"{src}: {', '.join(sorted(set(only) - set(files)))} not found")
+    manifest = {"format": MANIFEST_FORMAT, "files": files, "meta": meta or {}}
+    existing = read_manifest(target, missing_ok=True)
+    if existing is not None:
+        if existing["files"] == files:
+            return existing
+        raise FileExistsError(f"{target}: already published with other contents (published locations never change)")
+    for i, rel in enumerate(files, 1):
+        if progress:
+            progress(f"{target}: {i}/{len(files)} {rel}")
+        _put_file(src / rel, join(target, rel))
+    manifest["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        write_json(join(target, MANIFEST), manifest, exclusive=True)
+    except FileExistsError:  # a concurrent publisher won: fine when it published the same files
+        if (read_manifest(target) or {}).get("files") != files:
+            raise FileExistsError(f"{target}: published concurrently with other contents") from None
+    return manifest
+
+
+def read_manifest(location: str | os.PathLike, *, missing_ok: bool = False) -> dict | None:
+    """The manifest of a published location; :class:`Unpublished` (or None) when there is none."""
+    where = join(location, MANIFEST)
+    try:
+        manifest = read_json(where)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise Unpublished(f"{os.fspath(location)}: not published (no {MANIFEST}): never written, "
+                          "or its writer stopped before finishing") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{where}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
+    """Copies what the manifest at ``location`` names into the local ``folder``, checking every
+    file's size and sha256 (a mismatch raises, and the folder is not left half-filled: files
+    are fetched into a temporary sibling, which is renamed into place last). Files already in
+    ``folder`` with the manifest's contents make this a no-op. Returns the manifest."""
+    manifest = read_manifest(location)
+    assert manifest is not None
+    dest = local_path(folder, "folder")
+    if dest.is_dir() and _files(dest) == manifest["files"]:
+        return manifest
+    tmp = dest.with_name(f".{dest.name}.fetch{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, want in manifest["files"].items():
+            _get_file(join(location, rel), tmp / rel)
+            got = {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
+            if got != want:
+                raise ValueError(f"{join(location, rel)}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}…, "
+                                 f"but the manifest says {want['bytes']} bytes, {want['sha256'][:12]}…")
+        write_json(tmp / MANIFEST, manifest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def move_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict | None = None) -> dict:
+    """Moves the local ``folder`` to ``location`` with nothing lost at any point: publish (copy,
+    manifest last), fetch the manifest back and check it names every file, then delete the source.
+    A kill before the delete leaves both copies, never neither."""
+    src = local_path(folder, "folder")
+    manifest = publish_tree(src, location, meta=meta)
+    if read_manifest(location)["files"] != _files(src):  # type: ignore[index]
+        raise RuntimeError(f"move of {src} to {os.fspath(location)}: the published copy differs; source kept")
+    shutil.rmtree(src)
+    return manifest

@@ -14,6 +14,7 @@ checks that the three files name the same step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,8 @@ FORMAT = "transact-model/1"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STATE_DIR = "train_state"
+#: what a served or registered model is: the training state is not part of it
+MODEL_FILES = (CONFIG, WEIGHTS)
 
 
 def _atomic(path: Path, write) -> None:
@@ -66,6 +69,21 @@ def save_model(model_dir: str | Path, model: nn.Module, training: dict | None = 
         "heads": list(m.cfg.heads),
         "training": training or {},
     })
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """SHA-256 over the names and bytes of :data:`MODEL_FILES`: the model's identity (the BentoML
+    version, the registry's model id), the same for the same weights wherever they were copied."""
+    h = hashlib.sha256()
+    for name in MODEL_FILES:
+        p = Path(model_dir) / name
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found (a model folder holds {', '.join(MODEL_FILES)})")
+        h.update(name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_config(model_dir: str | Path) -> dict:

@@ -67,7 +67,7 @@ def serve_world(world: str | Path, model_dir: str | Path, out_dir: str | Path, *
     try:
         model = load_model(model_dir, "cpu")
         if model_version is None:
-            from transact.serving.packaging import model_digest
+            from transact.model.checkpoint import model_digest
 
             model_version = model_digest(model_dir)[:16]
         req = select_requests(world, start_ts, end_ts, fraction, sample_seed)

@@ -95,7 +95,7 @@ class RetrainTrigger:
         retrain: the local retrain callable (default: :func:`local_pipeline_retrain` needs
             ``pipeline_params["source"]``).
         kfp_host: Kubeflow Pipelines API address for mode "cluster".
-        pipeline_params: parameters of the ``retrain`` pipeline (source, champion_dir, ...).
+        pipeline_params: parameters of the ``retrain`` pipeline (source, storage_root, ...).
         cooldown_hours: data-time hours after a retrain during which drift does not retrain.
         cooldown_windows: judged windows after a retrain during which drift does not retrain.
     """

@@ -20,10 +20,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from transact.data.storage import local_path
+from transact.data.storage import is_remote, local_path
 
-#: Parameters that are paths on the machine running the steps (made absolute locally).
-PATH_PARAMS = ("quarantine_dir", "feature_repo", "champion_dir", "source", "reference")
+#: Parameters that are paths on the machine running the steps (made absolute locally; an
+#: object-store URI is refused, before anything is written).
+PATH_PARAMS = ("feature_repo", "source")
+#: Parameters that are a local folder or an object-store URI (a local one made absolute).
+LOCATION_PARAMS = ("storage_root",)
+#: The storage root of local runs that name none (a cluster run must name one: the compiled
+#: pipeline has no default, since a pod's disk vanishes with the pod).
+LOCAL_STORAGE_ROOT = "runs/store"
 
 #: The Kubeflow Pipelines API's health endpoint, relative to ``--host``.
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -75,6 +81,12 @@ def check_params(name: str, params: dict) -> dict:
     return out
 
 
+def local_params(name: str, params: dict) -> dict:
+    """:func:`check_params` for a run on this machine: the storage root defaults to
+    :data:`LOCAL_STORAGE_ROOT` (a cluster run must name one)."""
+    return check_params(name, {"storage_root": LOCAL_STORAGE_ROOT, **params})
+
+
 def _coerce(key: str, value, kind: str):
     """``-p`` values arrive JSON-decoded: a number given to a string parameter becomes the
     string; an int is a float where a float is expected; anything else must match."""
@@ -101,9 +113,12 @@ def run_local(name: str = "training", run_dir: str | Path = "runs/pipeline", /, 
     ``logs/pipeline.log``; ``live`` (e.g. ``sys.stdout``) gets one status line per step."""
     from kfp import local
 
-    params = check_params(name, params)
+    params = local_params(name, params)
     for key in PATH_PARAMS:  # before anything is written: a URI here is refused, never a local folder
         if params.get(key):
+            params[key] = str(local_path(params[key], key).resolve())
+    for key in LOCATION_PARAMS:
+        if params.get(key) and not is_remote(params[key]):
             params[key] = str(local_path(params[key], key).resolve())
     run_dir = local_path(run_dir, "run_dir").resolve()
     root = run_dir / "pipeline"
@@ -266,7 +281,10 @@ def _result_evaluate(out) -> str:
 
 
 def _result_package(out) -> str:
-    return f"model {_json(out)['tag']}"
+    s = _json(out)
+    if not s.get("promoted", True):
+        return f"not promoted: {s['reason']}"
+    return f"model {s['tag']}, champion generation {s['generation']} of {s['registry']}"
 
 
 _RESULTS: dict[str, Callable] = {
@@ -285,7 +303,7 @@ def step_result(step: str, outputs: dict) -> str:
         if step == "gate-op":
             report = outputs.get("report")
             reason = Path(report.path).read_text().splitlines()[2] if report is not None else ""
-            return f"{'pass' if out == 'pass' else 'FAIL'}: {reason}"[:200]
+            return f"{'pass' if outputs.get('verdict') == 'pass' else 'FAIL'}: {reason}"[:200]
         return _RESULTS[step](out) if step in _RESULTS else str(out)[:160]
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError):
         return str(out)[:160]
@@ -342,7 +360,7 @@ def summarize_run(run_root: Path, seconds: float, params: dict, records: dict | 
                        "status": rec.get("status", "ok" if ran else "skipped"),
                        "seconds": rec.get("seconds"), "log": rec.get("log")}
     validate = _task_output(run_root / "validate-op")
-    gate = _task_output(run_root / task_of(run_root, "gate-op"))
+    gate = _task_output(run_root / task_of(run_root, "gate-op"), "verdict")
     evaluation = _task_output(run_root / task_of(run_root, "evaluate-op"))
     package = _task_output(run_root / task_of(run_root, "package-op"))
     where = f"its log in {logs}" if logs else "the step logs"
@@ -352,6 +370,8 @@ def summarize_run(run_root: Path, seconds: float, params: dict, records: dict | 
         outcome = f"failed before validation (see {where})"
     elif gate == "fail":
         outcome = "stopped: the challenger did not pass the gate; nothing packaged"
+    elif package is not None and not json.loads(package).get("promoted", True):
+        outcome = "stopped: another run changed the champion and this model did not pass the gate against it"
     elif package is not None:
         outcome = "packaged: the new model is the champion"
     else:

@@ -8,6 +8,13 @@
 A failed validation stops everything behind it (the batch is in quarantine, the
 validation report says why); a failed gate stops packaging (the gate report says
 which metric regressed).
+
+What outlives a run -- quarantine, the validation reference, the model registry (champion,
+history, exported models), the Feast repo -- lives under ``storage_root``
+(:class:`transact.components.steps.Layout`): on a cluster an object-store URI
+(``s3://bucket/prefix``), since every step is a fresh pod with an empty disk. It has no default
+in the compiled pipeline: a pod-local path there would silently lose all of it. The local
+runner gives it a folder of the run.
 """
 
 from dataclasses import dataclass
@@ -39,10 +46,7 @@ class Defaults:
     batch_size: int = TRAIN.batch_size
     lr: float = TRAIN.lr
     max_steps: int = 0
-    quarantine_dir: str = "runs/quarantine"
-    reference: str = "runs/validation-reference.json"
-    feature_repo: str = "feature_repo"
-    champion_dir: str = "runs/champion"
+    feature_repo: str = ""  #: empty: <storage_root>/feature_repo
     gate_tolerance: float = 0.02
     log_nn_engine: str = "local"  #: "ray": NN logging on Ray (docs/scale-out.md)
     ray_address: str = ""  #: a RayCluster's Jobs API (http://<head>:8265); empty: Ray inside the step
@@ -65,24 +69,26 @@ def _gpu(task: dsl.PipelineTask, cpu: str = "4", memory: str = "32G") -> dsl.Pip
             .set_cpu_request(cpu).set_memory_request(memory))
 
 
-def _evaluate_gate_package(model, rows, champion_dir, gate_tolerance) -> None:
+def _evaluate_gate_package(model, rows, storage_root, gate_tolerance) -> None:
     """evaluate -> gate vs champion -[pass]-> promote + package, for either train branch's model."""
     evaluate = _gpu(evaluate_op(model=model, rows=rows))
 
     gate = gate_op(metrics_json=evaluate.outputs["Output"], model=model,
-                   rows=rows, champion_dir=champion_dir, tolerance=gate_tolerance)
+                   rows=rows, storage_root=storage_root, tolerance=gate_tolerance)
     gate.set_caching_options(False)  # the champion changes between runs
     _gpu(gate)
 
-    with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
-        package = package_op(model=model, metrics_json=evaluate.outputs["Output"],
-                             champion_dir=champion_dir)
+    with dsl.If(gate.outputs["verdict"] == "pass", name="gate-passed"):
+        package = package_op(model=model, rows=rows, metrics_json=evaluate.outputs["Output"],
+                             storage_root=storage_root, gated_against=gate.outputs["champion_generation"],
+                             tolerance=gate_tolerance, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
         _gpu(package, cpu="2", memory="8G")
 
 
 @dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
 def training_pipeline(
+    storage_root: str,
     profile: str = "demo",
     seed: int = D.seed,
     source: str = "",
@@ -92,10 +98,7 @@ def training_pipeline(
     batch_size: int = D.batch_size,
     lr: float = D.lr,
     max_steps: int = D.max_steps,
-    quarantine_dir: str = D.quarantine_dir,
-    reference: str = D.reference,
     feature_repo: str = D.feature_repo,
-    champion_dir: str = D.champion_dir,
     gate_tolerance: float = D.gate_tolerance,
     log_nn_engine: str = D.log_nn_engine,
     ray_address: str = D.ray_address,
@@ -110,11 +113,11 @@ def training_pipeline(
     # ingest output may no longer exist. Re-ingesting the same world is a no-op anyway.
     ingest.set_caching_options(False)
 
-    validate = validate_op(world=ingest.outputs["world"], quarantine_dir=quarantine_dir, reference=reference)
+    validate = validate_op(world=ingest.outputs["world"], storage_root=storage_root)
     validate.set_caching_options(False)  # quarantine moves files: always re-check
 
     with dsl.If(validate.outputs["Output"] == "pass", name="validation-passed"):
-        features = features_op(world=ingest.outputs["world"], repo_dir=feature_repo)
+        features = features_op(world=ingest.outputs["world"], storage_root=storage_root, repo_dir=feature_repo)
         features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
 
         log_nn = log_nn_op(world=ingest.outputs["world"], engine=log_nn_engine,
@@ -127,32 +130,29 @@ def training_pipeline(
         with dsl.If(train_nodes < 1, name="single-pod-train"):
             train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
                                   batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps))
-            _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], champion_dir, gate_tolerance)
+            _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
         with dsl.Else(name="trainjob-train"):
             trainjob = trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=train_nodes,
                                    gpus_per_node=gpus_per_node, shared_dir=shared_dir, shared_pvc=shared_pvc,
                                    image=BASE_IMAGE)
             trainjob.set_cpu_request("2").set_memory_request("8G")
-            _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], champion_dir, gate_tolerance)
+            _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
 
 
 @dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")
 def retrain_pipeline(
     source: str,
+    storage_root: str,
     model_name: str = D.model_name,
     epochs: int = D.epochs,
     seed: int = D.seed,
-    quarantine_dir: str = D.quarantine_dir,
-    reference: str = D.reference,
     feature_repo: str = D.feature_repo,
-    champion_dir: str = D.champion_dir,
     gate_tolerance: float = D.gate_tolerance,
 ) -> None:
-    training_pipeline(profile="", seed=seed, source=source, drift="none", model_name=model_name,
-                      epochs=epochs, batch_size=D.batch_size, lr=D.lr, max_steps=D.max_steps,
-                      quarantine_dir=quarantine_dir, reference=reference, feature_repo=feature_repo,
-                      champion_dir=champion_dir, gate_tolerance=gate_tolerance)
+    training_pipeline(storage_root=storage_root, profile="", seed=seed, source=source, drift="none",
+                      model_name=model_name, epochs=epochs, batch_size=D.batch_size, lr=D.lr, max_steps=D.max_steps,
+                      feature_repo=feature_repo, gate_tolerance=gate_tolerance)
 
 
 PIPELINES = {"training": training_pipeline, "retrain": retrain_pipeline}

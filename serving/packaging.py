@@ -16,28 +16,13 @@ benchmark) without touching the environment.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from transact.data import storage
 from transact.serving.settings import DEFAULT_MODEL_NAME
-
-FILES = ("config.json", "model.safetensors")
-
-
-def model_digest(model_dir: str | Path) -> str:
-    h = hashlib.sha256()
-    for name in FILES:
-        p = Path(model_dir) / name
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found (a model folder holds {', '.join(FILES)})")
-        h.update(name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def package_model(model_dir: str | Path, name: str = DEFAULT_MODEL_NAME, labels: dict | None = None) -> dict:
@@ -48,7 +33,7 @@ def package_model(model_dir: str | Path, name: str = DEFAULT_MODEL_NAME, labels:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from transact.model.checkpoint import load_model, read_config, weights_step
+    from transact.model.checkpoint import MODEL_FILES, load_model, model_digest, read_config, weights_step
 
     model_dir = Path(model_dir)
     digest = model_digest(model_dir)
@@ -68,10 +53,68 @@ def package_model(model_dir: str | Path, name: str = DEFAULT_MODEL_NAME, labels:
                 "feature_config": cfg["feature_config"]}
     with bentoml.models.create(tag, labels={"project": "transact-v2", **(labels or {})},
                                metadata=metadata) as m:
-        for f in FILES:
+        for f in MODEL_FILES:
             shutil.copy2(model_dir / f, Path(m.path) / f)
     stored = bentoml.models.get(tag)
     return {"tag": str(stored.tag), "path": stored.path, "created": True, **info}
+
+
+#: where in a model registry (:mod:`transact.model.registry`) the exported BentoML models live
+EXPORTS = "bentoml"
+_EXPORT_FILE = "model.bentomodel"
+
+
+def export_location(registry: str, tag: str) -> str:
+    name, version = tag.split(":", 1)
+    return storage.join(registry, EXPORTS, f"{name}-{version}")
+
+
+def export_model(tag: str, registry: str) -> str:
+    """``bentoml.models.export_model`` of the stored model ``tag`` into the registry, as a
+    published folder (the archive, then its manifest): a fresh machine imports it from there
+    (:func:`import_champion`). Idempotent: a tag already exported is left as it is."""
+    import tempfile
+
+    import bentoml
+
+    where = export_location(registry, tag)
+    if storage.read_manifest(where, missing_ok=True) is None:
+        with tempfile.TemporaryDirectory(prefix="transact-export-") as tmp:
+            bentoml.models.export_model(tag, str(Path(tmp) / _EXPORT_FILE))
+            storage.publish_tree(tmp, where, meta={"tag": tag})
+    return where
+
+
+def import_champion(registry: str, name: str = DEFAULT_MODEL_NAME) -> str:
+    """The registry's champion in this machine's BentoML model store; returns its tag.
+
+    Imports the exported BentoML model when the package step exported one, else packages the
+    champion's model files fetched from the registry (the same tag either way: both are named
+    by the model digest)."""
+    import tempfile
+
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from transact.model.registry import Registry
+
+    reg = Registry(registry)
+    champion = reg.champion()
+    if champion is None:
+        raise ValueError(f"{registry}: no champion yet (run the training pipeline with this storage root)")
+    tag = f"{name}:{champion.model_id.rsplit('-', 1)[-1]}"
+    try:
+        bentoml.models.get(tag)
+        return tag
+    except NotFound:
+        pass
+    with tempfile.TemporaryDirectory(prefix="transact-import-") as tmp:
+        where = export_location(registry, tag)
+        if storage.read_manifest(where, missing_ok=True) is not None:
+            storage.fetch_tree(where, Path(tmp) / "export")
+            return str(bentoml.models.import_model(str(Path(tmp) / "export" / _EXPORT_FILE)).tag)
+        model_dir = reg.fetch_model(champion.model_id, Path(tmp) / "model")
+        return package_model(model_dir, name=name)["tag"]
 
 
 def stored_model_dir(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> Path:

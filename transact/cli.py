@@ -57,7 +57,8 @@ def _main(
             raise typer.BadParameter(str(e), param_hint="--train-encoder") from None
 
 #: Command modules, each with ``register(app, bench_app)``.
-COMMAND_MODULES = ("data", "demo", "model", "kernels", "validation", "features", "serving", "pipeline", "monitoring")
+COMMAND_MODULES = ("data", "demo", "model", "registry", "kernels", "validation", "features", "serving", "pipeline",
+                   "monitoring")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"transact.commands.{_name}").register(app, bench_app)

@@ -215,7 +215,7 @@ def test_cluster_mode_submits_the_retrain_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "submit", fake_submit)
     trig = RetrainTrigger(DecisionLog(tmp_path / "d.jsonl"), mode="cluster", kfp_host="http://kfp.example",
-                          pipeline_params={"source": "gs://logs/latest", "champion_dir": "gs://champ"})
+                          pipeline_params={"source": "gs://logs/latest", "storage_root": "gs://store"})
     rec = trig.handle(_result(2, True))
     assert rec["action"] == "retrain" and rec["retrain"]["run_id"] == "run-123"
     assert submitted["host"] == "http://kfp.example" and submitted["name"] == "retrain"
@@ -235,10 +235,10 @@ def test_local_mode_runs_the_retrain_pipeline_here(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "run_local", fake_run_local)
     trig = RetrainTrigger(DecisionLog(tmp_path / "d.jsonl"), mode="local", run_root=tmp_path / "runs",
-                          pipeline_params={"source": "/logs", "champion_dir": "/champ"})
+                          pipeline_params={"source": "/logs", "storage_root": "/store"})
     rec = trig.handle(_result(3, True))
     assert rec["action"] == "retrain" and rec["retrain"]["package"]["tag"] == "transact-ranker:abc"
-    assert calls["name"] == "retrain" and calls["params"] == {"source": "/logs", "champion_dir": "/champ"}
+    assert calls["name"] == "retrain" and calls["params"] == {"source": "/logs", "storage_root": "/store"}
     assert calls["run_dir"].startswith(str(tmp_path / "runs" / "retrain-d3"))
     # a pipeline that failed is a failed retrain; one without a source cannot start
     monkeypatch.setattr(runner, "run_local", lambda *a, **k: {"outcome": "failed at train-op"})

@@ -223,16 +223,13 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
     src = Path(__file__).resolve().parents[2] / "feature_repo"
     shutil.copytree(src, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     out = tmp_path / "monitor"
-    # the retrain pipeline keeps its validation reference at runs/validation-reference.json
-    # relative to the working directory: keep it out of the checkout
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # nothing of the retrain may land in the checkout
     with bentoml_home(tmp_path / "bentoml"):
         res = CliRunner().invoke(app, [
             "monitor", "--reference", str(root / "reference" / "rows.parquet"),
             "--current", str(root / "served-shift"), "--model", str(root / "m0"), "--out", str(out),
             "--retrain", "local", "--retrain-source", str(root / "w-shift"),
-            "--champion-dir", str(tmp_path / "champion"), "-p", f"feature_repo={repo}",
-            "-p", f"quarantine_dir={tmp_path / 'quarantine'}", "-p", "epochs=1"])
+            "--storage-root", str(tmp_path / "store"), "-p", f"feature_repo={repo}", "-p", "epochs=1"])
         assert res.exit_code == 0, res.output
         import bentoml
 
@@ -242,4 +239,7 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
     run = recs[0]["retrain"]
     assert run["mode"] == "local" and run["outcome"].startswith("packaged"), run
     assert run["package"]["tag"] in tags
-    assert (tmp_path / "champion" / "model" / "model.safetensors").exists()
+    from transact.model.registry import Registry
+
+    champion = Registry(tmp_path / "store" / "registry").champion()
+    assert champion is not None and champion.model_id.endswith(run["package"]["tag"].split(":")[1])

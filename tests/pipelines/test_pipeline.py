@@ -64,7 +64,7 @@ def test_conditions_gate_the_steps_behind_validation_and_gate(spec):
     cond_tasks = {n: t for n, (t, _) in tasks.items() if n.startswith("condition") and "triggerPolicy" in t}
     conditions = {n: t["triggerPolicy"]["condition"] for n, t in cond_tasks.items()}
     assert any("validate-op-Output" in c and "'pass'" in c for c in conditions.values())
-    assert any("gate-op-Output" in c and "'pass'" in c for c in conditions.values())
+    assert any("gate-op-verdict" in c and "'pass'" in c for c in conditions.values())
     # Training sits inside the validation condition, packaging inside the gate condition.
     assert tasks["train-op"][1].startswith("comp-condition")
     assert tasks["package-op"][1] != tasks["train-op"][1]
@@ -83,6 +83,29 @@ def test_gpu_resources_and_retries(spec):
         policy = tasks[step][0]["retryPolicy"]
         assert policy["maxRetryCount"] == 3 and policy["backoffDuration"] == "30s", step
     assert tasks["gate-op"][0]["cachingOptions"] == {} or not tasks["gate-op"][0]["cachingOptions"].get("enableCache")
+
+
+@pytest.mark.parametrize("name", ["training", "retrain"])
+def test_the_compiled_pipeline_keeps_nothing_on_a_pods_disk(name, tmp_path):
+    """Each step on a cluster is a fresh pod: a relative default (``runs/champion``, ``feature_repo``)
+    would put the champion, quarantine and Feast store on a disk that vanishes with the pod. The
+    storage root has no default (a run must name one); no string default is a relative path."""
+    compiled = yaml.safe_load(compile_pipeline(name, tmp_path / f"{name}.yaml").read_text())
+    params = compiled["root"]["inputDefinitions"]["parameters"]
+    assert "defaultValue" not in params["storage_root"] and not params["storage_root"].get("isOptional")
+    for key in ("champion_dir", "quarantine_dir", "reference"):
+        assert key not in params, key  # one storage root instead of three pod-local folders
+    for key, p in params.items():
+        default = p.get("defaultValue")
+        if isinstance(default, str) and default:
+            assert "/" not in default or default.startswith("/mnt/"), (key, default)  # only the volume mount
+
+
+def test_package_promotes_with_the_generation_the_gate_judged_against(spec):
+    tasks = _all_tasks(spec)
+    inputs = tasks["package-op"][0]["inputs"]["parameters"]
+    assert inputs["gated_against"] == {"componentInputParameter": "pipelinechannel--gate-op-champion_generation"}
+    assert "storage_root" in inputs and "run_id" in inputs
 
 
 def test_components_run_the_project_image(spec):
@@ -126,7 +149,8 @@ def test_submit_builds_the_right_request_against_a_fake_kubeflow_api():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         result = submit(f"http://127.0.0.1:{server.server_port}", "training",
-                        {"epochs": 3, "profile": "demo"}, experiment="ranking", run_name="nightly",
+                        {"epochs": 3, "profile": "demo", "storage_root": "s3://team-bucket/transact"},
+                        experiment="ranking", run_name="nightly",
                         existing_token="secret-token")
     finally:
         server.shutdown()
@@ -135,7 +159,8 @@ def test_submit_builds_the_right_request_against_a_fake_kubeflow_api():
     assert posts["/apis/v2beta1/experiments"][0]["display_name"] == "ranking"
     run, headers = posts["/apis/v2beta1/runs"]
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
-    assert run["runtime_config"]["parameters"] == {"epochs": 3, "profile": "demo"}
+    assert run["runtime_config"]["parameters"] == {"epochs": 3, "profile": "demo",
+                                                   "storage_root": "s3://team-bucket/transact"}
     assert run["pipeline_spec"]["pipelineInfo"]["name"] == "transact-training"
     assert "exec-train-op" in run["pipeline_spec"]["deploymentSpec"]["executors"]
     assert {k.lower(): v for k, v in headers.items()}.get("authorization") == "Bearer secret-token"
@@ -196,23 +221,28 @@ def _a_file(tmp_path):
     return f
 
 
+#: a cluster run names its storage root (the compiled pipeline has no default for it)
+SUBMIT = ["pipeline", "submit", "-p", "storage_root=s3://team-bucket/transact", "--host"]
+
 #: (command line from hosts and tmp_path, words the one error line must hold)
 USER_ERRORS = {
-    "submit: host down": (lambda h, t: ["pipeline", "submit", "--host", h["down"]],
+    "submit: no storage root": (lambda h, t: ["pipeline", "submit", "--host", h["down"]],
+                                ["needs -p storage_root="]),
+    "submit: host down": (lambda h, t: [*SUBMIT, h["down"]],
                           ["did not answer", "connection refused", "{down}", "--host"]),
-    "submit: 404": (lambda h, t: ["pipeline", "submit", "--host", h["web"] + "/missing"],
+    "submit: 404": (lambda h, t: [*SUBMIT, h["web"] + "/missing"],
                     ["not a Kubeflow Pipelines API", "HTTP 404", "--host"]),
-    "submit: web page": (lambda h, t: ["pipeline", "submit", "--host", h["web"] + "/html/"],
+    "submit: web page": (lambda h, t: [*SUBMIT, h["web"] + "/html/"],
                          ["not a Kubeflow Pipelines API", "not JSON"]),
-    "submit: 401": (lambda h, t: ["pipeline", "submit", "--host", h["web"] + "/auth", "--token", "x"],
+    "submit: 401": (lambda h, t: [*SUBMIT, h["web"] + "/auth", "--token", "x"],
                     ["HTTP 401", "--token"]),
-    "submit: login redirect": (lambda h, t: ["pipeline", "submit", "--host", h["web"] + "/login"],
+    "submit: login redirect": (lambda h, t: [*SUBMIT, h["web"] + "/login"],
                                ["/dex/auth", "--token"]),
-    "submit: API error": (lambda h, t: ["pipeline", "submit", "--host", h["web"] + "/broken"],
+    "submit: API error": (lambda h, t: [*SUBMIT, h["web"] + "/broken"],
                           ["refused the run", "HTTP 500", "database is down"]),
-    "submit: no such name": (lambda h, t: ["pipeline", "submit", "--host", h["down"], "--name", "nope"],
+    "submit: no such name": (lambda h, t: [*SUBMIT, h["down"], "--name", "nope"],
                              ["unknown pipeline 'nope'", "training"]),
-    "submit: unknown -p": (lambda h, t: ["pipeline", "submit", "--host", h["down"], "-p", "nosuch=1"],
+    "submit: unknown -p": (lambda h, t: [*SUBMIT, h["down"], "-p", "nosuch=1"],
                            ["no parameter nosuch", "epochs"]),
     "run: no such name": (lambda h, t: ["pipeline", "run", "--name", "nope", "--run-dir", str(t / "r")],
                           ["unknown pipeline 'nope'"]),
@@ -265,7 +295,7 @@ def test_user_errors_are_one_line_and_exit_2(case, hosts, tmp_path, monkeypatch)
 def test_submit_to_a_host_that_is_down_is_one_line_from_the_real_cli(hosts, tmp_path):
     """The installed command line, as a person runs it: one stderr line, exit 2."""
     env = {**os.environ, "HOME": str(tmp_path)}
-    p = subprocess.run([sys.executable, "-m", "transact.cli", "pipeline", "submit", "--host", hosts["down"]],
+    p = subprocess.run([sys.executable, "-m", "transact.cli", *SUBMIT, hosts["down"]],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr + p.stdout and p.stdout == ""
@@ -372,21 +402,25 @@ def test_the_trainjob_branch_is_summarised_as_its_steps(tmp_path):
 
     from transact.pipelines.runner import STEP_ORDER, step_result, summarize_run
 
-    def task(name, output):
+    def task(name, output, key="Output"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "executor_output.json").write_text(json.dumps({"parameterValues": {"Output": output}}))
+        (tmp_path / name / "executor_output.json").write_text(json.dumps({"parameterValues": {key: output}}))
 
     for name in ("ingest-op", "features-op", "log-nn-op"):
         task(name, "{}")
     task("validate-op", "pass")
     task("trainjob-op", json.dumps({"trainjob": "tj-1", "steps": 3}))
     task("evaluate-op-2", json.dumps({"hit": {"click": {"value": 1.5, "ci95": [1.0, 2.0]}}}))
-    task("gate-op-2", "pass")
-    task("package-op-2", json.dumps({"tag": "transact-ranker:abc"}))
+    task("gate-op-2", "pass", key="verdict")
+    package = {"promoted": True, "tag": "transact-ranker:abc", "generation": 2, "registry": "s3://b/r"}
+    task("package-op-2", json.dumps(package))
     s = summarize_run(tmp_path, 1.0, {})
     assert s["outcome"].startswith("packaged"), s["outcome"]
     assert all(s["steps"][k]["ran"] for k in STEP_ORDER)
     assert s["steps"]["train-op"]["task"] == "trainjob-op" and s["package"]["tag"] == "transact-ranker:abc"
-    assert step_result("package-op-2", {"Output": json.dumps({"tag": "t:1"})}) == "model t:1"
+    assert step_result("package-op-2", {"Output": json.dumps(package)}) == \
+        "model transact-ranker:abc, champion generation 2 of s3://b/r"
+    lost = {"promoted": False, "reason": "the champion moved: ...", "registry": "s3://b/r"}
+    assert step_result("package-op", {"Output": json.dumps(lost)}) == "not promoted: the champion moved: ..."
     assert step_result("evaluate-op-2", {"Output": json.dumps({"hit": {"click": {"value": 1.5}}})}) == \
         "HIT@3 click 1.500"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from transact.model.registry import Registry
 from transact.pipelines.runner import STEP_ORDER, run_local
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,7 @@ def env(tmp_path_factory):
 
 
 def _params(root: Path, **kw) -> dict:
-    return {**FAST, "quarantine_dir": str(root / "quarantine"), "reference": str(root / "validation-reference.json"),
-            "feature_repo": str(root / "feature_repo"), "champion_dir": str(root / "champion"), **kw}
+    return {**FAST, "storage_root": str(root), **kw}
 
 
 def test_full_run_packages_then_worse_challenger_is_not_packaged(env, capfd):
@@ -47,14 +47,18 @@ def test_full_run_packages_then_worse_challenger_is_not_packaged(env, capfd):
     assert first["outcome"].startswith("packaged"), first["outcome"]
     assert all(s["ran"] for s in first["steps"].values())
     assert first["metrics"]["hit"]["repin"]["value"] > 0
-    champion = env / "champion" / "model" / "model.safetensors"
-    assert champion.exists() and first["package"]["tag"].startswith("transact-ranker:")
+    registry = Registry(env / "registry")
+    champion = registry.champion()
+    assert champion is not None and champion.generation == 1 and champion.action == "promote"
+    assert first["package"]["tag"].startswith("transact-ranker:")
+    assert first["package"]["tag"].split(":")[1] == champion.model_id.rsplit("-", 1)[1]
+    assert champion.lineage["run_id"] and champion.lineage["rows_count"] > 0 and champion.lineage["version"]
+    assert champion.metrics["hit"] == first["metrics"]["hit"]
     summary_md = (env / "summary.md").read_text()
     assert "packaged" in summary_md and "| repin |" in summary_md and str(env / "logs") in summary_md
     docs = first["reports"]["validate-op data docs"]  # the GX Data Docs site, linked from the summary
     assert Path(docs).name == "index.html" and Path(docs).exists() and docs in summary_md
     _assert_compact_screen(capfd.readouterr(), env / "logs")
-    before = champion.read_bytes()
 
     screen = io.StringIO()
     second = run_local("training", env / "run2", live=screen,
@@ -62,7 +66,7 @@ def test_full_run_packages_then_worse_challenger_is_not_packaged(env, capfd):
     assert second["gate"] == "fail", second["outcome"]
     assert not second["steps"]["package-op"]["ran"]
     assert second["outcome"].startswith("stopped: the challenger")
-    assert champion.read_bytes() == before  # the champion is untouched
+    assert registry.history() == [champion]  # the champion is untouched
     gate_report = Path(second["reports"]["gate-op"]).read_text()
     assert "FAIL" in gate_report and "regressed" in gate_report
     assert re.search(r"^  gate-op +ok +[\d.]+ s  FAIL: .*regressed", screen.getvalue(), re.M), screen.getvalue()
@@ -101,7 +105,7 @@ def test_corrupted_batch_stops_before_training(env, tmp_path):
     assert run["outcome"].startswith("stopped: validation failed")
     for step in ("features-op", "log-nn-op", "train-op", "package-op"):
         assert not run["steps"][step]["ran"], step
-    quarantined = list((env / "quarantine").iterdir())
+    quarantined = list((env / "quarantine").iterdir())  # under the storage root
     assert quarantined, "the bad batch must be in quarantine"
     report = Path(run["reports"]["validate-op"]).read_text()
     assert "ts in range" in report

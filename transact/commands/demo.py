@@ -1,9 +1,10 @@
 """``transact demo`` (``make demo``): the training pipeline, run locally on the ``demo`` world.
 
-Everything lands under one run folder: the pipeline's artefacts (``pipeline/``), the
-Feast repo of this run (``feature_repo/``), the validation reference and quarantine,
-and the champion model. A re-run reuses the world (same profile and seed) and gates
-the new model against the champion of the previous run.
+Everything lands under one run folder, which is also the pipeline's storage root: the
+pipeline's artefacts (``pipeline/``), the Feast repo of this run (``feature_repo/``), the
+validation reference and quarantine, and the model registry (``registry/``: the champion).
+A re-run reuses the world (same profile and seed) and gates the new model against the
+champion of the previous run.
 """
 from __future__ import annotations
 
@@ -27,11 +28,7 @@ def run_demo(out: Path, profile: str = "demo", seed: int = 0, steps: int = DEMO_
     from transact.pipelines.runner import run_local
 
     out = Path(out).resolve()
-    params = {**dict(profile=profile, seed=seed, epochs=1, max_steps=steps,
-                     quarantine_dir=str(out / "quarantine"),
-                     reference=str(out / "validation-reference.json"),
-                     feature_repo=str(out / "feature_repo"),
-                     champion_dir=str(out / "champion")), **overrides}
+    params = {**dict(profile=profile, seed=seed, epochs=1, max_steps=steps, storage_root=str(out)), **overrides}
     typer.secho(f"running the training pipeline locally on the '{profile}' world -> {out}", bold=True)
     summary = run_local("training", out, live=sys.stdout, **params)
     _print_results(summary, out)
@@ -71,6 +68,7 @@ def _print_results(s: dict, out: Path) -> None:
     rows += [(f"report: {k.removesuffix('-op')}", v) for k, v in s.get("reports", {}).items()]
     if s.get("package"):
         rows += [("champion model", s["package"].get("champion")),
+                 ("model registry", s["package"].get("registry")),
                  ("bento model tag", s["package"].get("tag"))]
     for name, path in rows:
         typer.echo(f"  {name:<22} {path}")

@@ -44,7 +44,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                 "cluster (submit it to --kfp-host) or off (log only)."),
         retrain_source: str | None = typer.Option(None, help="Logs folder (generic schema) the retrain "
                                                                  "pipeline trains on."),
-        champion_dir: Path = typer.Option(Path("runs/champion"), help="Champion folder of the retrain pipeline."),
+        storage_root: str = typer.Option("runs/store", help="Storage root of the retrain pipeline (its registry, "
+                                                            "quarantine, reference): a folder or an object-store "
+                                                            "URI; the champion it gates against lives there."),
         kfp_host: str | None = typer.Option(None, help="Kubeflow Pipelines API for --retrain cluster."),
         param: list[str] = typer.Option([], "--param", "-p", help="Extra retrain pipeline parameter key=value."),
         cooldown_hours: float = typer.Option(72.0, help="No second retrain within this many hours "
@@ -59,7 +61,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.monitoring.trigger import DecisionLog, RetrainTrigger
 
         drift_rule = DriftRule.from_dict(json.loads(rule.read_text())) if rule else DriftRule()
-        params = {"champion_dir": str(champion_dir), **parse_params(param)}
+        params = {"storage_root": storage_root, **parse_params(param)}
         if retrain_source:
             params["source"] = str(retrain_source)
         if retrain in ("local", "cluster") and not retrain_source:

@@ -23,10 +23,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Run the pipeline on this machine (kfp.local, one subprocess per step)."""
         import sys
 
-        from transact.pipelines.runner import check_params, run_local
+        from transact.pipelines.runner import local_params, run_local
 
         # checked first, so a `-p live=...` is refused as unknown instead of clashing with the keyword
-        params = check_params(name, parse_params(param))
+        params = local_params(name, parse_params(param))
         typer.secho(f"running the {name} pipeline locally -> {run_dir} (one line per step)", bold=True)
         summary = run_local(name, run_dir, live=sys.stdout, **params)
         typer.echo((run_dir / "summary.md").read_text())

@@ -40,6 +40,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @fail_on_user_error
     def serve(
         model: str = typer.Option(DEFAULT_MODEL_TAG, help="Model tag in the BentoML model store."),
+        registry: str | None = typer.Option(None, help="Serve this model registry's champion (a folder or an "
+                                                       "object-store URI, e.g. s3://bucket/root/registry): "
+                                                       "imported into the local store first; replaces --model."),
         world: Path | None = typer.Option(None, help="World folder: sequences and items from its parquet events."),
         feast_repo: Path | None = typer.Option(None, help="Feast repo: sequences and items from the online store."),
         host: str = typer.Option(DEFAULT_HOST, help="Bind address (0.0.0.0 exposes the service to the network)."),
@@ -65,6 +68,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.serving.launch import check_config, serve_forever
         from transact.serving.settings import parse_clock_skew
 
+        if registry:
+            from transact.serving.packaging import import_champion
+
+            model = import_champion(registry)
+            typer.echo(f"the champion of {registry}: {model}")
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
