@@ -11,7 +11,6 @@ image with CUDA for the GPU steps).
 """
 
 import os
-from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -126,15 +125,13 @@ def evaluate_op(model: Input[Model], rows: Input[Dataset], metrics: Output[Metri
     return json.dumps(m)
 
 
-# The outputs' NamedTuple is written inline, KFP's way: the function's source alone reaches the
-# pod (where KFP star-imports typing), so a module-level class would be an unknown name there.
 @dsl.component(**_opts)
-def gate_op(metrics_json: str, model: Input[Model], rows: Input[Dataset], storage_root: str, tolerance: float,
-            report: Output[Markdown]) -> NamedTuple("GateOutputs", verdict=str, champion_generation=int):  # type: ignore[valid-type]
-    """Challenger vs the registry's champion on the same window: "pass" or "fail", and the
-    champion generation it was judged against (promotion holds only while that is the champion)."""
+def gate_op(metrics_json: str, model: Input[Model], rows: Input[Dataset], storage_root: str,
+            tolerance: float, report: Output[Markdown]) -> str:
+    """Challenger vs the registry's champion on the same window: "pass" or "fail". The report's
+    metadata carries the champion generation it was judged against (promotion holds only while
+    that is still the champion; kfp.local cannot branch on one of several outputs)."""
     import json
-    from collections import namedtuple
 
     from transact.components import steps
 
@@ -142,14 +139,14 @@ def gate_op(metrics_json: str, model: Input[Model], rows: Input[Dataset], storag
                    progress=False)
     with open(report.path, "w") as f:
         f.write(f"# Gate: {'PASS' if g['passed'] else 'FAIL'}\n\n{g['reason']}\n")
+    report.metadata["champion_generation"] = int(g["champion_generation"])
     print(f"gate: {'pass' if g['passed'] else 'FAIL'}: {g['reason']}")
-    GateOutputs = namedtuple("GateOutputs", ["verdict", "champion_generation"])  # noqa: N806 (a type)
-    return GateOutputs("pass" if g["passed"] else "fail", int(g["champion_generation"]))
+    return "pass" if g["passed"] else "fail"
 
 
 @dsl.component(**_opts)
 def package_op(model: Input[Model], rows: Input[Dataset], metrics_json: str, storage_root: str,
-               gated_against: int, tolerance: float, run_id: str, bento: Output[Dataset]) -> str:
+               gate_report: Input[Markdown], tolerance: float, run_id: str, bento: Output[Dataset]) -> str:
     """Promote to the registry's champion (if it is still the one the gate judged against, else
     gate again), put the model into the BentoML model store and export it to the registry."""
     import json
@@ -160,6 +157,7 @@ def package_op(model: Input[Model], rows: Input[Dataset], metrics_json: str, sto
     registry = steps.Layout(storage_root).registry
     lineage = {"run_id": run_id, "version": __version__, "rows": rows.uri, "rows_count": rows.metadata.get("rows"),
                "model": model.metadata.get("model")}
+    gated_against = int(gate_report.metadata["champion_generation"])
     promoted = steps.promote(model.path, registry, json.loads(metrics_json), gated_against, rows.path, tolerance,
                              lineage=lineage, progress=False)
     out = {**promoted, "champion": model.path}

@@ -303,7 +303,7 @@ def step_result(step: str, outputs: dict) -> str:
         if step == "gate-op":
             report = outputs.get("report")
             reason = Path(report.path).read_text().splitlines()[2] if report is not None else ""
-            return f"{'pass' if outputs.get('verdict') == 'pass' else 'FAIL'}: {reason}"[:200]
+            return f"{'pass' if out == 'pass' else 'FAIL'}: {reason}"[:200]
         return _RESULTS[step](out) if step in _RESULTS else str(out)[:160]
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError):
         return str(out)[:160]
@@ -360,7 +360,7 @@ def summarize_run(run_root: Path, seconds: float, params: dict, records: dict | 
                        "status": rec.get("status", "ok" if ran else "skipped"),
                        "seconds": rec.get("seconds"), "log": rec.get("log")}
     validate = _task_output(run_root / "validate-op")
-    gate = _task_output(run_root / task_of(run_root, "gate-op"), "verdict")
+    gate = _task_output(run_root / task_of(run_root, "gate-op"))
     evaluation = _task_output(run_root / task_of(run_root, "evaluate-op"))
     package = _task_output(run_root / task_of(run_root, "package-op"))
     where = f"its log in {logs}" if logs else "the step logs"

@@ -78,9 +78,9 @@ def _evaluate_gate_package(model, rows, storage_root, gate_tolerance) -> None:
     gate.set_caching_options(False)  # the champion changes between runs
     _gpu(gate)
 
-    with dsl.If(gate.outputs["verdict"] == "pass", name="gate-passed"):
+    with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
         package = package_op(model=model, rows=rows, metrics_json=evaluate.outputs["Output"],
-                             storage_root=storage_root, gated_against=gate.outputs["champion_generation"],
+                             storage_root=storage_root, gate_report=gate.outputs["report"],
                              tolerance=gate_tolerance, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
         _gpu(package, cpu="2", memory="8G")

@@ -64,7 +64,7 @@ def test_conditions_gate_the_steps_behind_validation_and_gate(spec):
     cond_tasks = {n: t for n, (t, _) in tasks.items() if n.startswith("condition") and "triggerPolicy" in t}
     conditions = {n: t["triggerPolicy"]["condition"] for n, t in cond_tasks.items()}
     assert any("validate-op-Output" in c and "'pass'" in c for c in conditions.values())
-    assert any("gate-op-verdict" in c and "'pass'" in c for c in conditions.values())
+    assert any("gate-op-Output" in c and "'pass'" in c for c in conditions.values())
     # Training sits inside the validation condition, packaging inside the gate condition.
     assert tasks["train-op"][1].startswith("comp-condition")
     assert tasks["package-op"][1] != tasks["train-op"][1]
@@ -103,9 +103,9 @@ def test_the_compiled_pipeline_keeps_nothing_on_a_pods_disk(name, tmp_path):
 
 def test_package_promotes_with_the_generation_the_gate_judged_against(spec):
     tasks = _all_tasks(spec)
-    inputs = tasks["package-op"][0]["inputs"]["parameters"]
-    assert inputs["gated_against"] == {"componentInputParameter": "pipelinechannel--gate-op-champion_generation"}
-    assert "storage_root" in inputs and "run_id" in inputs
+    inputs = tasks["package-op"][0]["inputs"]
+    assert inputs["artifacts"]["gate_report"] == {"componentInputArtifact": "pipelinechannel--gate-op-report"}
+    assert "storage_root" in inputs["parameters"] and "run_id" in inputs["parameters"]
 
 
 def test_components_run_the_project_image(spec):
@@ -411,7 +411,7 @@ def test_the_trainjob_branch_is_summarised_as_its_steps(tmp_path):
     task("validate-op", "pass")
     task("trainjob-op", json.dumps({"trainjob": "tj-1", "steps": 3}))
     task("evaluate-op-2", json.dumps({"hit": {"click": {"value": 1.5, "ci95": [1.0, 2.0]}}}))
-    task("gate-op-2", "pass", key="verdict")
+    task("gate-op-2", "pass")
     package = {"promoted": True, "tag": "transact-ranker:abc", "generation": 2, "registry": "s3://b/r"}
     task("package-op-2", json.dumps(package))
     s = summarize_run(tmp_path, 1.0, {})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from transact.data import storage
 from transact.model.registry import Registry
 from transact.pipelines.runner import STEP_ORDER, run_local
 
@@ -112,3 +113,40 @@ def test_corrupted_batch_stops_before_training(env, tmp_path):
     assert re.search(r"^  validate-op +ok +[\d.]+ s  FAIL: .*quarantine", screen.getvalue(), re.M), screen.getvalue()
     for step in ("features-op", "log-nn-op", "train-op", "package-op"):
         assert re.search(rf"^  {step} +skipped$", screen.getvalue(), re.M), screen.getvalue()
+
+
+def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_the_pod(s3, tmp_path, monkeypatch):
+    """The cluster path on one machine: every step a subprocess started in an empty folder with an
+    empty HOME and its own BentoML home, the storage root a bucket on a real S3-protocol server.
+    Run 1 promotes; run 2 (an untrained challenger) is gated against run 1's champion, read from
+    the bucket; a fresh BentoML home imports the champion from there. Nothing lands in the
+    working folder (no local ``s3:`` folder, no ``runs/``)."""
+    from transact.serving.packaging import import_champion, local_stores
+
+    bucket = s3.bucket()
+    root = f"{bucket}/transact"
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    monkeypatch.chdir(pod)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml-pod"))
+    feast = str(tmp_path / "feast")  # Feast on the storage root is not wired yet: a local repo
+    first = run_local("training", tmp_path / "run1", **{**FAST, "storage_root": root, "feature_repo": feast})
+    assert first["outcome"].startswith("packaged"), first["outcome"]
+    registry = Registry(f"{root}/registry")
+    champion = registry.champion()
+    assert champion is not None and champion.generation == 1
+    assert first["package"]["registry"] == f"{root}/registry" and first["package"]["exported"].startswith(root)
+    assert storage.exists(f"{root}/validation/reference.json")
+
+    second = run_local("training", tmp_path / "run2",
+                       **{**FAST, "storage_root": root, "feature_repo": feast, "max_steps": 1, "lr": 1e-9,
+                          "gate_tolerance": 0.0})
+    assert second["gate"] == "fail", second["outcome"]
+    gate_report = Path(second["reports"]["gate-op"]).read_text()
+    assert f"vs champion {first['metrics']['hit']['repin']['value']:.4f}" in gate_report, gate_report
+    assert registry.history() == [champion]
+
+    with local_stores(tmp_path / "fresh-machine"):
+        assert import_champion(registry.root) == first["package"]["tag"]
+    assert list(pod.iterdir()) == []
