@@ -51,15 +51,15 @@ def validate_op(world: Input[Dataset], storage_root: str, report: Output[Markdow
 
 
 @dsl.component(**_opts)
-def features_op(world: Input[Dataset], storage_root: str, repo_dir: str) -> str:
+def features_op(world: Input[Dataset], storage_root: str, repo_dir: str, redis: str) -> str:
     """Feast: write sources, apply, materialise the lifelong sequence, push realtime ones
-    (``repo_dir`` empty: ``<storage_root>/feature_repo``)."""
+    (``repo_dir`` empty: ``<storage_root>/feature_repo``; ``redis``: the online store's address)."""
     import json
 
     from transact.components import steps
 
     repo = repo_dir or steps.Layout(storage_root).feature_repo
-    return json.dumps(steps.materialize_features(world.path, repo), default=str)
+    return json.dumps(steps.materialize_features(world.path, repo, progress=False, redis=redis), default=str)
 
 
 @dsl.component(**_opts)

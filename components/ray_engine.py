@@ -323,7 +323,7 @@ def _reduce_attach(shuffle: str, part: int, out: str, served_schema: pa.Schema, 
 def served_files(served: str | Path) -> list[Path]:
     """The served-log files of a folder (the files :func:`read_served_log` reads)."""
     served = Path(served)
-    files = sorted(served.glob("served-*.parquet")) if served.is_dir() else [served]
+    files = sorted(served.rglob("served-*.parquet")) if served.is_dir() else [served]  # shipped logs: one folder a server
     if not files or not files[0].exists():
         raise FileNotFoundError(f"{served}: no served-*.parquet files")
     return files

@@ -54,12 +54,16 @@ PROMOTE_ATTEMPTS = 5
 
 def ingest(world_dir: str, profile: str = "demo", seed: int = 0, source: str = "",
            drift: str = "none", progress: bool = True) -> dict:
-    """Simulates a world (``source`` empty) or imports a team's logs from ``source``."""
+    """Simulates a world (``source`` empty) or imports a team's logs from ``source`` (a folder
+    or an object-store URI: copied into this step first)."""
     out = Path(world_dir)
     if source:
         from transact.data.adapter import import_logs
 
-        return import_logs(local_path(source, "source"), out)
+        if not storage.is_remote(source):
+            return import_logs(local_path(source, "source"), out)
+        with tempfile.TemporaryDirectory(prefix="transact-source-") as tmp:
+            return import_logs(storage.download_tree(source, Path(tmp) / "source"), out)
     from dataclasses import asdict
 
     from transact.data.simulator import DriftConfig, get_profile, simulate
@@ -113,24 +117,33 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     return result
 
 
-def materialize_features(world_dir: str, repo_dir: str, progress: bool = True) -> dict:
+def materialize_features(world_dir: str, repo_dir: str, progress: bool = True, redis: str = "") -> dict:
     """Feast: the world's sequences into the offline sources, ``feast apply``, then
     materialisation into the online store. Re-running rewrites the same rows (idempotent).
 
     ``repo_dir`` is created from the project's ``feature_repo`` definitions when it has no
-    ``feature_store.yaml`` yet.
+    ``feature_store.yaml`` yet. An object-store ``repo_dir`` is built in a folder of this step and
+    published there whole (:mod:`transact.features.feast.published`). ``redis``
+    (``host:port[,password=...]``): the online store is Redis at that address (given to Feast
+    here, never written into the repo); empty: the repo's own (SQLite for a new one).
     """
     from transact.features.feast.materialize import materialize
     from transact.features.feast.offline import write_offline
-    from transact.features.feast.store import apply, init_repo
+    from transact.features.feast.published import build_and_publish
+    from transact.features.feast.store import apply, init_repo, open_store
 
-    repo = local_path(repo_dir, "feature_repo")
-    if not (repo / "feature_store.yaml").exists():
-        init_repo(repo)
-    written = write_offline(world_dir, repo, progress=progress)
-    applied = apply(repo)
-    loaded = materialize(repo, progress=progress)
-    return {"repo": str(repo), "offline": written, "apply": applied, "materialize": loaded}
+    def build(repo: Path) -> dict:
+        if not (repo / "feature_store.yaml").exists():
+            init_repo(repo, online="redis" if redis else "sqlite")  # the address stays a ${...} placeholder
+        written = write_offline(world_dir, repo, progress=progress)
+        store = open_store(repo, redis=redis or None)
+        applied = apply(store)
+        loaded = materialize(store, progress=progress)
+        return {"repo": str(repo), "offline": written, "apply": applied, "materialize": loaded}
+
+    if storage.is_remote(repo_dir):
+        return build_and_publish(build, repo_dir)
+    return build(local_path(repo_dir, "feature_repo"))
 
 
 ROWS_FILE = "nn_rows.parquet"

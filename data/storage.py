@@ -193,6 +193,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a local file (hex)."""
+    return _sha256(Path(path))
+
+
+def sha256_of(location: str | os.PathLike) -> tuple[int, str]:
+    """(bytes, sha256) of the file or object at ``location``, read back in chunks."""
+    if not is_remote(location):
+        path = local_path(location)
+        return path.stat().st_size, _sha256(path)
+    fs, path = _remote(os.fspath(location))
+    h, n = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def put_file(src: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copies the local file ``src`` to ``location``: whole or not at all (a temporary name and a
+    rename locally; one PUT, or a multipart upload completed at once, on an object store)."""
+    _put_file(Path(src), os.fspath(location))
+
+
 def _files(folder: Path, only: Collection[str] | None = None) -> dict[str, dict]:
     """Relative name -> size and sha256 of every file under ``folder`` (or of the names ``only``)."""
     paths = [folder / n for n in only] if only is not None else sorted(folder.rglob("*"))
@@ -307,3 +332,61 @@ def move_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict
         raise RuntimeError(f"move of {src} to {os.fspath(location)}: the published copy differs; source kept")
     shutil.rmtree(src)
     return manifest
+
+
+def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Copies everything under ``location`` (a team's own files: no manifest expected) into the
+    local ``folder``, through a temporary sibling renamed into place last, so ``folder`` never
+    holds half a copy. Returns ``folder``."""
+    dest = local_path(folder, "folder")
+    tmp = dest.with_name(f".{dest.name}.download{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if is_remote(location):
+            fs, path = _remote(os.fspath(location))
+            fs.invalidate_cache(path)
+            if not fs.isdir(path):
+                raise FileNotFoundError(f"{os.fspath(location)}: no such folder")
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        else:
+            shutil.copytree(local_path(location), tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def is_folder(location: str | os.PathLike) -> bool:
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        fs.invalidate_cache(path)
+        return bool(fs.isdir(path))
+    return local_path(location).is_dir()
+
+
+def download(location: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A file or a folder at ``location`` copied to the local ``dest`` (whole, or not at all)."""
+    if is_folder(location):
+        return download_tree(location, dest)
+    dest = local_path(dest, "dest")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.download{os.getpid()}")
+    try:
+        _get_file(os.fspath(location), tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def upload_tree(folder: str | os.PathLike, location: str | os.PathLike) -> int:
+    """Copies every file under the local ``folder`` to ``location`` (each file whole, as
+    :func:`put_file`; files there that ``folder`` lacks are left alone). Returns the file count."""
+    src = local_path(folder, "folder")
+    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    for p in files:
+        _put_file(p, join(location, p.relative_to(src).as_posix()))
+    return len(files)

@@ -12,7 +12,7 @@ rollback -- is one **create-only write** of generation g+1 by a writer that read
 an ``If-None-Match: *`` conditional PUT on S3 (``ifGenerationMatch=0`` on GCS, ``O_EXCL`` through
 a hard link on a local disk). Of two pipeline runs that both gated against generation g, exactly
 one writes g+1; the other gets :class:`ChampionMoved`, naming the new champion, and gates again
-against it (:func:`transact.components.steps.promote_gated`).
+against it (:func:`transact.components.steps.promote`).
 
 A conditional write, not a lease: a lease needs clocks and an expiry, and a promoter that dies
 holding one blocks every run until it expires; a create-only write holds nothing. Records are

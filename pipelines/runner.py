@@ -20,13 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from transact.data import storage
 from transact.data.storage import is_remote, local_path
 
-#: Parameters that are paths on the machine running the steps (made absolute locally; an
-#: object-store URI is refused, before anything is written).
-PATH_PARAMS = ("feature_repo", "source")
 #: Parameters that are a local folder or an object-store URI (a local one made absolute).
-LOCATION_PARAMS = ("storage_root",)
+LOCATION_PARAMS = ("storage_root", "source", "feature_repo")
 #: The storage root of local runs that name none (a cluster run must name one: the compiled
 #: pipeline has no default, since a pod's disk vanishes with the pod).
 LOCAL_STORAGE_ROOT = "runs/store"
@@ -87,6 +85,16 @@ def local_params(name: str, params: dict) -> dict:
     return check_params(name, {"storage_root": LOCAL_STORAGE_ROOT, **params})
 
 
+def resolve_locations(params: dict) -> dict:
+    """Location parameters as the steps (other processes, another working folder) must see them:
+    a local path made absolute, ``file://`` unwrapped, an object-store URI kept as given."""
+    out = dict(params)
+    for key in LOCATION_PARAMS:
+        if out.get(key) and not is_remote(out[key]):
+            out[key] = str(local_path(out[key], key).resolve())
+    return out
+
+
 def _coerce(key: str, value, kind: str):
     """``-p`` values arrive JSON-decoded: a number given to a string parameter becomes the
     string; an int is a float where a float is expected; anything else must match."""
@@ -113,17 +121,11 @@ def run_local(name: str = "training", run_dir: str | Path = "runs/pipeline", /, 
     ``logs/pipeline.log``; ``live`` (e.g. ``sys.stdout``) gets one status line per step."""
     from kfp import local
 
-    params = local_params(name, params)
-    for key in PATH_PARAMS:  # before anything is written: a URI here is refused, never a local folder
-        if params.get(key):
-            params[key] = str(local_path(params[key], key).resolve())
-    for key in LOCATION_PARAMS:
-        if params.get(key) and not is_remote(params[key]):
-            params[key] = str(local_path(params[key], key).resolve())
+    params = resolve_locations(local_params(name, params))
     run_dir = local_path(run_dir, "run_dir").resolve()
     root = run_dir / "pipeline"
     root.mkdir(parents=True, exist_ok=True)
-    if params.get("source") and not Path(params["source"]).exists():  # else: ingest fails after its retries
+    if params.get("source") and not storage.exists(params["source"]):  # else: ingest fails after its retries
         raise FileNotFoundError(f"source {params['source']} does not exist (a folder of logs to import)")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=False)

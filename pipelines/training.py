@@ -47,6 +47,7 @@ class Defaults:
     lr: float = TRAIN.lr
     max_steps: int = 0
     feature_repo: str = ""  #: empty: <storage_root>/feature_repo
+    redis: str = ""  #: the Feast online store on a cluster, host:port[,password=...] (empty: SQLite in the repo)
     gate_tolerance: float = 0.02
     log_nn_engine: str = "local"  #: "ray": NN logging on Ray (docs/scale-out.md)
     ray_address: str = ""  #: a RayCluster's Jobs API (http://<head>:8265); empty: Ray inside the step
@@ -99,6 +100,7 @@ def training_pipeline(
     lr: float = D.lr,
     max_steps: int = D.max_steps,
     feature_repo: str = D.feature_repo,
+    redis: str = D.redis,
     gate_tolerance: float = D.gate_tolerance,
     log_nn_engine: str = D.log_nn_engine,
     ray_address: str = D.ray_address,
@@ -117,7 +119,8 @@ def training_pipeline(
     validate.set_caching_options(False)  # quarantine moves files: always re-check
 
     with dsl.If(validate.outputs["Output"] == "pass", name="validation-passed"):
-        features = features_op(world=ingest.outputs["world"], storage_root=storage_root, repo_dir=feature_repo)
+        features = features_op(world=ingest.outputs["world"], storage_root=storage_root, repo_dir=feature_repo,
+                               redis=redis)
         features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
 
         log_nn = log_nn_op(world=ingest.outputs["world"], engine=log_nn_engine,
@@ -148,11 +151,12 @@ def retrain_pipeline(
     epochs: int = D.epochs,
     seed: int = D.seed,
     feature_repo: str = D.feature_repo,
+    redis: str = D.redis,
     gate_tolerance: float = D.gate_tolerance,
 ) -> None:
     training_pipeline(storage_root=storage_root, profile="", seed=seed, source=source, drift="none",
                       model_name=model_name, epochs=epochs, batch_size=D.batch_size, lr=D.lr, max_steps=D.max_steps,
-                      feature_repo=feature_repo, gate_tolerance=gate_tolerance)
+                      feature_repo=feature_repo, redis=redis, gate_tolerance=gate_tolerance)
 
 
 PIPELINES = {"training": training_pipeline, "retrain": retrain_pipeline}

@@ -343,11 +343,12 @@ class WriterPriority:
 
 
 def read_served_log(path: str | Path) -> pa.Table:
-    """All rows of a served-log folder (or one file), in file order."""
+    """All rows of a served-log folder (or one file), in file order; a folder's subfolders too
+    (the shipped log: one per server, :mod:`transact.serving.shipping`)."""
     import pyarrow.parquet as pq
 
     path = Path(path)
-    files = sorted(path.glob("served-*.parquet")) if path.is_dir() else [path]
+    files = sorted(path.rglob("served-*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path}: no served-*.parquet files")
     return pa.concat_tables([pq.read_table(f) for f in files])

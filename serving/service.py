@@ -47,6 +47,7 @@ from transact.serving.ranker import Ranked, Ranker, RankQuery, RequestError, Sou
 from transact.serving.schema import RankedItem, RankRequest, RankResponse
 from transact.serving.served_log import ServedLogWriter
 from transact.serving.settings import API_KEY_HEADER, DEFAULT_HOST, DEFAULT_PORT, MAX_REQUEST_TIMEOUT_S, ServeSettings
+from transact.serving.shipping import Shipper
 
 log = logging.getLogger("transact.serving")
 
@@ -113,6 +114,7 @@ class TransActRanker:
         tune_malloc()  # before the model's first allocation
         self.settings = ServeSettings()
         self.log_writer: ServedLogWriter | None = None
+        self.shipper: Shipper | None = None
         self._ranker: Ranker | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
@@ -168,6 +170,8 @@ class TransActRanker:
                                               on_logged=LOGGED.inc, on_dropped=DROPPED.inc)
             if self.log_writer.recovered.rows_recovered:
                 RECOVERED.inc(self.log_writer.recovered.rows_recovered)
+            if s.log_ship_to:
+                self.shipper = Shipper(s.log_dir, s.log_ship_to, s.log_ship_s)
         self._ranker = Ranker(model, source, device, model_version=self.model_version,
                              score_weights=s.score_weights, assembly=s.assembly, log_writer=self.log_writer,
                              cuda_graphs=s.cuda_graphs, cpu_forward=s.cpu_forward)
@@ -193,6 +197,8 @@ class TransActRanker:
             self.batcher.close()
         if self.log_writer is not None:
             self.log_writer.close()
+        if self.shipper is not None:
+            self.shipper.close()  # after the writer: its last file ships too
 
     # --- the API --------------------------------------------------------------------------------
 

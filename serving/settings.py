@@ -34,6 +34,8 @@ alive and unready with the message (``/readyz`` 503, ``/rank`` 503 naming it).
 | TRANSACT_LOG_QUEUE_ROWS | 32768 | bounded log queue; rows beyond are dropped and counted |
 | TRANSACT_LOG_FLUSH_ROWS | 8192 | rows per parquet file |
 | TRANSACT_LOG_FLUSH_S | 5 | max seconds a row waits before its file is written |
+| TRANSACT_LOG_SHIP_TO | (none) | where sealed log files move to (``<storage_root>/served``, a URI); needs the log dir |
+| TRANSACT_LOG_SHIP_S | 60 | seconds between shipping passes (and one at shutdown) |
 | TRANSACT_ASSEMBLY | dedup | ``naive`` broadcasts sequences per candidate (benchmark only) |
 | TRANSACT_CUDA_GRAPHS | 1 | CUDA graphs for the model forward on GPU |
 | TRANSACT_CPU_FORWARD | compile | CPU model forward: ``onnxruntime``, ``compile`` (torch.compile) or ``eager`` |
@@ -110,6 +112,13 @@ def _local_folder(raw: str, name: str) -> str:
     from transact.data.storage import local_path
 
     return str(local_path(raw, name))
+
+
+def _location(raw: str, name: str) -> str:
+    """A folder or an object-store URI (the served log's shipping target): kept as given."""
+    if not raw.strip():
+        raise ValueError(f"{name}: a folder or an object-store URI is needed")
+    return raw
 
 
 def _integer(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
@@ -213,6 +222,9 @@ class ServeSettings:
     log_queue_rows: int = setting(32_768, "TRANSACT_LOG_QUEUE_ROWS", _integer(1))
     log_flush_rows: int = setting(8192, "TRANSACT_LOG_FLUSH_ROWS", _integer(1))
     log_flush_s: float = setting(5.0, "TRANSACT_LOG_FLUSH_S", _number(0.01), _show_number)
+    #: where sealed served-log files go (the storage root's ``served/``); None: they stay in log_dir
+    log_ship_to: str | None = setting(None, "TRANSACT_LOG_SHIP_TO", _location)
+    log_ship_s: float = setting(60.0, "TRANSACT_LOG_SHIP_S", _number(0.01), _show_number)
     assembly: str = setting("dedup", "TRANSACT_ASSEMBLY", _choice(ASSEMBLIES))
     cuda_graphs: bool = setting(True, "TRANSACT_CUDA_GRAPHS", _flag, _show_flag)
     cpu_forward: str = setting(DEFAULT_CPU_FORWARD, "TRANSACT_CPU_FORWARD", _choice(CPU_FORWARDS))
@@ -226,6 +238,8 @@ class ServeSettings:
                 parsed = s.parse(text, s.env)
                 if isinstance(value, str) and parsed != value:  # file:///x -> /x, as the worker reads it
                     object.__setattr__(self, f.name, parsed)
+        if self.log_ship_to and not self.log_dir:
+            raise ValueError("TRANSACT_LOG_SHIP_TO: shipping the served log needs TRANSACT_LOG_DIR (--log-dir)")
         if self.max_batch_candidates < self.max_candidates:  # a request always fits a batch
             object.__setattr__(self, "max_batch_candidates", self.max_candidates)
 

@@ -133,3 +133,23 @@ def test_join_keeps_uris_uris(base, parts, want):
 def test_an_unknown_scheme_is_one_clear_line():
     with pytest.raises(ValueError, match="no filesystem for this scheme is installed"):
         storage.exists("nosuchfs://b/x")
+
+
+def test_a_teams_logs_in_a_bucket_are_imported_by_the_ingest_step(s3, tmp_path, monkeypatch):
+    """``source`` on object storage: copied into the step (never half), then imported; a missing
+    prefix is one line naming it."""
+    from transact.components import steps
+    from transact.data.simulator import get_profile, simulate
+
+    monkeypatch.chdir(tmp_path)
+    logs = simulate(get_profile("tiny"), tmp_path / "logs", seed=3, progress=False)
+    bucket = s3.bucket()
+    for path in sorted((tmp_path / "logs").rglob("*")):
+        if path.is_file() and path.name != "world.json":  # a team's logs: no world.json
+            storage.write_bytes(storage.join(bucket, "logs", path.relative_to(tmp_path / "logs").as_posix()),
+                                path.read_bytes())
+    summary = steps.ingest(str(tmp_path / "world"), source=f"{bucket}/logs")
+    assert summary["rows"] == logs["rows"]
+    with pytest.raises(FileNotFoundError, match="nothing/here: no such folder"):
+        steps.ingest(str(tmp_path / "w2"), source=f"{bucket}/nothing/here")
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "s3:").exists()

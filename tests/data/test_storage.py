@@ -90,27 +90,19 @@ def test_the_cli_has_path_options_to_check():
     assert {"simulate", "validate", "train", "serve", "log-nn", "features apply", "pipeline compile"} <= commands
 
 
-@pytest.mark.parametrize("param", ["feature_repo", "source"])
-def test_a_pipeline_path_parameter_that_is_a_uri_is_refused_before_the_run(param, tmp_path, monkeypatch):
-    from transact.pipelines.runner import run_local
+@pytest.mark.parametrize(("given", "want"), [
+    ("s3://team-bucket/transact", "s3://team-bucket/transact"),  # kept as given: never a local folder "s3:"
+    ("gs://b/x", "gs://b/x"),
+    ("file:///srv/store", "/srv/store"),
+    ("store", "{cwd}/store"),  # the steps run in other processes: made absolute
+])
+@pytest.mark.parametrize("param", ["storage_root", "source", "feature_repo"])
+def test_pipeline_locations_are_uris_or_absolute_paths(param, given, want, tmp_path, monkeypatch):
+    from transact.pipelines.runner import LOCATION_PARAMS, resolve_locations
 
+    assert param in LOCATION_PARAMS
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ObjectStoreURI, match=f"^{param}: s3://transact-bucket/x is an object-store URI"):
-        run_local("training", tmp_path / "run", **{param: "s3://transact-bucket/x"})
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_the_steps_refuse_a_uri_instead_of_writing_the_pods_disk(tmp_path, monkeypatch):
-    """Steps that cannot yet write an object store refuse its URI (the champion, quarantine and
-    reference take URIs: tests/model/test_registry.py, tests/validation/test_validate_step.py)."""
-    from transact.components import steps
-
-    monkeypatch.chdir(tmp_path)
-    uri = "s3://transact-bucket/champion"
-    with pytest.raises(ObjectStoreURI, match="^feature_repo: "):
-        steps.materialize_features(str(tmp_path / "w"), uri)
-    with pytest.raises(ObjectStoreURI, match="^source: "):
-        steps.ingest(str(tmp_path / "w"), source=uri)
+    assert resolve_locations({param: given, "epochs": 1}) == {param: want.format(cwd=tmp_path), "epochs": 1}
     assert list(tmp_path.iterdir()) == []
 
 

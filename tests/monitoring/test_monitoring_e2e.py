@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
+from transact.model.registry import Registry
 
 DAY = 86_400_000
 
@@ -53,14 +56,15 @@ def loop(tmp_path_factory):
         log_rows(root / "w-none", ref_rows, start_ts=req0 + 2 * DAY, end_ts=drift_ts)
         train(ref_rows, root / "m0", "v2", epochs=1, batch_size=32, max_steps=2, train_end_ts=drift_ts,
               progress=False, num_threads=1)
-        champion = root / "champion"
-        steps.promote(str(root / "m0"), str(champion), {"model": "m0"})
-        first = steps.package(str(champion / "model"))
+        registry = Registry(root / "registry")
+        registry.promote(root / "m0", {"model": "m0"}, expected=0)
+        champion = registry.fetch_model(registry.champion().model_id, root / "champion")
+        first = steps.package(str(champion))
 
         # serving: two drifted days, and the same first day without drift
-        serve_world(root / "w-shift", champion / "model", root / "served-shift", start_ts=drift_ts,
+        serve_world(root / "w-shift", champion, root / "served-shift", start_ts=drift_ts,
                     end_ts=drift_ts + 2 * DAY)
-        serve_world(root / "w-none", champion / "model", root / "served-none", start_ts=drift_ts,
+        serve_world(root / "w-none", champion, root / "served-none", start_ts=drift_ts,
                     end_ts=drift_ts + DAY)
 
         requests = read_table(table_path(root / "w-shift", "requests"), S.REQUESTS)
@@ -77,8 +81,8 @@ def loop(tmp_path_factory):
             pq.write_table(rows, run / "rows.parquet")
             train(run / "rows.parquet", run / "model", "v2", epochs=1, batch_size=32, max_steps=2,
                   train_end_ts=2**62, progress=False, num_threads=1, seed=1)
-            steps.promote(str(run / "model"), str(champion), {"model": "retrained", "window": ctx["window"]})
-            pkg = steps.package(str(champion / "model"))
+            registry.promote(run / "model", {"model": "retrained", "window": ctx["window"]}, expected=1)
+            pkg = steps.package(str(run / "model"))
             retrains.append(pkg)
             return {"outcome": "packaged", "tag": pkg["tag"], "rows": rows.num_rows}
 
@@ -106,8 +110,8 @@ def test_drift_triggers_one_retrain_and_the_cooldown_holds_the_second(loop):
     new = loop["retrains"][0]
     assert new["created"] and new["tag"] != loop["first"]["tag"]
     assert set(loop["tags"]) == {loop["first"]["tag"], new["tag"]}
-    champ = json.loads((loop["root"] / "champion" / "metrics.json").read_text())
-    assert champ["model"] == "retrained"
+    champ = Registry(loop["root"] / "registry").champion()
+    assert champ.generation == 2 and champ.metrics["model"] == "retrained"
 
 
 def test_decision_log_records_every_window(loop):
@@ -239,7 +243,34 @@ def test_monitor_cli_runs_the_real_retrain_pipeline_locally(loop, tmp_path, monk
     run = recs[0]["retrain"]
     assert run["mode"] == "local" and run["outcome"].startswith("packaged"), run
     assert run["package"]["tag"] in tags
-    from transact.model.registry import Registry
 
     champion = Registry(tmp_path / "store" / "registry").champion()
     assert champion is not None and champion.model_id.endswith(run["package"]["tag"].split(":")[1])
+
+
+def test_the_monitor_reads_the_shipped_log_and_keeps_its_state_on_the_storage_root(loop, s3, tmp_path):
+    """On a cluster the monitor is a job in a fresh pod: it reads the served log the service
+    shipped to the storage root, and its decision log (the cooldown's memory) and reports live
+    there too, so the next run knows what the last one decided."""
+    from typer.testing import CliRunner
+
+    from transact.cli import app
+    from transact.data import storage
+    from transact.serving.shipping import ship_served
+
+    root = loop["root"]
+    bucket = s3.bucket()
+    shutil.copytree(root / "served-none", tmp_path / "log")
+    shipped = ship_served(tmp_path / "log", f"{bucket}/served", source="ranker-0")
+    assert shipped["files"] > 0
+    storage.put_file(root / "reference" / "rows.parquet", f"{bucket}/reference/rows.parquet")
+    args = ["monitor", "--reference", f"{bucket}/reference/rows.parquet", "--current", f"{bucket}/served",
+            "--model", str(root / "m0"), "--out", f"{bucket}/monitoring", "--retrain", "off"]
+    for run in (1, 2):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert f"to {bucket}/monitoring" in res.output
+        recs = [json.loads(x) for x in storage.read_bytes(f"{bucket}/monitoring/decisions.jsonl").splitlines()]
+        assert len(recs) == run and all(r["action"] == "none" for r in recs), recs  # run 2 appended to run 1's log
+    published = storage.download_tree(f"{bucket}/monitoring", tmp_path / "published")
+    assert list(published.rglob("*.html")), sorted(p.name for p in published.rglob("*"))  # the drift reports

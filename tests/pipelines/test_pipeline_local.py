@@ -130,18 +130,17 @@ def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_th
     monkeypatch.chdir(pod)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml-pod"))
-    feast = str(tmp_path / "feast")  # Feast on the storage root is not wired yet: a local repo
-    first = run_local("training", tmp_path / "run1", **{**FAST, "storage_root": root, "feature_repo": feast})
+    first = run_local("training", tmp_path / "run1", **{**FAST, "storage_root": root})
     assert first["outcome"].startswith("packaged"), first["outcome"]
     registry = Registry(f"{root}/registry")
     champion = registry.champion()
     assert champion is not None and champion.generation == 1
     assert first["package"]["registry"] == f"{root}/registry" and first["package"]["exported"].startswith(root)
     assert storage.exists(f"{root}/validation/reference.json")
+    assert storage.exists(f"{root}/feature_repo/CURRENT.json")  # the Feast repo, published whole
 
     second = run_local("training", tmp_path / "run2",
-                       **{**FAST, "storage_root": root, "feature_repo": feast, "max_steps": 1, "lr": 1e-9,
-                          "gate_tolerance": 0.0})
+                       **{**FAST, "storage_root": root, "max_steps": 1, "lr": 1e-9, "gate_tolerance": 0.0})
     assert second["gate"] == "fail", second["outcome"]
     gate_report = Path(second["reports"]["gate-op"]).read_text()
     assert f"vs champion {first['metrics']['hit']['repin']['value']:.4f}" in gate_report, gate_report

@@ -55,6 +55,7 @@ def served(tmp_path_factory):
         info = package_model(root / "model")
         settings = ServeSettings(model_tag=info["tag"], world=str(root / "w"), log_dir=str(root / "log"),
                                  log_flush_rows=10**7, log_flush_s=3600, log_queue_rows=10**7,
+                                 log_ship_to=str(root / "store" / "served"), log_ship_s=3600,
                                  max_candidates=MAX_CANDIDATES, threads=1,
                                  max_clock_skew_s=None)  # replays the world's past request times
         ctx = running_server(settings, bentoml_home=str(root / "bentoml"))
@@ -239,7 +240,8 @@ def test_fuzz_1000_cases_finds_no_5xx(served):
 
 
 def test_served_log_after_shutdown_equals_offline_rows(served):
-    """Stopping the server flushes the log; with labels attached it equals the offline rows.
+    """Stopping the server flushes the log and ships it to the storage root (the shipper's last
+    pass runs after the writer's close); with labels attached it equals the offline rows.
 
     The log also holds the other tests' requests; the world's requests were served first,
     and attach_labels keeps the first served copy of a (request_id, position).
@@ -248,7 +250,8 @@ def test_served_log_after_shutdown_equals_offline_rows(served):
 
     assert not list((served.root / "log").glob("served-*.parquet"))  # held in memory so far
     served.stop()
-    log = read_served_log(served.root / "log")
+    assert not list((served.root / "log").glob("served-*.parquet"))  # shipped, then deleted here
+    log = read_served_log(served.root / "store" / "served")  # <served>/<host>/served-*.parquet
     assert log.num_rows >= served.requests.num_rows
     train = attach_labels(log, served.requests)
     assert train.equals(served.rows.cast(nn_rows_schema(CFG)))

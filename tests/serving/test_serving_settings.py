@@ -45,7 +45,8 @@ def test_settings_round_trip_through_the_table():
         model_tag="m:1", world="/w", device="cpu", threads=3, score_weights={"click": 2.0, "hide": -0.5},
         max_candidates=100, max_body_bytes=2048, max_batch_candidates=300, max_wait_ms=1.5, max_queue=9,
         request_timeout_s=0.25, max_clock_skew_s=None, api_key="k", log_dir="/log", log_queue_rows=10,
-        log_flush_rows=5, log_flush_s=0.5, assembly="naive", cuda_graphs=False, cpu_forward="eager")
+        log_flush_rows=5, log_flush_s=0.5, log_ship_to="s3://b/served", log_ship_s=2.5, assembly="naive",
+        cuda_graphs=False, cpu_forward="eager")
     # every field differs from its default: the round trip covers the whole table
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(ServeSettings)
                if f.name != "feast_repo")
@@ -75,7 +76,9 @@ def test_constructing_settings_checks_every_value_as_the_worker_would():
                     (dict(max_candidates=40_000), "TRANSACT_MAX_CANDIDATES"),
                     (dict(assembly="fancy"), "TRANSACT_ASSEMBLY"),
                     (dict(cpu_forward="tpu"), "TRANSACT_CPU_FORWARD"),
-                    (dict(log_flush_s=0.0), "TRANSACT_LOG_FLUSH_S")):
+                    (dict(log_flush_s=0.0), "TRANSACT_LOG_FLUSH_S"),
+                    (dict(log_ship_to="s3://b/served"), "TRANSACT_LOG_SHIP_TO: shipping the served log needs"),
+                    (dict(log_ship_to=" ", log_dir="/l"), "TRANSACT_LOG_SHIP_TO: a folder or an object-store URI")):
         with pytest.raises(ValueError, match=var):
             ServeSettings(**kw)
     assert ServeSettings(max_candidates=4096).max_batch_candidates == 4096  # a request always fits a batch

@@ -21,16 +21,26 @@ def _seeds(spec: str) -> list[int]:
     return list(range(int(spec)))
 
 
+def _here(location: str, tmp: Path, option: str) -> Path:
+    """A location as a local path: an object-store one copied into ``tmp`` first."""
+    from transact.data import storage
+
+    return storage.download(location, tmp) if storage.is_remote(location) else storage.local_path(location, option)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("monitor")
     @fail_on_user_error
     def monitor(
-        reference: Path = typer.Option(..., help="Training reference: NN-feature rows (file or folder), "
-                                                 "or a served log."),
-        current: Path = typer.Option(..., help="Served log to judge (folder of served-*.parquet or a file)."),
+        reference: str = typer.Option(..., help="Training reference: NN-feature rows (file or folder), "
+                                                "or a served log; a path or an object-store URI."),
+        current: str = typer.Option(..., help="Served log to judge (folder of served-*.parquet or a file; "
+                                              "<storage_root>/served of the shipping service)."),
         model: Path | None = typer.Option(None, help="Served model folder: computes the reference "
                                                         "predictions (prediction drift)."),
-        out: Path = typer.Option(Path("runs/monitor"), help="Reports, decision log, summary, workspace."),
+        out: str = typer.Option("runs/monitor", help="Reports, decision log, summary, workspace: a folder, or an "
+                                                     "object-store URI (its decision log, the cooldown's memory, "
+                                                     "is read from there first)."),
         window_hours: float = typer.Option(24.0, help="Window length (request time, epoch-aligned)."),
         reference_start: str | None = typer.Option(None, help="Reference rows from this ts (ms or ISO)."),
         reference_end: str | None = typer.Option(None, help="Reference rows before this ts (default: "
@@ -56,38 +66,52 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         project: str | None = typer.Option(None, help="Evidently UI project name."),
     ) -> None:
         """Judge served-log windows against the training reference; retrain on drift."""
+        import tempfile
+
+        from transact.data import storage
         from transact.monitoring.drift import DriftRule
         from transact.monitoring.monitor import load_current, load_reference, run_monitor
         from transact.monitoring.trigger import DecisionLog, RetrainTrigger
 
-        drift_rule = DriftRule.from_dict(json.loads(rule.read_text())) if rule else DriftRule()
-        params = {"storage_root": storage_root, **parse_params(param)}
-        if retrain_source:
-            params["source"] = str(retrain_source)
-        if retrain in ("local", "cluster") and not retrain_source:
-            raise ValueError(f"--retrain {retrain} needs --retrain-source (the logs folder the retrain pipeline "
-                             "trains on; for a cluster, the path as its workers see it)")
-        trigger = RetrainTrigger(DecisionLog(out / "decisions.jsonl"), mode=retrain, kfp_host=kfp_host,
-                                 pipeline_params=params, run_root=out / "retrain", cooldown_hours=cooldown_hours,
-                                 cooldown_windows=cooldown_windows)
-        ref, ref_heads, info = load_reference(reference, model, start_ts=reference_start, end_ts=reference_end,
-                                              max_rows=reference_max_rows)
-        cur, cur_heads = load_current(current, start_ts=current_start, end_ts=current_end)
-        if len(cur) == 0:
-            raise ValueError(f"{current}: no served rows in the selected range")
-        typer.echo(f"reference: {info['rows']} rows ({info['end_ts_source']}), predictions: "
-                   f"{info['predictions'] or 'none (pass --model for prediction drift)'}")
-        typer.echo(f"current: {len(cur)} rows; windows of {window_hours:g} h")
-        summary = run_monitor(ref, ref_heads, cur, cur_heads, out, rule=drift_rule, window_hours=window_hours,
-                              trigger=trigger, workspace=workspace, project=project,
-                              max_window_rows=max_window_rows, progress=typer.echo)
-        typer.echo(f"{summary['windows']} windows, {summary['drift_windows']} with drift, "
-                   f"{summary['retrains']} retrain(s); decision log {summary['decision_log']}")
-        if summary.get("workspace"):
-            typer.echo(f"dashboard workspace: {summary['workspace']} (transact dashboard --workspace "
-                       f"{summary['workspace']})")
-        if summary.get("last_report"):
-            typer.echo(f"report: {summary['last_report']}")
+        with tempfile.TemporaryDirectory(prefix="transact-monitor-") as tmp:
+            # object-store locations are copied in first; a remote --out gets its decision log
+            # (the cooldown's memory) first and everything written back at the end
+            remote_out = storage.is_remote(out)
+            local_out = Path(tmp) / "out" if remote_out else storage.local_path(out, "--out")
+            if remote_out and storage.exists(storage.join(out, "decisions.jsonl")):
+                storage.download(storage.join(out, "decisions.jsonl"), local_out / "decisions.jsonl")
+            reference_path = _here(reference, Path(tmp) / "reference", "--reference")
+            current_path = _here(current, Path(tmp) / "current", "--current")
+            drift_rule = DriftRule.from_dict(json.loads(rule.read_text())) if rule else DriftRule()
+            params = {"storage_root": storage_root, **parse_params(param)}
+            if retrain_source:
+                params["source"] = str(retrain_source)
+            if retrain in ("local", "cluster") and not retrain_source:
+                raise ValueError(f"--retrain {retrain} needs --retrain-source (the logs folder the retrain pipeline "
+                                 "trains on; for a cluster, the path as its workers see it)")
+            trigger = RetrainTrigger(DecisionLog(local_out / "decisions.jsonl"), mode=retrain, kfp_host=kfp_host,
+                                     pipeline_params=params, run_root=local_out / "retrain", cooldown_hours=cooldown_hours,
+                                     cooldown_windows=cooldown_windows)
+            ref, ref_heads, info = load_reference(reference_path, model, start_ts=reference_start, end_ts=reference_end,
+                                                  max_rows=reference_max_rows)
+            cur, cur_heads = load_current(current_path, start_ts=current_start, end_ts=current_end)
+            if len(cur) == 0:
+                raise ValueError(f"{current}: no served rows in the selected range")
+            typer.echo(f"reference: {info['rows']} rows ({info['end_ts_source']}), predictions: "
+                       f"{info['predictions'] or 'none (pass --model for prediction drift)'}")
+            typer.echo(f"current: {len(cur)} rows; windows of {window_hours:g} h")
+            summary = run_monitor(ref, ref_heads, cur, cur_heads, local_out, rule=drift_rule, window_hours=window_hours,
+                                  trigger=trigger, workspace=workspace, project=project,
+                                  max_window_rows=max_window_rows, progress=typer.echo)
+            typer.echo(f"{summary['windows']} windows, {summary['drift_windows']} with drift, "
+                       f"{summary['retrains']} retrain(s); decision log {summary['decision_log']}")
+            if summary.get("workspace"):
+                typer.echo(f"dashboard workspace: {summary['workspace']} (transact dashboard --workspace "
+                           f"{summary['workspace']})")
+            if summary.get("last_report"):
+                typer.echo(f"report: {summary['last_report']}")
+            if remote_out:
+                typer.echo(f"published {storage.upload_tree(local_out, out)} files to {out}")
 
     @app.command("dashboard")
     @fail_on_user_error

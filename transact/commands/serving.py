@@ -44,10 +44,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                        "object-store URI, e.g. s3://bucket/root/registry): "
                                                        "imported into the local store first; replaces --model."),
         world: Path | None = typer.Option(None, help="World folder: sequences and items from its parquet events."),
-        feast_repo: Path | None = typer.Option(None, help="Feast repo: sequences and items from the online store."),
+        feast_repo: str | None = typer.Option(None, help="Feast repo: sequences and items from the online store "
+                                                         "(a folder, or the pipeline's published repo: "
+                                                         "s3://.../feature_repo)."),
         host: str = typer.Option(DEFAULT_HOST, help="Bind address (0.0.0.0 exposes the service to the network)."),
         port: int = typer.Option(DEFAULT_PORT, help="Port."),
         log_dir: Path | None = typer.Option(None, help="Served NN-feature log folder (off when not given)."),
+        log_ship_to: str | None = typer.Option(None, help="Move sealed served-log files there (a folder or an "
+                                                          "object-store URI: <storage_root>/served)."),
+        log_ship_s: float = typer.Option(ServeSettings.log_ship_s, help="Seconds between shipping passes."),
         score_weights: str | None = typer.Option(None, help="Head weights, e.g. click=1,repin=1,hide=-1."),
         device: str | None = typer.Option(None, help="cpu | cuda (default: CUDA when available)."),
         threads: int | None = typer.Option(None, help="torch intra-op threads."),
@@ -68,6 +73,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.serving.launch import check_config, serve_forever
         from transact.serving.settings import parse_clock_skew
 
+        if feast_repo:
+            from transact.features.feast.published import local_repo
+
+            feast_repo = str(local_repo(feast_repo))  # a published repo: its current version, fetched
         if registry:
             from transact.serving.packaging import import_champion
 
@@ -80,14 +89,29 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 raise ValueError(f"--api-key-env {api_key_env}: that environment variable is empty")
         # the settings are read once, here, and reach the server process as its environment
         settings = ServeSettings(  # a bad value fails here, one line, not in the worker
-            model_tag=model, world=str(world) if world else None, feast_repo=str(feast_repo) if feast_repo else None,
+            model_tag=model, world=str(world) if world else None, feast_repo=feast_repo,
             device=device, threads=threads, score_weights=parse_score_weights(score_weights),
             max_candidates=max_candidates, max_wait_ms=max_wait_ms, api_key=api_key,
-            log_dir=str(log_dir) if log_dir else None, cpu_forward=cpu_forward,
+            log_dir=str(log_dir) if log_dir else None, log_ship_to=log_ship_to, log_ship_s=log_ship_s,
+            cpu_forward=cpu_forward,
             max_clock_skew_s=parse_clock_skew(max_clock_skew, "--max-clock-skew"))
         check_config(settings)  # the model, the source: one line and exit 2, not a worker loop
         typer.echo(f"serving {model} on http://{host}:{port}  (try: {sample_curl(f'http://{host}:{port}', bool(api_key))})")
         raise typer.Exit(serve_forever(settings, host=host, port=port))
+
+    @app.command("ship-served")
+    @fail_on_user_error
+    def ship_served_cmd(
+        log_dir: Path = typer.Option(..., help="The service's served-log folder (--log-dir of transact serve)."),
+        to: str = typer.Option(..., help="Where sealed files go: <storage_root>/served (a folder or a URI)."),
+        source: str | None = typer.Option(None, help="This server's name under --to (default: the host name)."),
+    ) -> None:
+        """Moves the sealed served-log files to the storage root (report, copy, verify, delete);
+        what `transact serve --log-ship-to` does every minute, for a sidecar or a cron job."""
+        from transact.serving.shipping import ship_served
+
+        done = ship_served(log_dir, to, source)
+        typer.echo(f"shipped {done['files']} files, {done['rows']:,} rows, {done['bytes']:,} bytes to {done['to']}")
 
     @bench_app.command("serving")
     @fail_on_user_error
