@@ -5,12 +5,10 @@ Every body imports what it needs (KFP ships the function's source alone to the
 task), so one image holding the project runs every step on a cluster. Locally the
 same components run in subprocesses of this environment (``SubprocessRunner(use_venv=False)``).
 
-``BASE_IMAGE`` names that image for clusters; override it with ``TRANSACT_BASE_IMAGE``
-when compiling. It is built from this repository (``pip install .`` on a Python 3.11
-image with CUDA for the GPU steps).
+``BASE_IMAGE`` names that image for clusters (built from this repository's ``Containerfile``:
+``make image``); ``transact pipeline compile|submit --image`` puts another in the compiled
+pipeline (:func:`transact.pipelines.runner.with_image`).
 """
-
-import os
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -19,7 +17,7 @@ from transact import __version__
 from transact.model.defaults import TRAIN  # noqa: F401  (the pipelines' training parameters default to these)
 
 #: the image tag is the project's version (pyproject.toml), never written twice
-BASE_IMAGE = os.environ.get("TRANSACT_BASE_IMAGE", f"ghcr.io/transact-v2/transact:{__version__}")
+BASE_IMAGE = f"ghcr.io/transact-v2/transact:{__version__}"
 _opts = dict(base_image=BASE_IMAGE, install_kfp_package=False)
 
 
@@ -89,14 +87,16 @@ def train_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int
 
 @dsl.component(**_opts)
 def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
-                max_steps: int, nodes: int, gpus_per_node: int, shared_dir: str, shared_pvc: str, image: str,
-                model: Output[Model]) -> str:
-    """Train as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP); this task only waits for it."""
+                max_steps: int, nodes: int, gpus_per_node: int, storage_root: str, shared_dir: str, shared_pvc: str,
+                image: str, model: Output[Model]) -> str:
+    """Train as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP); this task only waits for it.
+    Rows and model travel through ``<storage_root>/trainjobs`` (``shared_dir`` empty) or a volume."""
     import json
 
     from transact.components import steps
 
-    summary = steps.train_trainjob(rows.path, model.path, shared_dir, model_name, epochs=epochs,
+    shared = shared_dir or steps.Layout(storage_root).trainjobs
+    summary = steps.train_trainjob(rows.path, model.path, shared, model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=nodes,
                                    gpus_per_node=gpus_per_node, image=image, shared_pvc=shared_pvc)
     model.metadata.update(model=model_name, trainjob=summary["trainjob"], nodes=nodes, gpus_per_node=gpus_per_node)

@@ -47,6 +47,11 @@ class Layout:
     def feature_repo(self) -> str:
         return storage.join(self.root, "feature_repo")
 
+    @property
+    def trainjobs(self) -> str:
+        """Where a TrainJob's rows and model travel between the step and its nodes."""
+        return storage.join(self.root, "trainjobs")
+
 
 #: attempts at promotion when other runs keep moving the champion (each one gates again)
 PROMOTE_ATTEMPTS = 5
@@ -189,8 +194,9 @@ def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str =
                    gpus_per_node: int = 1, image: str = "", shared_pvc: str = "", backend: str = "kubernetes",
                    namespace: str = "", kubeconfig: str = "", env: dict | None = None, poll_s: int = 10) -> dict:
     """:func:`train` as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` DDP
-    processes (one pod cannot hold more than one node's GPUs); ``shared_dir`` is seen by
-    this step and every node. The model comes back into ``model_dir``."""
+    processes (one pod cannot hold more than one node's GPUs); ``shared_dir``: an object-store
+    URI the step and the nodes exchange rows and model through, or a folder all of them mount
+    (:mod:`transact.components.trainjob`). The model comes back into ``model_dir``."""
     from transact.components.trainjob import run_trainjob
 
     args = dict(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, step_budget=max_steps or None)

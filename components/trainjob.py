@@ -7,9 +7,14 @@ runs :func:`train_node`, which calls :func:`transact.model.train.train`: its ``D
 joins the process group exactly as under ``torchrun -m transact.cli train``, so the
 TrainJob trains the model that command trains.
 
-The nodes and the launching step share one folder (``shared_dir``: a PVC mounted at the
-same path everywhere, or a mounted object-store path): the launcher copies the rows in,
-the job writes the model there, and the launcher copies it back into the step's output.
+The nodes and the launching step exchange the rows and the model through ``shared_dir``:
+
+- an object-store URI (``s3://bucket/root/trainjobs``; no volume needed): the launcher
+  publishes the rows there, the first process of each node fetches them onto the node's disk
+  (every byte checked), node 0's rank 0 publishes the model, and the launcher fetches it;
+- or a folder every node and the launching step mount at the same path (a ReadWriteMany PVC,
+  ``shared_pvc``): the launcher copies the rows in, the job writes the model there, and the
+  launcher copies it back into the step's output.
 
 Two backends of the Kubeflow SDK (``kubeflow.trainer``):
 
@@ -34,6 +39,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+from transact.data import storage
 
 #: the Kubeflow Trainer runtime every TrainJob of this project runs on
 RUNTIME = "torch-distributed"
@@ -64,9 +71,38 @@ def train_node(args: dict | None = None, **kwargs) -> None:
             site.addsitedir(path)
     sys.path[:] = [p for p in sys.path if p not in before] + before
 
+    from transact.components.trainjob import stage_in, stage_out
     from transact.model.train import train
 
+    stage = args.pop("stage", None)
+    if stage:
+        stage_in(stage)
     train(**args)
+    if stage:
+        stage_out(stage, args["out"])
+
+
+def stage_in(stage: dict) -> None:
+    """The rows of an object-store TrainJob onto this node's disk, once per node: the first
+    process takes the lock and fetches them (every byte checked); the others find them there."""
+    import fcntl
+
+    from transact.data import storage
+
+    local = Path(stage["local"])
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (local / "rows" / storage.MANIFEST).exists():
+            storage.fetch_tree(stage["rows"], local / "rows")
+
+
+def stage_out(stage: dict, out: str) -> None:
+    """The trained model to the object store, by the process that wrote it (global rank 0)."""
+    from transact.data import storage
+
+    if os.environ.get("RANK", "0") == "0":
+        storage.publish_tree(out, stage["model"])
 
 
 def make_client(backend: str = "kubernetes", namespace: str = "", kubeconfig: str = ""):
@@ -220,34 +256,64 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
     # Absolute paths: the local backend changes this process's working directory while its job runs.
     rows_p, model_p = Path(rows).resolve(), Path(model_dir).resolve()
     name = f"transact-{uuid.uuid4().hex[:8]}"
-    work = Path(shared_dir).resolve() / name
+    remote = storage.is_remote(shared_dir)
     args = dict(train_args or {})
     if args.get("train_end_ts") is None:
         args["train_end_ts"] = default_train_end_ts(rows_p)[0]
-    args.update(rows=str(_copy_rows(rows_p, work / "rows")), out=str(work / "model"), progress=False)
+    if remote:  # no shared volume: the rows and the model travel through the object store
+        work = storage.join(shared_dir, name)
+        storage.publish_tree(rows_p if rows_p.is_dir() else rows_p.parent, storage.join(work, "rows"),
+                             only=None if rows_p.is_dir() else [rows_p.name])
+        node = f"/tmp/{name}"  # each node's own disk
+        args.update(rows=f"{node}/rows" + ("" if rows_p.is_dir() else f"/{rows_p.name}"), out=f"{node}/model",
+                    progress=False, stage={"rows": storage.join(work, "rows"), "model": storage.join(work, "model"),
+                                           "local": node})
+        log_local = Path(tempfile.mkdtemp(prefix=f"{name}-log-")) / LOG_FILE
+        log = storage.join(work, LOG_FILE)
+    else:
+        work_p = Path(shared_dir).resolve() / name
+        args.update(rows=str(_copy_rows(rows_p, work_p / "rows")), out=str(work_p / "model"), progress=False)
+        log_local = work_p / LOG_FILE
+        log = str(log_local)
     trainer = build_trainer(args, nodes=nodes, gpus_per_node=gpus_per_node, image=image, backend=backend, env=env)
-    opts = build_options(name, str(Path(shared_dir).resolve()), shared_pvc, backend)
+    opts = build_options(name, shared_dir if remote else str(Path(shared_dir).resolve()), shared_pvc, backend)
     client = client or make_client(backend, namespace, kubeconfig)
     client.train(runtime=RUNTIME, trainer=trainer, options=opts)
-    log = work / LOG_FILE
+
+    def save_logs() -> list[str]:
+        lines = _save_logs(client, name, log_local, backend)
+        if remote:
+            storage.put_file(log_local, log)
+        return lines
+
     try:
         job = client.wait_for_job_status(name, status={"Complete", "Failed"}, timeout=timeout_s,
                                          polling_interval=poll_s)
     except TimeoutError:
-        _save_logs(client, name, log, backend)
+        save_logs()
         with contextlib.suppress(RuntimeError, ValueError):  # best effort: stop its processes / free its GPUs
             client.delete_job(name)
         raise TimeoutError(f"TrainJob {name} did not finish in {timeout_s}s (deleted); log so far: {log}") from None
-    lines = _save_logs(client, name, log, backend)
+    lines = save_logs()
     if backend == "local" and job.status != "Complete":  # its script stops (set -e) before removing its venv
         for venv in Path(tempfile.gettempdir()).glob(f"{name}*"):
-            shutil.rmtree(venv, ignore_errors=True)
+            if venv != log_local.parent:
+                shutil.rmtree(venv, ignore_errors=True)
     if job.status != "Complete":
         raise RuntimeError(f"TrainJob {name} {job.status}: {error_line(lines)} (full log: {log})")
-    if not (work / "model" / "model.safetensors").exists():
-        raise RuntimeError(f"TrainJob {name} completed but wrote no model to {work / 'model'} "
-                           f"(is {shared_dir} shared by the nodes and this step?); log: {log}")
-    shutil.copytree(work / "model", model_p, dirs_exist_ok=True)
-    shutil.rmtree(work / "rows", ignore_errors=True)  # a copy; the model and the log stay as the job's record
+    if remote:
+        try:
+            storage.fetch_tree(storage.join(work, "model"), model_p)
+        except storage.Unpublished:
+            raise RuntimeError(f"TrainJob {name} completed but published no model to {storage.join(work, 'model')}; "
+                               f"log: {log}") from None
+        storage.remove_tree(storage.join(work, "rows"))  # a copy; the model and the log stay as the job's record
+        shutil.rmtree(log_local.parent, ignore_errors=True)
+    else:
+        if not (work_p / "model" / "model.safetensors").exists():
+            raise RuntimeError(f"TrainJob {name} completed but wrote no model to {work_p / 'model'} "
+                               f"(is {shared_dir} shared by the nodes and this step?); log: {log}")
+        shutil.copytree(work_p / "model", model_p, dirs_exist_ok=True)
+        shutil.rmtree(work_p / "rows", ignore_errors=True)  # a copy; the model and the log stay as the job's record
     summary = json.loads((model_p / "train_summary.json").read_text())
-    return {**summary, "trainjob": name, "log": str(log), "nodes": nodes, "gpus_per_node": gpus_per_node}
+    return {**summary, "trainjob": name, "log": log, "nodes": nodes, "gpus_per_node": gpus_per_node}

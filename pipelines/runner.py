@@ -47,14 +47,38 @@ def _pipeline(name: str):
     return PIPELINES[name]
 
 
-def compile_pipeline(name: str, out: str | Path) -> Path:
-    """Writes the pipeline's KFP IR YAML to ``out``."""
+def compile_pipeline(name: str, out: str | Path, image: str | None = None) -> Path:
+    """Writes the pipeline's KFP IR YAML to ``out``; ``image``: the image every step (and the
+    TrainJob's nodes) runs, instead of the project's default tag (:func:`with_image`)."""
     from kfp import compiler
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(_pipeline(name), str(out))
+    if image:
+        import yaml
+
+        out.write_text(yaml.safe_dump(with_image(yaml.safe_load(out.read_text()), image), sort_keys=False))
     return out
+
+
+def with_image(spec: dict, image: str) -> dict:
+    """The compiled pipeline with ``image`` wherever it names the project's default image: every
+    executor's container and the constant the TrainJob step passes to its nodes. The compiled
+    YAML is plain data; the components keep one default, and no setting is read at import."""
+    from transact.components.kfp_components import BASE_IMAGE
+
+    if not image.strip() or any(c.isspace() for c in image):
+        raise ValueError(f"--image {image!r}: an image reference such as registry.example.com/transact:0.1.0")
+
+    def swap(node):
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return image if node == BASE_IMAGE else node
+
+    return swap(spec)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -415,9 +439,10 @@ def summary_markdown(s: dict) -> str:
 
 def submit(host: str, name: str = "training", params: dict | None = None, experiment: str = "transact",
            namespace: str | None = None, run_name: str | None = None, existing_token: str | None = None,
-           enable_caching: bool | None = None):
-    """Compiles and submits a run to the Kubeflow Pipelines API at ``host``; a host that is
-    down, wrong or refuses the token raises :class:`KubeflowError` (one line)."""
+           enable_caching: bool | None = None, image: str | None = None):
+    """Compiles (with ``image``, see :func:`compile_pipeline`) and submits a run to the Kubeflow
+    Pipelines API at ``host``; a host that is down, wrong or refuses the token raises
+    :class:`KubeflowError` (one line)."""
     import tempfile
 
     import kfp
@@ -431,7 +456,7 @@ def submit(host: str, name: str = "training", params: dict | None = None, experi
         warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
         client = kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
         with tempfile.TemporaryDirectory() as tmp:
-            package = compile_pipeline(name, Path(tmp) / f"{name}.yaml")
+            package = compile_pipeline(name, Path(tmp) / f"{name}.yaml", image=image)
             return client.create_run_from_pipeline_package(
                 str(package), arguments=params, run_name=run_name, experiment_name=experiment,
                 namespace=namespace, enable_caching=enable_caching)

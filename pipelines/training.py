@@ -53,7 +53,9 @@ class Defaults:
     ray_address: str = ""  #: a RayCluster's Jobs API (http://<head>:8265); empty: Ray inside the step
     train_nodes: int = 0  #: > 0: train as a Kubeflow Trainer TrainJob on this many nodes (docs/scale-out.md)
     gpus_per_node: int = 1  #: the TrainJob's GPUs (DDP processes) per node
-    shared_dir: str = "/mnt/transact-shared"  #: a path the train step and every TrainJob node see
+    #: empty: the TrainJob's rows and model travel through <storage_root>/trainjobs (no volume); else a
+    #: folder the train step and every node mount (shared_pvc on the nodes)
+    shared_dir: str = ""
     shared_pvc: str = ""  #: the PVC mounted at shared_dir on the TrainJob's nodes (empty: already there)
 
 
@@ -137,7 +139,8 @@ def training_pipeline(
         with dsl.Else(name="trainjob-train"):
             trainjob = trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=train_nodes,
-                                   gpus_per_node=gpus_per_node, shared_dir=shared_dir, shared_pvc=shared_pvc,
+                                   gpus_per_node=gpus_per_node, storage_root=storage_root, shared_dir=shared_dir,
+                                   shared_pvc=shared_pvc,
                                    image=BASE_IMAGE)
             trainjob.set_cpu_request("2").set_memory_request("8G")
             _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)

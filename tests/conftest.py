@@ -39,9 +39,8 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """moto's S3 server on a free port of 127.0.0.1 (skipped when moto is not installed: it is in
-    the project's test extra), with the AWS variables set for this test process; stopped at the end."""
-    pytest.importorskip("moto", reason="moto[server] (the project's test extra) is not installed")
+    """moto's S3 server (``moto[server]``, of the project's test extra) on a free port of 127.0.0.1,
+    with the AWS variables set for this test process; stopped at the end."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -213,6 +213,27 @@ def test_a_node_runs_the_posted_command_and_the_model_comes_back(rows, tmp_path)
     assert Path(s["log"]).read_text().count("\n") >= 1 and not (Path(s["log"]).parent / "rows").exists()
 
 
+def test_without_a_shared_volume_rows_and_model_travel_through_the_object_store(rows, s3, tmp_path):
+    """On a cluster with no ReadWriteMany volume: the step publishes the rows to the bucket, the
+    node (a process of its own, with the credentials the standard way and nothing of the step's
+    disk) fetches them, rank 0 publishes the model, the step fetches it; the rows copy is removed."""
+    from transact.data import storage
+
+    shared = f"{s3.bucket()}/store/trainjobs"
+    with FakeKube(tmp_path, run_nodes=True) as kube:
+        s = steps.train_trainjob(str(rows), str(tmp_path / "model"), shared, nodes=1, gpus_per_node=2,
+                                 image=BASE_IMAGE, kubeconfig=kube.kubeconfig(), env=dict(s3.env), poll_s=1, **TRAIN)
+        posted = kube.posted[0]
+    assert s["world_size"] == 2 and s["finished"] and s["ddp_params_in_sync"]
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    work = f"{shared}/{s['trainjob']}"
+    assert s["log"] == f"{work}/trainjob.log" and storage.read_bytes(s["log"]).count(b"\n") >= 1
+    assert storage.read_manifest(f"{work}/model")["files"]["model.safetensors"]["bytes"] > 0  # the job's record
+    assert not storage.exists(f"{work}/rows")
+    assert "volumes" not in json.dumps(posted)  # no volume asked of the cluster
+    assert not (tmp_path / "shared").exists() and not (tmp_path / "s3:").exists()
+
+
 def test_a_failed_trainjob_says_why_in_one_line_and_where_the_log_is(rows, tmp_path):
     with FakeKube(tmp_path, run_nodes=True) as kube:
         with pytest.raises(RuntimeError) as e:

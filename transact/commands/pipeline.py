@@ -7,6 +7,9 @@ import typer
 
 from transact.commands._common import fail_on_user_error, parse_params
 
+IMAGE_HELP = ("The image every step runs (make image; make image-push REGISTRY=...), e.g. "
+              "registry.example.com/transact:0.1.0 (default: the project's ghcr.io tag).")
+
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     pipe = typer.Typer(help="Kubeflow pipelines: run locally, compile to YAML, submit to a cluster.",
@@ -38,11 +41,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def compile_(
         name: str = typer.Option("training", help="training | retrain"),
         out: Path | None = typer.Option(None, help="YAML path (default: build/<name>.yaml)."),
+        image: str | None = typer.Option(None, help=IMAGE_HELP),
     ) -> None:
         """Write the KFP IR YAML (upload it in the Kubeflow UI or with `submit`)."""
         from transact.pipelines.runner import compile_pipeline
 
-        path = compile_pipeline(name, out or Path("build") / f"{name}.yaml")
+        path = compile_pipeline(name, out or Path("build") / f"{name}.yaml", image=image)
         typer.echo(f"compiled {name} -> {path}")
 
     @pipe.command("submit")
@@ -55,9 +59,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         namespace: str | None = typer.Option(None, help="Kubeflow namespace (multi-user clusters)."),
         run_name: str | None = typer.Option(None, help="Run name."),
         token: str | None = typer.Option(None, envvar="KFP_TOKEN", help="Bearer token (or $KFP_TOKEN)."),
+        image: str | None = typer.Option(None, help=IMAGE_HELP),
     ) -> None:
         """Compile and submit a run to a Kubeflow cluster."""
         from transact.pipelines.runner import submit
 
-        result = submit(host, name, parse_params(param), experiment, namespace, run_name, token)
+        result = submit(host, name, parse_params(param), experiment, namespace, run_name, token, image=image)
         typer.echo(f"submitted: run id {getattr(result, 'run_id', result)}")
