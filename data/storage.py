@@ -15,13 +15,14 @@ A scheme is two or more letters (``C:/x`` stays a Windows drive path).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -303,9 +304,7 @@ def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
     dest = local_path(folder, "folder")
     if dest.is_dir() and _files(dest) == manifest["files"]:
         return manifest
-    tmp = dest.with_name(f".{dest.name}.fetch{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _staged(dest, "fetch") as tmp:
         for rel, want in manifest["files"].items():
             _get_file(join(location, rel), tmp / rel)
             got = {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
@@ -313,13 +312,23 @@ def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
                 raise ValueError(f"{join(location, rel)}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}…, "
                                  f"but the manifest says {want['bytes']} bytes, {want['sha256'][:12]}…")
         write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _staged(dest: Path, what: str) -> Iterator[Path]:
+    """A temporary sibling of the local folder ``dest`` to fill; renamed into place (replacing
+    ``dest``) when the block ends normally, removed when it raises: ``dest`` is never half-filled."""
+    tmp = dest.with_name(f".{dest.name}.{what}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 def move_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict | None = None) -> dict:
@@ -339,9 +348,7 @@ def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Pat
     local ``folder``, through a temporary sibling renamed into place last, so ``folder`` never
     holds half a copy. Returns ``folder``."""
     dest = local_path(folder, "folder")
-    tmp = dest.with_name(f".{dest.name}.download{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _staged(dest, "download") as tmp:
         if is_remote(location):
             fs, path = _remote(os.fspath(location))
             fs.invalidate_cache(path)
@@ -350,12 +357,6 @@ def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Pat
             fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
         else:
             shutil.copytree(local_path(location), tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

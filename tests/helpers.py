@@ -219,6 +219,31 @@ def rows_with_split(folder, n_requests: int, cfg, n_users: int, seed: int, quant
     return rows
 
 
+# --- races ---
+
+def at_once(fn, n: int) -> list:
+    """``fn(i)`` for i in 0..n-1, on n threads released together by a barrier; the results in
+    order, an exception in place of the result of a call that raised."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    out: list = [None] * n
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - handed back to the test, which asserts on it
+            out[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 # --- features ---
 
 #: the Feast tests' feature caps (``FeatureConfig(**FEAST_CAPS)``): small, so every sequence fills and overflows

@@ -28,7 +28,7 @@ BASE = "localhost/transact-test-base:bookworm"
 IMAGE = f"localhost/transact:{VERSION}"
 BASE_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 #: top-level entries of the checkout never copied into the test's context (big or machine-local;
-#: .containerignore drops the rest, which is part of what the build checks)
+#: .dockerignore drops the rest, which is part of what the build checks)
 NOT_COPIED = {".git", ".venv", "runs", "wheels"}
 #: where the host's CA bundle is mounted during the build (pip verifies TLS with it)
 CA_IN_BUILD = "/run/host-ca.crt"

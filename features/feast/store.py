@@ -43,7 +43,9 @@ OFFLINE_DIRS: dict[str, str] = {ITEM_VIEW: "data/offline/items", LL_VIEW: "data/
                                 IMP_VIEW: "data/offline/user_impressions",
                                 **{iv: f"data/offline/{iv}" for iv, _ in INDEX_VIEWS.values()}}
 MANIFEST = "data/offline/manifest.json"
-REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "feature_repo"
+#: the project's Feast repo (``feature_repo/``): ``template`` is a link to it in a checkout and
+#: a copy of its definitions and yaml files in an installed package (package data)
+REPO_TEMPLATE = Path(__file__).resolve().parent / "template"
 REDIS_ENV = "TRANSACT_REDIS"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ITEMS_TS_MS = 0  # items are static: one row each at the epoch

@@ -3,11 +3,11 @@ fetch (every byte checked), create-only writes (exactly one of two racing writer
 a move that never loses the source -- against a real S3-protocol server (moto) and locally."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
+from helpers import at_once
 from transact.data import storage
 
 
@@ -79,22 +79,9 @@ def test_a_changed_object_is_caught_and_nothing_half_fetched_is_left(where, tmp_
 def test_exactly_one_of_racing_create_only_writers_wins(where, writers):
     """The conditional write promotion rests on: every writer tries the same new name at once."""
     name = storage.join(where, "champion", "00000001.json")
-    barrier = threading.Barrier(writers)
-    won, lost = [], []
-
-    def write(i: int) -> None:
-        barrier.wait()
-        try:
-            storage.write_json(name, {"writer": i}, exclusive=True)
-            won.append(i)
-        except FileExistsError:
-            lost.append(i)
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = at_once(lambda i: storage.write_json(name, {"writer": i}, exclusive=True), writers)
+    won = [i for i, r in enumerate(results) if r is None]
+    lost = [r for r in results if isinstance(r, FileExistsError)]
     assert len(won) == 1 and len(lost) == writers - 1
     assert storage.read_json(name) == {"writer": won[0]}
 

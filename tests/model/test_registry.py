@@ -7,20 +7,19 @@ both replace the champion; nothing kept the previous one.
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import rows_with_split
+from helpers import at_once, rows_with_split
 from transact.cli import app
 from transact.components import steps
 from transact.data import storage
 from transact.features.config import FeatureConfig
 from transact.model.checkpoint import MODEL_FILES, model_digest, save_model
-from transact.model.registry import ChampionMoved, Registry, model_id
+from transact.model.registry import ChampionMoved, ChampionRecord, Registry, model_id
 from transact.model.transact import build_model
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
@@ -64,21 +63,9 @@ def test_of_runs_racing_to_replace_the_same_champion_exactly_one_wins(root, mode
     others are told the champion moved (and would gate again), none overwrites it."""
     reg = Registry(storage.join(root, "registry"))
     reg.promote(models[0], {}, expected=0)
-    barrier = threading.Barrier(runs)
-    won, moved = [], []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            won.append(Registry(reg.root).promote(models[i % 3 + 1], {"run": i}, expected=1))
-        except ChampionMoved as e:
-            moved.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(runs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = at_once(lambda i: Registry(reg.root).promote(models[i % 3 + 1], {"run": i}, expected=1), runs)
+    won = [r for r in results if isinstance(r, ChampionRecord)]
+    moved = [r for r in results if isinstance(r, ChampionMoved)]
     assert len(won) == 1 and len(moved) == runs - 1
     history = reg.history()
     assert [r.generation for r in history] == [1, 2] and history[-1] == won[0]
