@@ -10,6 +10,7 @@ its places. A step's own inputs and outputs are KFP artifacts (local paths insid
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -91,15 +92,28 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
     ``quarantine_dir`` and ``reference`` may be object-store URIs: the reference is read from
     there and a passing batch's profile written back (one PUT); a failed batch is quarantined
     into a staging folder beside it (reports first, then the move, as locally), then published
-    to ``quarantine_dir`` and only then deleted here (:func:`~transact.data.storage.move_tree`):
-    a step killed mid-way leaves the batch in staging, never nowhere.
+    to ``quarantine_dir`` under a name of its own and only then deleted here
+    (:func:`~transact.data.storage.move_tree`). A step killed mid-way leaves the batch in staging
+    (on a cluster the pod's disk goes with it, and the batch stays what it was: the ingest step's
+    output artifact); the next validation beside it publishes what staging still holds first.
     Returns ``{"passed": bool, "summary": markdown, ...}``.
     """
+    import uuid
+
     from transact.validation import validate_world
 
     remote_q = storage.is_remote(quarantine_dir)
     staging = Path(world_dir).resolve().parent / ".quarantine-staging"
     quarantine = staging if remote_q else local_path(quarantine_dir, "quarantine_dir")
+
+    def publish_staged(batch: Path, rows: dict | None = None) -> str:
+        where = storage.join(quarantine_dir, f"{batch.name}-{uuid.uuid4().hex[:8]}")  # never two writers' name
+        storage.move_tree(batch, where, meta={"rows": rows or {}})
+        return where
+
+    if remote_q and staging.is_dir():  # left by a step killed between the move and the publish
+        for left in sorted(p for p in staging.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            publish_staged(left)
     with tempfile.TemporaryDirectory(prefix="transact-validate-") as tmp:
         ref: Path | None = None
         if reference and storage.is_remote(reference):
@@ -113,11 +127,9 @@ def validate(world_dir: str, quarantine_dir: str, reference: str = "") -> dict:
             storage.write_bytes(reference, ref.read_bytes())
             result["reference_written"] = reference
     if remote_q and result.get("quarantine"):
-        local_batch = Path(result["quarantine"])
-        remote_batch = storage.join(quarantine_dir, local_batch.name)
-        storage.move_tree(local_batch, remote_batch, meta={"rows": result.get("rows", {})})
-        result["quarantine"] = remote_batch
-        if not any(staging.iterdir()):
+        result["quarantine"] = publish_staged(Path(result["quarantine"]), result.get("rows"))
+    if remote_q and staging.is_dir() and not any(staging.iterdir()):
+        with contextlib.suppress(OSError):  # another run beside this one may be using it
             staging.rmdir()
     return result
 

@@ -129,6 +129,10 @@ def _shell_safe(value, where: str) -> None:
     if isinstance(value, (list, tuple)):
         for v in value:
             _shell_safe(v, where)
+    if isinstance(value, dict):  # the object-store stage: URIs built from the storage root
+        for k, v in value.items():
+            _shell_safe(k, where)
+            _shell_safe(v, f"{where}.{k}")
 
 
 def _local_env(env: dict | None) -> dict:

@@ -16,6 +16,7 @@ A scheme is two or more letters (``C:/x`` stays a Windows drive path).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -65,10 +66,12 @@ def local_path(value: str | os.PathLike, setting: str = "path") -> Path:
 # fsspec, with credentials and endpoint read by the backend the standard way (AWS_ENDPOINT_URL,
 # AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a pod's IAM role; GOOGLE_APPLICATION_CREDENTIALS).
 #
-# Objects cannot be renamed, so a folder is *published*: its files are written under the prefix,
-# then MANIFEST.json -- names, sizes, sha256 -- last, with a create-only write. A reader trusts
-# only what a manifest names and checks every byte it fetches against it; a writer that dies
-# mid-way leaves files no manifest names, which no reader takes and the next publish overwrites.
+# Objects cannot be renamed, so a folder is *published*: its files are written under a prefix
+# of this writer's own (``objects/<nonce>/``), then MANIFEST.json -- the prefix, names, sizes,
+# sha256 -- last, with a create-only write. A reader trusts only what a manifest names and checks
+# every byte it fetches against it; a writer that dies mid-way, or loses the race for the
+# manifest, leaves objects no manifest names (removed by a loser, never read by anyone): two
+# writers never mix their objects under one manifest.
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "transact-manifest/1"
@@ -137,8 +140,13 @@ def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = F
     Two writers racing for the same name: exactly one succeeds."""
     if is_remote(location):
         fs, path = _remote(os.fspath(location))
-        with fs.open(path, "xb" if exclusive else "wb") as f:
-            f.write(data)
+        try:
+            with fs.open(path, "xb" if exclusive else "wb") as f:
+                f.write(data)
+        except OSError as e:
+            if exclusive and _precondition_failed(e):
+                raise FileExistsError(f"{os.fspath(location)}: already exists") from None
+            raise
         return
     path = local_path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +159,56 @@ def write_bytes(location: str | os.PathLike, data: bytes, *, exclusive: bool = F
             os.replace(tmp, path)
     except FileExistsError:
         raise FileExistsError(f"{path}: already exists") from None
+    except OSError as e:
+        if exclusive and e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(e.errno, f"{path}: create-only writes need hard links, which this file system "
+                                   "refuses; put the storage root on a local disk, NFS, or an object store") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """A conditional PUT refused because the object exists, however the client words it: s3fs maps
+    only a 412 whose body names If-None-Match to FileExistsError; other stores answer a bare 412
+    (PreconditionFailed) or, when two conditional PUTs race on AWS, 409 ConditionalRequestConflict."""
+    seen: BaseException | None = e
+    while seen is not None:
+        response = getattr(seen, "response", None) or {}  # botocore's ClientError, under s3fs's OSError
+        code = (response.get("Error") or {}).get("Code", "")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_EXCLUSIVE_CHECKED: set[str] = set()
+
+
+def check_exclusive_writes(location: str | os.PathLike) -> None:
+    """Proves, once per process and store, that create-only writes at ``location`` are honoured:
+    writes a probe object twice with ``exclusive`` and needs the second to be refused. A store
+    that silently overwrites (an S3-compatible server that ignores ``If-None-Match``, an fsspec
+    backend without mode "x") would let two racing writers both win: refused in one line."""
+    key = os.fspath(location)
+    if not is_remote(key):
+        return  # hard links: refused loudly by write_bytes where missing
+    fs, _ = _remote(key)
+    store = f"{fs.protocol}:{key.split('://', 1)[1].split('/', 1)[0]}"
+    if store in _EXCLUSIVE_CHECKED:
+        return
+    probe = join(key, ".probe", uuid.uuid4().hex)
+    write_bytes(probe, b"1", exclusive=True)
+    try:
+        write_bytes(probe, b"2", exclusive=True)
+    except FileExistsError:
+        _EXCLUSIVE_CHECKED.add(store)
+        return
+    finally:
+        remove_tree(probe)
+    raise RuntimeError(f"{key}: this object store ignores conditional writes (If-None-Match), so two runs "
+                       "could both replace the champion; use a store that honours them (AWS S3, GCS, a recent MinIO)")
 
 
 def write_json(location: str | os.PathLike, obj: dict, *, exclusive: bool = False) -> None:
@@ -260,7 +316,8 @@ def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: d
     files = _files(src, only)
     if only is not None and len(files) != len(only):
         raise FileNotFoundError(f"{src}: {', '.join(sorted(set(only) - set(files)))} not found")
-    manifest = {"format": MANIFEST_FORMAT, "files": files, "meta": meta or {}}
+    prefix = f"objects/{uuid.uuid4().hex[:16]}"
+    manifest = {"format": MANIFEST_FORMAT, "prefix": prefix, "files": files, "meta": meta or {}}
     existing = read_manifest(target, missing_ok=True)
     if existing is not None:
         if existing["files"] == files:
@@ -269,14 +326,24 @@ def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: d
     for i, rel in enumerate(files, 1):
         if progress:
             progress(f"{target}: {i}/{len(files)} {rel}")
-        _put_file(src / rel, join(target, rel))
+        _put_file(src / rel, join(target, prefix, rel))
     manifest["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     try:
         write_json(join(target, MANIFEST), manifest, exclusive=True)
-    except FileExistsError:  # a concurrent publisher won: fine when it published the same files
-        if (read_manifest(target) or {}).get("files") != files:
+    except FileExistsError:  # a concurrent publisher won (its objects stand, ours go) -- or our own
+        winner = read_manifest(target)  # PUT landed and its retry was refused: then it names our prefix
+        if winner is not None and winner.get("prefix") == prefix:
+            return winner
+        remove_tree(join(target, prefix))
+        if winner is None or winner.get("files") != files:
             raise FileExistsError(f"{target}: published concurrently with other contents") from None
+        return winner
     return manifest
+
+
+def object_location(location: str | os.PathLike, manifest: dict, rel: str) -> str:
+    """Where the published file ``rel`` of ``manifest`` lies (under its writer's prefix)."""
+    return join(location, manifest.get("prefix", ""), rel) if manifest.get("prefix") else join(location, rel)
 
 
 def read_manifest(location: str | os.PathLike, *, missing_ok: bool = False) -> dict | None:
@@ -306,10 +373,11 @@ def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
         return manifest
     with _staged(dest, "fetch") as tmp:
         for rel, want in manifest["files"].items():
-            _get_file(join(location, rel), tmp / rel)
+            where = object_location(location, manifest, rel)
+            _get_file(where, tmp / rel)
             got = {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
             if got != want:
-                raise ValueError(f"{join(location, rel)}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}…, "
+                raise ValueError(f"{where}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}…, "
                                  f"but the manifest says {want['bytes']} bytes, {want['sha256'][:12]}…")
         write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -319,16 +387,17 @@ def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
 def _staged(dest: Path, what: str) -> Iterator[Path]:
     """A temporary sibling of the local folder ``dest`` to fill; renamed into place (replacing
     ``dest``) when the block ends normally, removed when it raises: ``dest`` is never half-filled."""
-    tmp = dest.with_name(f".{dest.name}.{what}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = dest.with_name(f".{dest.name}.{what}-{uuid.uuid4().hex[:8]}")
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # aside in one rename, then the new one in: dest is missing for an instant only
+            os.replace(dest, old)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def move_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict | None = None) -> dict:
@@ -337,8 +406,11 @@ def move_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: dict
     A kill before the delete leaves both copies, never neither."""
     src = local_path(folder, "folder")
     manifest = publish_tree(src, location, meta=meta)
-    if read_manifest(location)["files"] != _files(src):  # type: ignore[index]
-        raise RuntimeError(f"move of {src} to {os.fspath(location)}: the published copy differs; source kept")
+    for rel, want in _files(src).items():  # every object read back before the source goes
+        got = sha256_of(object_location(location, manifest, rel))
+        if want.get("bytes") != got[0] or want.get("sha256") != got[1] or manifest["files"].get(rel) != want:
+            raise RuntimeError(f"move of {src} to {os.fspath(location)}: {rel} differs in the published copy; "
+                               "source kept")
     shutil.rmtree(src)
     return manifest
 

@@ -23,12 +23,12 @@ manifest last -- before the record that names it, so no record names a model tha
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from transact.data import storage
-from transact.model.checkpoint import MODEL_FILES, model_digest, read_config
 
 MODELS = "models"
 CHAMPION = "champion"
@@ -56,14 +56,18 @@ class ChampionRecord:
     metrics: dict = field(default_factory=dict)
     lineage: dict = field(default_factory=dict)  #: world, rows, run id, project version, ...
     at: str = ""
+    writer: str = ""  #: a nonce of the write: a retried PUT that did land is recognised as ours
 
     @classmethod
     def from_dict(cls, d: dict) -> ChampionRecord:
         return cls(**{k: d[k] for k in ("generation", "model_id", "action", "previous")},
-                   metrics=d.get("metrics", {}), lineage=d.get("lineage", {}), at=d.get("at", ""))
+                   metrics=d.get("metrics", {}), lineage=d.get("lineage", {}), at=d.get("at", ""),
+                   writer=d.get("writer", ""))
 
 
 def model_id(model_dir: str | Path) -> str:
+    from transact.model.checkpoint import model_digest, read_config  # torch: only when a model is handled
+
     name = read_config(model_dir)["model_config"].get("name") or "model"
     return f"{name}-{model_digest(model_dir)[:16]}"
 
@@ -85,6 +89,8 @@ class Registry:
 
     def publish_model(self, model_dir: str | Path, lineage: dict | None = None) -> str:
         """Publishes the model's files (not its training state); returns its id. Idempotent."""
+        from transact.model.checkpoint import MODEL_FILES
+
         mid = model_id(model_dir)
         storage.publish_tree(model_dir, self.model_location(mid), meta={"model_id": mid, **(lineage or {})},
                              only=MODEL_FILES)
@@ -137,15 +143,21 @@ class Registry:
 
     def _change(self, mid: str, action: str, metrics: dict, lineage: dict, expected: int | None) -> ChampionRecord:
         current = self.champion()
+        if action == "promote" and current is not None and current.model_id == mid:
+            return current  # promoted already (a retried step): the same answer, no second record
         generation = current.generation if current else 0
         if expected is not None and expected != generation:
             raise ChampionMoved(expected, current)
+        storage.check_exclusive_writes(self.root)
         record = ChampionRecord(generation=generation + 1, model_id=mid, action=action,
                                 previous=current.model_id if current else None, metrics=metrics, lineage=lineage,
-                                at=datetime.now(UTC).isoformat(timespec="seconds"))
+                                at=datetime.now(UTC).isoformat(timespec="seconds"), writer=uuid.uuid4().hex)
+        name = _GENERATION.format(record.generation)
         try:
-            storage.write_bytes(storage.join(self.root, CHAMPION, _GENERATION.format(record.generation)),
+            storage.write_bytes(storage.join(self.root, CHAMPION, name),
                                 json.dumps(asdict(record), indent=2, default=str).encode(), exclusive=True)
-        except FileExistsError:  # another writer took generation + 1 first
+        except FileExistsError:  # another writer took generation + 1 first -- or our own PUT did, retried
+            if self._read(name).writer == record.writer:
+                return record
             raise ChampionMoved(generation, self.champion()) from None
         return record

@@ -119,6 +119,17 @@ def resolve_locations(params: dict) -> dict:
     return out
 
 
+def check_cluster_root(root: str) -> None:
+    """A cluster run's storage root must outlive its pods: an object-store URI, or -- a volume
+    mounted at that path on every step, said explicitly -- a ``file://`` URI."""
+    from transact.data.storage import uri_scheme
+
+    if not is_remote(root) and uri_scheme(root) != "file":
+        raise ValueError(f"storage_root={root!r} would be a folder on each pod's own disk, lost with the pod: "
+                         "give an object-store URI (s3://bucket/prefix), or file:///path for a volume "
+                         "mounted there on every step")
+
+
 def _coerce(key: str, value, kind: str):
     """``-p`` values arrive JSON-decoded: a number given to a string parameter becomes the
     string; an int is a float where a float is expected; anything else must match."""
@@ -448,6 +459,7 @@ def submit(host: str, name: str = "training", params: dict | None = None, experi
     import kfp
 
     params = check_params(name, params or {})
+    check_cluster_root(params["storage_root"])
     host = normalize_host(host)
     probe_kubeflow(host, existing_token)
     with kubeflow_errors(host), warnings.catch_warnings():

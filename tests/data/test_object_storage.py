@@ -32,7 +32,7 @@ def test_publish_then_fetch_round_trips_every_byte(where, tmp_path, monkeypatch)
     target = storage.join(where, "models", "m1")
     manifest = storage.publish_tree(src, target, meta={"rows": 3})
     assert set(manifest["files"]) == {"a.bin", "sub/b.json"}
-    assert storage.listdir(target) == sorted(["MANIFEST.json", "a.bin", "sub"])
+    assert storage.listdir(target) == ["MANIFEST.json", "objects"]  # the files under the writer's own prefix
     out = tmp_path / "out"
     storage.fetch_tree(target, out)
     assert (out / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
@@ -54,6 +54,68 @@ def test_publish_is_idempotent_and_a_published_location_never_changes(where, tmp
     assert (out / "a.bin").read_bytes() == bytes(range(256)) * 10
 
 
+def test_two_writers_of_one_location_never_mix_their_objects(where, tmp_path):
+    """Two publishers with different files race for one location (two runs quarantining a batch
+    of the same name in the same second): one manifest wins and names only its writer's objects;
+    the loser is told, and its objects are gone."""
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    (b / "a.bin").write_bytes(b"other bytes")
+    target = storage.join(where, "quarantine", "world-20261207T000000Z")
+    results = at_once(lambda i: storage.publish_tree([a, b][i], target), 2)
+    won = [r for r in results if isinstance(r, dict)]
+    lost = [r for r in results if isinstance(r, FileExistsError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    storage.fetch_tree(target, tmp_path / "out")  # every byte as the winning manifest says
+    assert storage.listdir(storage.join(target, "objects")) == [won[0]["prefix"].split("/")[1]]
+
+
+def test_a_conditional_put_refused_in_any_wording_is_file_exists(monkeypatch, tmp_path):
+    """s3fs maps only a 412 whose body names If-None-Match; a bare 412 (other S3-compatible
+    stores) or AWS's 409 ConditionalRequestConflict came through as a generic error."""
+    import fsspec
+    from botocore.exceptions import ClientError
+
+    class Refusing:
+        def __init__(self, code: str, status: int):
+            self.code, self.status = code, status
+
+        def open(self, path, mode):
+            error = ClientError({"Error": {"Code": self.code, "Message": "m"},
+                                 "ResponseMetadata": {"HTTPStatusCode": self.status}}, "PutObject")
+            raise OSError(22, "Invalid argument") from error
+
+    for code, status in (("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)):
+        monkeypatch.setattr(fsspec.core, "url_to_fs", lambda _u, r=Refusing(code, status): (r, "b/k"))
+        with pytest.raises(FileExistsError, match="already exists"):
+            storage.write_bytes("s3://b/k", b"x", exclusive=True)
+        with pytest.raises(OSError, match="Invalid argument"):  # not a create-only write: as it was
+            storage.write_bytes("s3://b/k", b"x")
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_a_promotion(monkeypatch):
+    import fsspec
+
+    real = fsspec.core.url_to_fs
+
+    def ignoring(url):
+        fs, path = real(url)
+
+        class Overwrites:  # a backend that takes mode "x" and overwrites anyway
+            protocol = fs.protocol
+
+            def __getattr__(self, name):
+                return getattr(fs, name)
+
+            def open(self, p, mode):
+                return fs.open(p, mode.replace("x", "w"))
+
+        return Overwrites(), path
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", ignoring)
+    with pytest.raises(RuntimeError, match="ignores conditional writes"):
+        storage.check_exclusive_writes("memory://ignoring-store/registry")
+
+
 def test_files_without_a_manifest_are_not_published(where, tmp_path):
     """A writer that died before its manifest: readers refuse the location, by name."""
     target = storage.join(where, "half")
@@ -66,8 +128,8 @@ def test_files_without_a_manifest_are_not_published(where, tmp_path):
 def test_a_changed_object_is_caught_and_nothing_half_fetched_is_left(where, tmp_path):
     src = _tree(tmp_path / "src")
     target = storage.join(where, "m")
-    storage.publish_tree(src, target)
-    storage.write_bytes(storage.join(target, "sub", "b.json"), b'{"x": 2}')  # same size, other bytes
+    manifest = storage.publish_tree(src, target)
+    storage.write_bytes(storage.object_location(target, manifest, "sub/b.json"), b'{"x": 2}')  # same size, other bytes
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="but the manifest says"):
         storage.fetch_tree(target, out)

@@ -36,7 +36,7 @@ def _model(folder: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return [_model(root / f"m{i}", i) for i in range(4)]
+    return [_model(root / f"m{i}", i) for i in range(5)]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -63,7 +63,7 @@ def test_of_runs_racing_to_replace_the_same_champion_exactly_one_wins(root, mode
     others are told the champion moved (and would gate again), none overwrites it."""
     reg = Registry(storage.join(root, "registry"))
     reg.promote(models[0], {}, expected=0)
-    results = at_once(lambda i: Registry(reg.root).promote(models[i % 3 + 1], {"run": i}, expected=1), runs)
+    results = at_once(lambda i: Registry(reg.root).promote(models[i + 1], {"run": i}, expected=1), runs)
     won = [r for r in results if isinstance(r, ChampionRecord)]
     moved = [r for r in results if isinstance(r, ChampionMoved)]
     assert len(won) == 1 and len(moved) == runs - 1
@@ -72,6 +72,35 @@ def test_of_runs_racing_to_replace_the_same_champion_exactly_one_wins(root, mode
     assert history[-1].previous == model_id(models[0])
     assert all(e.current is not None and e.current.generation == 2 for e in moved)
     assert all("gate against it again" in str(e) for e in moved)
+
+
+def test_a_retried_promotion_writes_no_second_record(root, models, rows, tmp_path, monkeypatch):
+    """The package step promotes, then fails (export, packaging) and KFP retries it with the
+    generation its gate saw: the model is the champion already, so the retry gets the same
+    answer -- no record of a model replacing itself, and rollback still knows the previous one.
+    Likewise a PUT that landed but whose answer was lost, retried and refused: it is ours."""
+    registry = steps.Layout(root).registry
+    reg = Registry(registry)
+    reg.promote(models[0], {}, expected=0)
+    first = steps.promote(str(models[1]), registry, {}, 1, rows)
+    again = steps.promote(str(models[1]), registry, {}, 1, rows)
+    assert first["promoted"] and again["promoted"] and again["generation"] == first["generation"] == 2
+    assert [r.model_id for r in reg.history()] == [model_id(models[0]), model_id(models[1])]
+    assert reg.rollback().model_id == model_id(models[0])
+
+    storage.check_exclusive_writes(registry)  # the store's probe, before the store is made to misbehave
+    real = storage.write_bytes
+
+    def lost_answer(location, data, *, exclusive=False):  # the PUT lands; its retry is refused
+        real(location, data, exclusive=exclusive)
+        if exclusive:
+            real(location, data, exclusive=exclusive)
+
+    monkeypatch.setattr(storage, "write_bytes", lost_answer)
+    record = reg.promote(models[2], {}, expected=3)
+    assert record.generation == 4 and reg.champion() == record
+    monkeypatch.setattr(storage, "write_bytes", real)
+    assert model_digest(reg.fetch_model(record.model_id, tmp_path / "m2")) == model_digest(models[2])  # intact
 
 
 def test_a_promotion_that_dies_before_its_manifest_names_no_model(root, models, monkeypatch):
@@ -193,3 +222,18 @@ def test_the_champion_is_exported_and_a_fresh_machine_serves_it_from_the_registr
     with local_stores(tmp_path / "no-export"):  # a champion never exported: packaged from its files
         storage.remove_tree(storage.join(registry, "bentoml"))
         assert import_champion(registry) == package_model(models[0])["tag"]
+
+
+def test_an_unreachable_store_or_a_moved_champion_is_one_line(tmp_path, monkeypatch, models):
+    """botocore's own errors (no endpoint, no credentials) came through s3fs as tracebacks."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # a client made for the session's server would be reused
+    try:
+        r = CliRunner().invoke(app, ["registry", "history", "--registry", "s3://nowhere-bucket/registry"])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert "Traceback" not in r.output

@@ -228,6 +228,13 @@ SUBMIT = ["pipeline", "submit", "-p", "storage_root=s3://team-bucket/transact", 
 USER_ERRORS = {
     "submit: no storage root": (lambda h, t: ["pipeline", "submit", "--host", h["down"]],
                                 ["needs -p storage_root="]),
+    "submit: a pod-local storage root": (
+        lambda h, t: ["pipeline", "submit", "-p", "storage_root=runs/store", "--host", h["down"]],
+        ["storage_root='runs/store' would be a folder on each pod's own disk", "s3://bucket/prefix"]),
+    "monitor: a cluster retrain on a pod-local root": (
+        lambda h, t: ["monitor", "--reference", str(t / "r"), "--current", str(t / "c"), "--retrain", "cluster",
+                      "--retrain-source", "s3://b/logs", "--kfp-host", h["down"]],
+        ["storage_root='runs/store' would be a folder on each pod's own disk"]),
     "submit: host down": (lambda h, t: [*SUBMIT, h["down"]],
                           ["did not answer", "connection refused", "{down}", "--host"]),
     "submit: 404": (lambda h, t: [*SUBMIT, h["web"] + "/missing"],

@@ -254,6 +254,9 @@ def test_the_node_function_survives_the_clusters_here_document():
     assert not any(c in source for c in "$`\\")
     with pytest.raises(ValueError, match=r"rows = '/data/\$RUN': no \$"):
         trainjob.build_trainer({"rows": "/data/$RUN"}, nodes=1, gpus_per_node=1, image="x")
+    stage = {"rows": "s3://b/team$HOME/rows", "model": "s3://b/m", "local": "/tmp/j"}  # inside the stage too
+    with pytest.raises(ValueError, match=r"stage.rows = 's3://b/team\$HOME/rows': no \$"):
+        trainjob.build_trainer({"stage": stage}, nodes=1, gpus_per_node=1, image="x")
     with pytest.raises(ValueError, match="nodes must be an integer >= 1, got 0"):
         trainjob.build_trainer({}, nodes=0, gpus_per_node=1, image="x")
     with pytest.raises(ValueError, match="image is required on a cluster"):

@@ -70,3 +70,32 @@ def test_a_passing_batch_becomes_the_reference_of_the_next_on_the_storage_root(r
     r2 = steps.validate(str(second), where.quarantine, where.reference)
     assert not r2["passed"] and r2["quarantine"].startswith(where.quarantine)
     assert storage.read_json(where.reference) == profile  # unchanged by the failed batch
+
+
+def test_a_batch_left_in_staging_by_a_killed_step_is_published_by_the_next(s3, clean, tmp_path, monkeypatch):
+    """Killed between the move to staging and the publish: the batch waits in staging (with its
+    reports), and the next validation beside it publishes it first -- nothing lost."""
+    from transact.data.storage import move_tree as real_move
+
+    where = steps.Layout(s3.bucket())
+    world = tmp_path / "run" / "world"
+    corrupt(clean, "future_timestamps", seed=0, out=world)
+    before = _rows(world)
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt  # the step dies here
+
+    monkeypatch.setattr(storage, "move_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        steps.validate(str(world), where.quarantine, where.reference)
+    staged = list((tmp_path / "run" / ".quarantine-staging").iterdir())
+    assert len(staged) == 1 and _rows(staged[0]) == before and not world.exists()
+    monkeypatch.setattr(storage, "move_tree", real_move)
+    second = tmp_path / "run" / "world"
+    shutil.copytree(clean, second)
+    assert steps.validate(str(second), where.quarantine, where.reference)["passed"]
+    published = storage.listdir(where.quarantine)
+    assert len(published) == 1 and published[0].startswith("world-")
+    back = storage.fetch_tree(storage.join(where.quarantine, published[0]), tmp_path / "back")
+    assert back and _rows(tmp_path / "back") == before
+    assert not (tmp_path / "run" / ".quarantine-staging").exists()

@@ -81,5 +81,25 @@ def fail_on_user_error(fn):
         except (SchemaError, ValueError, *PATH_ERRORS) as e:
             typer.secho(f"error: {user_message(e)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None
+        except Exception as e:
+            if not _storage_or_race(e):
+                raise
+            typer.secho(f"error: {user_message(e)}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _storage_or_race(e: Exception) -> bool:
+    """An object store that cannot be reached or refuses the credentials (botocore's own errors,
+    which s3fs lets through), or a champion another run moved meanwhile: the person's to fix or
+    retry, said in one line. Imported here, on the error path only (no start-up cost)."""
+    from transact.model.registry import ChampionMoved
+
+    if isinstance(e, ChampionMoved):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return False
+    return isinstance(e, BotoCoreError)

@@ -73,6 +73,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.monitoring.monitor import load_current, load_reference, run_monitor
         from transact.monitoring.trigger import DecisionLog, RetrainTrigger
 
+        if retrain == "cluster":  # its runs' champion must outlive their pods: refused now, not at the drift
+            from transact.pipelines.runner import check_cluster_root
+
+            check_cluster_root(storage_root)
         with tempfile.TemporaryDirectory(prefix="transact-monitor-") as tmp:
             # object-store locations are copied in first; a remote --out gets its decision log
             # (the cooldown's memory) first and everything written back at the end
