@@ -88,7 +88,7 @@ def train_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int
 @dsl.component(**_opts)
 def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
                 max_steps: int, nodes: int, gpus_per_node: int, storage_root: str, shared_dir: str, shared_pvc: str,
-                image: str, model: Output[Model]) -> str:
+                storage_secret: str, image: str, model: Output[Model]) -> str:
     """Train as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP); this task only waits for it.
     Rows and model travel through ``<storage_root>/trainjobs`` (``shared_dir`` empty) or a volume."""
     import json
@@ -98,7 +98,8 @@ def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: 
     shared = shared_dir or steps.Layout(storage_root).trainjobs
     summary = steps.train_trainjob(rows.path, model.path, shared, model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=nodes,
-                                   gpus_per_node=gpus_per_node, image=image, shared_pvc=shared_pvc)
+                                   gpus_per_node=gpus_per_node, image=image, shared_pvc=shared_pvc,
+                                   storage_secret=storage_secret)
     model.metadata.update(model=model_name, trainjob=summary["trainjob"], nodes=nodes, gpus_per_node=gpus_per_node)
     return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 

@@ -204,7 +204,8 @@ def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str =
                    epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr,
                    seed: int = TRAIN.seed, max_steps: int = 0, nodes: int = 1,
                    gpus_per_node: int = 1, image: str = "", shared_pvc: str = "", backend: str = "kubernetes",
-                   namespace: str = "", kubeconfig: str = "", env: dict | None = None, poll_s: int = 10) -> dict:
+                   namespace: str = "", kubeconfig: str = "", env: dict | None = None, storage_secret: str = "",
+                   poll_s: int = 10) -> dict:
     """:func:`train` as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` DDP
     processes (one pod cannot hold more than one node's GPUs); ``shared_dir``: an object-store
     URI the step and the nodes exchange rows and model through, or a folder all of them mount
@@ -214,7 +215,7 @@ def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str =
     args = dict(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, step_budget=max_steps or None)
     return run_trainjob(rows_path, model_dir, shared_dir, args, nodes=nodes, gpus_per_node=gpus_per_node,
                         image=image, backend=backend, namespace=namespace, kubeconfig=kubeconfig,
-                        shared_pvc=shared_pvc, env=env, poll_s=poll_s)
+                        shared_pvc=shared_pvc, env=env, storage_secret=storage_secret, poll_s=poll_s)
 
 
 def evaluate(model_dir: str, rows_path: str, out_dir: str, n_boot: int = 500,

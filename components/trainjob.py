@@ -172,20 +172,32 @@ def build_trainer(train_args: dict, *, nodes: int, gpus_per_node: int, image: st
                          resources_per_node={"gpu": str(gpus_per_node)}, env=dict(env) if env else None)
 
 
-def build_options(name: str, shared_dir: str, shared_pvc: str = "", backend: str = "kubernetes") -> list:
-    """The job's name and, on a cluster, ``shared_pvc`` mounted at ``shared_dir`` on every node."""
+#: the standard variables an object-store client reads, taken from ``storage_secret`` when they are there
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+               "AWS_DEFAULT_REGION")
+
+
+def build_options(name: str, shared_dir: str, shared_pvc: str = "", backend: str = "kubernetes",
+                  storage_secret: str = "") -> list:
+    """The job's name and, on a cluster, a patch of the node container: ``shared_pvc`` mounted at
+    ``shared_dir``, and the object-store variables from the Kubernetes Secret ``storage_secret``
+    (by reference: no credential is written into the TrainJob)."""
     from kubeflow.trainer import options as o
 
     opts: list = [o.Name(name)]
-    if backend == "kubernetes":
-        opts.append(o.Labels({"app.kubernetes.io/part-of": "transact"}))
-    if backend == "kubernetes" and shared_pvc:
-        pod = o.PodSpecPatch(volumes=[{"name": "shared", "persistentVolumeClaim": {"claimName": shared_pvc}}],
-                             containers=[o.ContainerPatch(name=NODE, volume_mounts=[
-                                 {"name": "shared", "mountPath": shared_dir}])])
-        job = o.JobTemplatePatch(spec=o.JobSpecPatch(template=o.PodTemplatePatch(spec=pod)))
-        opts.append(o.RuntimePatch(training_runtime_spec=o.TrainingRuntimeSpecPatch(template=o.JobSetTemplatePatch(
-            spec=o.JobSetSpecPatch(replicated_jobs=[o.ReplicatedJobPatch(name=NODE, template=job)])))))
+    if backend != "kubernetes":
+        return opts
+    opts.append(o.Labels({"app.kubernetes.io/part-of": "transact"}))
+    if not (shared_pvc or storage_secret):
+        return opts
+    env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": storage_secret, "key": k, "optional": True}}}
+           for k in STORAGE_ENV] if storage_secret else None
+    mounts = [{"name": "shared", "mountPath": shared_dir}] if shared_pvc else None
+    volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": shared_pvc}}] if shared_pvc else None
+    pod = o.PodSpecPatch(volumes=volumes, containers=[o.ContainerPatch(name=NODE, env=env, volume_mounts=mounts)])
+    job = o.JobTemplatePatch(spec=o.JobSpecPatch(template=o.PodTemplatePatch(spec=pod)))
+    opts.append(o.RuntimePatch(training_runtime_spec=o.TrainingRuntimeSpecPatch(template=o.JobSetTemplatePatch(
+        spec=o.JobSetSpecPatch(replicated_jobs=[o.ReplicatedJobPatch(name=NODE, template=job)])))))
     return opts
 
 
@@ -241,7 +253,8 @@ def _save_logs(client, name: str, path: Path, backend: str) -> list[str]:
 
 def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | None = None, *, nodes: int = 1,
                  gpus_per_node: int = 1, image: str = "", backend: str = "kubernetes", namespace: str = "",
-                 kubeconfig: str = "", shared_pvc: str = "", env: dict | None = None, timeout_s: int = 7 * 86400,
+                 kubeconfig: str = "", shared_pvc: str = "", env: dict | None = None, storage_secret: str = "",
+                 timeout_s: int = 7 * 86400,
                  poll_s: int = 10, client=None) -> dict:
     """Trains ``rows`` into ``model_dir`` as a TrainJob of ``nodes`` x ``gpus_per_node``
     DDP processes; waits for it; returns the training summary plus ``trainjob`` (its
@@ -280,7 +293,8 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
         log_local = work_p / LOG_FILE
         log = str(log_local)
     trainer = build_trainer(args, nodes=nodes, gpus_per_node=gpus_per_node, image=image, backend=backend, env=env)
-    opts = build_options(name, shared_dir if remote else str(Path(shared_dir).resolve()), shared_pvc, backend)
+    opts = build_options(name, shared_dir if remote else str(Path(shared_dir).resolve()), shared_pvc, backend,
+                         storage_secret)
     client = client or make_client(backend, namespace, kubeconfig)
     client.train(runtime=RUNTIME, trainer=trainer, options=opts)
 

@@ -43,10 +43,14 @@ RetrainFn = Callable[[dict], dict]
 
 
 class DecisionLog:
-    """Append-only JSON Lines file of decisions."""
+    """Append-only JSON Lines file of decisions; with ``mirror`` (a location on the storage root)
+    the whole log is written there after every decision, before the next step acts on it: a
+    monitor killed after submitting a retrain still leaves that decision -- the cooldown's
+    memory -- where the next run reads it."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, mirror: str | None = None) -> None:
         self.path = Path(path)
+        self.mirror = mirror
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +59,10 @@ class DecisionLog:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.mirror:
+            from transact.data import storage
+
+            storage.write_bytes(self.mirror, self.path.read_bytes())
 
     def read(self) -> list[dict]:
         if not self.path.exists():

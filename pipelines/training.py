@@ -57,6 +57,9 @@ class Defaults:
     #: folder the train step and every node mount (shared_pvc on the nodes)
     shared_dir: str = ""
     shared_pvc: str = ""  #: the PVC mounted at shared_dir on the TrainJob's nodes (empty: already there)
+    #: a Kubernetes Secret whose AWS_* keys (credentials, AWS_ENDPOINT_URL) the TrainJob's nodes get
+    #: by reference (empty: the nodes' own identity, e.g. IRSA)
+    storage_secret: str = ""
 
 
 D = Defaults()
@@ -110,6 +113,7 @@ def training_pipeline(
     gpus_per_node: int = D.gpus_per_node,
     shared_dir: str = D.shared_dir,
     shared_pvc: str = D.shared_pvc,
+    storage_secret: str = D.storage_secret,
 ) -> None:
     ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
     ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
@@ -140,7 +144,7 @@ def training_pipeline(
             trainjob = trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=train_nodes,
                                    gpus_per_node=gpus_per_node, storage_root=storage_root, shared_dir=shared_dir,
-                                   shared_pvc=shared_pvc,
+                                   shared_pvc=shared_pvc, storage_secret=storage_secret,
                                    image=BASE_IMAGE)
             trainjob.set_cpu_request("2").set_memory_request("8G")
             _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)

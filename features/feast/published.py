@@ -40,8 +40,16 @@ def publish_repo(repo: str | Path, location: str) -> dict:
              if p.is_file() and not any(part in _SKIP for part in p.parts) and not p.name.startswith(".")]
     where = storage.join(location, VERSIONS, version)
     storage.publish_tree(repo, where, meta={"version": version}, only=files)
-    storage.write_json(storage.join(location, CURRENT), {"version": version, "location": where})
-    return {"location": location, "version": version, "files": len(files)}
+    # CURRENT only moves forward: a slower run that started earlier never puts an older repo back
+    # (versions sort by their UTC stamp; two publishes in one second are ordered by their ids)
+    try:
+        current = storage.read_json(storage.join(location, CURRENT))["version"]
+    except FileNotFoundError:
+        current = ""
+    moved = version > current
+    if moved:
+        storage.write_json(storage.join(location, CURRENT), {"version": version, "location": where})
+    return {"location": location, "version": version, "files": len(files), "current": max(version, current)}
 
 
 def current_version(location: str) -> str:

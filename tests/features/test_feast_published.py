@@ -35,7 +35,8 @@ def local(world, tmp_path_factory):
     return repo
 
 
-def test_a_published_repo_serves_the_same_rows_and_a_later_publish_moves_current(local, world, s3, tmp_path):
+def test_a_published_repo_serves_the_same_rows_and_a_later_publish_moves_current(local, world, s3, tmp_path,
+                                                                                  monkeypatch):
     loc = f"{s3.bucket()}/store/feature_repo"
     first = publish_repo(local, loc)
     got = fetch_repo(loc, tmp_path / "cache")
@@ -45,6 +46,19 @@ def test_a_published_repo_serves_the_same_rows_and_a_later_publish_moves_current
     assert storage.read_json(f"{loc}/{CURRENT}")["version"] == second["version"] != first["version"]
     assert fetch_repo(loc, tmp_path / "cache").name == second["version"]
     assert (tmp_path / "cache" / first["version"]).is_dir()  # a reader of the old version keeps it
+    # a run that started earlier and publishes last never moves CURRENT back
+    import transact.features.feast.published as published
+
+    class Earlier:
+        @staticmethod
+        def now(tz):
+            from datetime import datetime
+            return datetime(2020, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(published, "datetime", Earlier)
+    late = publish_repo(local, loc)
+    assert late["version"] < second["version"] == late["current"]
+    assert storage.read_json(f"{loc}/{CURRENT}")["version"] == second["version"]
 
 
 def test_the_features_step_on_object_storage_with_redis_matches_the_local_default(local, world, s3, tmp_path):

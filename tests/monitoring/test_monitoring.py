@@ -165,6 +165,29 @@ def test_cooldown_blocks_a_second_retrain_and_every_decision_is_logged(tmp_path)
     assert trig2.handle(_result(5, True))["action"] == "cooldown"
 
 
+def test_a_decision_reaches_the_storage_root_before_the_next_window_is_judged(s3, tmp_path):
+    """A monitor on a cluster killed after it submitted a retrain: the decision (the cooldown's
+    memory) is on the storage root already, so the next run does not retrain again."""
+    from transact.data import storage
+
+    mirror = f"{s3.bucket()}/monitoring/decisions.jsonl"
+    seen = []
+
+    def retrain(ctx):
+        seen.append(storage.read_bytes(mirror).decode().count("\n"))  # what the store held at that moment
+        raise KeyboardInterrupt  # killed right after the submission
+
+    trig = RetrainTrigger(DecisionLog(tmp_path / "d.jsonl", mirror), mode="local",
+                          cooldown_hours=48, retrain=retrain)
+    trig.handle(_result(0, False))
+    with pytest.raises(KeyboardInterrupt):
+        trig.handle(_result(1, True))
+    assert seen == [1]  # day 0's decision was already there
+    fresh = tmp_path / "next-run.jsonl"
+    fresh.write_bytes(storage.read_bytes(mirror))
+    assert [r["window"] for r in DecisionLog(fresh).read()] == ["d0"]
+
+
 def test_cooldown_in_windows_and_off_mode(tmp_path):
     trig = RetrainTrigger(DecisionLog(tmp_path / "a.jsonl"), mode="local", cooldown_hours=0, cooldown_windows=2,
                           retrain=lambda ctx: {})

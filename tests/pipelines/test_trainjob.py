@@ -198,6 +198,7 @@ def test_the_trainjob_spec_for_nodes_x_gpus(rows, tmp_path):
     assert pod["name"] == "node"
     pod_spec = pod["template"]["spec"]["template"]["spec"]
     assert pod_spec["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "transact-shared"}}]
+    assert "env" not in pod_spec["containers"][0]  # no storage secret asked for
     assert pod_spec["containers"] == [{"name": "node", "volumeMounts": [
         {"name": "shared", "mountPath": str((tmp_path / "shared").resolve())}]}]
 
@@ -232,6 +233,20 @@ def test_without_a_shared_volume_rows_and_model_travel_through_the_object_store(
     assert not storage.exists(f"{work}/rows")
     assert "volumes" not in json.dumps(posted)  # no volume asked of the cluster
     assert not (tmp_path / "shared").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_the_nodes_get_object_store_credentials_from_a_secret_by_reference():
+    """With no shared volume the nodes read the bucket: the Secret's AWS_* keys reach the node
+    container as secretKeyRefs (optional: an endpoint-less AWS Secret is fine); no value is
+    copied into the TrainJob, which anyone who may read TrainJobs can read."""
+    (name, labels, patch) = trainjob.build_options("transact-x", "s3://b/t", storage_secret="minio-creds")
+    container = patch.training_runtime_spec.template.spec.replicated_jobs[0].template.spec.template.spec.containers[0]
+    assert container.name == "node" and not container.volume_mounts
+    assert [e["name"] for e in container.env] == list(trainjob.STORAGE_ENV)
+    assert all(e["valueFrom"] == {"secretKeyRef": {"name": "minio-creds", "key": e["name"], "optional": True}}
+               for e in container.env)
+    assert len(trainjob.build_options("transact-x", "s3://b/t")) == 2  # neither secret nor volume: no patch
+    assert len(trainjob.build_options("transact-x", "s3://b/t", backend="local", storage_secret="s")) == 1
 
 
 def test_a_failed_trainjob_says_why_in_one_line_and_where_the_log_is(rows, tmp_path):

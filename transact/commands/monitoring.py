@@ -93,7 +93,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             if retrain in ("local", "cluster") and not retrain_source:
                 raise ValueError(f"--retrain {retrain} needs --retrain-source (the logs folder the retrain pipeline "
                                  "trains on; for a cluster, the path as its workers see it)")
-            trigger = RetrainTrigger(DecisionLog(local_out / "decisions.jsonl"), mode=retrain, kfp_host=kfp_host,
+            mirror = storage.join(out, "decisions.jsonl") if remote_out else None
+            trigger = RetrainTrigger(DecisionLog(local_out / "decisions.jsonl", mirror), mode=retrain, kfp_host=kfp_host,
                                      pipeline_params=params, run_root=local_out / "retrain", cooldown_hours=cooldown_hours,
                                      cooldown_windows=cooldown_windows)
             ref, ref_heads, info = load_reference(reference_path, model, start_ts=reference_start, end_ts=reference_end,
