@@ -28,10 +28,13 @@ class S3:
 
     endpoint: str
     env: dict
+    proc: subprocess.Popen
 
     def bucket(self) -> str:
         import fsspec
 
+        if self.proc.poll() is not None:  # a test that kills "every child of this process" took it too
+            pytest.fail(f"the session's S3 server (pid {self.proc.pid}) has exited ({self.proc.returncode})")
         name = f"t-{uuid.uuid4().hex[:12]}"
         fsspec.filesystem("s3").mkdir(name)
         return f"s3://{name}"
@@ -64,7 +67,7 @@ def s3(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield S3(endpoint=endpoint, env=env)
+        yield S3(endpoint=endpoint, env=env, proc=proc)
     finally:
         for k, v in saved.items():
             if v is None:

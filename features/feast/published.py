@@ -35,13 +35,13 @@ def publish_repo(repo: str | Path, location: str) -> dict:
     repo = Path(repo)
     if not (repo / "feature_store.yaml").is_file():
         raise FileNotFoundError(f"{repo} is not a Feast repo (no feature_store.yaml)")
-    version = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    version = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"  # microseconds: in order
     files = [p.relative_to(repo).as_posix() for p in sorted(repo.rglob("*"))
              if p.is_file() and not any(part in _SKIP for part in p.parts) and not p.name.startswith(".")]
     where = storage.join(location, VERSIONS, version)
     storage.publish_tree(repo, where, meta={"version": version}, only=files)
     # CURRENT only moves forward: a slower run that started earlier never puts an older repo back
-    # (versions sort by their UTC stamp; two publishes in one second are ordered by their ids)
+    # (versions sort by their UTC stamp, to the microsecond)
     try:
         current = storage.read_json(storage.join(location, CURRENT))["version"]
     except FileNotFoundError:

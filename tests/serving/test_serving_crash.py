@@ -31,11 +31,12 @@ from transact.serving.served_log import ServedLogWriter, read_served_log
 from transact.serving.settings import ServeSettings
 
 
-def kill_server_processes() -> list[psutil.Process]:
+def kill_server_processes(before: set[int]) -> list[psutil.Process]:
     """SIGKILL every process this test started (the server: BentoML's arbiter and its worker)
-    at once: all are stopped (SIGSTOP) first, so the arbiter cannot restart a worker between
-    kills. Returns them (see :func:`wait_gone`)."""
-    procs = psutil.Process().children(recursive=True)
+    at once -- the children of this process that were not there ``before`` it, never the test
+    session's own services (the S3 server) -- all stopped (SIGSTOP) first, so the arbiter cannot
+    restart a worker between kills. Returns them (see :func:`wait_gone`)."""
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for p in procs:
             try:
@@ -74,6 +75,7 @@ def test_sigkill_under_load_loses_no_answered_row(tmp_path):
         settings = ServeSettings(model_tag=info["tag"], world=str(tmp_path / "w"), log_dir=str(tmp_path / "log"),
                                  log_flush_rows=10**7, log_flush_s=3600, log_queue_rows=10**7, threads=1,
                                  max_clock_skew_s=None)  # replays the world's past request times
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         ctx = running_server(settings, bentoml_home=str(tmp_path / "bentoml"))
         url = ctx.__enter__()
         killed = threading.Event()
@@ -94,7 +96,7 @@ def test_sigkill_under_load_loses_no_answered_row(tmp_path):
                     if len(answered) == 60:
                         metric = logged_rows_metric(url)
                         assert metric >= sum(len(a["ranked"]) for a in answered[:55])
-                        killed_procs.extend(kill_server_processes())
+                        killed_procs.extend(kill_server_processes(before))
                         assert len(killed_procs) >= 2  # the arbiter and its worker
                         killed.set()
 
