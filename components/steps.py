@@ -242,11 +242,12 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str
     """
     from transact.model.registry import Registry
 
-    current = Registry(registry).champion()
+    reg = Registry(registry)
+    current = reg.champion()
     if current is None:
         return {"passed": True, "reason": "no champion yet: the first model is promoted", "champion_generation": 0}
     with tempfile.TemporaryDirectory(prefix="transact-gate-") as tmp:
-        champion_model = Registry(registry).fetch_model(current.model_id, Path(tmp) / "champion")
+        champion_model = reg.fetch_model(current.model_id, Path(tmp) / "champion")
         champ = evaluate(str(champion_model), rows_path, str(Path(tmp) / "champion_eval"),
                          progress=progress, train_end_ts=challenger_metrics["eval_window"]["train_end_ts"])
     c_rep, c_hide = champ["hit"]["repin"]["value"], champ["hit"]["hide"]["value"]

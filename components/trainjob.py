@@ -285,7 +285,7 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
         args.update(rows=f"{node}/rows" + ("" if rows_p.is_dir() else f"/{rows_p.name}"), out=f"{node}/model",
                     progress=False, stage={"rows": storage.join(work, "rows"), "model": storage.join(work, "model"),
                                            "local": node})
-        log_local = Path(tempfile.mkdtemp(prefix=f"{name}-log-")) / LOG_FILE
+        log_local = Path(tempfile.mkdtemp(prefix="transact-trainjob-log-")) / LOG_FILE
         log = storage.join(work, LOG_FILE)
     else:
         work_p = Path(shared_dir).resolve() / name
@@ -315,8 +315,7 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
     lines = save_logs()
     if backend == "local" and job.status != "Complete":  # its script stops (set -e) before removing its venv
         for venv in Path(tempfile.gettempdir()).glob(f"{name}*"):
-            if venv != log_local.parent:
-                shutil.rmtree(venv, ignore_errors=True)
+            shutil.rmtree(venv, ignore_errors=True)
     if job.status != "Complete":
         raise RuntimeError(f"TrainJob {name} {job.status}: {error_line(lines)} (full log: {log})")
     if remote:

@@ -99,6 +99,9 @@ def _remote(uri: str):
         fs, path = fsspec.core.url_to_fs(text)
     except (ImportError, ValueError) as e:
         raise ValueError(f"{text}: no filesystem for this scheme is installed ({e})") from None
+    # fsspec keeps one client per store and caches its listings: another process (another pod)
+    # may have written here since, so every call starts from what the store holds now
+    fs.invalidate_cache(path)
     return fs, path
 
 
@@ -114,7 +117,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 def exists(location: str | os.PathLike) -> bool:
     if is_remote(location):
         fs, path = _remote(os.fspath(location))
-        fs.invalidate_cache(path)  # another process may have written it since a listing was cached
         return bool(fs.exists(path))
     return local_path(location).exists()
 
@@ -220,7 +222,7 @@ def listdir(location: str | os.PathLike) -> list[str]:
     if is_remote(location):
         fs, path = _remote(os.fspath(location))
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
     path = local_path(location)
@@ -231,7 +233,6 @@ def remove_tree(location: str | os.PathLike) -> None:
     """Deletes ``location`` and everything under it (nothing there: nothing done)."""
     if is_remote(location):
         fs, path = _remote(os.fspath(location))
-        fs.invalidate_cache(path)
         if fs.exists(path):
             fs.rm(path, recursive=True)
         return
@@ -423,7 +424,6 @@ def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Pat
     with _staged(dest, "download") as tmp:
         if is_remote(location):
             fs, path = _remote(os.fspath(location))
-            fs.invalidate_cache(path)
             if not fs.isdir(path):
                 raise FileNotFoundError(f"{os.fspath(location)}: no such folder")
             fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
@@ -435,7 +435,6 @@ def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Pat
 def is_folder(location: str | os.PathLike) -> bool:
     if is_remote(location):
         fs, path = _remote(os.fspath(location))
-        fs.invalidate_cache(path)
         return bool(fs.isdir(path))
     return local_path(location).is_dir()
 

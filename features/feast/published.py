@@ -17,7 +17,6 @@ With SQLite the copy's ``online.db`` is the snapshot the step wrote.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import uuid
 from datetime import UTC, datetime
@@ -81,5 +80,4 @@ def build_and_publish(build, location: str) -> dict:
         repo = Path(tmp) / "repo"
         summary = build(repo)
         summary["published"] = publish_repo(repo, location)
-        shutil.rmtree(repo, ignore_errors=True)
     return summary

@@ -79,6 +79,9 @@ def test_a_conditional_put_refused_in_any_wording_is_file_exists(monkeypatch, tm
         def __init__(self, code: str, status: int):
             self.code, self.status = code, status
 
+        def invalidate_cache(self, path=None):
+            pass
+
         def open(self, path, mode):
             error = ClientError({"Error": {"Code": self.code, "Message": "m"},
                                  "ResponseMetadata": {"HTTPStatusCode": self.status}}, "PutObject")
