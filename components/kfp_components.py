@@ -63,10 +63,16 @@ def features_op(world: Input[Dataset], storage_root: str, repo_dir: str, redis: 
 @dsl.component(**_opts)
 def log_nn_op(world: Input[Dataset], rows: Output[Dataset], engine: str = "local", ray_address: str = "") -> int:
     """NN-feature logging: one compact row per (request, candidate); ``engine="ray"`` builds
-    them on Ray (``ray_address``: a RayCluster's Jobs API, else a Ray inside this step)."""
+    them on Ray (``ray_address``: a RayCluster's Jobs API, else a Ray inside this step). On a
+    cluster Ray's workers read the world at its artifact URI and publish the parts under the rows
+    artifact's URI themselves: no volume shared with this pod."""
     from transact.components import steps
+    from transact.data import storage
 
-    summary = steps.log_nn(world.path, rows.path, progress=False, engine=engine, ray_address=ray_address)
+    on_store = engine == "ray" and storage.is_remote(rows.uri)
+    summary = steps.log_nn(world.uri if on_store else world.path, rows.path, progress=False, engine=engine,
+                           ray_address=ray_address,
+                           parts_at=storage.join(rows.uri, steps.ROWS_PARTS) if on_store else "")
     rows.metadata["rows"] = summary["rows"]
     return int(summary["rows"])
 

@@ -18,6 +18,12 @@ when it starts). The parts go to a staging folder swapped in whole at the end, w
 rows' parquet metadata (feature_config, train_end_ts); concatenated and sorted by (ts,
 request_id, position, item_id) they equal the local engine's rows byte for byte.
 
+Every location -- the world, the served log, the output, and so the shuffle between the two
+stages -- may be a local path on storage every worker shares or an object-store URI
+(``s3://``, ``gs://``, Kubeflow's ``minio://`` artifacts): tasks read row groups of objects where
+they lie, and an output URI is published as a tree (:mod:`transact.data.storage`: each part an
+object under this run's own prefix, the manifest last), so no shared volume is needed.
+
 Ray: :func:`ray_session` joins the cluster of a Ray job (``RAY_ADDRESS``) or an ``address``,
 else starts a local one; an ``http(s)://`` address is a cluster's Jobs API, where
 :func:`submit_job` runs the same ``transact`` command as a Ray job.
@@ -29,6 +35,7 @@ import json
 import os
 import shlex
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +45,19 @@ import numpy as np
 import pyarrow as pa
 
 from transact.components.procmem import reset_peak_rss, rss_mib
-from transact.data import schema as S
+from transact.data import schema as S, storage
 from transact.data.io import conform, read_table, table_path
-from transact.data.partition import filter_in, publishing_folder, read_bucket, read_row_groups, row_group_chunks, write_buckets
+from transact.data.partition import (
+    filter_in,
+    publishing_folder,
+    read_bucket,
+    read_parquet,
+    read_row_groups,
+    row_group_chunks,
+    write_buckets,
+)
 from transact.data.requests import sorted_requests
-from transact.data.world import check_world
+from transact.data.world import check_world, check_world_at
 from transact.features.config import FeatureConfig
 
 #: rows a map task reads at once (whole row groups; one group at least)
@@ -182,9 +197,9 @@ def _map_table(path: str, groups: list[int], table: str, n: int, shuffle: str, c
     stats: dict = {"table": table, "chunk": chunk}
     with _measured(stats):
         t = conform(read_row_groups(path, groups), S.TABLES[table], what=table)
-        write_buckets(t, "user_id", n, Path(shuffle) / table, f"c{chunk:05d}")
+        write_buckets(t, "user_id", n, storage.join(shuffle, table), f"c{chunk:05d}")
         if table == "requests":
-            write_buckets(t.select(REQUEST_KEY.names), "request_id", n, Path(shuffle) / "request_ids",
+            write_buckets(t.select(REQUEST_KEY.names), "request_id", n, storage.join(shuffle, "request_ids"),
                           f"c{chunk:05d}")
         stats["rows"] = t.num_rows
     return stats
@@ -192,20 +207,85 @@ def _map_table(path: str, groups: list[int], table: str, n: int, shuffle: str, c
 
 def _map_by_request(path: str, groups: list[int] | None, what: str, n: int, shuffle: str, chunk: int) -> dict:
     """Served rows (a whole served-log file) or labelled requests -> parts by request_id."""
-    import pyarrow.parquet as pq
-
     stats: dict = {"table": what, "chunk": chunk}
     with _measured(stats):
-        t = pq.read_table(path) if groups is None else read_row_groups(path, groups)
-        write_buckets(t, "request_id", n, Path(shuffle) / what, f"c{chunk:05d}")
+        t = read_parquet(path) if groups is None else read_row_groups(path, groups)
+        write_buckets(t, "request_id", n, storage.join(shuffle, what), f"c{chunk:05d}")
         stats["rows"] = t.num_rows
     return stats
 
 
-def _map_world_tables(world: Path, tables: tuple[str, ...], n: int, shuffle: Path, chunk_rows: int) -> list:
+def _table(world: str, name: str) -> str:
+    return storage.join(world, f"{name}.parquet")
+
+
+def _map_world_tables(world: str, tables: tuple[str, ...], n: int, shuffle: str, chunk_rows: int) -> list:
     task = _remote(_map_table)
-    return [task.remote(str(table_path(world, name)), groups, name, n, str(shuffle), c)
-            for name in tables for c, groups in enumerate(row_group_chunks(table_path(world, name), chunk_rows))]
+    return [task.remote(_table(world, name), groups, name, n, shuffle, c)
+            for name in tables for c, groups in enumerate(row_group_chunks(_table(world, name), chunk_rows))]
+
+
+# ----------------------------------------------------------------------------- where parts go
+class _Parts:
+    """Where a run's parts go: ``part(p)`` is the location a reduce task writes part ``p`` to,
+    ``shuffle`` the map stage's folder. Local: a staging folder swapped in whole at the end
+    (:func:`publishing_folder`). A URI: objects under this run's own prefix, then the manifest
+    naming each part's bytes and sha256 (:func:`transact.data.storage.seal`); a run that dies
+    leaves objects no manifest names, never a half-published output."""
+
+    def __init__(self, out: str, staging: str, prefix: str = ""):
+        self.out, self.staging, self.prefix = out, staging, prefix
+        self.shuffle = storage.join(staging, SHUFFLE)
+
+    def part(self, p: int) -> str:
+        return storage.join(self.staging, part_name(p))
+
+
+@contextlib.contextmanager
+def _publishing_parts(out: str) -> Iterator[_Parts]:
+    if not storage.is_remote(out):
+        with publishing_folder(out) as staging:
+            parts = _Parts(str(staging), str(staging))
+            yield parts
+            shutil.rmtree(parts.shuffle, ignore_errors=True)
+        return
+    if storage.read_manifest(out, missing_ok=True) is not None:
+        raise FileExistsError(f"{out}: already published (a published location never changes); give a new --out")
+    prefix = storage.new_prefix()
+    parts = _Parts(out, storage.join(out, prefix), prefix)
+    try:
+        yield parts
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.remove_tree(parts.staging)
+        raise
+    storage.remove_tree(parts.shuffle)
+
+
+def _seal(parts: _Parts, done: list[dict], meta: dict) -> None:
+    """Makes a URI output visible: the manifest of the parts the reduce tasks reported."""
+    if parts.prefix:
+        storage.seal(parts.out, parts.prefix, {part_name(d["part"]): d["file"] for d in done}, meta)
+
+
+@contextlib.contextmanager
+def _part_file(location: str) -> Iterator[Path]:
+    """A local path to write a part at; the part is then at ``location`` (uploaded whole when a
+    URI). Yields the local path; its bytes and sha256 go into the task's stats."""
+    if not storage.is_remote(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="transact-part-") as tmp:
+        local = Path(tmp) / Path(location).name
+        yield local
+        storage.put_file(local, location)
+
+
+def _write_part(location: str, stats: dict, write) -> None:
+    """``write(local_path)`` builds one part; its size and sha256 are recorded in ``stats``."""
+    with _part_file(location) as local:
+        write(local)
+        stats["file"] = {"bytes": local.stat().st_size, "sha256": storage.sha256_file(local)}
 
 
 # ----------------------------------------------------------------------------- log-nn
@@ -217,16 +297,20 @@ def _reduce_log_nn(shuffle: str, part: int, items_path: str, out: str, schema: p
 
     stats: dict = {"part": part}
     with _measured(stats):
-        sh = Path(shuffle)
-        sorted_requests(read_bucket(sh / "request_ids", part, REQUEST_KEY))  # one user, one ts per request
-        actions = read_bucket(sh / "actions", part, S.ACTIONS_TABLE)
-        impressions = read_bucket(sh / "impressions", part, S.IMPRESSIONS)
-        requests = read_bucket(sh / "requests", part, S.REQUESTS)
+        sorted_requests(read_bucket(storage.join(shuffle, "request_ids"), part, REQUEST_KEY))  # one user, one ts
+        actions = read_bucket(storage.join(shuffle, "actions"), part, S.ACTIONS_TABLE)
+        impressions = read_bucket(storage.join(shuffle, "impressions"), part, S.IMPRESSIONS)
+        requests = read_bucket(storage.join(shuffle, "requests"), part, S.REQUESTS)
         ids = np.concatenate([t.column("item_id").to_numpy() for t in (actions, impressions, requests)])
         items = conform(filter_in(items_path, "item_id", ids), S.ITEMS, what="items")
         store = EventStore(items, actions, impressions, cfg)
-        rows, n_req = write_nn_rows(store, requests, out, schema, cfg, batch_requests, num_threads=1)
-        stats.update(rows=rows, requests=n_req, events=actions.num_rows + impressions.num_rows,
+        done: dict = {}
+
+        def write(local: Path) -> None:
+            done["rows"], done["requests"] = write_nn_rows(store, requests, local, schema, cfg, batch_requests,
+                                                           num_threads=1)
+        _write_part(out, stats, write)
+        stats.update(rows=done["rows"], requests=done["requests"], events=actions.num_rows + impressions.num_rows,
                      items=items.num_rows)
     return stats
 
@@ -245,38 +329,50 @@ def log_nn_ray(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
 
     t0 = time.perf_counter()
     cfg = cfg or FeatureConfig()
-    world, out = Path(world).absolute(), Path(out).absolute()
-    check_world(world, S.TABLES)  # a sealed world, never a mix of two
+    world, out = _location(world), _location(out)
+    check_world_at(world, S.TABLES)  # a sealed world, never a mix of two
     n = partitions or default_partitions()
     schema = rows_schema(world, cfg)
-    with publishing_folder(out) as staging:
-        shuffle = staging / SHUFFLE
-        maps = _get(_map_world_tables(world, ("actions", "impressions", "requests"), n, shuffle, chunk_rows))
+    with _publishing_parts(out) as dest:
+        maps = _get(_map_world_tables(world, ("actions", "impressions", "requests"), n, dest.shuffle, chunk_rows))
         task = _remote(_reduce_log_nn)
-        parts = _get([task.remote(str(shuffle), p, str(table_path(world, "items")), str(staging / part_name(p)),
-                                  schema, cfg, batch_requests) for p in range(n)])
-        shutil.rmtree(shuffle, ignore_errors=True)
-    return _summary(out, "log-nn", n, t0, maps, parts, feature_config=cfg.to_dict())
+        parts = _get([task.remote(dest.shuffle, p, _table(world, "items"), dest.part(p), schema, cfg, batch_requests)
+                      for p in range(n)])
+        summary = _summary(out, "log-nn", n, t0, maps, parts, feature_config=cfg.to_dict())
+        _seal(dest, parts, {"step": "log-nn", "feature_config": cfg.to_dict()})  # last: a retry finds both
+    return summary
 
 
-def _summary(out: Path, step: str, n: int, t0: float, maps: list, parts: list, **extra) -> dict:
+def _location(value: str | Path) -> str:
+    """A location as the tasks receive it: a URI as given, a local path made absolute (the
+    tasks' working folder is not the caller's)."""
+    return os.fspath(value) if storage.is_remote(value) else str(storage.local_path(value).absolute())
+
+
+def _summary(out: str, step: str, n: int, t0: float, maps: list, parts: list, **extra) -> dict:
     summary = {
-        "path": str(out),
+        "path": out,
         "engine": "ray",
         "step": step,
         "partitions": n,
         "rows": sum(p["rows"] for p in parts),
         "requests": sum(p.get("requests", 0) for p in parts),
         "seconds": round(time.perf_counter() - t0, 2),
-        "bytes": sum(f.stat().st_size for f in out.glob("*.parquet")),
+        "bytes": sum(p["file"]["bytes"] for p in parts),
         "peak_rss_mib": {"map": max((m["peak_rss_mib"] for m in maps), default=None),
                          "part": max((p["peak_rss_mib"] for p in parts), default=None)},
         **extra,
         "map_tasks": maps,
         "parts": parts,
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    storage.write_json(summary_location(out), summary)
     return summary
+
+
+def summary_location(out: str | Path) -> str:
+    """``<out>.json``: where a run's summary is written, beside its output (a file or a URI)."""
+    text = os.fspath(out).rstrip("/")
+    return text + ".json" if storage.is_remote(text) else str(Path(text).with_suffix(".json"))
 
 
 ENGINES = ("local", "ray")
@@ -295,11 +391,11 @@ def run_log_nn(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
 
         return log_nn_features(world, out, cfg, batch_requests, progress)
     if is_jobs_address(address):
-        world, out = Path(world).absolute(), Path(out).absolute()
-        argv = ["log-nn", "--engine", "ray", "--world", str(world), "--out", str(out), "--no-progress",
+        world, out = _location(world), _location(out)
+        argv = ["log-nn", "--engine", "ray", "--world", world, "--out", out, "--no-progress",
                 "--batch-requests", str(batch_requests), "--feature-config", json.dumps(cfg.to_dict())]
         job = submit_job(address, argv + (["--partitions", str(partitions)] if partitions else []))
-        return {**json.loads(out.with_suffix(".json").read_text()), "job": job["job"]}
+        return {**storage.read_json(summary_location(out)), "job": job["job"]}
     with ray_session(address):
         return log_nn_ray(world, out, cfg, partitions, batch_requests)
 
@@ -312,53 +408,58 @@ def _reduce_attach(shuffle: str, part: int, out: str, served_schema: pa.Schema, 
 
     stats: dict = {"part": part}
     with _measured(stats):
-        served = read_bucket(Path(shuffle) / "served", part, served_schema)
-        labels = read_bucket(Path(shuffle) / "labels", part, S.REQUESTS)
+        served = read_bucket(storage.join(shuffle, "served"), part, served_schema)
+        labels = read_bucket(storage.join(shuffle, "labels"), part, S.REQUESTS)
         rows = attach_labels(served, labels, cfg)
-        write_table(out, rows, nn_rows_schema(cfg))
+        _write_part(out, stats, lambda local: write_table(local, rows, nn_rows_schema(cfg)))
         stats.update(rows=rows.num_rows, served=served.num_rows, labels=labels.num_rows)
     return stats
 
 
-def served_files(served: str | Path) -> list[Path]:
-    """The served-log files of a folder (the files :func:`read_served_log` reads)."""
-    served = Path(served)
-    files = sorted(served.rglob("served-*.parquet")) if served.is_dir() else [served]  # shipped logs: one folder a server
-    if not files or not files[0].exists():
-        raise FileNotFoundError(f"{served}: no served-*.parquet files")
+def served_files(served: str | Path) -> list[str]:
+    """The served-log files of a folder, local or at a URI (the files :func:`read_served_log`
+    reads; shipped logs lie one folder a server), or the one file given."""
+    where = _location(served)
+    if storage.is_folder(where):
+        files = storage.glob(where, "**/served-*.parquet")
+    else:
+        files = [where] if storage.exists(where) else []
+    if not files:
+        raise FileNotFoundError(f"{where}: no served-*.parquet files")
     return files
 
 
 def attach_labels_ray(served: str | Path, world: str | Path, out: str | Path, partitions: int | None = None,
                       cfg: FeatureConfig | None = None, chunk_rows: int = CHUNK_ROWS) -> dict:
     """Training rows from a served log and a world's labelled requests, as a folder ``out``
-    of parts (by request_id); their union is :func:`attach_labels` of the whole log."""
+    of parts (by request_id); their union is :func:`attach_labels` of the whole log. Each
+    location may be a URI (see the module's docstring)."""
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
-    world, out = Path(world).absolute(), Path(out).absolute()
-    files = [f.absolute() for f in served_files(served)]
-    served_schema = pq.read_schema(files[0])
+    world, out = _location(world), _location(out)
+    files = served_files(served)
+    fs, first = storage.arrow_fs(files[0])
+    served_schema = pq.read_schema(first, filesystem=fs)
     if cfg is None:
         raw = (served_schema.metadata or {}).get(b"feature_config")
         if raw is None:
             raise ValueError(f"{files[0]}: no feature_config metadata (not a served log?)")
         cfg = FeatureConfig.from_dict(json.loads(raw))
-    check_world(world, ("requests",))
-    requests = table_path(world, "requests")
+    check_world_at(world, ("requests",))
+    requests = _table(world, "requests")
     n = partitions or default_partitions()
-    with publishing_folder(out) as staging:
-        shuffle = staging / SHUFFLE
+    with _publishing_parts(out) as dest:
         task = _remote(_map_by_request)
-        refs = [task.remote(str(f), None, "served", n, str(shuffle), c) for c, f in enumerate(files)]
-        refs += [task.remote(str(requests), g, "labels", n, str(shuffle), c)
+        refs = [task.remote(f, None, "served", n, dest.shuffle, c) for c, f in enumerate(files)]
+        refs += [task.remote(requests, g, "labels", n, dest.shuffle, c)
                  for c, g in enumerate(row_group_chunks(requests, chunk_rows))]
         maps = _get(refs)
         reduce = _remote(_reduce_attach)
-        parts = _get([reduce.remote(str(shuffle), p, str(staging / part_name(p)), served_schema, cfg)
-                      for p in range(n)])
-        shutil.rmtree(shuffle, ignore_errors=True)
-    return _summary(out, "attach-labels", n, t0, maps, parts, feature_config=cfg.to_dict())
+        parts = _get([reduce.remote(dest.shuffle, p, dest.part(p), served_schema, cfg) for p in range(n)])
+        summary = _summary(out, "attach-labels", n, t0, maps, parts, feature_config=cfg.to_dict())
+        _seal(dest, parts, {"step": "attach-labels", "feature_config": cfg.to_dict()})
+    return summary
 
 
 def attach_labels_local(served: str | Path, world: str | Path, out: str | Path) -> dict:

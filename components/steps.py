@@ -169,18 +169,25 @@ ROWS_PARTS = "nn_rows"
 
 
 def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: bool = True,
-           engine: str = "local", ray_address: str = "", partitions: int = 0) -> dict:
+           engine: str = "local", ray_address: str = "", partitions: int = 0, parts_at: str = "") -> dict:
     """Logs the NN-feature rows into ``rows_dir`` (with the world's ``world.json``, which
     carries the train/eval split point): one file (``local``), or a folder of parts built
-    on Ray (``ray``: a local Ray, or the cluster at ``ray_address``; see docs/scale-out.md)."""
-    from transact.components.ray_engine import run_log_nn
+    on Ray (``ray``: a local Ray, or the cluster at ``ray_address``; see docs/scale-out.md).
 
-    rows = Path(rows_dir) / (ROWS_PARTS if engine == "ray" else ROWS_FILE)
-    rows.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(Path(world_dir) / "world.json", Path(rows_dir) / "world.json")
-    summary_path = rows.with_suffix(".json")
-    if rows.exists() and summary_path.exists():
-        return json.loads(summary_path.read_text())
+    ``parts_at`` (Ray): publish the parts there instead, e.g. under the step's output artifact URI
+    on a cluster, where Ray workers write them without a shared volume; ``world_dir`` may then be
+    the world artifact's URI too. ``rows_dir`` still gets world.json (what the step itself outputs)."""
+    from transact.components.ray_engine import run_log_nn, summary_location
+
+    if parts_at and engine != "ray":
+        raise ValueError("parts_at: only the ray engine publishes parts to a location")
+    rows = parts_at or str(Path(rows_dir) / (ROWS_PARTS if engine == "ray" else ROWS_FILE))
+    Path(rows_dir).mkdir(parents=True, exist_ok=True)
+    world_json = storage.read_bytes(storage.join(world_dir, "world.json"))
+    storage.write_bytes(Path(rows_dir) / "world.json", world_json)
+    done = storage.read_manifest(rows, missing_ok=True) is not None if parts_at else Path(rows).exists()
+    if done and storage.exists(summary_location(rows)):  # a retried step: the rows stand
+        return storage.read_json(summary_location(rows))
     other = Path(rows_dir) / (ROWS_FILE if engine == "ray" else ROWS_PARTS)
     if other.exists():  # the other engine's rows: training must read one set, never both
         shutil.rmtree(other) if other.is_dir() else other.unlink()

@@ -11,12 +11,17 @@ What a scale-out step needs from storage, free of any scheduler:
   ``p`` reads that folder alone (a dataset scan of only its files);
 - :func:`publishing_folder`: parts are written into ``.<name>.staging-<pid>`` beside the
   target and the folder is swapped in whole at the end (as worlds are: :mod:`transact.data.world`).
+
+Every location may be a local path or an object-store URI (:mod:`transact.data.storage`): a
+task reads the row groups of an object where it lies and writes its shuffle files as whole
+objects, so Ray workers share a bucket instead of a volume.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from transact.data import storage
 from transact.data.io import write_table
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -47,10 +53,16 @@ def partition_of(ids: np.ndarray, n: int) -> np.ndarray:
     return (stable_hash(ids) % np.uint64(n)).astype(np.int64)
 
 
+def _parquet_file(location: str | os.PathLike) -> pq.ParquetFile:
+    """A parquet file at a local path or a URI (its footer read; row groups on demand)."""
+    fs, path = storage.arrow_fs(location)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
 def row_group_chunks(path: str | os.PathLike, max_rows: int) -> list[list[int]]:
     """Row-group indices of a parquet file in runs of at most ``max_rows`` rows (a run
     holds at least one group, however large); one empty run for a file without groups."""
-    md = pq.ParquetFile(path).metadata
+    md = _parquet_file(path).metadata
     runs: list[list[int]] = [[]]
     rows = 0
     for g in range(md.num_row_groups):
@@ -64,13 +76,14 @@ def row_group_chunks(path: str | os.PathLike, max_rows: int) -> list[list[int]]:
 
 
 def read_row_groups(path: str | os.PathLike, groups: list[int]) -> pa.Table:
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     return pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
 
 
 def write_buckets(table: pa.Table, key: str, n: int, folder: str | os.PathLike, name: str) -> dict[int, int]:
     """Writes the rows of each part of ``table[key]`` to ``<folder>/p<part>/<name>.parquet``
-    (only non-empty parts, each file atomically); returns {part: rows}."""
+    (only non-empty parts, each file atomically: a rename locally, one whole object in a
+    bucket); returns {part: rows}."""
     part = partition_of(table.column(key).to_numpy(), n)
     order = np.argsort(part, kind="stable")  # row order inside a part is kept
     sorted_part = part[order]
@@ -80,23 +93,39 @@ def write_buckets(table: pa.Table, key: str, n: int, folder: str | os.PathLike, 
     for p in range(n):
         lo, hi = int(bounds[p]), int(bounds[p + 1])
         if hi > lo:
-            write_table(bucket_dir(folder, p) / f"{name}.parquet", table.slice(lo, hi - lo))
+            write_parquet(storage.join(bucket_dir(folder, p), f"{name}.parquet"), table.slice(lo, hi - lo))
             written[p] = hi - lo
     return written
 
 
-def bucket_dir(folder: str | os.PathLike, part: int) -> Path:
-    return Path(folder) / f"p{part:05d}"
+def write_parquet(location: str, table: pa.Table) -> None:
+    """``table`` as one parquet file at a local path or a URI, whole or not at all (a bucket's
+    object is written from a local temporary file in one upload)."""
+    if not storage.is_remote(location):
+        write_table(location, table)
+        return
+    with tempfile.TemporaryDirectory(prefix="transact-part-") as tmp:
+        write_table(Path(tmp) / "part.parquet", table)
+        storage.put_file(Path(tmp) / "part.parquet", location)
+
+
+def read_parquet(location: str | os.PathLike) -> pa.Table:
+    fs, path = storage.arrow_fs(location)
+    return pq.read_table(path, filesystem=fs)
+
+
+def bucket_dir(folder: str | os.PathLike, part: int) -> str:
+    return storage.join(folder, f"p{part:05d}")
 
 
 def read_bucket(folder: str | os.PathLike, part: int, schema: pa.Schema) -> pa.Table:
     """All rows the map tasks wrote for ``part`` (an empty ``schema`` table when none),
     in file-name order."""
     d = bucket_dir(folder, part)
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    files = [storage.join(d, n) for n in storage.listdir(d) if n.endswith(".parquet") and not n.startswith(".")]
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    return pa.concat_tables([read_parquet(f) for f in files], promote_options="permissive")
 
 
 def filter_in(path: str | os.PathLike, column: str, values: np.ndarray) -> pa.Table:
@@ -104,8 +133,9 @@ def filter_in(path: str | os.PathLike, column: str, values: np.ndarray) -> pa.Ta
     reader holds the matches and one batch, never the file)."""
     import pyarrow.dataset as ds
 
+    fs, where = storage.arrow_fs(path)
     wanted = pa.array(np.unique(np.asarray(values)))
-    return ds.dataset(path, format="parquet").to_table(filter=pc.field(column).isin(wanted))
+    return ds.dataset(where, format="parquet", filesystem=fs).to_table(filter=pc.field(column).isin(wanted))
 
 
 @contextlib.contextmanager

@@ -95,6 +95,8 @@ def _remote(uri: str):
     except ImportError as e:  # pragma: no cover - fsspec comes with s3fs, a dependency
         raise RuntimeError("object storage needs fsspec (and s3fs for s3://): pip install s3fs") from e
     text = uri if "://" in uri else uri.replace(":/", "://", 1)
+    if uri_scheme(text) == "minio":  # Kubeflow's default artifact store: MinIO, which speaks S3
+        text = "s3://" + text.split("://", 1)[1]  # (its endpoint: AWS_ENDPOINT_URL, as for any S3 server)
     try:
         fs, path = fsspec.core.url_to_fs(text)
     except (ImportError, ValueError) as e:
@@ -103,6 +105,18 @@ def _remote(uri: str):
     # may have written here since, so every call starts from what the store holds now
     fs.invalidate_cache(path)
     return fs, path
+
+
+def arrow_fs(location: str | os.PathLike):
+    """(pyarrow filesystem, path in it) of a local path or an object-store URI: what pyarrow's
+    parquet and dataset readers take, so a task reads row groups of an object where it lies
+    (only the byte ranges it needs) instead of copying the file to its disk first."""
+    import pyarrow.fs as pafs
+
+    if is_remote(location):
+        fs, path = _remote(os.fspath(location))
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), str(local_path(location).absolute())
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -317,8 +331,7 @@ def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: d
     files = _files(src, only)
     if only is not None and len(files) != len(only):
         raise FileNotFoundError(f"{src}: {', '.join(sorted(set(only) - set(files)))} not found")
-    prefix = f"objects/{uuid.uuid4().hex[:16]}"
-    manifest = {"format": MANIFEST_FORMAT, "prefix": prefix, "files": files, "meta": meta or {}}
+    prefix = new_prefix()
     existing = read_manifest(target, missing_ok=True)
     if existing is not None:
         if existing["files"] == files:
@@ -328,7 +341,23 @@ def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: d
         if progress:
             progress(f"{target}: {i}/{len(files)} {rel}")
         _put_file(src / rel, join(target, prefix, rel))
-    manifest["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return seal(target, prefix, files, meta)
+
+
+def new_prefix() -> str:
+    """A writer's own prefix under a location (``objects/<nonce>``): the objects it writes there
+    are never mixed with another writer's."""
+    return f"objects/{uuid.uuid4().hex[:16]}"
+
+
+def seal(location: str | os.PathLike, prefix: str, files: dict[str, dict], meta: dict | None = None) -> dict:
+    """Writes the manifest naming ``files`` (relative name -> bytes, sha256), already written under
+    ``location/prefix`` by this writer (from one process, or from many tasks), create-only: the
+    step that makes them visible. Losing the race to a concurrent writer removes this writer's
+    objects and raises :class:`FileExistsError` unless the winner published the same files."""
+    target = os.fspath(location)
+    manifest = {"format": MANIFEST_FORMAT, "prefix": prefix, "files": files, "meta": meta or {},
+                "published_at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
         write_json(join(target, MANIFEST), manifest, exclusive=True)
     except FileExistsError:  # a concurrent publisher won (its objects stand, ours go) -- or our own
@@ -340,6 +369,18 @@ def publish_tree(folder: str | os.PathLike, location: str | os.PathLike, meta: d
             raise FileExistsError(f"{target}: published concurrently with other contents") from None
         return winner
     return manifest
+
+
+def published_files(folder: str | os.PathLike) -> list[Path] | None:
+    """The files the manifest of the local ``folder`` names, where they lie (a published tree
+    copied whole, as Kubeflow hands a step an artifact), or None when ``folder`` has no manifest.
+    A reader of such a folder reads these and nothing else: objects of a writer that died, or
+    lost the race, may lie beside them."""
+    folder = local_path(folder, "folder")
+    manifest = read_manifest(folder, missing_ok=True) if (folder / MANIFEST).is_file() else None
+    if manifest is None:
+        return None
+    return [local_path(object_location(folder, manifest, rel)) for rel in sorted(manifest["files"])]
 
 
 def object_location(location: str | os.PathLike, manifest: dict, rel: str) -> str:
@@ -430,6 +471,18 @@ def download_tree(location: str | os.PathLike, folder: str | os.PathLike) -> Pat
         else:
             shutil.copytree(local_path(location), tmp)
     return dest
+
+
+def glob(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """Sorted locations of the files under ``folder`` (a local path or a URI) matching
+    ``pattern`` relative to it (``**/`` spans any depth, none included)."""
+    text = os.fspath(folder)
+    if not is_remote(text):
+        return [str(p) for p in sorted(local_path(text).glob(pattern)) if p.is_file()]
+    fs, path = _remote(text)
+    scheme = text.split("://", 1)[0] if "://" in text else text.split(":/", 1)[0]
+    found = [p for p in fs.glob(path.rstrip("/") + "/" + pattern) if fs.isfile(p)]
+    return sorted(f"{scheme}://{p}" for p in found)
 
 
 def is_folder(location: str | os.PathLike) -> bool:

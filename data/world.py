@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from transact.data import storage
 from transact.data.io import TMP_SUFFIX as _TMP, SchemaError, clean_stale_tmp, pid_alive
 
 MANIFEST = "manifest.json"
@@ -221,6 +222,45 @@ def check_world(world: str | os.PathLike, tables: Iterable[str] | None = None,
     return m
 
 
+def check_world_at(world: str | os.PathLike, tables: Iterable[str] | None = None) -> dict:
+    """:func:`check_world` of a world at a local path or an object-store URI (a world folder
+    copied as it is, e.g. the artifact Kubeflow stored for the step that made it): the manifest,
+    each table's bytes and rows (its parquet footer, a ranged read), and world.json's sha256."""
+    if not storage.is_remote(world):
+        return check_world(storage.local_path(world, "world"), tables)
+    where = os.fspath(world)
+    try:
+        m = json.loads(storage.read_bytes(storage.join(where, MANIFEST)))
+    except FileNotFoundError:
+        raise WorldError(f"world {where}: no {MANIFEST} (not a world folder, or its copy is incomplete); "
+                         "a world is written by `transact simulate` or `transact import-logs`") from None
+    if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION or not isinstance(m.get("tables"), dict):
+        raise WorldError(f"world {where}: {MANIFEST} is not a version-{MANIFEST_VERSION} world manifest")
+    for name in tables or ():
+        if name not in m["tables"]:
+            raise WorldError(f"world {where}: the manifest has no {name} table")
+    for name, want in m["tables"].items():
+        fs, path = storage.arrow_fs(storage.join(where, f"{name}.parquet"))
+        try:
+            with fs.open_input_file(path) as f:
+                got = {"bytes": f.size(), "rows": pq.ParquetFile(f).metadata.num_rows}
+        except FileNotFoundError:
+            got = None
+        if got is None or got["bytes"] != want.get("bytes") or got["rows"] != want.get("rows"):
+            what = "is missing" if got is None else f"has {got['bytes']} bytes, {got['rows']} rows"
+            raise WorldError(f"world {where}: {name}.parquet {what}, the manifest says {want.get('bytes')} "
+                             f"bytes, {want.get('rows')} rows; the world was changed after it was published")
+    want = m.get("world_json")
+    if want is not None:
+        try:
+            same = hashlib.sha256(storage.read_bytes(storage.join(where, WORLD_JSON))).hexdigest() == want.get("sha256")
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise WorldError(f"world {where}: {WORLD_JSON} is missing or differs from the manifest")
+    return m
+
+
 # ----------------------------------------------------------------------------- writers
 def clean_stale(target: Path) -> None:
     """Removes what dead writers left beside and inside ``target``: staging folders,
@@ -308,9 +348,10 @@ def write_world_json(folder: Path, summary: dict, **dumps) -> Path:
 
 
 def read_world_json(folder: str | os.PathLike) -> dict:
-    """``world.json`` of a world folder; {} when absent or unreadable (the defaults apply)."""
+    """``world.json`` of a world folder (a local path or a URI); {} when absent or unreadable
+    (the defaults apply)."""
     try:
-        meta = json.loads((Path(folder) / WORLD_JSON).read_text())
+        meta = json.loads(storage.read_bytes(storage.join(folder, WORLD_JSON)))
     except (OSError, json.JSONDecodeError):
         return {}
     return meta if isinstance(meta, dict) else {}

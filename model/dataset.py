@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS
+from transact.data.storage import published_files
 from transact.features.config import FeatureConfig
 from transact.features.nn_features import arrow_to_s_all
 from transact.model.transact import Batch
@@ -42,16 +43,35 @@ SPLITS = ("all", "train", "eval")
 
 
 def row_files(path: str | Path) -> list[Path]:
-    """The parquet files of a row path (a file, or a folder of parts, sorted by name)."""
+    """The parquet files of a row path (a file, or a folder of parts, sorted by path)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        files = sorted(_parquet_under(path))
         if not files:
             raise FileNotFoundError(f"no .parquet files under {path}")
         return files
     if not path.exists():
         raise FileNotFoundError(f"row file {path} does not exist")
     return [path]
+
+
+def _parquet_under(folder: Path) -> list[Path]:
+    """Parquet files under ``folder``, at any depth. A folder holding a manifest is a published
+    tree (rows an object store held, copied whole, as Kubeflow hands a step its input): only the
+    files the manifest names count, never an object of a writer that died beside them. Hidden
+    and ``_`` names (a writer's staging, a shuffle) are not rows."""
+    named = published_files(folder)
+    if named is not None:
+        return named
+    out: list[Path] = []
+    for p in folder.iterdir():
+        if p.name.startswith((".", "_")):
+            continue
+        if p.is_dir():
+            out += _parquet_under(p)
+        elif p.suffix == ".parquet":
+            out.append(p)
+    return out
 
 
 def read_feature_config(path: str | Path) -> FeatureConfig:

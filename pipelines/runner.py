@@ -39,26 +39,29 @@ class KubeflowError(ValueError):
     user's to fix, not a bug to trace."""
 
 
-def _pipeline(name: str):
-    from transact.pipelines.training import PIPELINES
+def _pipeline(name: str, cluster=None):
+    from transact.pipelines.training import PIPELINES, pipelines
 
     if name not in PIPELINES:
         raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
-    return PIPELINES[name]
+    return (pipelines(cluster) if cluster is not None else PIPELINES)[name]
 
 
-def compile_pipeline(name: str, out: str | Path, image: str | None = None) -> Path:
+def compile_pipeline(name: str, out: str | Path, image: str | None = None, cluster=None) -> Path:
     """Writes the pipeline's KFP IR YAML to ``out``; ``image``: the image every step (and the
-    TrainJob's nodes) runs, instead of the project's default tag (:func:`with_image`)."""
+    TrainJob's nodes) runs, instead of the project's default tag (:func:`with_image`);
+    ``cluster``: what its pods get (:class:`transact.pipelines.training.Cluster`: a Secret's
+    variables, a volume), which Kubeflow reads from the YAML's second document (the platform spec)."""
     from kfp import compiler
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(_pipeline(name), str(out))
+    compiler.Compiler().compile(_pipeline(name, cluster), str(out))
     if image:
         import yaml
 
-        out.write_text(yaml.safe_dump(with_image(yaml.safe_load(out.read_text()), image), sort_keys=False))
+        docs = list(yaml.safe_load_all(out.read_text()))
+        out.write_text(yaml.safe_dump_all([with_image(docs[0], image), *docs[1:]], sort_keys=False))
     return out
 
 
@@ -450,8 +453,8 @@ def summary_markdown(s: dict) -> str:
 
 def submit(host: str, name: str = "training", params: dict | None = None, experiment: str = "transact",
            namespace: str | None = None, run_name: str | None = None, existing_token: str | None = None,
-           enable_caching: bool | None = None, image: str | None = None):
-    """Compiles (with ``image``, see :func:`compile_pipeline`) and submits a run to the Kubeflow
+           enable_caching: bool | None = None, image: str | None = None, cluster=None):
+    """Compiles (with ``image`` and ``cluster``, see :func:`compile_pipeline`) and submits a run to the Kubeflow
     Pipelines API at ``host``; a host that is down, wrong or refuses the token raises
     :class:`KubeflowError` (one line)."""
     import tempfile
@@ -468,7 +471,7 @@ def submit(host: str, name: str = "training", params: dict | None = None, experi
         warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
         client = kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
         with tempfile.TemporaryDirectory() as tmp:
-            package = compile_pipeline(name, Path(tmp) / f"{name}.yaml", image=image)
+            package = compile_pipeline(name, Path(tmp) / f"{name}.yaml", image=image, cluster=cluster)
             return client.create_run_from_pipeline_package(
                 str(package), arguments=params, run_name=run_name, experiment_name=experiment,
                 namespace=namespace, enable_caching=enable_caching)

@@ -15,11 +15,16 @@ history, exported models), the Feast repo -- lives under ``storage_root``
 (``s3://bucket/prefix``), since every step is a fresh pod with an empty disk. It has no default
 in the compiled pipeline: a pod-local path there would silently lose all of it. The local
 runner gives it a folder of the run.
+
+What a pod's spec needs (a Secret's keys as variables, a volume) cannot be a run parameter: it
+is a :class:`Cluster` given when the pipeline is compiled (``transact pipeline compile
+--storage-secret ... --shared-pvc ...``), and :func:`pipelines` builds the pipelines for it.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from transact.components.kfp_components import (
     BASE_IMAGE,
@@ -62,6 +67,34 @@ class Defaults:
     storage_secret: str = ""
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """What the compiled pipeline's pods are given, fixed at compile time.
+
+    ``storage_secret``: a Kubernetes Secret whose ``AWS_*`` keys (credentials, ``AWS_ENDPOINT_URL``;
+    each optional) every step's container and the TrainJob's nodes get as variables, by reference
+    (empty: the pods' own identity, e.g. IRSA or a PodDefault). ``shared_pvc``: a ReadWriteMany
+    claim mounted at ``shared_dir`` on the TrainJob step's own pod and on its nodes (the volume
+    mode; empty: rows and model travel through the storage root).
+    """
+
+    storage_secret: str = ""
+    shared_pvc: str = ""
+    shared_dir: str = "/mnt/transact-shared"
+
+    def __post_init__(self) -> None:
+        if self.shared_pvc and not self.shared_dir.startswith("/"):
+            raise ValueError(f"shared_dir must be an absolute path in the pod, got {self.shared_dir!r}")
+
+    def pod(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        """``task`` with the Secret's variables (the object store every step reads and writes)."""
+        if self.storage_secret:
+            from transact.components.trainjob import STORAGE_ENV
+
+            kubernetes.use_secret_as_env(task, self.storage_secret, {k: k for k in STORAGE_ENV}, optional=True)
+        return task
+
+
 D = Defaults()
 
 #: Steps that talk to storage or services and may fail transiently: retried with backoff.
@@ -75,95 +108,105 @@ def _gpu(task: dsl.PipelineTask, cpu: str = "4", memory: str = "32G") -> dsl.Pip
             .set_cpu_request(cpu).set_memory_request(memory))
 
 
-def _evaluate_gate_package(model, rows, storage_root, gate_tolerance) -> None:
-    """evaluate -> gate vs champion -[pass]-> promote + package, for either train branch's model."""
-    evaluate = _gpu(evaluate_op(model=model, rows=rows))
+def pipelines(cluster: Cluster = Cluster()) -> dict:
+    """The training and retrain pipelines, their pods made for ``cluster``."""
+    d = dataclasses.replace(D, storage_secret=cluster.storage_secret, shared_pvc=cluster.shared_pvc,
+                            shared_dir=cluster.shared_dir if cluster.shared_pvc else D.shared_dir)
+    pod = cluster.pod
 
-    gate = gate_op(metrics_json=evaluate.outputs["Output"], model=model,
-                   rows=rows, storage_root=storage_root, tolerance=gate_tolerance)
-    gate.set_caching_options(False)  # the champion changes between runs
-    _gpu(gate)
+    def _evaluate_gate_package(model, rows, storage_root, gate_tolerance) -> None:
+        """evaluate -> gate vs champion -[pass]-> promote + package, for either train branch's model."""
+        evaluate = _gpu(pod(evaluate_op(model=model, rows=rows)))
 
-    with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
-        package = package_op(model=model, rows=rows, metrics_json=evaluate.outputs["Output"],
-                             storage_root=storage_root, gate_report=gate.outputs["report"],
-                             tolerance=gate_tolerance, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
-        _gpu(package, cpu="2", memory="8G")
+        gate = pod(gate_op(metrics_json=evaluate.outputs["Output"], model=model,
+                           rows=rows, storage_root=storage_root, tolerance=gate_tolerance))
+        gate.set_caching_options(False)  # the champion changes between runs
+        _gpu(gate)
+
+        with dsl.If(gate.outputs["Output"] == "pass", name="gate-passed"):
+            package = pod(package_op(model=model, rows=rows, metrics_json=evaluate.outputs["Output"],
+                                     storage_root=storage_root, gate_report=gate.outputs["report"],
+                                     tolerance=gate_tolerance, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+            package.set_caching_options(False).set_retry(RETRIES, backoff_duration=BACKOFF)
+            _gpu(package, cpu="2", memory="8G")
+
+    @dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
+    def training_pipeline(
+        storage_root: str,
+        profile: str = "demo",
+        seed: int = d.seed,
+        source: str = "",
+        drift: str = "none",
+        model_name: str = d.model_name,
+        epochs: int = d.epochs,
+        batch_size: int = d.batch_size,
+        lr: float = d.lr,
+        max_steps: int = d.max_steps,
+        feature_repo: str = d.feature_repo,
+        redis: str = d.redis,
+        gate_tolerance: float = d.gate_tolerance,
+        log_nn_engine: str = d.log_nn_engine,
+        ray_address: str = d.ray_address,
+        train_nodes: int = d.train_nodes,
+        gpus_per_node: int = d.gpus_per_node,
+        shared_dir: str = d.shared_dir,
+        shared_pvc: str = d.shared_pvc,
+        storage_secret: str = d.storage_secret,
+    ) -> None:
+        ingest = pod(ingest_op(profile=profile, seed=seed, source=source, drift=drift))
+        ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
+        # No caching: a failed validation moves the world into quarantine, so a cached
+        # ingest output may no longer exist. Re-ingesting the same world is a no-op anyway.
+        ingest.set_caching_options(False)
+
+        validate = pod(validate_op(world=ingest.outputs["world"], storage_root=storage_root))
+        validate.set_caching_options(False)  # quarantine moves files: always re-check
+
+        with dsl.If(validate.outputs["Output"] == "pass", name="validation-passed"):
+            features = pod(features_op(world=ingest.outputs["world"], storage_root=storage_root,
+                                       repo_dir=feature_repo, redis=redis))
+            features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
+
+            log_nn = pod(log_nn_op(world=ingest.outputs["world"], engine=log_nn_engine,
+                                   ray_address=ray_address).after(features))
+            log_nn.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("4").set_memory_request("16G")
+
+            # One pod with one GPU (the default), or a Kubeflow Trainer TrainJob of train_nodes x
+            # gpus_per_node whose launching task holds no GPU. Each branch evaluates, gates and packages
+            # its own model: kfp.local cannot pass an artifact through dsl.OneOf.
+            with dsl.If(train_nodes < 1, name="single-pod-train"):
+                train = _gpu(pod(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
+                                          batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)))
+                _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
+            with dsl.Else(name="trainjob-train"):
+                # a volume mounted on this pod must be the one the nodes get, at the same path
+                volume = dict(shared_dir=cluster.shared_dir, shared_pvc=cluster.shared_pvc) if cluster.shared_pvc \
+                    else dict(shared_dir=shared_dir, shared_pvc=shared_pvc)
+                trainjob = pod(trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
+                                           batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
+                                           nodes=train_nodes, gpus_per_node=gpus_per_node, storage_root=storage_root,
+                                           storage_secret=storage_secret, image=BASE_IMAGE, **volume))
+                if cluster.shared_pvc:
+                    kubernetes.mount_pvc(trainjob, cluster.shared_pvc, cluster.shared_dir)
+                trainjob.set_cpu_request("2").set_memory_request("8G")
+                _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
+
+    @dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")
+    def retrain_pipeline(
+        source: str,
+        storage_root: str,
+        model_name: str = d.model_name,
+        epochs: int = d.epochs,
+        seed: int = d.seed,
+        feature_repo: str = d.feature_repo,
+        redis: str = d.redis,
+        gate_tolerance: float = d.gate_tolerance,
+    ) -> None:
+        training_pipeline(storage_root=storage_root, profile="", seed=seed, source=source, drift="none",
+                          model_name=model_name, epochs=epochs, batch_size=d.batch_size, lr=d.lr, max_steps=d.max_steps,
+                          feature_repo=feature_repo, redis=redis, gate_tolerance=gate_tolerance)
+
+    return {"training": training_pipeline, "retrain": retrain_pipeline}
 
 
-@dsl.pipeline(name="transact-training", description="TransAct V2: events to a packaged, gated model.")
-def training_pipeline(
-    storage_root: str,
-    profile: str = "demo",
-    seed: int = D.seed,
-    source: str = "",
-    drift: str = "none",
-    model_name: str = D.model_name,
-    epochs: int = D.epochs,
-    batch_size: int = D.batch_size,
-    lr: float = D.lr,
-    max_steps: int = D.max_steps,
-    feature_repo: str = D.feature_repo,
-    redis: str = D.redis,
-    gate_tolerance: float = D.gate_tolerance,
-    log_nn_engine: str = D.log_nn_engine,
-    ray_address: str = D.ray_address,
-    train_nodes: int = D.train_nodes,
-    gpus_per_node: int = D.gpus_per_node,
-    shared_dir: str = D.shared_dir,
-    shared_pvc: str = D.shared_pvc,
-    storage_secret: str = D.storage_secret,
-) -> None:
-    ingest = ingest_op(profile=profile, seed=seed, source=source, drift=drift)
-    ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
-    # No caching: a failed validation moves the world into quarantine, so a cached
-    # ingest output may no longer exist. Re-ingesting the same world is a no-op anyway.
-    ingest.set_caching_options(False)
-
-    validate = validate_op(world=ingest.outputs["world"], storage_root=storage_root)
-    validate.set_caching_options(False)  # quarantine moves files: always re-check
-
-    with dsl.If(validate.outputs["Output"] == "pass", name="validation-passed"):
-        features = features_op(world=ingest.outputs["world"], storage_root=storage_root, repo_dir=feature_repo,
-                               redis=redis)
-        features.set_retry(RETRIES, backoff_duration=BACKOFF).set_caching_options(False)
-
-        log_nn = log_nn_op(world=ingest.outputs["world"], engine=log_nn_engine,
-                           ray_address=ray_address).after(features)
-        log_nn.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("4").set_memory_request("16G")
-
-        # One pod with one GPU (the default), or a Kubeflow Trainer TrainJob of train_nodes x
-        # gpus_per_node whose launching task holds no GPU. Each branch evaluates, gates and packages
-        # its own model: kfp.local cannot pass an artifact through dsl.OneOf.
-        with dsl.If(train_nodes < 1, name="single-pod-train"):
-            train = _gpu(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
-                                  batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps))
-            _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
-        with dsl.Else(name="trainjob-train"):
-            trainjob = trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
-                                   batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=train_nodes,
-                                   gpus_per_node=gpus_per_node, storage_root=storage_root, shared_dir=shared_dir,
-                                   shared_pvc=shared_pvc, storage_secret=storage_secret,
-                                   image=BASE_IMAGE)
-            trainjob.set_cpu_request("2").set_memory_request("8G")
-            _evaluate_gate_package(trainjob.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
-
-
-@dsl.pipeline(name="transact-retrain", description="Retrain on new logs after drift (monitoring trigger).")
-def retrain_pipeline(
-    source: str,
-    storage_root: str,
-    model_name: str = D.model_name,
-    epochs: int = D.epochs,
-    seed: int = D.seed,
-    feature_repo: str = D.feature_repo,
-    redis: str = D.redis,
-    gate_tolerance: float = D.gate_tolerance,
-) -> None:
-    training_pipeline(storage_root=storage_root, profile="", seed=seed, source=source, drift="none",
-                      model_name=model_name, epochs=epochs, batch_size=D.batch_size, lr=D.lr, max_steps=D.max_steps,
-                      feature_repo=feature_repo, redis=redis, gate_tolerance=gate_tolerance)
-
-
-PIPELINES = {"training": training_pipeline, "retrain": retrain_pipeline}
+PIPELINES = pipelines()

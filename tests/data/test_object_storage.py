@@ -205,3 +205,16 @@ def test_a_teams_logs_in_a_bucket_are_imported_by_the_ingest_step(s3, tmp_path, 
     with pytest.raises(FileNotFoundError, match="nothing/here: no such folder"):
         steps.ingest(str(tmp_path / "w2"), source=f"{bucket}/nothing/here")
     assert not (tmp_path / "w2").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_kubeflows_minio_artifact_uris_are_read_as_s3_and_globs_reach_any_depth(s3):
+    """Kubeflow's default artifact store names its objects ``minio://bucket/key``: MinIO speaks
+    S3, so they are read at the S3 endpoint; a glob's ``**/`` spans any depth, none included."""
+    bucket = s3.bucket()
+    for key in ("log/served-1.parquet", "log/host-a/served-2.parquet", "log/host-a/other.json"):
+        storage.write_bytes(f"{bucket}/{key}", b"x")
+    minio = bucket.replace("s3://", "minio://")
+    assert storage.read_bytes(f"{minio}/log/served-1.parquet") == b"x"
+    assert storage.glob(f"{minio}/log", "**/served-*.parquet") == [
+        f"{minio}/log/host-a/served-2.parquet", f"{minio}/log/served-1.parquet"]
+    assert storage.glob(f"{bucket}/log", "**/served-*.parquet")[1] == f"{bucket}/log/served-1.parquet"

@@ -67,9 +67,10 @@ def test_buckets_round_trip_and_a_folder_appears_whole(tmp_path):
 
 # ----------------------------------------------------------------------------- a local Ray
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3):
     """A local Ray on 127.0.0.1, 2 CPUs, with its own token (Ray turns token authentication
-    on for a new local cluster; the token is this test's, nothing is written to ~/.ray)."""
+    on for a new local cluster; the token is this test's, nothing is written to ~/.ray). Its
+    workers reach the session's S3 server (started first: they inherit the AWS variables)."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_AUTH_MODE", raising=False)  # Ray sets it; restored (absent) afterwards
@@ -194,6 +195,103 @@ def test_attach_labels_on_ray_equals_the_local_join(tmp_path, local_ray):
     assert_same_rows(pq.read_table(tmp_path / "train"), pq.read_table(tmp_path / "local.parquet"))
     # and the join is the logged rows themselves (labels and all)
     assert_same_rows(pq.read_table(tmp_path / "train"), pq.read_table(tmp_path / "rows.parquet"))
+
+
+# ----------------------------------------------------------------------------- Ray on a bucket
+def test_ray_reads_a_world_in_a_bucket_and_publishes_its_parts_there(tmp_path, s3, local_ray):
+    """No shared volume: the map tasks read row groups of the world's objects, the shuffle and the
+    parts are objects, and the output appears only with its manifest -- the same rows, byte for
+    byte, as the local engine's; a copy of the bucket's folder is read by training as a folder."""
+    from transact.components.ray_engine import log_nn_ray, summary_location
+    from transact.data import storage
+    from transact.model.dataset import RowDataset, read_feature_config, row_files, rows_train_end_ts
+
+    requests = small_world(tmp_path / "w")
+    local = log_nn_features(tmp_path / "w", tmp_path / "local.parquet", CFG, progress=False)
+    bucket = s3.bucket()
+    world = f"{bucket}/worlds/w"
+    storage.upload_tree(tmp_path / "w", world)  # a world folder as it is (as Kubeflow stores an artifact)
+    out = f"{bucket}/rows/nn_rows"
+    summary = log_nn_ray(world, out, CFG, partitions=3, chunk_rows=50)
+    assert summary["rows"] == local["rows"] == requests.num_rows
+    manifest = storage.read_manifest(out)
+    assert sorted(manifest["files"]) == [f"part-{p:05d}.parquet" for p in range(3)]
+    assert storage.listdir(storage.join(out, manifest["prefix"])) == sorted(manifest["files"])  # no shuffle left
+    assert storage.read_json(summary_location(out))["rows"] == summary["rows"]
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()  # a URI never became a folder
+
+    # a writer that died mid-way left objects no manifest names: a copy of the folder reads past them
+    storage.write_bytes(storage.join(out, "objects", "deadbeef", "part-00000.parquet"),
+                        (tmp_path / "local.parquet").read_bytes())
+    copy = tmp_path / "copy" / "nn_rows"
+    storage.download_tree(out, copy)
+    assert len(row_files(copy)) == 3
+    assert_same_rows(pa.concat_tables([pq.read_table(f) for f in row_files(copy)]),
+                     pq.read_table(tmp_path / "local.parquet"))
+    assert read_feature_config(copy) == CFG and rows_train_end_ts(copy)[0] == TRAIN_END
+    assert len(RowDataset(copy)) == local["rows"]
+
+    with pytest.raises(FileExistsError, match="already published"):  # a published location never changes
+        log_nn_ray(world, out, CFG, partitions=2)
+
+
+def test_ray_refuses_a_world_in_a_bucket_that_differs_from_its_manifest(tmp_path, s3, local_ray):
+    from transact.components.ray_engine import log_nn_ray
+    from transact.data import storage
+    from transact.data.world import WorldError
+
+    small_world(tmp_path / "w")
+    world = f"{s3.bucket()}/w"
+    storage.upload_tree(tmp_path / "w", world)
+    storage.write_bytes(storage.join(world, "actions.parquet"), (tmp_path / "w" / "items.parquet").read_bytes())
+    with pytest.raises(WorldError, match="actions.parquet has .* the manifest says"):
+        log_nn_ray(world, f"{s3.bucket()}/rows", CFG, partitions=2)
+    storage.remove_tree(storage.join(world, "manifest.json"))
+    with pytest.raises(WorldError, match="no manifest.json"):
+        log_nn_ray(world, f"{s3.bucket()}/rows", CFG, partitions=2)
+
+
+def test_attach_labels_on_ray_reads_a_shipped_log_in_a_bucket(tmp_path, s3, local_ray):
+    from transact.components.ray_engine import attach_labels_local, attach_labels_ray
+    from transact.data import storage
+
+    small_world(tmp_path / "w")
+    log_nn_features(tmp_path / "w", tmp_path / "rows.parquet", CFG, progress=False)
+    served_log(pq.read_table(tmp_path / "rows.parquet"), tmp_path / "served", CFG)
+    local = attach_labels_local(tmp_path / "served", tmp_path / "w", tmp_path / "local.parquet")
+    bucket = s3.bucket()
+    storage.upload_tree(tmp_path / "served", f"{bucket}/served/host-a")  # shipped: one folder a server
+    storage.upload_tree(tmp_path / "w", f"{bucket}/w")
+    summary = attach_labels_ray(f"{bucket}/served", f"{bucket}/w", f"{bucket}/train", partitions=2, chunk_rows=40)
+    assert summary["rows"] == local["rows"]
+    storage.fetch_tree(f"{bucket}/train", tmp_path / "train")
+    assert_same_rows(pq.read_table(tmp_path / "train", ignore_prefixes=["MANIFEST"]),
+                     pq.read_table(tmp_path / "local.parquet"))
+
+
+def test_the_pipeline_step_on_ray_publishes_parts_under_its_artifact_uri(tmp_path, s3, local_ray):
+    """What the log-nn step does on a cluster with engine=ray: the world read at its artifact URI,
+    the parts published under the rows artifact's URI by the workers; the step's own folder gets
+    world.json (what Kubeflow uploads beside them); the train step's copy of the artifact reads
+    as the local engine's rows. A retried step finds the published rows and does nothing."""
+    from transact.components import steps
+    from transact.data import storage
+    from transact.model.dataset import RowDataset
+
+    small_world(tmp_path / "w")
+    n_local = steps.log_nn(str(tmp_path / "w"), str(tmp_path / "local"), progress=False)["rows"]
+    bucket = s3.bucket()
+    storage.upload_tree(tmp_path / "w", f"{bucket}/ingest/world")
+    rows_uri = f"{bucket}/log-nn/rows"
+    kw = dict(progress=False, engine="ray", partitions=2, parts_at=storage.join(rows_uri, steps.ROWS_PARTS))
+    summary = steps.log_nn(f"{bucket}/ingest/world", str(tmp_path / "step-out"), **kw)
+    assert summary["rows"] == n_local
+    assert [p.name for p in (tmp_path / "step-out").iterdir()] == ["world.json"]
+    storage.upload_tree(tmp_path / "step-out", rows_uri)  # the launcher's upload of the step's folder
+    storage.download_tree(rows_uri, tmp_path / "train-in")  # ... and the train step's download
+    assert len(RowDataset(tmp_path / "train-in")) == n_local
+    again = steps.log_nn(f"{bucket}/ingest/world", str(tmp_path / "step-out"), **kw)
+    assert again["rows"] == n_local and len(storage.listdir(storage.join(rows_uri, steps.ROWS_PARTS, "objects"))) == 1
 
 
 # ----------------------------------------------------------------------------- a Ray head, Jobs API

@@ -357,3 +357,45 @@ def test_the_local_backend_refuses_another_python_on_path_without_touching_path(
     assert os.environ["PATH"] == before
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{before}")
     check_local_python()  # this environment's own python first: accepted
+
+
+def test_compiled_for_a_cluster_every_pod_gets_the_storage_secret_and_the_trainjob_step_its_volume(tmp_path):
+    """A pod's spec is fixed when the pipeline is compiled: with --storage-secret every step's
+    container gets the Secret's AWS_* keys by reference (each optional, none copied into the YAML),
+    and with --shared-pvc the TrainJob step's own pod mounts the claim where its nodes mount it."""
+    from typer.testing import CliRunner
+
+    from transact.cli import app
+    from transact.components.trainjob import STORAGE_ENV
+
+    out = tmp_path / "t.yaml"
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--image", "reg.example.com/t:1",
+                                 "--storage-secret", "s3-creds", "--shared-pvc", "rwx", "--shared-dir", "/mnt/s"])
+    assert r.exit_code == 0, r.output
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every step, none left out
+    for name, ex in executors.items():
+        (secret,) = ex["secretAsEnv"]
+        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "s3-creds" and secret["optional"], name
+        assert [k["envVar"] for k in secret["keyToEnv"]] == list(STORAGE_ENV)
+    (mount,) = executors["exec-trainjob-op"]["pvcMount"]
+    assert mount["mountPath"] == "/mnt/s" and mount["constant"] == "rwx"
+    assert [n for n, ex in executors.items() if "pvcMount" in ex] == ["exec-trainjob-op"]
+    dags = {k: c["dag"]["tasks"] for k, c in spec["components"].items() if "dag" in c}
+    (job,) = [tasks["trainjob-op"]["inputs"]["parameters"] for tasks in dags.values() if "trainjob-op" in tasks]
+    assert job["shared_pvc"]["runtimeValue"]["constant"] == "rwx"  # the nodes mount the same claim,
+    assert job["shared_dir"]["runtimeValue"]["constant"] == "/mnt/s"  # at the same path
+    assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {"reg.example.com/t:1"}
+
+    plain = list(yaml.safe_load_all(compile_default(tmp_path).read_text()))
+    assert len(plain) == 1  # nothing of a cluster's unless asked
+    bad = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--shared-pvc", "rwx",
+                                   "--shared-dir", "mnt"])
+    assert bad.exit_code == 2 and "shared_dir must be an absolute path" in bad.output
+
+
+def compile_default(tmp_path):
+    from transact.pipelines.runner import compile_pipeline
+
+    return compile_pipeline("training", tmp_path / "plain.yaml")

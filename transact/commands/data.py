@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from transact.commands._common import fail_on_user_error
+from transact.data import storage
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -108,9 +109,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("log-nn")
     @fail_on_user_error
     def log_nn(
-        world: Path = typer.Option(Path("runs/world"), help="World folder (simulated or imported)."),
-        out: Path | None = typer.Option(None, help="Row file, or folder of parts with --engine ray "
-                                                      "(default: <world>/nn_rows.parquet, <world>/nn_rows)."),
+        world: str = typer.Option("runs/world", help="World folder (simulated or imported); with --engine ray "
+                                                     "also an object-store URI (s3://...)."),
+        out: str | None = typer.Option(None, help="Row file, or folder of parts with --engine ray, there also "
+                                                     "a URI (default: <world>/nn_rows.parquet, <world>/nn_rows)."),
         batch_requests: int = typer.Option(256, help="Requests per de-duplicated batch."),
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
         feature_config: str | None = typer.Option(None, help="The whole feature contract as JSON "
@@ -129,7 +131,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         cfg = (FeatureConfig.from_dict(json.loads(feature_config), where="--feature-config") if feature_config
                else FeatureConfig(ll_cap=ll_cap))
-        out = out or world / ("nn_rows" if engine == "ray" else "nn_rows.parquet")
+        out = out or storage.join(world, "nn_rows" if engine == "ray" else "nn_rows.parquet")
+        if engine != "ray":  # the local engine reads and writes local files (a URI refused, naming the option)
+            world, out = storage.local_path(world, "--world"), storage.local_path(out, "--out")
         summary = run_log_nn(world, out, cfg, engine, address, partitions, batch_requests, progress)
         typer.echo(f"{summary['rows']:,} rows from {summary['requests']:,} requests "
                    f"in {summary['seconds']:.1f} s -> {out}")
@@ -137,9 +141,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("attach-labels")
     @fail_on_user_error
     def attach_labels_cmd(
-        served: Path = typer.Option(..., help="Served-log folder (served-*.parquet)."),
-        world: Path = typer.Option(Path("runs/world"), help="World whose requests table holds the labels."),
-        out: Path = typer.Option(..., help="Training rows: a file, or a folder of parts with --engine ray."),
+        served: str = typer.Option(..., help="Served-log folder (served-*.parquet); with --engine ray also a URI."),
+        world: str = typer.Option("runs/world", help="World whose requests table holds the labels (ray: or a URI)."),
+        out: str = typer.Option(..., help="Training rows: a file, or a folder of parts with --engine ray "
+                                          "(there also a URI)."),
         engine: str = typer.Option("local", help="local: joined in memory | ray: parts by request_id on Ray."),
         address: str | None = typer.Option(None, help="Ray cluster (--engine ray) (default: a local Ray)."),
         partitions: int | None = typer.Option(None, help="Parts (--engine ray) (default: one per cluster CPU)."),
@@ -148,7 +153,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from transact.components.ray_engine import attach_labels_local, attach_labels_ray, ray_session
 
         if engine == "local":
-            summary = attach_labels_local(served, world, out)
+            summary = attach_labels_local(*(storage.local_path(v, o) for v, o in
+                                            ((served, "--served"), (world, "--world"), (out, "--out"))))
         elif engine == "ray":
             with ray_session(address):
                 summary = attach_labels_ray(served, world, out, partitions)

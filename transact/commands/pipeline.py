@@ -11,6 +11,18 @@ IMAGE_HELP = ("The image every step runs (make image; make image-push REGISTRY=.
               "registry.example.com/transact:0.1.0 (default: the project's ghcr.io tag).")
 
 
+SECRET_HELP = ("Kubernetes Secret whose AWS_* keys (credentials, AWS_ENDPOINT_URL) every step's pod and the "
+               "TrainJob's nodes get as variables (default: none; the pods' own identity, e.g. IRSA).")
+PVC_HELP = "ReadWriteMany claim mounted on the TrainJob step and its nodes (the volume mode; default: none)."
+SHARED_DIR_HELP = "Where --shared-pvc is mounted in those pods."
+
+
+def _cluster(storage_secret: str, shared_pvc: str, shared_dir: str):
+    from transact.pipelines.training import Cluster
+
+    return Cluster(storage_secret=storage_secret, shared_pvc=shared_pvc, shared_dir=shared_dir)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     pipe = typer.Typer(help="Kubeflow pipelines: run locally, compile to YAML, submit to a cluster.",
                        no_args_is_help=True)
@@ -42,11 +54,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         name: str = typer.Option("training", help="training | retrain"),
         out: Path | None = typer.Option(None, help="YAML path (default: build/<name>.yaml)."),
         image: str | None = typer.Option(None, help=IMAGE_HELP),
+        storage_secret: str = typer.Option("", help=SECRET_HELP),
+        shared_pvc: str = typer.Option("", help=PVC_HELP),
+        shared_dir: str = typer.Option("/mnt/transact-shared", help=SHARED_DIR_HELP),
     ) -> None:
         """Write the KFP IR YAML (upload it in the Kubeflow UI or with `submit`)."""
         from transact.pipelines.runner import compile_pipeline
 
-        path = compile_pipeline(name, out or Path("build") / f"{name}.yaml", image=image)
+        path = compile_pipeline(name, out or Path("build") / f"{name}.yaml", image=image,
+                                cluster=_cluster(storage_secret, shared_pvc, shared_dir))
         typer.echo(f"compiled {name} -> {path}")
 
     @pipe.command("submit")
@@ -60,9 +76,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         run_name: str | None = typer.Option(None, help="Run name."),
         token: str | None = typer.Option(None, envvar="KFP_TOKEN", help="Bearer token (or $KFP_TOKEN)."),
         image: str | None = typer.Option(None, help=IMAGE_HELP),
+        storage_secret: str = typer.Option("", help=SECRET_HELP),
+        shared_pvc: str = typer.Option("", help=PVC_HELP),
+        shared_dir: str = typer.Option("/mnt/transact-shared", help=SHARED_DIR_HELP),
     ) -> None:
         """Compile and submit a run to a Kubeflow cluster."""
         from transact.pipelines.runner import submit
 
-        result = submit(host, name, parse_params(param), experiment, namespace, run_name, token, image=image)
+        result = submit(host, name, parse_params(param), experiment, namespace, run_name, token, image=image,
+                        cluster=_cluster(storage_secret, shared_pvc, shared_dir))
         typer.echo(f"submitted: run id {getattr(result, 'run_id', result)}")
