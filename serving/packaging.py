@@ -8,8 +8,8 @@ the same tag and stores nothing new (the pipeline's package step relies on it). 
 model is loaded once before it is stored (strict state-dict load), so a broken
 checkpoint never reaches the store. Training state (``train_state/``) is not copied.
 
-:func:`build_bento` runs ``bentoml build`` on ``serving/bentofile.yaml`` with the
-repository as build context (offline: ``lock_packages: false``), carrying the model it is
+:func:`build_bento` runs ``bentoml build`` on ``serving/bentofile.yaml`` over the ``transact``
+package laid out as installed (offline: ``lock_packages: false``), carrying the model it is
 given. :func:`local_stores` points this process's BentoML stores at a folder (tests, the
 benchmark) without touching the environment.
 """
@@ -129,27 +129,60 @@ def bentofile_path() -> Path:
 
 
 def build_bento(model_tag: str | None = None, build_ctx: str | Path | None = None, version: str | None = None) -> str:
-    """``bentoml build -f serving/bentofile.yaml <repo>``, carrying ``model_tag``; returns the bento tag.
+    """``bentoml build`` of ``serving/bentofile.yaml``, carrying ``model_tag``; returns the bento tag.
 
     ``model_tag`` (default: the bentofile's ``models``, transact-ranker:latest) is the stored
     model bundled into the bento: the bentofile is built through a copy whose ``models``
     names it (BentoML's own way to say which models a bento carries; the service looks its
-    model up by tag when it starts).
+    model up by tag when it starts). The bento's source is the ``transact`` package laid out as
+    installed (:func:`package_tree`), from a source checkout and an installed image alike: a
+    container made from the bento (``bentoml containerize``) imports the project from it alone.
+    ``build_ctx``: a folder already holding such a ``transact/`` tree.
     """
     import tempfile
 
     import yaml
     from bentoml.bentos import build_bentofile
 
-    ctx = Path(build_ctx) if build_ctx else Path(__file__).resolve().parents[1]
     config = yaml.safe_load(bentofile_path().read_text())
     if model_tag:
         config["models"] = [str(model_tag)]
     with tempfile.TemporaryDirectory(prefix="transact-bentofile-") as tmp:
+        ctx = Path(build_ctx) if build_ctx else package_tree(Path(tmp) / "ctx")
         path = Path(tmp) / "bentofile.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         bento = build_bentofile(str(path), build_ctx=str(ctx), version=version)
     return str(bento.tag)
+
+
+#: what of each package's folder a bento carries (code, and package data such as the bentofile)
+PACKAGE_FILES = ("*.py", "*.yaml")
+
+
+def package_tree(dest: Path) -> Path:
+    """``dest/transact/...``: the ``transact`` package as it is installed, wherever it is imported
+    from now. An installed wheel is that layout already; a source checkout maps one folder to each
+    subpackage (``data/`` is ``transact.data``: pyproject's ``package-dir``), which is followed
+    here. Returns ``dest``."""
+    import tomllib
+
+    import transact
+
+    here = Path(transact.__file__).resolve().parent  # the folder of transact/__init__.py
+    root = here.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (root / "pyproject.toml").is_file():  # installed: site-packages/transact as it is
+        shutil.copytree(here, dest / "transact", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return dest
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in setup["packages"]:
+        folder = root / setup.get("package-dir", {}).get(package, package.replace(".", "/"))
+        target = dest.joinpath(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in PACKAGE_FILES:
+            for f in folder.glob(pattern):
+                shutil.copy2(f, target / f.name)
+    return dest
 
 
 def default_bentoml_home() -> Path:

@@ -157,11 +157,15 @@ def test_image_builds_and_runs_a_pipeline_step(tmp_path):
             "import importlib.util, json, os, pathlib, tempfile\n"
             "import ray, torch, transact, transact.model, transact.serving\n"
             "from transact.features.feast.store import REPO_TEMPLATE\n"
+            "from transact.serving.packaging import package_tree\n"
             "tempfile.NamedTemporaryFile(dir=os.environ['HOME']).close()\n"
+            "tree = package_tree(pathlib.Path(tempfile.mkdtemp()) / 'ctx') / 'transact'\n"
             "print(json.dumps({'uid': os.getuid(), 'cwd': os.getcwd(), 'package': transact.__file__,\n"
             "  'torch': torch.__version__, 'ray': ray.__version__,\n"
             "  'test_extra': importlib.util.find_spec('pytest') is not None,\n"
-            "  'feast_template': (REPO_TEMPLATE / 'definitions.py').is_file()}))\n"
+            "  'feast_template': (REPO_TEMPLATE / 'definitions.py').is_file(),\n"
+            "  'bento_tree': all((tree / f).is_file() for f in ('serving/service.py', 'serving/bentofile.yaml',\n"
+            "                                                   'data/storage.py', 'cli.py'))}))\n"
         )
         facts = json.loads(buildah.run(ctr, "python", "-c", probe).strip().splitlines()[-1])
         print(f"[image test] inside the image: {facts}")
@@ -169,6 +173,7 @@ def test_image_builds_and_runs_a_pipeline_step(tmp_path):
         assert facts["package"].startswith("/opt/venv/lib/") and "site-packages" in facts["package"], facts
         assert facts["torch"] == wheel_version, f"torch {facts['torch']}, not the wheel passed in ({wheel.name})"
         assert facts["feast_template"] and not facts["test_extra"], facts
+        assert facts["bento_tree"], facts  # a bento built in the image carries the installed package
 
         # (d) pipeline steps inside the image: simulate, validate, the Feast apply
         steps = ("transact simulate --profile tiny --out /tmp/w/world --no-progress"

@@ -8,6 +8,7 @@ stop before training.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -35,6 +36,35 @@ def env(tmp_path_factory):
         os.environ.pop("BENTOML_HOME", None)
     else:
         os.environ["BENTOML_HOME"] = old
+
+
+@contextlib.contextmanager
+def a_fresh_pod_for_each_step(pods: Path):
+    """Each step as a cluster runs it: started in an empty working folder, with an empty HOME and
+    a BentoML home of its own (nothing one step leaves on its disk reaches the next); yields the
+    list of the pods' folders. kfp.local runs one task at a time, so the environment it hands the
+    task's subprocess can be set just before."""
+    from transact.pipelines.kfp_task_hook import around_each_task
+
+    made: list[Path] = []
+
+    def wrap(name, run):
+        pod = pods / f"{len(made):02d}-{name}"
+        made.append(pod)
+        for sub in ("cwd", "home", "bentoml"):
+            (pod / sub).mkdir(parents=True)
+        saved, cwd = {k: os.environ.get(k) for k in ("HOME", "BENTOML_HOME")}, os.getcwd()
+        os.environ.update(HOME=str(pod / "home"), BENTOML_HOME=str(pod / "bentoml"))
+        os.chdir(pod / "cwd")
+        try:
+            return run()
+        finally:
+            os.chdir(cwd)
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    with around_each_task(wrap):
+        yield made
 
 
 def _params(root: Path, **kw) -> dict:
@@ -116,8 +146,9 @@ def test_corrupted_batch_stops_before_training(env, tmp_path):
 
 
 def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_the_pod(s3, tmp_path, monkeypatch):
-    """The cluster path on one machine: every step a subprocess started in an empty folder with an
-    empty HOME and its own BentoML home, the storage root a bucket on a real S3-protocol server.
+    """The cluster path on one machine: every step a subprocess started in an empty folder of its
+    own with an empty HOME and its own BentoML home (:func:`a_fresh_pod_for_each_step`), the
+    storage root a bucket on a real S3-protocol server.
     Run 1 promotes; run 2 (an untrained challenger) is gated against run 1's champion, read from
     the bucket; a fresh BentoML home imports the champion from there. Nothing lands in the
     working folder (no local ``s3:`` folder, no ``runs/``)."""
@@ -130,7 +161,9 @@ def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_th
     monkeypatch.chdir(pod)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml-pod"))
-    first = run_local("training", tmp_path / "run1", **{**FAST, "storage_root": root})
+    with a_fresh_pod_for_each_step(tmp_path / "pods") as pods:
+        first = run_local("training", tmp_path / "run1", **{**FAST, "storage_root": root})
+    assert {p.name.split("-", 1)[1] for p in pods} >= {"train-op", "package-op", "gate-op"}, pods
     assert first["outcome"].startswith("packaged"), first["outcome"]
     registry = Registry(f"{root}/registry")
     champion = registry.champion()
@@ -139,8 +172,9 @@ def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_th
     assert storage.exists(f"{root}/validation/reference.json")
     assert storage.exists(f"{root}/feature_repo/CURRENT.json")  # the Feast repo, published whole
 
-    second = run_local("training", tmp_path / "run2",
-                       **{**FAST, "storage_root": root, "max_steps": 1, "lr": 1e-9, "gate_tolerance": 0.0})
+    with a_fresh_pod_for_each_step(tmp_path / "pods-2") as pods_2:
+        second = run_local("training", tmp_path / "run2",
+                           **{**FAST, "storage_root": root, "max_steps": 1, "lr": 1e-9, "gate_tolerance": 0.0})
     assert second["gate"] == "fail", second["outcome"]
     gate_report = Path(second["reports"]["gate-op"]).read_text()
     assert f"vs champion {first['metrics']['hit']['repin']['value']:.4f}" in gate_report, gate_report
@@ -149,3 +183,5 @@ def test_runs_on_an_object_store_root_share_one_champion_and_leave_nothing_on_th
     with local_stores(tmp_path / "fresh-machine"):
         assert import_champion(registry.root) == first["package"]["tag"]
     assert list(pod.iterdir()) == []
+    for p in pods + pods_2:  # nothing a step needs later was left on its own disk: each left nothing there
+        assert list((p / "cwd").iterdir()) == [], p

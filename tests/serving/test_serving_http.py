@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -283,7 +285,16 @@ def test_packaging_round_trip_and_offline_bento_build(tmp_path):
         bento_tag = build_bento(a["tag"])
         bento = bentoml.get(bento_tag)
         assert [str(m.tag) for m in bento.info.all_models] == [a["tag"]]
-        assert (Path(bento.path_of("src")) / "serving" / "service.py").exists()
+        # the bento carries the package as installed: its src alone imports the service (as a
+        # container made by `bentoml containerize` does, with no project installed beside it)
+        src = Path(bento.path_of("src"))
+        assert (src / "transact" / "serving" / "service.py").is_file()
+        assert (src / "transact" / "serving" / "bentofile.yaml").is_file()
+        probe = ("import sys; sys.path.insert(0, sys.argv[1]); import transact.serving.service as s, "
+                 "transact.data.storage as d; print(s.__file__); print(d.__file__)")
+        p = subprocess.run([sys.executable, "-c", probe, str(src)], capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert all(Path(f).is_relative_to(src) for f in p.stdout.split()), p.stdout
 
 
 def test_service_class_instantiated_directly(tmp_path, monkeypatch):
