@@ -176,12 +176,19 @@ def test_workspace_has_the_project_and_panels(loop):
         assert word in titles
 
 
-def test_transact_dashboard_serves_the_workspace_on_localhost(loop):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_transact_dashboard_serves_the_workspace_on_localhost(loop, where, request):
+    """The workspace a monitor wrote, from its folder or from the bucket a monitor's ``--out`` published it to."""
+    from transact.data import storage
     from transact.monitoring import dashboard
 
     ws = loop["summary"]["workspace"]
+    given = ws
+    if where == "s3":
+        given = f"{request.getfixturevalue('s3').bucket()}/monitoring/workspace"
+        storage.upload_tree(ws, given)
     port = dashboard.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "transact.cli", "dashboard", "--workspace", ws,
+    proc = subprocess.Popen([sys.executable, "-m", "transact.cli", "dashboard", "--workspace", given,
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, ITERATIVE_DO_NOT_TRACK="1"))
     try:

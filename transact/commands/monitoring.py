@@ -121,31 +121,40 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("dashboard")
     @fail_on_user_error
     def dashboard_cmd(
-        workspace: Path = typer.Option(Path("runs/monitor/workspace"), help="Evidently UI workspace."),
+        workspace: str = typer.Option("runs/monitor/workspace", help="Evidently UI workspace: a folder, or the "
+                                                                     "one a monitor published (s3://.../workspace)."),
         port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 = a free one)."),
         wait_s: float = typer.Option(60.0, help="Seconds to wait for the UI to answer."),
     ) -> None:
         """Start the Evidently UI on 127.0.0.1 for the monitoring workspace (Ctrl-C stops it)."""
+        import signal
+        import tempfile
+
+        from transact.data import storage
         from transact.monitoring import dashboard
 
-        if not workspace.exists():
+        if not storage.is_folder(workspace):
             raise FileNotFoundError(f"{workspace}: no workspace (run `transact monitor` first)")
-        import signal
+        with tempfile.TemporaryDirectory(prefix="transact-dashboard-") as tmp:
+            # a workspace in a bucket (a monitor's --out there) is shown as of now: a copy
+            local = _here(workspace, Path(tmp) / "workspace", "--workspace")
+            if storage.is_remote(workspace):
+                typer.echo(f"{workspace}: a copy as of now in {local}")
 
-        def _stop(signum, frame):  # SIGTERM/SIGHUP: stop the UI with us
-            raise KeyboardInterrupt
+            def _stop(signum, frame):  # SIGTERM/SIGHUP: stop the UI with us
+                raise KeyboardInterrupt
 
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _stop)
-        proc, address = dashboard.serve(workspace, "127.0.0.1", port or dashboard.free_port(), wait_s=wait_s)
-        try:
-            typer.echo(f"Evidently UI: {address}")
-            typer.echo("Ctrl-C stops it.")
-            proc.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            dashboard.stop(proc)
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, _stop)
+            proc, address = dashboard.serve(local, "127.0.0.1", port or dashboard.free_port(), wait_s=wait_s)
+            try:
+                typer.echo(f"Evidently UI: {address}")
+                typer.echo("Ctrl-C stops it.")
+                proc.wait()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                dashboard.stop(proc)
 
     @bench_app.command("drift")
     @fail_on_user_error
