@@ -164,7 +164,7 @@ def forward_variants(model, batch, reps: int = 5) -> dict:
     with a dynamic batch dimension, ONNX Runtime when installed) through the service's own
     :class:`~transact.serving.device.ModelRunner`, on the whole batch at once and in the
     runner's row chunks; each with its first-call (compile / export) time and its
-    max |prob - eager prob|. ``encoder``: the encoder alone on the batch's tokens, the stock
+    max |logit - eager logit|. ``encoder``: the encoder alone on the batch's tokens, the stock
     module (dense mask) against the CPU inference path the dispatcher runs
     (:mod:`transact.kernels.pytorch.encoder_cpu`).
     """

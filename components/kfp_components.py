@@ -63,13 +63,14 @@ def features_op(world: Input[Dataset], storage_root: str, repo_dir: str, redis: 
 @dsl.component(**_opts)
 def log_nn_op(world: Input[Dataset], rows: Output[Dataset], engine: str = "local", ray_address: str = "") -> int:
     """NN-feature logging: one compact row per (request, candidate); ``engine="ray"`` builds
-    them on Ray (``ray_address``: a RayCluster's Jobs API, else a Ray inside this step). On a
-    cluster Ray's workers read the world at its artifact URI and publish the parts under the rows
-    artifact's URI themselves: no volume shared with this pod."""
+    them on Ray (``ray_address``: a RayCluster's Jobs API, else a Ray inside this step). A
+    RayCluster's workers read the world at its artifact URI and publish the parts under the rows
+    artifact's URI themselves (no volume shared with this pod); a Ray inside the step reads the
+    local copies Kubeflow made, needing no credentials of its own."""
     from transact.components import steps
     from transact.data import storage
 
-    on_store = engine == "ray" and storage.is_remote(rows.uri)
+    on_store = engine == "ray" and bool(ray_address) and storage.is_remote(rows.uri)
     summary = steps.log_nn(world.uri if on_store else world.path, rows.path, progress=False, engine=engine,
                            ray_address=ray_address,
                            parts_at=storage.join(rows.uri, steps.ROWS_PARTS) if on_store else "")

@@ -150,11 +150,11 @@ def _get(refs: list) -> list:
 
     try:
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
+    except ray.exceptions.RayError as e:  # a task's own error, or its worker or node lost (OOM, a crash)
         for r in refs:  # the others stop; every task has ended before its staging folder goes
             ray.cancel(r)
         ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        if isinstance(e.cause, Exception):
+        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, Exception):
             raise e.cause from None
         raise
 
@@ -259,13 +259,16 @@ def _publishing_parts(out: str) -> Iterator[_Parts]:
         with contextlib.suppress(Exception):
             storage.remove_tree(parts.staging)
         raise
-    storage.remove_tree(parts.shuffle)
 
 
 def _seal(parts: _Parts, done: list[dict], meta: dict) -> None:
-    """Makes a URI output visible: the manifest of the parts the reduce tasks reported."""
+    """Makes a URI output visible: the shuffle goes first (nothing but the parts stays under the
+    output), then the manifest of the parts the reduce tasks reported, then the objects of runs
+    that died before theirs (once a manifest stands no other run can publish there)."""
     if parts.prefix:
+        storage.remove_tree(parts.shuffle)
         storage.seal(parts.out, parts.prefix, {part_name(d["part"]): d["file"] for d in done}, meta)
+        storage.sweep_unpublished(parts.out)
 
 
 @contextlib.contextmanager

@@ -187,6 +187,8 @@ def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: b
     storage.write_bytes(Path(rows_dir) / "world.json", world_json)
     done = storage.read_manifest(rows, missing_ok=True) is not None if parts_at else Path(rows).exists()
     if done and storage.exists(summary_location(rows)):  # a retried step: the rows stand
+        if parts_at:  # and objects of an attempt killed before they did go: they would travel with the artifact
+            storage.sweep_unpublished(rows)
         return storage.read_json(summary_location(rows))
     other = Path(rows_dir) / (ROWS_FILE if engine == "ray" else ROWS_PARTS)
     if other.exists():  # the other engine's rows: training must read one set, never both
@@ -243,8 +245,9 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str
     """Challenger vs the registry's champion, both evaluated on the same evaluation window.
 
     The challenger passes when HIT@3/repin is no more than ``tolerance`` (relative) below
-    the champion's and HIT@3/hide no more than ``tolerance`` above it. With no champion
-    yet, it passes. ``champion_generation`` in the result is the champion it was judged
+    the champion's, HIT@3/hide no more than ``tolerance`` above it, and the log-loss of each
+    head's probabilities (calibrated: what ``/rank`` returns) no more than ``tolerance`` above
+    the champion's. With no champion yet, it passes. ``champion_generation`` in the result is the champion it was judged
     against (0: none): promotion succeeds only while that is still the champion.
     """
     from transact.model.registry import Registry
@@ -263,13 +266,18 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str
         "repin": n_rep >= c_rep * (1 - tolerance),
         "hide": n_hide <= c_hide * (1 + tolerance),
     }
+    said = [f"HIT@3/repin {n_rep:.4f} vs champion {c_rep:.4f} ({'ok' if checks['repin'] else 'regressed'})",
+            f"HIT@3/hide {n_hide:.4f} vs champion {c_hide:.4f} ({'ok' if checks['hide'] else 'regressed'})"]
+    champion, challenger = {"repin": c_rep, "hide": c_hide}, {"repin": n_rep, "hide": n_hide}
+    for h in sorted(set(champ["heads"]) & set(challenger_metrics["heads"])):  # the heads both models have
+        c_ll, n_ll = champ["heads"][h]["logloss"], challenger_metrics["heads"][h]["logloss"]
+        checks[f"logloss/{h}"] = n_ll <= c_ll * (1 + tolerance)
+        said.append(f"log-loss/{h} {n_ll:.4f} vs champion {c_ll:.4f} ({'ok' if checks[f'logloss/{h}'] else 'regressed'})")
+        champion[f"logloss/{h}"], challenger[f"logloss/{h}"] = c_ll, n_ll
     passed = all(checks.values())
-    reason = (f"HIT@3/repin {n_rep:.4f} vs champion {c_rep:.4f} ({'ok' if checks['repin'] else 'regressed'}); "
-              f"HIT@3/hide {n_hide:.4f} vs champion {c_hide:.4f} ({'ok' if checks['hide'] else 'regressed'}); "
-              f"tolerance {tolerance:.0%}")
-    return {"passed": passed, "reason": reason, "champion": {"repin": c_rep, "hide": c_hide},
-            "challenger": {"repin": n_rep, "hide": n_hide}, "champion_generation": current.generation,
-            "champion_model": current.model_id}
+    reason = "; ".join(said) + f"; tolerance {tolerance:.0%}"
+    return {"passed": passed, "reason": reason, "champion": champion, "challenger": challenger,
+            "champion_generation": current.generation, "champion_model": current.model_id}
 
 
 def promote(model_dir: str, registry: str, metrics: dict, gated_against: int, rows_path: str,

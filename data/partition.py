@@ -53,16 +53,19 @@ def partition_of(ids: np.ndarray, n: int) -> np.ndarray:
     return (stable_hash(ids) % np.uint64(n)).astype(np.int64)
 
 
-def _parquet_file(location: str | os.PathLike) -> pq.ParquetFile:
-    """A parquet file at a local path or a URI (its footer read; row groups on demand)."""
+@contextlib.contextmanager
+def _parquet_file(location: str | os.PathLike) -> Iterator[pq.ParquetFile]:
+    """A parquet file at a local path or a URI (its footer read; row groups on demand), closed after."""
     fs, path = storage.arrow_fs(location)
-    return pq.ParquetFile(fs.open_input_file(path))
+    with fs.open_input_file(path) as f:
+        yield pq.ParquetFile(f)
 
 
 def row_group_chunks(path: str | os.PathLike, max_rows: int) -> list[list[int]]:
     """Row-group indices of a parquet file in runs of at most ``max_rows`` rows (a run
     holds at least one group, however large); one empty run for a file without groups."""
-    md = _parquet_file(path).metadata
+    with _parquet_file(path) as pf:
+        md = pf.metadata
     runs: list[list[int]] = [[]]
     rows = 0
     for g in range(md.num_row_groups):
@@ -76,8 +79,8 @@ def row_group_chunks(path: str | os.PathLike, max_rows: int) -> list[list[int]]:
 
 
 def read_row_groups(path: str | os.PathLike, groups: list[int]) -> pa.Table:
-    pf = _parquet_file(path)
-    return pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    with _parquet_file(path) as pf:
+        return pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
 
 
 def write_buckets(table: pa.Table, key: str, n: int, folder: str | os.PathLike, name: str) -> dict[int, int]:

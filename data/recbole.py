@@ -25,8 +25,9 @@ The mapping (recorded in ``world.json`` under ``recbole``):
   plus ``negatives`` items sampled uniformly from the items already in the catalog at that
   instant (first interacted with by anyone at or before ts) that this user had not
   interacted with at or before ts + label_window_ms; the rows are shuffled into random
-  positions. The engaged row's labels are its action bits, the negatives' are 0.
-  ``label_window_ms`` is 1: the labelled engagement is logged at the request's own ts.
+  positions. Labels are attached by the production join (:mod:`transact.data.labels`):
+  the engaged row owns its interaction (logged at the request's own ts, so
+  ``label_window_ms`` is 1) and gets its action bits; the negatives own none (0).
   Impressions are the request rows.
 * **split**: ``train_end_ts`` is the ``1 - eval_fraction`` quantile of request ts (as
   :func:`transact.data.adapter.import_logs`); ``min_ts`` is the UTC midnight before the
@@ -52,6 +53,7 @@ import pyarrow as pa
 
 from transact.data import schema as S
 from transact.data.io import SchemaError, conform, table_path, write_table
+from transact.data.labels import label_requests
 from transact.data.quantization import quantize
 from transact.data.world import publishing, write_world_json
 
@@ -282,7 +284,7 @@ def import_recbole(src: str | Path, out: str | Path, name: str | None = None, *,
     for (u, i), t in user_first.items():
         seen.setdefault(int(u), {})[int(i)] = int(t)
     rng = np.random.default_rng(seed)
-    cols: dict[str, list] = {c: [] for c in ("request_id", "user_id", "item_id", "ts", "position", "label")}
+    cols: dict[str, list] = {c: [] for c in ("request_id", "user_id", "item_id", "ts", "position")}
     for rid, j in enumerate(req_ix):
         u, pos_item, t = int(e_user[j]), int(e_item[j]), int(e_ts[j])
         horizon = t + LABEL_WINDOW_MS
@@ -296,14 +298,14 @@ def import_recbole(src: str | Path, out: str | Path, name: str | None = None, *,
         cols["item_id"].append(cands)
         cols["ts"].append(np.full(len(cands), t))
         cols["position"].append(positions)
-        cols["label"].append(np.concatenate([[e_act[j]], np.zeros(len(neg), dtype=np.int64)]))
     cat = {c: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for c, v in cols.items()}
-    label = cat.pop("label")
     req = {k: cat[k] for k in ("request_id", "user_id", "item_id", "ts")}
-    req["surface"] = np.zeros(len(label), dtype=np.int8)
+    req["surface"] = np.zeros(len(req["ts"]), dtype=np.int8)
     req["position"] = cat["position"].astype(np.int16)
-    for a in S.EXPLICIT_ACTIONS:
-        req[f"label_{a}"] = ((label & S.ACTION_BIT[a]) > 0).astype(np.uint8)
+    # labels by the production join: the engaged row owns its interaction (same ts), and no
+    # negative owns one (none was interacted with by ts + LABEL_WINDOW_MS)
+    req.update(label_requests(req, {"user_id": e_user, "item_id": e_item, "ts": e_ts, "action": e_act},
+                              LABEL_WINDOW_MS))
     requests = conform(pa.table(req), S.REQUESTS, "requests")
     requests = requests.sort_by([("request_id", "ascending"), ("position", "ascending")])
     impressions = conform(requests.select(["user_id", "item_id", "ts", "surface", "request_id", "position"]),

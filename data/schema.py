@@ -95,8 +95,9 @@ REQUESTS = pa.schema(
 #: world does not state them:
 #: - ``min_ts``: no event is older (epoch ms); validation's lower time bound. Public
 #:   data sets go back further than a live service's logs: state it at import.
-#: - ``label_window_ms``: a label counts an engagement logged at most this long after
-#:   its request; validation matches labels against the actions table within it.
+#: - ``label_window_ms``: the label window. An action belongs to the most recent impression
+#:   of its item to its user at or before it, when that is at most this long before the
+#:   action (:mod:`transact.data.labels`); labels are attached, and validated, by that rule.
 DEFAULT_MIN_TS_MS: int = 1_262_304_000_000  # 2010-01-01 UTC
 DEFAULT_LABEL_WINDOW_MS: int = 3_600_000  # one hour
 

@@ -97,6 +97,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from transact.data.io import AtomicParquetWriter, table_path
+from transact.data.labels import label_requests
 from transact.data.quantization import quantize
 from transact.data.schema import (
     ACTION_BIT,
@@ -106,7 +107,6 @@ from transact.data.schema import (
     EXPLICIT_ACTIONS,
     IMPRESSIONS,
     ITEMS,
-    LABEL_COLUMNS,
     REQUESTS,
     SURFACES,
 )
@@ -745,31 +745,43 @@ class _RowBuffer:
             self._emit(self.rows)
 
 
-def _block_columns(uids: Sequence[int], outs: list[dict], next_request_id: int, C: int):
-    """Per-table column dicts of a block of users; returns (tables, next_request_id)."""
+def label_window_ms(cfg: WorldConfig) -> int:
+    """The world's label window: every engagement is logged within this long after its
+    request (delay < (position + 2) * action_delay_ms <= (chunk_size + 1) * action_delay_ms),
+    and before the user's next request (``WorldConfig`` checks it is < min_request_gap_ms)."""
+    return cfg.action_delay_ms * (cfg.chunk_size + 1)
+
+
+def _block_columns(uids: Sequence[int], outs: list[dict], next_request_id: int, C: int, window_ms: int):
+    """Per-table column dicts of a block of users; returns (tables, next_request_id).
+
+    Labels are attached by the production join (:mod:`transact.data.labels`), the one
+    implementation validation holds every log against; here it gives each request row
+    exactly its own engagement, because every engagement comes within the label window
+    and before the user's next request (tests/data/test_simulator.py checks the two agree)."""
     acts = [o["actions"] for o in outs]
     wins = [o["window"] for o in outs]
     n_act = [len(a["ts"]) for a in acts]
     n_req = np.array([len(w["ts"]) for w in wins], dtype=np.int64)
     cat = np.concatenate
-    actions = {"user_id": np.repeat(np.asarray(uids, dtype=np.int64), n_act),
-               "item_id": cat([a["item_id"] for a in acts]).astype(np.int64),
-               "ts": cat([a["ts"] for a in acts]).astype(np.int64),
-               "action": cat([a["action"] for a in acts]).astype(np.uint8),
-               "surface": cat([a["surface"] for a in acts]).astype(np.int8)}
+    actions: dict[str, np.ndarray] = {"user_id": np.repeat(np.asarray(uids, dtype=np.int64), n_act),
+                                      "item_id": cat([a["item_id"] for a in acts]).astype(np.int64),
+                                      "ts": cat([a["ts"] for a in acts]).astype(np.int64),
+                                      "action": cat([a["action"] for a in acts]).astype(np.uint8),
+                                      "surface": cat([a["surface"] for a in acts]).astype(np.int8)}
     req_id = next_request_id + np.arange(int(n_req.sum()), dtype=np.int64)
     user = np.repeat(np.asarray(uids, dtype=np.int64), n_req * C)
     ts = np.repeat(cat([w["ts"] for w in wins]).astype(np.int64), C)
     surface = np.repeat(cat([w["surface"] for w in wins]), C)
     item = cat([w["item"].reshape(-1) for w in wins]).astype(np.int64)
-    bits = cat([w["action"].reshape(-1) for w in wins])
     position = np.tile(np.arange(C, dtype=np.int16), int(n_req.sum()))
     common = {"user_id": user, "item_id": item, "ts": ts, "surface": surface,
               "request_id": np.repeat(req_id, C), "position": position}
     impressions = {k: common[k] for k in IMPRESSIONS.names}
     requests = {k: common[k] for k in REQUESTS.names if k in common}
-    for col, a in zip(LABEL_COLUMNS, EXPLICIT_ACTIONS):
-        requests[col] = ((bits & ACTION_BIT[a]) > 0).astype(np.uint8)
+    # only actions at or after the block's first request can belong to a request row
+    recent = actions["ts"] >= (int(ts.min()) if len(ts) else 0)
+    requests.update(label_requests(requests, {k: v[recent] for k, v in actions.items()}, window_ms))
     return ({"actions": actions, "impressions": impressions, "requests": requests},
             next_request_id + int(n_req.sum()))
 
@@ -822,7 +834,8 @@ def simulate(config: WorldConfig, out: Path, seed: int, drift: DriftConfig | Non
         for block in _blocks(uids, cfg.block_users):
             outs = [_simulate_user(u, ctx) for u in block]
             ll_lens += [o["lifelong_len"] for o in outs]
-            tables, next_request_id = _block_columns(block, outs, next_request_id, cfg.chunk_size)
+            tables, next_request_id = _block_columns(block, outs, next_request_id, cfg.chunk_size,
+                                                     label_window_ms(cfg))
             for name, cols in tables.items():
                 buffers[name].add(cols)
             bar.update(len(block))
@@ -851,7 +864,7 @@ def _summary(cfg, drift, seed, uids, n_items, rows, n_requests, ll_lens) -> dict
         "start_ts": EPOCH_MS,
         "min_ts": EPOCH_MS,  # no event is older (validation's lower time bound)
         # every engagement is logged within this long after its request
-        "label_window_ms": cfg.action_delay_ms * (cfg.chunk_size + 1),
+        "label_window_ms": label_window_ms(cfg),
         "request_start_ts": EPOCH_MS + (cfg.days - cfg.request_days) * DAY_MS,
         "train_end_ts": end_ts - eval_days * DAY_MS,
         "end_ts": end_ts,

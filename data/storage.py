@@ -293,8 +293,9 @@ def put_file(src: str | os.PathLike, location: str | os.PathLike) -> None:
 def _files(folder: Path, only: Collection[str] | None = None) -> dict[str, dict]:
     """Relative name -> size and sha256 of every file under ``folder`` (or of the names ``only``)."""
     paths = [folder / n for n in only] if only is not None else sorted(folder.rglob("*"))
+    # the folder's own manifest is not one of its files; a published tree inside it keeps its own
     return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in paths if p.is_file() and p.name != MANIFEST}
+            for p in paths if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
 
 
 def _put_file(src: Path, location: str) -> None:
@@ -372,15 +373,36 @@ def seal(location: str | os.PathLike, prefix: str, files: dict[str, dict], meta:
 
 
 def published_files(folder: str | os.PathLike) -> list[Path] | None:
-    """The files the manifest of the local ``folder`` names, where they lie (a published tree
-    copied whole, as Kubeflow hands a step an artifact), or None when ``folder`` has no manifest.
+    """The files the manifest of the local ``folder`` names, where they lie, or None when
+    ``folder`` has no manifest. A tree copied whole (as Kubeflow hands a step an artifact) holds
+    them under the writer's prefix; one fetched by :func:`fetch_tree` holds them at their names.
     A reader of such a folder reads these and nothing else: objects of a writer that died, or
-    lost the race, may lie beside them."""
+    lost the race, may lie beside them. A named file missing from the copy raises."""
     folder = local_path(folder, "folder")
     manifest = read_manifest(folder, missing_ok=True) if (folder / MANIFEST).is_file() else None
     if manifest is None:
         return None
-    return [local_path(object_location(folder, manifest, rel)) for rel in sorted(manifest["files"])]
+    out = []
+    for rel in sorted(manifest["files"]):
+        at = [local_path(object_location(folder, manifest, rel)), folder / rel]
+        found = next((p for p in at if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{folder}: {rel}, named by its {MANIFEST}, is not in this copy")
+        out.append(found)
+    return out
+
+
+def sweep_unpublished(location: str | os.PathLike) -> list[str]:
+    """Removes the writer prefixes under a published ``location`` that its manifest does not name
+    (writers that died before publishing, or lost the race): safe once a manifest stands, since no
+    writer can publish there any more. Returns the prefixes removed."""
+    manifest = read_manifest(location, missing_ok=True)
+    if manifest is None:
+        return []
+    gone = [f"objects/{n}" for n in listdir(join(location, "objects")) if f"objects/{n}" != manifest.get("prefix")]
+    for prefix in gone:
+        remove_tree(join(location, prefix))
+    return gone
 
 
 def object_location(location: str | os.PathLike, manifest: dict, rel: str) -> str:
@@ -421,7 +443,7 @@ def fetch_tree(location: str | os.PathLike, folder: str | os.PathLike) -> dict:
             if got != want:
                 raise ValueError(f"{where}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}…, "
                                  f"but the manifest says {want['bytes']} bytes, {want['sha256'][:12]}…")
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, {**manifest, "prefix": ""})  # this copy holds the files at their names
     return manifest
 
 

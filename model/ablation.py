@@ -41,11 +41,12 @@ import numpy as np
 
 from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
+from transact.model.calibration import HOLDOUT
 from transact.model.checkpoint import load_model
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
-from transact.model.train import PRECISIONS, train
+from transact.model.train import PRECISIONS, holdout_start, train
 from transact.model.transact import BASELINES
 
 LABELS: dict[str, str] = {
@@ -116,7 +117,9 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     eval_data = RowDataset(rows, "eval", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb)
     if eval_data.num_rows == 0:
         raise ValueError(f"{rows}: no eval rows (ts >= {train_end_ts})")
-    spe = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=0).num_batches(batch_size)
+    # the rows the trainer steps through: the window less its held-out calibration slice
+    fit_end_ts = holdout_start(rows, train_end_ts, HOLDOUT)
+    spe = RowDataset(rows, "train", train_end_ts=fit_end_ts, max_memory_mb=0).num_batches(batch_size)
     run_epochs, run_steps = epochs_for(max_steps, epochs, spe)
     budget = {"steps_per_run": run_steps, "epochs_per_run": round(run_steps / max(spe, 1), 3),
               "steps_per_epoch": spe, "cycled_epochs": run_epochs, "max_steps": max_steps}
@@ -200,6 +203,7 @@ def _read_run(run_dir: Path, spec: dict) -> dict | None:
                              f"{want.get(k)!r} (use another --out or --no-resume)")
     with np.load(h) as z:
         run["users"], run["totals"] = z["users"], z["totals"]
+        run["diversity_totals"] = z["diversity"] if "diversity" in z else None  # runs made before it was measured
     return run
 
 
@@ -211,14 +215,18 @@ def _evaluate_run(run_dir: Path, eval_data: RowDataset, score_weights, n_boot: i
     (run_dir / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
     score = M.ranking_score(pred["probs"], model.cfg.heads, m["score_weights"])
     users, totals = M.hits_per_user(pred["user_id"], pred["request_id"], score, label_matrix(pred))
+    _, diversity = M.diversity_per_user(pred["user_id"], pred["request_id"], score, pred["cand_emb_q"])
     run = {"spec": spec, "seed": seed, "dir": str(run_dir), "steps": summary["steps"],
            "epochs": round(summary["steps"] / max(summary["steps_per_epoch"], 1), 3),
            "examples": summary["steps"] * summary["batch_size"], "train_seconds": summary["seconds"],
            "hit": {a: m["hit"][a]["value"] for a in EXPLICIT_ACTIONS},
-           "auc": {h: v["auc"] for h, v in m["heads"].items()}}
-    np.savez(run_dir / HITS_FILE, users=users, totals=totals)
+           "auc": {h: v["auc"] for h, v in m["heads"].items()},
+           "logloss": {h: v["logloss"] for h, v in m["heads"].items()},
+           "ece": {h: v["ece"] for h, v in m["heads"].items()},
+           "diversity": m["diversity"]["ild"]["value"]}
+    np.savez(run_dir / HITS_FILE, users=users, totals=totals, diversity=diversity)
     (run_dir / RUN_FILE).write_text(json.dumps(M.json_safe(run), indent=2, allow_nan=False))  # last: marks it done
-    return {**run, "users": users, "totals": totals}
+    return {**run, "users": users, "totals": totals, "diversity_totals": diversity}
 
 
 def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int) -> dict:
@@ -243,6 +251,7 @@ def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int)
         if name != baseline and common:
             rel = M.paired_relative_change(mean(name, common), mean(baseline, common), n_boot=n_boot, seed=12345)
         hit = t.mean(0)
+        div = _diversity(done, name, baseline, seeds_of[name], common, n_boot)
         result["results"][name] = {
             "label": LABELS.get(name, name), "seeds_done": seeds_of[name], "paired_seeds": common,
             "hit": {a: float(hit[i]) for i, a in enumerate(EXPLICIT_ACTIONS)},
@@ -250,10 +259,27 @@ def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int)
                            {"value": _num(rel["rel"][i]), "ci95": [_num(rel["lo"][i]), _num(rel["hi"][i])],
                             "undefined_resamples": float(rel["undefined_frac"][i])}
                            for i, a in enumerate(EXPLICIT_ACTIONS)},
-            "runs": [{k: v for k, v in done[(name, s)].items() if k not in ("users", "totals", "spec")}
+            "diversity": div,
+            "runs": [{k: v for k, v in done[(name, s)].items() if k not in ("users", "totals", "diversity_totals", "spec")}
                      for s in seeds_of[name]],
         }
     return M.json_safe(result)
+
+
+def _diversity(done: dict, name: str, baseline: str, seeds: list[int], common: list[int], n_boot: int) -> dict | None:
+    """Impression diversity (:func:`transact.model.metrics.diversity_per_user`) of ``name``, mean
+    over its seeds, and its paired relative change vs the baseline; None for runs made before it
+    was measured."""
+    per = {s: done[(name, s)].get("diversity_totals") for s in seeds}
+    if any(v is None for v in per.values()):
+        return None
+    out: dict = {"value": float(np.mean([per[s].mean() for s in seeds])), "rel_change": None}
+    base = [done[(baseline, s)].get("diversity_totals") for s in common]
+    if name != baseline and common and all(b is not None for b in base):
+        a = np.mean([per[s] for s in common], axis=0)[:, None]  # [U, 1]
+        rel = M.paired_relative_change(a, np.mean(base, axis=0)[:, None], n_boot=n_boot, seed=12345)
+        out["rel_change"] = {"value": _num(rel["rel"][0]), "ci95": [_num(rel["lo"][0]), _num(rel["hi"][0])]}
+    return out
 
 
 def _write(out: Path, result: dict) -> None:
@@ -286,6 +312,13 @@ def _status(result: dict) -> str:
     return f"final: {result.get('runs_total', '?')} runs{steps}"
 
 
+def _div(r: dict) -> str:
+    d = r.get("diversity")
+    if d is None:
+        return "-"
+    return f"{d['value']:.3f}" + (f" {_pct(d['rel_change'])}" if d.get("rel_change") else "")
+
+
 def _seeds(r: dict) -> str:
     return ",".join(map(str, r.get("seeds_done", []))) or "-"
 
@@ -293,8 +326,9 @@ def _seeds(r: dict) -> str:
 def format_table(result: dict) -> str:
     """Plain-text Table 2: relative change vs the baseline (95% CI), then absolute HIT@3."""
     rows = [(r["label"], *[_pct(r["rel_change"][a]) for a in TABLE_ACTIONS],
-             *[f"{r['hit'][a]:.4f}" for a in TABLE_ACTIONS], _seeds(r)) for r in result["results"].values()]
-    head = ("Methods", *[f"HIT@3/{a}" for a in TABLE_ACTIONS], *[f"abs {a}" for a in TABLE_ACTIONS], "seeds")
+             *[f"{r['hit'][a]:.4f}" for a in TABLE_ACTIONS], _div(r), _seeds(r)) for r in result["results"].values()]
+    head = ("Methods", *[f"HIT@3/{a}" for a in TABLE_ACTIONS], *[f"abs {a}" for a in TABLE_ACTIONS],
+            "diversity", "seeds")
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     lines = [f"{_status(result)}; relative to {LABELS.get(result['baseline'], result['baseline'])} "
@@ -311,12 +345,13 @@ def format_markdown(result: dict) -> str:
              f"Relative change of HIT@3 vs **{LABELS.get(result['baseline'], result['baseline'])}**; "
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
              f"({result['n_boot']} resamples, {result['n_users']} users, {result['seeds']} seed(s) averaged). "
-             "Higher is better for repin, lower for hide.", "",
-             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) | seeds |",
-             "|---|---|---|---|---|---|"]
+             "Higher is better for repin, lower for hide. Diversity: the impression diversity of the "
+             "top 3 (intra-list distance, summed per user; its change vs the baseline in brackets).", "",
+             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) | diversity | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["results"].values():
         lines.append(f"| {r['label']} | {_pct(r['rel_change']['repin'])} | {_pct(r['rel_change']['hide'])} "
-                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_seeds(r)} |")
+                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_div(r)} | {_seeds(r)} |")
     if result.get("pending"):
         lines += ["", "Pending: " + ", ".join(result["pending"]) + "."]
     return "\n".join(lines) + "\n"

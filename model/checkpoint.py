@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transact.features.config import FeatureConfig
+from transact.model.calibration import Calibration
 from transact.model.transact import ModelConfig, TransActModel
 
 FORMAT = "transact-model/1"
@@ -68,6 +69,7 @@ def save_model(model_dir: str | Path, model: nn.Module, training: dict | None = 
         "feature_config": m.fcfg.to_dict(),
         "heads": list(m.cfg.heads),
         "training": training or {},
+        **({"calibration": m.calibration.to_dict()} if not m.calibration.is_identity else {}),
     })
 
 
@@ -103,6 +105,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Tra
                           FeatureConfig.from_dict(cfg["feature_config"], where=f"{model_dir}/config.json: feature_config"))
     state = load_file(str(Path(model_dir) / WEIGHTS))
     model.load_state_dict(state, strict=True)
+    if "calibration" in cfg:  # a model trained before calibration existed gives its raw sigmoid
+        model.set_calibration(Calibration.from_dict(cfg["calibration"], model.cfg.heads,
+                                                    where=f"{model_dir}/config.json: calibration"))
     return model.to(device).eval()
 
 

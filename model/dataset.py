@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from transact.data.parts import parquet_files
 from transact.data.schema import EMB_DIM, LABEL_COLUMNS
-from transact.data.storage import published_files
 from transact.features.config import FeatureConfig
 from transact.features.nn_features import arrow_to_s_all
 from transact.model.transact import Batch
@@ -43,35 +43,9 @@ SPLITS = ("all", "train", "eval")
 
 
 def row_files(path: str | Path) -> list[Path]:
-    """The parquet files of a row path (a file, or a folder of parts, sorted by path)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(_parquet_under(path))
-        if not files:
-            raise FileNotFoundError(f"no .parquet files under {path}")
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"row file {path} does not exist")
-    return [path]
-
-
-def _parquet_under(folder: Path) -> list[Path]:
-    """Parquet files under ``folder``, at any depth. A folder holding a manifest is a published
-    tree (rows an object store held, copied whole, as Kubeflow hands a step its input): only the
-    files the manifest names count, never an object of a writer that died beside them. Hidden
-    and ``_`` names (a writer's staging, a shuffle) are not rows."""
-    named = published_files(folder)
-    if named is not None:
-        return named
-    out: list[Path] = []
-    for p in folder.iterdir():
-        if p.name.startswith((".", "_")):
-            continue
-        if p.is_dir():
-            out += _parquet_under(p)
-        elif p.suffix == ".parquet":
-            out.append(p)
-    return out
+    """The parquet files of a row path (a file, a folder of parts, a published copy; the rule
+    is :func:`transact.data.parts.parquet_files`), sorted by path."""
+    return parquet_files(path)
 
 
 def read_feature_config(path: str | Path) -> FeatureConfig:

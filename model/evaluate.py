@@ -6,8 +6,10 @@ Rows with ``ts >= train_end_ts`` (the value the model was trained with, unless g
 are scored; HIT@3 is computed for every label column (click, repin, hide, closeup)
 from the ranking score ``S = sum_h w_h f_h`` (default w: click 1, repin 1, hide -1,
 see :mod:`transact.model.metrics`), with a 95% user-bootstrap interval; AUC and
-log-loss are computed for each model head. Writes ``metrics.json`` (and
-``predictions.parquet``: ids, per-head probabilities, score, labels) to ``out``.
+log-loss are computed for each model head, with the calibration error (ECE, equal-mass
+bins) of the calibrated probabilities and of the raw heads (:mod:`transact.model.calibration`).
+Writes ``metrics.json``, ``reliability.png`` (the reliability diagram) and
+``predictions.parquet`` (ids, per-head probabilities, score, labels) to ``out``.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from transact.data.schema import EXPLICIT_ACTIONS, LABEL_COLUMNS
-from transact.model import metrics as M
+from transact.data.schema import EMB_DIM, EXPLICIT_ACTIONS, LABEL_COLUMNS
+from transact.model import calibration as C, metrics as M
 from transact.model.checkpoint import load_model, read_config
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.transact import TransActModel
@@ -32,21 +34,27 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
             progress: bool = False) -> dict[str, np.ndarray]:
     """Scores every row of ``data`` in file order.
 
-    Returns user_id, request_id, item_id, ts [N]; probs float32 [N, H] (model heads);
+    Returns user_id, request_id, item_id, ts [N]; cand_emb_q int8 [N, D]; probs float32 [N, H] (the model's calibrated
+    probabilities), raw float32 [N, H] (the plain sigmoid of the logits), logits float32 [N, H];
     labels float32 [N, len(LABEL_COLUMNS)].
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "labels")}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "raw",
+                                                         "logits", "labels", "cand_emb_q")}
     for batch in tqdm(data.iter_batches(batch_size), total=data.num_batches(batch_size),
                       desc="predict", unit="batch", disable=not progress):
-        probs = model.predict_proba(batch.to(dev)).float().cpu().numpy()  # [B, H]
-        cols["probs"].append(probs)
+        logits = model(batch.to(dev)).logits.float()  # [B, H]
+        cols["probs"].append(model.probabilities(logits).cpu().numpy())
+        cols["raw"].append(model.probabilities(logits, raw=True).cpu().numpy())
+        cols["logits"].append(logits.cpu().numpy())
         cols["labels"].append(batch.labels.numpy())
-        for k in ("user_id", "request_id", "item_id", "ts"):
+        for k in ("user_id", "request_id", "item_id", "ts", "cand_emb_q"):
             cols[k].append(getattr(batch, k).numpy())
     H = len(model.cfg.heads)
-    empty = {"probs": np.zeros((0, H), np.float32), "labels": np.zeros((0, len(LABEL_COLUMNS)), np.float32)}
+    empty = {k: np.zeros((0, H), np.float32) for k in ("probs", "raw", "logits")}
+    empty["labels"] = np.zeros((0, len(LABEL_COLUMNS)), np.float32)
+    empty["cand_emb_q"] = np.zeros((0, EMB_DIM), np.int8)
     return {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in cols.items()}
 
 
@@ -75,12 +83,30 @@ def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str,
         "hit": {a: {"value": float(hit[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, a in enumerate(actions)},
         "heads": per_head,
     }
+    if "cand_emb_q" in pred:  # impression diversity of the top-k, per user as HIT@k
+        d_users, d_tot = M.diversity_per_user(pred["user_id"], pred["request_id"], score, pred["cand_emb_q"], k)
+        d_lo, d_hi = M.bootstrap_mean_ci(d_tot[:, None], n_boot, seed)
+        out["diversity"] = {"ild": {"value": float(d_tot.mean()) if len(d_tot) else float("nan"),
+                                    "ci95": [float(d_lo[0]), float(d_hi[0])]},
+                            "definition": f"sum over a user's requests of the mean pairwise cosine distance "
+                                          f"of the top-{k} items' embeddings, mean over users"}
+    reliability: dict[str, dict] = {}
     for j, h in enumerate(heads):
         y = pred["labels"][:, LABEL_COLUMNS.index(f"label_{h}")]
         p = pred["probs"][:, j]
-        per_head[h] = {"auc": M.auc(y, p), "logloss": M.log_loss(y, p),
-                       "positive_rate": float(y.mean()) if len(y) else float("nan"),
-                       "mean_prediction": float(p.mean()) if len(p) else float("nan")}
+        rate = float(y.mean()) if len(y) else float("nan")
+        rel = {"calibrated": C.reliability(y, p)}
+        per_head[h] = {"auc": M.auc(y, p), "logloss": M.log_loss(y, p), "ece": rel["calibrated"]["ece"],
+                       "positive_rate": rate, "mean_prediction": float(p.mean()) if len(p) else float("nan"),
+                       # the predictor that says the observed rate every time: a calibrated head must beat it
+                       "constant_logloss": M.log_loss(y, np.full(len(y), rate)) if len(y) else float("nan")}
+        if "raw" in pred:
+            r = pred["raw"][:, j]
+            rel["raw"] = C.reliability(y, r)
+            per_head[h]["raw"] = {"logloss": M.log_loss(y, r), "ece": rel["raw"]["ece"],
+                                  "mean_prediction": float(r.mean()) if len(r) else float("nan")}
+        reliability[h] = rel
+    out["reliability"] = reliability
     return out
 
 
@@ -90,9 +116,20 @@ def format_metrics(m: dict) -> str:
     lines.append(f"{'action':<10} {'HIT@' + str(m['k']):>9}  {'95% CI':>19}")
     for a, v in m["hit"].items():
         lines.append(f"{a:<10} {v['value']:>9.4f}  [{v['ci95'][0]:>8.4f}, {v['ci95'][1]:>8.4f}]")
-    lines += ["", f"{'head':<10} {'AUC':>7} {'logloss':>8} {'pos rate':>9}"]
+    if "diversity" in m:
+        d = m["diversity"]["ild"]
+        lines.append(f"{'diversity':<10} {d['value']:>9.4f}  [{d['ci95'][0]:>8.4f}, {d['ci95'][1]:>8.4f}]  "
+                     f"(intra-list distance of the top-{m['k']}, summed per user)")
+    lines += ["", f"{'head':<10} {'AUC':>7} {'logloss':>8} {'ECE':>7} {'pos rate':>9} {'mean p':>7}   "
+                  f"{'constant':>8}   {'raw logloss':>11} {'raw ECE':>7}"]
     for h, v in m["heads"].items():
-        lines.append(f"{h:<10} {v['auc']:>7.4f} {v['logloss']:>8.4f} {v['positive_rate']:>9.4f}")
+        raw = v.get("raw", {})
+        lines.append(f"{h:<10} {v['auc']:>7.4f} {v['logloss']:>8.4f} {v.get('ece', float('nan')):>7.4f} "
+                     f"{v['positive_rate']:>9.4f} {v['mean_prediction']:>7.4f}   "
+                     f"{v.get('constant_logloss', float('nan')):>8.4f}   {raw.get('logloss', float('nan')):>11.4f} "
+                     f"{raw.get('ece', float('nan')):>7.4f}")
+    lines.append("(logloss, ECE: calibrated probabilities; ECE over 15 equal-mass bins; constant: the log-loss "
+                 "of always predicting the observed rate; raw: the plain sigmoid of the label-weighted heads)")
     return "\n".join(lines)
 
 
@@ -141,8 +178,10 @@ def evaluate(model_dir: str | Path, rows: str | Path, out: str | Path | None = N
     heads = model.cfg.heads
     m = compute_metrics(pred, heads, score_weights, k, n_boot, seed)
     m = {"model_dir": str(model_dir), "model": model.cfg.name, "rows": str(rows), "eval_window": window, **m}
+    m["calibration"] = model.calibration.to_dict()
     out = Path(out) if out is not None else Path(model_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    m["reliability_plot"] = str(C.reliability_plot(m["reliability"], out / "reliability.png"))
     (out / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
     if predictions:
         write_predictions(pred, heads, M.ranking_score(pred["probs"], heads, m["score_weights"]),

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from transact.features.config import FeatureConfig
-from transact.model import checkpoint as ckpt
+from transact.model import calibration as CAL, checkpoint as ckpt
 from transact.model.dataset import RowDataset, default_train_end_ts
 from transact.model.defaults import TRAIN
 from transact.model.losses import label_weight_matrix, total_loss
@@ -123,8 +123,13 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = TRAIN.mo
           progress: bool = True, resume: bool = True, max_steps: int | None = None,
           ckpt_every: int = 0, num_threads: int | None = None, max_memory_mb: float = 1024,
           log_every: int = 10, model_overrides: dict | None = None, step_budget: int | None = None,
-          precision: str = "fp32", on_log: Callable[[dict], None] | None = None) -> dict:
+          precision: str = "fp32", on_log: Callable[[dict], None] | None = None,
+          calibration_holdout: float = CAL.HOLDOUT) -> dict:
     """Trains a model on the rows with ``ts < train_end_ts``; writes it to ``out``.
+
+    The most recent ``calibration_holdout`` share of those rows is held out of the training
+    and fits the heads' calibration once training ends (:mod:`transact.model.calibration`);
+    0 trains on every row and leaves the heads uncalibrated.
 
     Args:
         rows: logged NN-feature rows (file or folder of parquet parts).
@@ -154,7 +159,7 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = TRAIN.mo
     try:
         return _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
                       weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
-                      log_every, model_overrides or {}, step_budget, precision, on_log)
+                      log_every, model_overrides or {}, step_budget, precision, on_log, calibration_holdout)
     finally:
         env.close()
 
@@ -196,17 +201,21 @@ def check_train_args(names: dict[str, str] | None = None, **args) -> None:
 
 def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
            weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
-           log_every, overrides, step_budget=None, precision="fp32", on_log=None) -> dict:
+           log_every, overrides, step_budget=None, precision="fp32", on_log=None,
+           calibration_holdout=CAL.HOLDOUT) -> dict:
     check_train_args(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=warmup_steps,
                      max_steps=max_steps, ckpt_every=ckpt_every, num_threads=num_threads,
                      weight_decay=weight_decay, step_budget=step_budget, train_end_ts=train_end_ts)
+    if not 0.0 <= calibration_holdout < 0.5:
+        raise ValueError(f"calibration_holdout must be in [0, 0.5), got {calibration_holdout!r}")
     amp = autocast(env.device, precision)  # checks the name before any work
     if num_threads:
         torch.set_num_threads(num_threads)
     end_src = "given"
     if train_end_ts is None:
         train_end_ts, end_src = default_train_end_ts(rows)
-    data = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb)
+    fit_end_ts = holdout_start(rows, train_end_ts, calibration_holdout)  # training rows end here
+    data = RowDataset(rows, "train", train_end_ts=fit_end_ts, max_memory_mb=max_memory_mb)
     if data.num_rows < env.world_size:
         raise ValueError(f"{rows}: only {data.num_rows} training rows before train_end_ts={train_end_ts}")
     fcfg = data.feature_config
@@ -259,7 +268,7 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
         "weight_decay": weight_decay, "seed": seed, "train_end_ts": int(train_end_ts),
         "train_end_ts_source": end_src, "world_size": env.world_size, "device": str(env.device),
         "n_train_rows": data.num_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "precision": precision,
+        "precision": precision, "calibration_holdout": calibration_holdout, "calibration_start_ts": int(fit_end_ts),
     }
 
     def save(epoch: int) -> None:
@@ -340,11 +349,45 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
         "final_loss": history[-1]["loss"] if history else None, "history": history,
     }
     if env.is_main:
+        if fit_end_ts < train_end_ts:  # the held-out slice, seen by no optimiser step
+            summary["calibration"] = calibrate(net, rows, fit_end_ts, train_end_ts, env.device).to_dict()
+            ckpt.save_model(out, net, {**training_info, "step": step}, step=step)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     env.barrier()
     if not in_sync:
         raise RuntimeError("DDP ranks ended with different parameters")
     return summary
+
+
+def holdout_start(rows: str | Path, train_end_ts: int, share: float) -> int:
+    """The ts from which the most recent ``share`` of the rows before ``train_end_ts`` lie (the
+    calibration slice, ``[start, train_end_ts)``); ``train_end_ts`` itself when share is 0."""
+    if share <= 0:
+        return int(train_end_ts)
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from transact.model.dataset import row_files
+
+    ts = np.concatenate([pq.read_table(f, columns=["ts"]).column("ts").to_numpy() for f in row_files(rows)])
+    ts = np.sort(ts[ts < train_end_ts])  # [N]
+    if len(ts) < 2:
+        return int(train_end_ts)
+    return int(ts[min(len(ts) - 1, int(len(ts) * (1 - share)))])
+
+
+def calibrate(net: TransActModel, rows: str | Path, start_ts: int, end_ts: int, device) -> CAL.Calibration:
+    """Fits the heads' calibration on the rows with ``start_ts <= ts < end_ts`` and sets it on ``net``."""
+    from transact.data.schema import LABEL_COLUMNS
+    from transact.model.evaluate import predict
+
+    held = RowDataset(rows, "eval", train_end_ts=start_ts, eval_end_ts=end_ts)
+    pred = predict(net, held, device=str(device))
+    heads = net.cfg.heads
+    labels = pred["labels"][:, [LABEL_COLUMNS.index(f"label_{h}") for h in heads]]  # [N, H]
+    cal = CAL.fit(pred["logits"], labels, heads, {"start_ts": int(start_ts), "end_ts": int(end_ts)})
+    net.set_calibration(cal)
+    return cal
 
 
 # --- benchmark ---------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ Next Action Loss head. When ``nal != "none"``, ``u(t) = W_nal U_t`` for every sl
 S_RT[:r] (a linear layer d -> 32, the PinSage dimension) is returned for
 :func:`transact.model.losses.nal_loss`.
 
+Probabilities. ``p_h = sigmoid(c_h - a_h softplus(-logit_h) + b_h softplus(logit_h))``
+(:meth:`TransActModel.probabilities`): the heads' logits recalibrated by the beta calibration
+fitted after training (:mod:`transact.model.calibration`; a = b = 1, c = 0, the plain sigmoid,
+until fitted), the one way every reader -- evaluation, serving, the served log, monitoring --
+turns logits into probabilities.
+
 V1 random time-window mask (optional, training only): per row T ~ U[0, 24 h]; tokens
 with ``age_s < T`` (actions inside (t_request - T, t_request)) are masked as invalid.
 """
@@ -52,6 +58,7 @@ from transact.data.quantization import dequantize
 from transact.data.schema import ACTIONS, EMB_DIM, LABEL_COLUMNS, POSITIVE_MASK, SURFACES
 from transact.features.config import SEGMENTS, FeatureConfig
 from transact.features.nn_features import SAll, valid_mask
+from transact.model.calibration import Calibration
 from transact.model.encoder import make_encoder, padded_input
 
 #: Segments holding user actions (not impressions): "first K" draws from these.
@@ -329,6 +336,7 @@ class TransActModel(nn.Module):
     slot_is_action: torch.Tensor  # [L] bool
     rt_local: torch.Tensor  # [r] or [0] long, positions of S_RT[:r] among the slots
     action_bits: torch.Tensor  # [256, A] float, the bits of each multi-hot action byte
+    cal_abc: torch.Tensor  # [3, H] the heads' calibration (a, b, c); not in the weights: config.json holds it
 
     def __init__(self, cfg: ModelConfig, fcfg: FeatureConfig) -> None:
         super().__init__()
@@ -371,6 +379,9 @@ class TransActModel(nn.Module):
             prev = h
         self.mlp = nn.Sequential(*mlp)
         self.head = nn.Linear(prev, len(cfg.heads))
+        self.register_buffer("cal_abc", torch.tensor([[1.0], [1.0], [0.0]]).expand(3, len(cfg.heads)).clone(),
+                             persistent=False)
+        self.calibration = Calibration.identity(cfg.heads)
         # Built last, so that for one seed a config with and without the NAL starts from
         # the same weights everywhere else (a paired ablation of the NAL alone).
         self.nal_proj = nn.Linear(d, cfg.nal_dim) if cfg.has_sequence and cfg.nal != "none" else None
@@ -479,13 +490,28 @@ class TransActModel(nn.Module):
             cols = torch.cat([cols, cols.new_zeros(B, K - kk, z.shape[-1])], dim=1)  # [B, K, d_o]
         return cols.reshape(B, -1)  # [B, K * d_o]
 
+    def set_calibration(self, cal: Calibration) -> None:
+        """Makes ``cal`` (for this model's heads, in order) the map from logits to probabilities."""
+        if tuple(cal.heads) != tuple(self.cfg.heads):
+            raise ValueError(f"calibration for heads {cal.heads}, the model has {self.cfg.heads}")
+        self.calibration = cal
+        self.cal_abc.copy_(torch.tensor([cal.a, cal.b, cal.c], dtype=self.cal_abc.dtype))
+
+    def probabilities(self, logits: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """float [B, H]: the calibrated probabilities of head logits [B, H] (``raw``: the plain
+        sigmoid, the label-weighted training objective's inflated odds)."""
+        if raw or self.calibration.is_identity:
+            return torch.sigmoid(logits)  # [B, H]
+        a, b, c = self.cal_abc.to(logits.dtype)  # [H] each
+        return torch.sigmoid(c - a * F.softplus(-logits) + b * F.softplus(logits))  # [B, H]
+
     @torch.no_grad()
-    def predict_proba(self, batch: Batch) -> torch.Tensor:
-        """float [B, H]: sigmoid of the head logits (eval mode, no time-window mask)."""
+    def predict_proba(self, batch: Batch, raw: bool = False) -> torch.Tensor:
+        """float [B, H]: :meth:`probabilities` of the head logits (eval mode, no time-window mask)."""
         was = self.training
         self.eval()
         try:
-            return torch.sigmoid(self.forward(batch).logits)
+            return self.probabilities(self.forward(batch).logits, raw)
         finally:
             self.train(was)
 

@@ -4,6 +4,8 @@
   frame (scalar features, expanded embeddings, predictions);
 - :mod:`~transact.monitoring.drift`     the Evidently report of a window and the drift rule
   (:class:`~transact.monitoring.drift.DriftRule`, documented there);
+- :mod:`~transact.monitoring.verdict`   one verdict per window: the monitor's decision, its rule
+  and its numbers first in the report and the dashboard, Evidently's own verdict labelled;
 - :mod:`~transact.monitoring.trigger`   retrain or not (cooldown), the JSONL decision log,
   local pipeline run or cluster submission;
 - :mod:`~transact.monitoring.monitor`   the monitoring job (``transact monitor``);

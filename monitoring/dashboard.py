@@ -1,13 +1,17 @@
 """The Evidently UI workspace: one project, one run (snapshot) per monitoring window.
 
-:func:`ensure_project` creates (or finds) the project and its panels:
+:func:`ensure_project` creates (or finds, and brings up to date) the project and its
+panels, the monitor's decision first (:mod:`~transact.monitoring.verdict` puts it into
+every run):
 
-- counter: share of drifted scalar features in the last window;
-- line: share of drifted scalar features over time (``DriftedColumnsCount`` share);
+- text: the monitor's decision rule, with the thresholds in force;
+- bar: the monitor's decision per window (1 = drift), and a line of how many criteria fired;
 - line: history-match drift over time (``ValueDrift`` of the candidate-history similarities);
 - line: embedding drift over time (``EmbeddingsDrift``: classifier ROC AUC, cand and seq);
-- line: prediction means over time (``MeanValue`` of each head's prediction);
 - line: prediction drift over time (``ValueDrift`` of each head's prediction);
+- line: Evidently's share rule -- the share of drifted scalar features (``DriftedColumnsCount``),
+  one criterion of the monitor's, labelled as such;
+- line: prediction means over time (``MeanValue`` of each head's prediction);
 - bar: rows per window (``RowCount``).
 
 :func:`serve` starts ``evidently ui --workspace PATH`` on 127.0.0.1 as a child process.
@@ -36,52 +40,82 @@ def open_workspace(path: str | Path):
     return Workspace.create(str(path))
 
 
-def panels(heads=HEADS) -> list:
-    """The project's dashboard panels (module docstring)."""
+#: Titles earlier versions of :func:`panels` used: replaced, not kept beside the new ones.
+_OLD_TITLES = frozenset({"Drifted scalar features (last window)", "Share of drifted scalar features",
+                         "History match drift (normed Wasserstein)", "Embedding drift (classifier ROC AUC)",
+                         "Prediction drift (normed Wasserstein)"})
+
+
+def panels(heads=HEADS, rule=None) -> list:
+    """The project's dashboard panels (module docstring); ``rule``: the DriftRule in force."""
     from evidently.sdk.models import PanelMetric
-    from evidently.sdk.panels import bar_plot_panel, counter_panel, line_plot_panel
+    from evidently.sdk.panels import bar_plot_panel, line_plot_panel, text_panel
+
+    from transact.monitoring.drift import DriftRule
+    from transact.monitoring.verdict import rule_text
+
+    rule = rule or DriftRule()
+
+    def mean(column: str, legend: str):
+        return PanelMetric(legend=legend, metric="MeanValue", metric_labels={"column": column})
 
     share = PanelMetric(legend="share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
     return [
-        counter_panel(title="Drifted scalar features (last window)", values=[share], size="half",
-                      aggregation="last"),
-        bar_plot_panel(title="Rows per window", size="half",
-                       values=[PanelMetric(legend="rows", metric="RowCount", metric_labels={})]),
-        line_plot_panel(title="Share of drifted scalar features", values=[share],
-                        description="DriftedColumnsCount share over the scalar features"),
-        line_plot_panel(title="History match drift (normed Wasserstein)", values=[
+        text_panel(title="Monitor's decision rule (what `transact monitor` decides per window)",
+                   description=rule_text(rule)),
+        bar_plot_panel(title="Monitor's decision per window (1 = drift, 0 = no drift)", size="half",
+                       values=[mean("monitor_drift", "drift")]),
+        line_plot_panel(title="Monitor's criteria fired per window", size="half",
+                        values=[mean("monitor_criteria_fired", "criteria fired")],
+                        description="scalar share, history match, embedding (cand, seq), prediction (per head)"),
+        line_plot_panel(title="History match drift (normed Wasserstein): a criterion of the monitor", values=[
             PanelMetric(legend=c, metric="ValueDrift", metric_labels={"column": c}) for c in MATCH_COLUMNS],
-            description="candidate-to-history cosine features; half of them >= 0.2 is drift"),
-        line_plot_panel(title="Embedding drift (classifier ROC AUC)", values=[
+            description=f"drift when at least {rule.match_share:.0%} of them are >= {rule.match_threshold}"),
+        line_plot_panel(title="Embedding drift (classifier ROC AUC): a criterion of the monitor", values=[
             PanelMetric(legend=f"{name} embedding", metric="EmbeddingsDrift",
                         metric_labels={"embeddings_name": name}) for name in ("cand", "seq")],
-            description="0.5 = reference and window indistinguishable"),
-        line_plot_panel(title="Prediction means", values=[
-            PanelMetric(legend=f"p({h})", metric="MeanValue", metric_labels={"column": f"pred_{h}"})
-            for h in heads]),
-        line_plot_panel(title="Prediction drift (normed Wasserstein)", values=[
-            PanelMetric(legend=h, metric="ValueDrift", metric_labels={"column": f"pred_{h}"}) for h in heads]),
+            description=f"drift when cand > {rule.embedding_threshold} or seq > {rule.seq_embedding_threshold}; "
+                        "0.5 = reference and window indistinguishable"),
+        line_plot_panel(title="Prediction drift (normed Wasserstein): a criterion of the monitor", values=[
+            PanelMetric(legend=h, metric="ValueDrift", metric_labels={"column": f"pred_{h}"}) for h in heads],
+            description=f"drift when a head is >= {rule.pred_threshold}"),
+        line_plot_panel(title="Evidently's share rule, not the monitor's decision: share of drifted scalar "
+                              "features", values=[share],
+                        description=f"the monitor's scalar-share criterion (drift when >= {rule.drift_share:.0%}); "
+                                    "Evidently's 'Dataset Drift' verdict is this alone"),
+        line_plot_panel(title="Prediction means", size="half", values=[
+            mean(f"pred_{h}", f"p({h})") for h in heads]),
+        bar_plot_panel(title="Rows per window", size="half",
+                       values=[PanelMetric(legend="rows", metric="RowCount", metric_labels={})]),
     ]
 
 
-def ensure_project(workspace, name: str = DEFAULT_PROJECT, heads=HEADS):
-    """The project called ``name`` (created with its panels when missing)."""
+def ensure_project(workspace, name: str = DEFAULT_PROJECT, heads=HEADS, rule=None):
+    """The project called ``name``, created when missing; an existing project's dashboard is
+    laid out again when it differs from :func:`panels` (the monitor's decision first, the
+    rule in force), keeping any panel someone added by hand after ours."""
+    from evidently.sdk.models import DashboardModel, DashboardTabModel
+
+    wanted = panels(heads, rule)
     found = workspace.search_project(name)
-    if found:  # add the panels an older version of this module did not have
+    if not found:
+        project = workspace.create_project(name)
+        project.description = ("Served logs vs the training reference, one run per monitoring window: the "
+                               "monitor's decision and the numbers it used, embedding drift, predictions.")
+        project.save()
+    else:
         project = found[0]
-        have = {p.title for p in workspace.get_dashboard(project.id).panels}
-        missing = [p for p in panels(heads) if p.title not in have]
-        for p in missing:
-            project.dashboard.add_panel(p)
-        if missing:
-            project.save()
-        return project
-    project = workspace.create_project(name)
-    project.description = ("Served logs vs the training reference, one run per monitoring window: "
-                           "scalar-feature drift, embedding drift, predictions.")
-    for p in panels(heads):
-        project.dashboard.add_panel(p)
-    project.save()
+    have = workspace.get_dashboard(project.id)
+    ours = {p.title for p in wanted} | _OLD_TITLES
+    kept = [p for p in have.panels if p.title not in ours]
+    if [(p.title, p.subtitle) for p in have.panels] != [(p.title, p.subtitle) for p in wanted + kept]:
+        keep = {p.id for p in kept}
+        tabs = list(have.tabs) or [DashboardTabModel(title="General", panels=[])]
+        first = DashboardTabModel(id=tabs[0].id, title=tabs[0].title,
+                                  panels=[p.id for p in wanted] + [i for i in tabs[0].panels if i in keep])
+        others = [DashboardTabModel(id=t.id, title=t.title, panels=[i for i in t.panels if i in keep])
+                  for t in tabs[1:]]
+        workspace.save_dashboard(project.id, DashboardModel(tabs=[first, *others], panels=wanted + kept))
     return project
 
 
@@ -106,7 +140,8 @@ def describe(path: str | Path, name: str = DEFAULT_PROJECT) -> dict:
 
 def panel_series(address: str, project_id: str, workspace: str | Path) -> dict[str, list]:
     """{panel title: [series values...]} as the running UI serves them to its dashboard
-    (``/api/v2/snapshots/<project>/data_series_batch``): what each panel would draw."""
+    (``/api/v2/snapshots/<project>/data_series_batch``): what each plotting panel would
+    draw (text panels draw no series and are left out)."""
     import json
     import urllib.request
 
@@ -115,8 +150,7 @@ def panel_series(address: str, project_id: str, workspace: str | Path) -> dict[s
     for panel in dash.panels:  # one request per panel, as the UI does
         filters = [{"tags": v.tags, "metadata": v.metadata, "metric": v.metric, "metric_labels": v.metric_labels}
                    for v in panel.values]
-        if not filters:
-            out[panel.title] = []
+        if not filters:  # a text panel
             continue
         req = urllib.request.Request(f"{address}/api/v2/snapshots/{project_id}/data_series_batch",
                                      data=json.dumps({"series_filter": filters}).encode(),

@@ -215,29 +215,62 @@ def scores_from_snapshot(snapshot_dict: dict, heads, rule: DriftRule) -> dict:
     return out
 
 
-def decide(scores: dict, rule: DriftRule, rows: int) -> tuple[bool, list[str]]:
-    """Applies the drift rule to the scores; returns (drift, reasons)."""
-    if rows < rule.min_rows:
-        return False, [f"insufficient data: {rows} rows < min_rows {rule.min_rows}"]
-    reasons = []
+@dataclass(frozen=True)
+class Criterion:
+    """One clause of the drift rule applied to one window: the numbers it used, the bound
+    it holds them to, and whether it fired (``reason``: the decision log's line for it)."""
+
+    name: str  # "scalar share", "history match", "embedding <name>", "prediction <head>"
+    measured: str
+    limit: str
+    fired: bool
+    reason: str = ""
+    value: float = float("nan")  # the number held to the bound (a share, an AUC, a distance)
+
+
+def criteria(scores: dict, rule: DriftRule) -> list[Criterion]:
+    """Every clause of the rule (module docstring) on a window's scores, in the rule's
+    order; the window drifts when at least one fired. Clauses without scores (no
+    predictions, no usable scalar feature) are left out."""
+    out = []
     columns = scores.get("columns", {})
     share = scores.get("drift_share")
-    if share is not None and share >= rule.drift_share:
-        cols = [c for c, s in columns.items() if _drifted(*_swap(rule.column_test(c), s))]
-        reasons.append(f"scalar: {share:.0%} of scalar features drifted (>= {rule.drift_share:.0%}): "
-                       + ", ".join(sorted(cols)))
+    if share is not None:
+        cols = sorted(c for c, s in columns.items() if _drifted(*_swap(rule.column_test(c), s)))
+        hit = share >= rule.drift_share
+        out.append(Criterion(
+            "scalar share", f"{share:.0%} of {len(columns)} scalar features drifted ({len(cols)})",
+            f"share >= {rule.drift_share:.0%} (numerical: normed Wasserstein >= {rule.num_threshold}, "
+            f"counts: Jensen-Shannon >= {rule.count_threshold}, surface: >= {rule.cat_threshold})", hit,
+            f"scalar: {share:.0%} of scalar features drifted (>= {rule.drift_share:.0%}): " + ", ".join(cols),
+            share))
     match = [c for c in rule.match_columns if c in columns]
-    hit = [c for c in match if _drifted(rule.num_method, columns[c], rule.match_threshold)]
-    if match and len(hit) / len(match) >= rule.match_share:
-        reasons.append(f"history match: {len(hit)}/{len(match)} candidate-history similarity features drifted "
-                       f"(>= {rule.match_threshold}): "
-                       + ", ".join(f"{c} {columns[c]:.3f}" for c in hit))
+    if match:
+        hit_cols = [c for c in match if _drifted(rule.num_method, columns[c], rule.match_threshold)]
+        fired = len(hit_cols) / len(match) >= rule.match_share
+        out.append(Criterion(
+            "history match", ", ".join(f"{c} {columns[c]:.3f}" for c in match) + f": {len(hit_cols)}/{len(match)} "
+            "drifted", f"at least {rule.match_share:.0%} of them with normed Wasserstein >= {rule.match_threshold}",
+            fired, f"history match: {len(hit_cols)}/{len(match)} candidate-history similarity features drifted "
+                   f"(>= {rule.match_threshold}): " + ", ".join(f"{c} {columns[c]:.3f}" for c in hit_cols),
+            len(hit_cols) / len(match)))
     for name, auc in scores.get("embeddings", {}).items():
-        if auc > rule.embedding_limit(name):
-            reasons.append(f"embedding: {name} classifier ROC AUC {auc:.3f} > {rule.embedding_limit(name)}")
+        limit = rule.embedding_limit(name)
+        out.append(Criterion(f"embedding {name}", f"classifier ROC AUC {auc:.3f}", f"ROC AUC > {limit}", auc > limit,
+                             f"embedding: {name} classifier ROC AUC {auc:.3f} > {limit}", auc))
     for head, s in scores.get("predictions", {}).items():
-        if _drifted(rule.pred_method, s, rule.pred_threshold):
-            reasons.append(f"prediction: {head} drift score {s:.3f} (>= {rule.pred_threshold})")
+        out.append(Criterion(f"prediction {head}", f"normed Wasserstein {s:.3f}", f"drift score >= {rule.pred_threshold}",
+                             _drifted(rule.pred_method, s, rule.pred_threshold),
+                             f"prediction: {head} drift score {s:.3f} (>= {rule.pred_threshold})", s))
+    return out
+
+
+def decide(scores: dict, rule: DriftRule, rows: int) -> tuple[bool, list[str]]:
+    """Applies the drift rule to the scores; returns (drift, reasons): the reasons of the
+    :func:`criteria` that fired."""
+    if rows < rule.min_rows:
+        return False, [f"insufficient data: {rows} rows < min_rows {rule.min_rows}"]
+    reasons = [c.reason for c in criteria(scores, rule) if c.fired]
     return bool(reasons), reasons
 
 
@@ -336,6 +369,10 @@ def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
     scores["reference_rows"] = len(reference)
     drift, reasons = decide(scores, rule, n)
     result = WindowResult(window, int(start_ts), int(end_ts), n, drift, reasons, scores)
+    if snapshot is not None:  # one verdict: the monitor's, before Evidently's own (monitoring/verdict.py)
+        from transact.monitoring.verdict import put_decision_first
+
+        put_decision_first(snapshot, result, rule)
     if snapshot is not None and html:
         snapshot.save_html(str(html))
         result.report_html = str(html)

@@ -6,7 +6,9 @@ epoch-aligned, in request time):
 1. the Evidently report of the window against the reference
    (:func:`transact.monitoring.drift.analyze_window`), saved as
    ``<out>/reports/<window>.html`` (and ``.json``);
-2. the drift rule (:class:`transact.monitoring.drift.DriftRule`);
+2. the drift rule (:class:`transact.monitoring.drift.DriftRule`); the report and the run
+   open with its decision, its rule and the numbers it used, Evidently's own preset
+   verdict labelled as its share rule (:mod:`transact.monitoring.verdict`);
 3. the snapshot as a run of the Evidently UI project (``<out>/workspace`` unless given);
 4. the action -- retrain or not, cooldown -- by :class:`transact.monitoring.trigger.RetrainTrigger`,
    appended to the decision log ``<out>/decisions.jsonl``.
@@ -56,15 +58,9 @@ def _read_parquet(path: str | Path, start_ts: int | None, end_ts: int | None):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
-    elif path.exists():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"{path} does not exist")
-    if not files:
-        raise FileNotFoundError(f"no .parquet files under {path}")
+    from transact.data.parts import parquet_files
+
+    files = parquet_files(path)  # the one rule of which files hold rows (a published copy: its manifest's)
     tables = []
     for f in files:
         t = pq.read_table(f)
@@ -166,7 +162,7 @@ def run_monitor(reference: pd.DataFrame, ref_heads: list[str], current: pd.DataF
     if workspace != "" and report:
         ws_path = Path(workspace) if workspace else out / "workspace"
         ws = dashboard.open_workspace(ws_path)
-        proj = dashboard.ensure_project(ws, project or dashboard.DEFAULT_PROJECT, heads or dashboard.HEADS)
+        proj = dashboard.ensure_project(ws, project or dashboard.DEFAULT_PROJECT, heads or dashboard.HEADS, rule)
     t0 = time.perf_counter()
     records = []
     for name, start, end, rows in split_windows(current, window_hours):

@@ -110,8 +110,9 @@ class StagingArena:
 
 
 class ModelRunner:
-    """probs [B, H] = sigmoid(model(batch).logits): on CPU through the chosen backend,
-    on GPU eager or by CUDA-graph replay.
+    """logits [B, H] = model(batch).logits: on CPU through the chosen backend, on GPU eager or
+    by CUDA-graph replay (the caller turns them into probabilities through the model's one
+    map, :meth:`~transact.model.transact.TransActModel.probabilities`).
 
     CPU backends (``cpu_forward``), all equal to eager PyTorch to float rounding
     (tested at 1e-6) and timed against each other by ``transact bench serving``:
@@ -146,12 +147,12 @@ class ModelRunner:
         self._pool: Any = None  # torch.cuda graph pool handle, made at the first capture
         #: the backend that runs (``eager`` on GPU, and after a failure)
         self.backend = cpu_forward if self.device.type == "cpu" else "eager"
-        self._fast: Callable[..., torch.Tensor] | None = None  # the built CPU backend: batch -> probs
+        self._fast: Callable[..., torch.Tensor] | None = None  # the built CPU backend: batch -> logits
 
     def _build(self, batch):
         if self.backend == "compile":
             compiled = torch.compile(self.model, dynamic=True)
-            return lambda b: torch.sigmoid(compiled(b).logits)
+            return lambda b: compiled(b).logits
         from transact.serving.onnx_runtime import OnnxForward
 
         return OnnxForward(self.model, batch)
@@ -187,7 +188,7 @@ class ModelRunner:
                     log.warning("CPU forward backend %s failed (%s: %s); running eager from now on",
                                 self.backend, type(e).__name__, str(e)[:300])
                     self.backend, self._fast = "eager", None
-            return torch.sigmoid(self.model(batch).logits)
+            return self.model(batch).logits
 
     def __call__(self, batch) -> torch.Tensor:
         B = len(batch)
@@ -237,6 +238,6 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
-            out = torch.sigmoid(self.model(static).logits)
+            out = self.model(static).logits
         self._graphs[bucket] = (graph, static, out)
         log.info("captured a CUDA graph for batch bucket %d", bucket)

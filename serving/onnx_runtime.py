@@ -1,12 +1,12 @@
-"""The model forward through ONNX Runtime (CPU): export once, then ``probs = session(batch)``.
+"""The model forward through ONNX Runtime (CPU): export once, then ``logits = session(batch)``.
 
 Optional: needs ``pip install onnxruntime onnx onnxscript`` (not a project dependency).
 ``transact bench serving`` times it against eager PyTorch and ``torch.compile`` on the same
-batch and records the max |prob - eager prob|; :class:`OnnxForward` raises
+batch and records the max |logit - eager logit|; :class:`OnnxForward` raises
 :class:`ImportError` when the packages are missing.
 
 The whole model (tokens, encoder with its causal + padding mask, pooling, cross network,
-heads, sigmoid) is exported with ``torch.onnx.export(dynamo=True)`` and a dynamic batch
+heads) is exported with ``torch.onnx.export(dynamo=True)`` and a dynamic batch
 dimension, so one session serves every batch size.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 INPUTS: tuple[str, ...] = ("emb_q", "action", "tok_surface", "age_s", "seg_len", "cand_emb_q", "surface")
 
 
-class _Probs(torch.nn.Module):
-    """Batch fields -> sigmoid(logits): the function the ONNX graph holds."""
+class _Logits(torch.nn.Module):
+    """Batch fields -> the heads' logits: the function the ONNX graph holds."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -32,11 +32,11 @@ class _Probs(torch.nn.Module):
 
         batch = Batch(emb_q=emb_q, action=action, tok_surface=tok_surface, age_s=age_s, seg_len=seg_len,
                       cand_emb_q=cand_emb_q, surface=surface)
-        return torch.sigmoid(self.model(batch).logits)  # [B, H]
+        return self.model(batch).logits  # [B, H]
 
 
 class OnnxForward:
-    """probs [B, H] of a :class:`~transact.model.transact.Batch` through ONNX Runtime on CPU."""
+    """logits [B, H] of a :class:`~transact.model.transact.Batch` through ONNX Runtime on CPU."""
 
     def __init__(self, model: torch.nn.Module, example_batch, threads: int | None = None,
                  path: str | Path | None = None) -> None:
@@ -51,7 +51,7 @@ class OnnxForward:
         args = tuple(getattr(example_batch, n).cpu() for n in INPUTS)
         batch_dim = torch.export.Dim("batch", min=2, max=1 << 20)
         with torch.no_grad():
-            torch.onnx.export(_Probs(model.eval().cpu()), args, str(self.path), dynamo=True,
+            torch.onnx.export(_Logits(model.eval().cpu()), args, str(self.path), dynamo=True,
                               dynamic_shapes=tuple({0: batch_dim} for _ in INPUTS), verbose=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()

@@ -179,9 +179,12 @@ def package_tree(dest: Path) -> Path:
         folder = root / setup.get("package-dir", {}).get(package, package.replace(".", "/"))
         target = dest.joinpath(*package.split("."))
         target.mkdir(parents=True, exist_ok=True)
-        for pattern in PACKAGE_FILES:
+        # the package's code, and its package data as the wheel carries it (the Feast template)
+        for pattern in (*PACKAGE_FILES, *setup.get("package-data", {}).get(package, [])):
             for f in folder.glob(pattern):
-                shutil.copy2(f, target / f.name)
+                if f.is_file():
+                    (target / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target / f.relative_to(folder))
     return dest
 
 

@@ -15,7 +15,8 @@ For the U requests of a (cross-request) micro-batch with N candidates in all:
 5. S_all: :func:`transact.features.nn_features.build_s_all` -- the same function the
    offline NN-logging step uses (NN search through ``kernels.dispatch``);
 6. model: ``Batch.from_s_all`` -> encoder (``kernels.dispatch.encoder_forward``) + heads,
-   probabilities per head; score ``S = sum_h w_h f_h`` by
+   probabilities per head (calibrated: the model's one map from logits, raw heads on request);
+   score ``S = sum_h w_h f_h`` by
    :func:`transact.model.metrics.ranking_score` with the request's weights; ranking by
    S descending, ties in request order (a stable sort, as HIT@3 does);
 7. the served rows go to the :class:`~transact.serving.served_log.ServedLogWriter`:
@@ -73,6 +74,7 @@ class RankQuery:
     request_id: int
     weights: dict[str, float]
     top_k: int | None = None
+    raw_probs: bool = False  #: also return the raw heads (the plain sigmoid of the logits)
 
     @property
     def n(self) -> int:
@@ -82,11 +84,12 @@ class RankQuery:
 @dataclass
 class Ranked:
     query: RankQuery
-    probs: np.ndarray  # float32 [n, H]
+    probs: np.ndarray  # float32 [n, H], calibrated
     score: np.ndarray  # float64 [n]
     order: np.ndarray  # int64 [n], best first
     cold_start: bool
     served_ts: int
+    raw: np.ndarray | None = None  # float32 [n, H], the raw heads, when the query asked for them
 
 
 @dataclass
@@ -255,11 +258,12 @@ class Ranker:
         st.candidates = int(counts.sum())
         st.assemble_s = time.perf_counter() - t
 
-        s_all, probs_t, nn_s, fwd_s = self.compute(dev)
+        s_all, logits, nn_s, fwd_s = self.compute(dev)
         st.nn_s, st.forward_s = nn_s, fwd_s
 
         t = time.perf_counter()
-        probs = probs_t.float().cpu().numpy()  # [N, H]
+        probs = self.model.probabilities(logits.float()).cpu().numpy()  # [N, H] calibrated
+        raw = self.model.probabilities(logits.float(), raw=True).cpu().numpy() if any(q.raw_probs for q in qs) else None
         served_ts = int(time.time() * 1000)
         out, lo = [], 0
         scores = []
@@ -267,7 +271,8 @@ class Ranker:
             p = probs[lo:lo + q.n]
             s = ranking_score(p, self.heads, q.weights)  # [n] float64
             order = np.argsort(-s, kind="stable")
-            out.append(Ranked(q, p, s, order, cold_start=bool(n_tok == 0), served_ts=served_ts))
+            out.append(Ranked(q, p, s, order, cold_start=bool(n_tok == 0), served_ts=served_ts,
+                              raw=raw[lo:lo + q.n] if q.raw_probs and raw is not None else None))
             scores.append(s)
             lo += q.n
         if self.log_writer is not None:
@@ -276,7 +281,7 @@ class Ranker:
         return out
 
     def compute(self, dev: dict[str, torch.Tensor]) -> tuple[SAll, torch.Tensor, float, float]:
-        """S_all and probabilities [N, H] of staged inputs; (s_all, probs, nn seconds, forward seconds)."""
+        """S_all and head logits [N, H] of staged inputs; (s_all, logits, nn seconds, forward seconds)."""
         from transact.model.transact import Batch
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -288,9 +293,9 @@ class Ranker:
         nn_s = time.perf_counter() - t
         t = time.perf_counter()
         batch = Batch.from_s_all(s_all, dev["cand_emb_q"], dev["cand_surface"])
-        probs = self.runner(batch)
+        logits = self.runner(batch)
         sync()
-        return s_all, probs, nn_s, time.perf_counter() - t
+        return s_all, logits, nn_s, time.perf_counter() - t
 
     def _log(self, qs, s_all: SAll, cand_q: torch.Tensor, probs: np.ndarray, score: np.ndarray,
              served_ts: int) -> None:

@@ -75,6 +75,9 @@ class RankRequest(BaseModel):
                                   "service's); heads not named get weight 0.")
     top_k: Annotated[int, Field(ge=1, le=MAX_CANDIDATES)] | None = Field(
         default=None, description="Return only the best top_k candidates (default: all).")
+    raw_probs: bool = Field(
+        default=False, description="Also return each head's raw output (the plain sigmoid of its logit, "
+                                   "trained with label weights: inflated odds, not a probability).")
 
     @model_validator(mode="after")
     def _same_length(self) -> RankRequest:
@@ -88,7 +91,10 @@ class RankedItem(BaseModel):
     item_id: int
     position: int = Field(description="Index of the item in the request's item_ids.")
     score: float = Field(description="S = sum_h w_h f_h.")
-    probs: dict[str, float] = Field(description="Per-head probability f_h.")
+    probs: dict[str, float] = Field(description="Per-head probability f_h, calibrated (the model's Platt "
+                                                "scaling, fitted on held-out rows after training).")
+    raw_probs: dict[str, float] | None = Field(
+        default=None, description="Per-head raw output, when the request set raw_probs.")
 
 
 class RankResponse(BaseModel):

@@ -227,7 +227,8 @@ class TransActRanker:
 
     def query(self, user_id: int, item_ids: list[int], item_embeddings=None, surface: str = "homefeed",
               request_ts: int | None = None, request_id: int | None = None,
-              score_weights: dict[str, float] | None = None, top_k: int | None = None) -> RankQuery:
+              score_weights: dict[str, float] | None = None, top_k: int | None = None,
+              raw_probs: bool = False) -> RankQuery:
         """Validated request fields -> RankQuery (semantic checks raise RequestError)."""
         ids = np.asarray(item_ids, dtype=np.int64)
         emb = quantize_embeddings(item_embeddings) if item_embeddings is not None else None
@@ -238,15 +239,18 @@ class TransActRanker:
             user_id=int(user_id), item_ids=ids, item_emb_q=emb, surface=SURFACES.index(surface),
             ts=request_time(request_ts, int(time.time() * 1000), self.settings.max_clock_skew_s),
             request_id=secrets.randbits(62) if request_id is None else int(request_id),
-            weights=weights, top_k=top_k,
+            weights=weights, top_k=top_k, raw_probs=bool(raw_probs),
         )
 
     def response(self, r: Ranked) -> RankResponse:
         heads = self.ranker.heads
         order = r.order if r.query.top_k is None else r.order[: r.query.top_k]
         ids, probs, score = r.query.item_ids, r.probs, r.score
+        raw = r.raw
         items = [RankedItem.model_construct(item_id=int(ids[i]), position=int(i), score=float(score[i]),
-                                            probs={h: float(probs[i, j]) for j, h in enumerate(heads)})
+                                            probs={h: float(probs[i, j]) for j, h in enumerate(heads)},
+                                            **({"raw_probs": {h: float(raw[i, j]) for j, h in enumerate(heads)}}
+                                               if raw is not None else {}))
                  for i in order.tolist()]
         return RankResponse.model_construct(
             request_id=r.query.request_id, user_id=r.query.user_id, model_version=self.model_version,

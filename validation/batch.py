@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transact.data import schema as S
 from transact.data.io import table_path
 from transact.validation.gx import _import_gx
 from transact.validation.params import (
@@ -42,6 +43,7 @@ class Batch:
     checked_at: str
     t0: float  # perf_counter at the start: the batch's time
     manifest: dict | None = None  # a world's manifest
+    notes: list[str] = field(default_factory=list)  # said in the report whatever the decision
 
     @property
     def report_dir(self) -> Path:
@@ -68,12 +70,14 @@ def open_batch(kind: str, source: str | os.PathLike, quarantine_dir: str | os.Pa
     t0 = time.perf_counter()
     path = Path(source).resolve()
     manifest = None
+    no_meta = ""
     if kind == "world":
         manifest = _world_manifest(path)
         quarantine = Path(quarantine_dir).resolve()
         if quarantine.is_relative_to(path):
             raise ValueError(f"validate: the quarantine folder {quarantine} must not be inside the batch {path}")
         meta = world_meta(path)
+        no_meta = _missing_world_json(path)
         name = path.name
     elif kind == "rows":
         if path.is_dir():
@@ -85,14 +89,35 @@ def open_batch(kind: str, source: str | os.PathLike, quarantine_dir: str | os.Pa
         name = path.stem
     else:
         raise ValueError(f"unknown batch kind {kind!r}; valid: world, rows")
-    params = _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance, meta, label_window_ms)
+    params = _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance, meta, label_window_ms,
+                          no_meta=no_meta)
+    notes = [_defaults_note(path, params)] if no_meta else []
     ref, ref_note = load_reference(reference)
     if reference_out is None and update_reference and reference is not None \
             and not isinstance(reference, dict) and str(reference):
         reference_out = reference
     return Batch(kind=kind, path=path, name=name, quarantine=quarantine, params=params, reference=ref,
                  reference_note=ref_note, reference_out=reference_out, update_reference=update_reference,
-                 checked_at=_iso(int(time.time() * 1000)), t0=t0, manifest=manifest)
+                 checked_at=_iso(int(time.time() * 1000)), t0=t0, manifest=manifest, notes=notes)
+
+
+def _missing_world_json(world: Path) -> str:
+    """Why the world has no readable world.json ("" when it has one)."""
+    from transact.data.world import WORLD_JSON
+
+    if not (world / WORLD_JSON).is_file():
+        return f"no {WORLD_JSON} in the batch"
+    return "" if world_meta(world) else f"{WORLD_JSON} is unreadable or not a JSON object"
+
+
+def _defaults_note(world: Path, p: Params) -> str:
+    """One line: the world has no world.json, and which defaults the checks used instead."""
+    used = [what for what, source in (
+        (f"the label window label_window_ms = {p.label_window_ms:,} ms", p.label_window_source),
+        (f"min_ts {_iso(p.min_ts_ms)}", p.min_ts_source)) if source.startswith("the default")]
+    return (f"{_missing_world_json(world)} ({world}): the checks use "
+            + (" and ".join(used) + " (defaults)" if used else "the values given on the command line")
+            + "; `transact import-logs` writes world.json (--label-window-ms, --min-ts)")
 
 
 def _world_manifest(world: Path) -> dict:
@@ -122,6 +147,9 @@ def _manifest_failures(world: Path, manifest: dict) -> list[Failure]:
     out = []
     for name, what in manifest_differences(world, manifest).items():
         path = world / (WORLD_JSON if name == WORLD_JSON else f"{name}.parquet")
+        if name == WORLD_JSON and not path.exists() and manifest.get("world_json"):
+            out.append(_world_json_missing(world, path))
+            continue
         if not path.exists():
             continue
         table = name if name in WORLD_TABLES else "world"
@@ -136,3 +164,14 @@ def _manifest_failures(world: Path, manifest: dict) -> list[Failure]:
                                exception=f"{name}.parquet is not in the manifest"))
     return out
 
+
+
+def _world_json_missing(world: Path, path: Path) -> Failure:
+    """The world was published with a world.json that is gone: named as such, because every
+    check that reads it (the label window first) would otherwise run on a default."""
+    return Failure("world: world.json is present", "world", "world.json present", {"path": str(path)}, gx=False,
+                   exception=f"world.json is missing from {world} (its manifest.json lists it)",
+                   hint="world.json declares the world's label window (label_window_ms), min_ts and "
+                        "train_end_ts; restore it, or re-import the logs with `transact import-logs` "
+                        "(which writes it) -- without it the label checks would use the default "
+                        f"label window label_window_ms = {S.DEFAULT_LABEL_WINDOW_MS:,} ms")

@@ -40,7 +40,7 @@ def decide(batch: Batch, failures: list[Failure], checks: dict[str, dict[str, in
         passed=passed, batch=batch.name, kind=batch.kind, source=str(batch.path), location=str(batch.path),
         quarantine=None, rows={}, checks=checks, failures=failures, checked_at=batch.checked_at,
         now_ms=batch.params.now_ms, seconds=0.0, reference=batch.reference_note, reference_written=None,
-        reports={}, notes=notes if notes is not None else [])
+        reports={}, notes=[*batch.notes, *(notes or [])])
     if passed:
         result.profile = world_profile(frames, batch.name, batch.checked_at)
         result.rows = {t: {"in": n, "accepted": n, "quarantined": 0} for t, n in rows_in.items()}

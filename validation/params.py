@@ -30,9 +30,9 @@ DEFAULT_MAX_DUPLICATE_RATE: float = 0.01
 #: ±QMAX (saturated: the float embedding was beyond ±SCALE, e.g. not normalised).
 DEFAULT_MAX_ZERO_EMBEDDING_SHARE: float = 0.01
 DEFAULT_MAX_SATURATED_SHARE: float = 0.01
-#: Share of request rows allowed with an engagement in the label window that no label
-#: counts (the same item shown again within the window can attribute one engagement to
-#: two requests).
+#: Share of request rows allowed to own an engagement that no label of theirs counts
+#: (ownership: :mod:`transact.data.labels`, so a re-shown item's engagement is owned by
+#: the later showing only and clean logs miss none; the slack is for late-logged labels).
 DEFAULT_MAX_MISSED_LABEL_SHARE: float = 0.01
 #: How far before a request an engagement that should have been its label is looked for
 #: (a clock or time-zone shift moves it there): one day covers every time-zone offset.
@@ -130,10 +130,13 @@ def world_meta(world: Path) -> dict:
 
 
 def _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance, meta: dict | None = None,
-                 label_window_ms: int | None = None) -> Params:
+                 label_window_ms: int | None = None, no_meta: str = "") -> Params:
     """The checks' parameters: an explicit argument wins, then the world's ``world.json``
-    (``min_ts``, ``label_window_ms``, ``config.chunk_size``), then the defaults."""
+    (``min_ts``, ``label_window_ms``, ``config.chunk_size``), then the defaults. ``no_meta``
+    says why there is no world.json (e.g. "no world.json in the batch"): every default's
+    source then names it, so a message never hides that the file was missing."""
     meta = meta or {}
+    why = f"; {no_meta}" if no_meta else ""
     if not 0 <= max_duplicate_rate < 1:
         raise ValueError("max_duplicate_rate must be in [0, 1)")
     if max_candidates is None:
@@ -145,12 +148,12 @@ def _make_params(now, min_ts, max_candidates, max_duplicate_rate, tolerance, met
         raise ValueError("max_candidates must be >= 1")
     min_ts_source = "--min-ts"
     if min_ts is None:
-        min_ts, min_ts_source = MIN_TS_MS, "the default (2010-01-01)"
+        min_ts, min_ts_source = MIN_TS_MS, f"the default (2010-01-01{why})"
         if isinstance(meta.get("min_ts"), int):
             min_ts, min_ts_source = meta["min_ts"], "world.json"
     window_source = "--label-window-ms"
     if label_window_ms is None:
-        label_window_ms, window_source = S.DEFAULT_LABEL_WINDOW_MS, "the default (one hour)"
+        label_window_ms, window_source = S.DEFAULT_LABEL_WINDOW_MS, f"the default (one hour{why})"
         if isinstance(meta.get("label_window_ms"), int):
             label_window_ms, window_source = meta["label_window_ms"], "world.json"
     if label_window_ms <= 0:

@@ -151,7 +151,7 @@ def render_console(result, max_examples: int = 3) -> str:
         out.append(f"report: {result.reports.get('markdown')}")
         if result.data_docs:
             out.append(f"Data Docs: {result.data_docs}")
-        return "\n".join(out)
+        return "\n".join(out + [f"note: {n}" for n in result.notes])
     out = [f"FAIL {result.kind} batch '{result.batch}': {len(result.failures)} failed expectation(s); "
            f"{rows_in:,} rows quarantined (accepted 0)"]
     for f in result.failures:
@@ -166,7 +166,7 @@ def render_console(result, max_examples: int = 3) -> str:
             f"GX results: {result.reports.get('json')}"]
     if result.data_docs:
         out.append(f"Data Docs: {result.data_docs}")
-    return "\n".join(out)
+    return "\n".join(out + [f"note: {n}" for n in result.notes])
 
 
 def _results_json(result: ValidationResult, gx_results: dict, params: Params) -> dict:

@@ -215,23 +215,21 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
                 _check(table, "positive labels have their engagement in actions within the label window",
                        "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
                        column="label_unbacked", min_value=0, max_value=0,
-                       hint=f"a label counts an action of its type on (user_id, item_id) logged at "
-                            f"most label_window_ms = {p.label_window_ms:,} ms after the request "
-                            f"(from {p.label_window_source}; set --label-window-ms or label_window_ms "
-                            f"in world.json)"),
+                       hint=f"no action of the label's type belongs to the row; {_attribution(p)}"),
                 _check(table, "no labelled engagement logged only before its request (clock shift)",
                        "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
                        column="label_before_only", min_value=0, max_value=0,
                        hint=f"the engagement a label counts is in actions up to {p.leak_window_ms:,} ms "
-                            f"before the request instead of after it: the request and action clocks "
-                            f"disagree (time zone?), and the label leaks into the request's own S_RT"),
+                            f"before the request instead of after it, and no earlier showing of the item "
+                            f"owns it: the request and action clocks disagree (time zone?), and the label "
+                            f"leaks into the request's own S_RT; {_attribution(p)}"),
                 _check(table, "label rates match the action log (unlabelled engagements within "
                               "max_missed_label_share)",
                        "ExpectColumnValuesToBeBetween", keys + ("ts",) + S.LABEL_COLUMNS,
                        column="label_missed", min_value=0, max_value=0,
                        mostly=1.0 - p.max_missed_label_share,
-                       hint=f"at most {p.max_missed_label_share:.2%} of request rows may have an action "
-                            f"on the candidate within the label window that no label counts"),
+                       hint=f"at most {p.max_missed_label_share:.2%} of request rows may own an action "
+                            f"that no label of theirs counts; {_attribution(p)}"),
             ]
             checks += _rate_checks(table, [(c, c) for c in S.LABEL_COLUMNS], ref, n_rows, p,
                                    "{key} rate matches the reference")
@@ -239,6 +237,13 @@ def build_checks(table: str, params: Params, reference: dict | None = None, n_ro
     if table == ROWS_TABLE:
         return _rows_checks(p, ref, n_rows, cfg, with_items)
     raise ValueError(f"unknown table {table!r}; valid: {', '.join(WORLD_TABLES + (ROWS_TABLE,))}")
+
+
+def _attribution(p: Params) -> str:
+    """The label rule and the label window in force, for every label message (one line)."""
+    return (f"an action belongs to the most recent showing of its item to its user at or before it, "
+            f"within the label window label_window_ms = {p.label_window_ms:,} ms (from "
+            f"{p.label_window_source}; set --label-window-ms or label_window_ms in world.json)")
 
 
 def _rows_checks(p: Params, ref: dict | None, n_rows: int, cfg, with_items: bool) -> list[Check]:

@@ -122,3 +122,14 @@ def test_a_zombie_writer_is_dead():
         child.wait()
     assert not pid_alive(child.pid)
     assert pid_alive(os.getpid())
+
+
+def test_read_table_reads_only_the_columns_asked_for_and_names_a_missing_one(tmp_path):
+    """``columns``: only those are read (the store skips the items' fp16 embeddings) and
+    checked; a column the file lacks is still refused by name."""
+    items = pa.table({"item_id": pa.array([1, 2], pa.int64()), "topic": pa.array([0, 0], pa.int32())})
+    pq.write_table(items, tmp_path / "items.parquet")
+    got = read_table(tmp_path / "items.parquet", S.ITEMS, columns=["item_id", "topic"], what="items")
+    assert got.column_names == ["item_id", "topic"] and got.column("item_id").to_pylist() == [1, 2]
+    with pytest.raises(SchemaError, match="items: missing column 'emb_q'"):
+        read_table(tmp_path / "items.parquet", S.ITEMS, columns=["item_id", "emb_q"], what="items")

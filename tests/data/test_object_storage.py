@@ -218,3 +218,50 @@ def test_kubeflows_minio_artifact_uris_are_read_as_s3_and_globs_reach_any_depth(
     assert storage.glob(f"{minio}/log", "**/served-*.parquet") == [
         f"{minio}/log/host-a/served-2.parquet", f"{minio}/log/served-1.parquet"]
     assert storage.glob(f"{bucket}/log", "**/served-*.parquet")[1] == f"{bucket}/log/served-1.parquet"
+
+
+def test_a_rows_folder_holding_a_published_tree_survives_publish_and_fetch(where, tmp_path):
+    """What a TrainJob node gets: the step's rows folder (world.json beside Ray's published parts,
+    and a dead writer's part beside those) published, then fetched. The parts' own manifest
+    travels with it, and readers of rows see the named parts only -- never world.json, never the
+    dead writer's part, at whatever place the copy put the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transact.data.parts import parquet_files
+
+    rows = tmp_path / "rows"
+    parts = rows / "nn_rows"
+    for i in range(2):
+        (parts / "objects" / "live").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": [i]}), parts / "objects" / "live" / f"part-{i:05d}.parquet")
+    (parts / "objects" / "dead").mkdir()
+    pq.write_table(pa.table({"x": [9]}), parts / "objects" / "dead" / "part-00000.parquet")
+    files = {f"part-{i:05d}.parquet": {"bytes": 0, "sha256": ""} for i in range(2)}
+    storage.write_json(parts / storage.MANIFEST, {"format": storage.MANIFEST_FORMAT, "prefix": "objects/live",
+                                                  "files": files, "meta": {}})
+    (rows / "world.json").write_text("{}")
+    want = [parts / "objects" / "live" / f"part-{i:05d}.parquet" for i in range(2)]
+    assert parquet_files(rows) == want  # the copy Kubeflow hands the step
+
+    published = storage.publish_tree(rows, storage.join(where, "trainjobs", "j", "rows"))
+    assert "nn_rows/MANIFEST.json" in published["files"]  # a nested manifest is one of the files
+    node = tmp_path / "node" / "rows"
+    storage.fetch_tree(storage.join(where, "trainjobs", "j", "rows"), node)
+    got = parquet_files(node)
+    assert [p.relative_to(node) for p in got] == [p.relative_to(rows) for p in want]
+    assert [pq.read_table(p).column("x")[0].as_py() for p in got] == [0, 1]
+    (node / "nn_rows" / "objects" / "live" / "part-00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="part-00001.parquet, named by its MANIFEST.json, is not in this copy"):
+        parquet_files(node)
+
+
+def test_sweep_removes_the_prefixes_of_writers_that_never_published(where, tmp_path):
+    src = _tree(tmp_path / "src")
+    target = storage.join(where, "t")
+    assert storage.sweep_unpublished(target) == []  # nothing published: nothing is garbage yet
+    storage.write_bytes(storage.join(target, "objects", "dead", "a.bin"), b"x")
+    manifest = storage.publish_tree(src, target)
+    assert storage.sweep_unpublished(target) == ["objects/dead"]
+    assert storage.listdir(storage.join(target, "objects")) == [manifest["prefix"].split("/")[1]]
+    storage.fetch_tree(target, tmp_path / "back")  # the published files are untouched

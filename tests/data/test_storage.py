@@ -87,7 +87,21 @@ def test_every_path_option_refuses_an_object_store_uri_and_writes_nothing(comman
 
 def test_the_cli_has_path_options_to_check():
     commands = {c for c, _ in path_options()}
-    assert {"simulate", "validate", "train", "serve", "log-nn", "features apply", "pipeline compile"} <= commands
+    assert {"simulate", "validate", "train", "serve", "evaluate", "features apply", "pipeline compile"} <= commands
+
+
+@pytest.mark.parametrize(("command", "option"), [("log-nn", "--world"), ("log-nn", "--out"),
+                                                 ("attach-labels", "--served"), ("attach-labels", "--out")])
+def test_the_local_engine_refuses_a_uri_the_ray_engine_takes(command, option, tmp_path, monkeypatch):
+    """log-nn and attach-labels take URIs for the Ray engine (its tasks read and write objects);
+    the local engine refuses one in one line, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    args = {"--world": "w", "--out": "o", **({"--served": "s"} if command == "attach-labels" else {})}
+    args[option] = "s3://transact-bucket/x"
+    r = CliRunner().invoke(app, [command, *[x for kv in args.items() for x in kv]])
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert f"{option}: s3://transact-bucket/x is an object-store URI" in r.output, r.output
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(("given", "want"), [

@@ -9,7 +9,9 @@ import pytest
 from helpers import rows_with_split
 from transact.features.config import FeatureConfig
 from transact.model import ablation as A
+from transact.model.calibration import HOLDOUT
 from transact.model.dataset import RowDataset
+from transact.model.train import holdout_start
 
 FCFG = FeatureConfig(k_ll=8, k_rt=6, r=6, k_imp=6)
 KW = dict(baseline="transact", batch_size=32, lr=3e-3, n_boot=20, num_threads=1, progress_every_s=0.0)
@@ -36,8 +38,8 @@ def test_progress_partial_tables_and_max_steps_cycling_epochs(world, tmp_path):
         if "Methods" in s:  # a table: what is on disk at this moment
             snapshots.append(json.loads((out / "ablation.json").read_text()))
 
-    spe = RowDataset(world, "train", train_end_ts=json.loads((world.parent / "world.json").read_text())["train_end_ts"]
-                     ).num_batches(32)
+    train_end = json.loads((world.parent / "world.json").read_text())["train_end_ts"]
+    spe = RowDataset(world, "train", train_end_ts=holdout_start(world, train_end, HOLDOUT)).num_batches(32)
     budget = 2 * spe + 3  # more than two epochs: a third one, cut
     res = A.ablation(world, out, models=["wdl", "transact"], seeds=2, max_steps=budget, log=log, **KW)
     # seed-major: the baseline and wdl of seed 0 come before any seed-1 run
@@ -57,6 +59,8 @@ def test_progress_partial_tables_and_max_steps_cycling_epochs(world, tmp_path):
     assert second["partial"] and second["results"]["wdl"]["rel_change"]["repin"] is not None
     assert second["results"]["wdl"]["seeds_done"] == [0] and second["results"]["wdl"]["paired_seeds"] == [0]
     assert not res["partial"] and res["runs_finished"] == 4 and res["pending"] == []
+    div = res["results"]["wdl"]["diversity"]  # impression diversity, measured and compared (issue 26)
+    assert div["value"] > 0 and div["rel_change"] is not None and "diversity" in A.format_table(res)
     assert "final: 4 runs" in A.format_table(res)
     # the budget is steps: every run trained exactly `budget`, cycling the rows
     for name in ("wdl", "transact"):

@@ -101,3 +101,25 @@ def test_paired_relative_change():
     noisy = base + rng.normal(0, 1, base.shape)
     r = M.paired_relative_change(noisy, base, n_boot=300, seed=0)
     assert (r["lo"] <= r["rel"]).all() and (r["rel"] <= r["hi"]).all()
+
+
+def test_impression_diversity_is_the_top_k_intra_list_distance_summed_per_user():
+    """Top 3 of each request by score: identical items add 0, orthogonal ones 1, a request of one
+    item 0; a user's total is the sum over their requests, every user listed (as HIT@3)."""
+    from transact.model.metrics import diversity_per_user
+
+    e1, e2, e3 = np.eye(3, 32)[0] * 100, np.eye(3, 32)[1] * 100, np.eye(3, 32)[2] * 100
+    rows = [  # (user, request, score, emb)
+        (1, 10, 0.9, e1), (1, 10, 0.8, e2), (1, 10, 0.7, e3), (1, 10, 0.1, e1),  # orthogonal top 3: 1
+        (1, 11, 0.9, e1), (1, 11, 0.8, e1), (1, 11, 0.7, e1), (1, 11, 0.6, e2),  # the same item 3 times: 0
+        (2, 20, 0.5, e2),  # one item: 0
+        (3, 30, 0.9, e1), (3, 30, 0.8, e1), (3, 30, 0.1, e2),  # top 3 = e1, e1, e2: (0 + 1 + 1) / 3
+    ]
+    u, r, s, e = (np.array(x) for x in zip(*rows))
+    users, totals = diversity_per_user(u, r, s, e.astype(np.float64), k=3)
+    np.testing.assert_array_equal(users, [1, 2, 3])
+    np.testing.assert_allclose(totals, [1.0, 0.0, 2 / 3], atol=1e-12)
+    perm = np.random.default_rng(0).permutation(len(rows))  # row order does not matter (no ties here)
+    np.testing.assert_allclose(diversity_per_user(u[perm], r[perm], s[perm], e[perm], k=3)[1], totals, atol=1e-12)
+    q = np.clip(np.round(e / 100 * 127), -127, 127).astype(np.int8)  # int8 codes: the cosine is scale-free
+    np.testing.assert_allclose(diversity_per_user(u, r, s, q, k=3)[1], totals, atol=1e-12)

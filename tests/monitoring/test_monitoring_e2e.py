@@ -277,6 +277,9 @@ def test_the_monitor_reads_the_shipped_log_and_keeps_its_state_on_the_storage_ro
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
         assert f"to {bucket}/monitoring" in res.output
+        # what it names lies in the bucket, never in the run's temporary folder
+        assert f"dashboard workspace: {bucket}/monitoring/workspace" in res.output, res.output
+        assert f"report: {bucket}/monitoring/" in res.output and "transact-monitor-" not in res.output, res.output
         recs = [json.loads(x) for x in storage.read_bytes(f"{bucket}/monitoring/decisions.jsonl").splitlines()]
         assert len(recs) == run and all(r["action"] == "none" for r in recs), recs  # run 2 appended to run 1's log
     published = storage.download_tree(f"{bucket}/monitoring", tmp_path / "published")

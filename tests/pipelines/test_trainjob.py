@@ -217,12 +217,19 @@ def test_a_node_runs_the_posted_command_and_the_model_comes_back(rows, tmp_path)
 def test_without_a_shared_volume_rows_and_model_travel_through_the_object_store(rows, s3, tmp_path):
     """On a cluster with no ReadWriteMany volume: the step publishes the rows to the bucket, the
     node (a process of its own, with the credentials the standard way and nothing of the step's
-    disk) fetches them, rank 0 publishes the model, the step fetches it; the rows copy is removed."""
+    disk) fetches them, rank 0 publishes the model, the step fetches it; the rows copy is removed.
+    The rows are a folder, as the pipeline's step has them: world.json beside the row file."""
+    import shutil
+
     from transact.data import storage
 
+    step_rows = tmp_path / "log-nn-rows"
+    step_rows.mkdir()
+    shutil.copy2(rows, step_rows / steps.ROWS_FILE)
+    shutil.copy2(rows.parent / "world.json", step_rows / "world.json")
     shared = f"{s3.bucket()}/store/trainjobs"
     with FakeKube(tmp_path, run_nodes=True) as kube:
-        s = steps.train_trainjob(str(rows), str(tmp_path / "model"), shared, nodes=1, gpus_per_node=2,
+        s = steps.train_trainjob(str(step_rows), str(tmp_path / "model"), shared, nodes=1, gpus_per_node=2,
                                  image=BASE_IMAGE, kubeconfig=kube.kubeconfig(), env=dict(s3.env), poll_s=1, **TRAIN)
         posted = kube.posted[0]
     assert s["world_size"] == 2 and s["finished"] and s["ddp_params_in_sync"]

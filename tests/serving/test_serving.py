@@ -23,6 +23,7 @@ from transact.features.config import FeatureConfig
 from transact.features.nn_features import arrow_to_s_all, nn_rows_schema
 from transact.features.nn_logging import log_nn_features
 from transact.features.sequences import EventStore
+from transact.model.calibration import Calibration
 from transact.model.checkpoint import load_model, save_model
 from transact.model.transact import Batch, build_model
 from transact.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
@@ -45,7 +46,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     items, actions, impressions, requests = write_world(root / "w")
     torch.manual_seed(0)
-    save_model(root / "model", build_model("v2", CFG))
+    model = build_model("v2", CFG)
+    # a calibrated model (the trainer fits one): every score below is the calibrated probability
+    model.set_calibration(Calibration(model.cfg.heads, (0.6, 1.4, 1.0), (1.2, 0.7, 1.0), (-1.5, -2.0, -3.0),
+                                      fitted_on={"rows": 1}))
+    save_model(root / "model", model)
     rows = root / "rows.parquet"
     log_nn_features(root / "w", rows, CFG, progress=False)
     return {"root": root, "items": items, "requests": requests, "rows": pq.read_table(rows),
@@ -82,6 +87,32 @@ def test_online_scores_match_offline_rows_for_both_assemblies(world):
         np.testing.assert_allclose(r.score, r.probs @ np.array([ranker.weights.get(h, 0) for h in ranker.heads]))
         assert list(r.order) == sorted(range(r.query.n), key=lambda i: (-r.score[i], i))
     np.testing.assert_array_equal(out["dedup"], out["naive"])
+
+
+def test_rank_returns_calibrated_probabilities_and_the_raw_heads_on_request(world):
+    """/rank's probabilities are the model's calibrated ones (as offline evaluation reads them), the
+    score is computed from them, the served log records them; ``raw_probs`` adds the plain sigmoid."""
+    model, rows = world["model"], world["rows"]
+    assert not model.calibration.is_identity
+    ranker = Ranker(model, world["store"], cpu_forward="eager")
+    q = queries_of(world["requests"], ranker.weights)[:3]
+    q[1].raw_probs = True
+    results, _ = ranker.rank(q)
+    exp = offline_probs(model, rows)
+    s_all, cand = arrow_to_s_all(rows, model.fcfg)
+    surface = torch.from_numpy(rows.column("surface").to_numpy().astype(np.int64))
+    raw = model.predict_proba(Batch.from_s_all(s_all, cand, surface), raw=True).numpy()
+    assert not np.allclose(exp, raw, atol=1e-3)  # the calibration moves every head
+    key = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(rows.column("request_id").to_numpy(),
+                                                               rows.column("position").to_numpy()))}
+    for r in results:
+        idx = [key[(r.query.request_id, pos)] for pos in range(r.query.n)]
+        np.testing.assert_allclose(r.probs, exp[idx], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(r.score, r.probs @ np.array([ranker.weights.get(h, 0) for h in ranker.heads]))
+        if r.query.raw_probs:
+            np.testing.assert_allclose(r.raw, raw[idx], rtol=0, atol=1e-6)
+        else:
+            assert r.raw is None
 
 
 @pytest.mark.parametrize("cpu_forward", ["compile", "onnxruntime"])
@@ -706,4 +737,6 @@ def test_onnx_runtime_forward_equals_eager_for_any_batch_size(world):
     onnx = OnnxForward(model, batch.index(slice(0, 8)))
     for n in (len(batch), 3, 1):
         part = batch.index(slice(0, n))
-        np.testing.assert_allclose(onnx(part).numpy(), model.predict_proba(part).numpy(), rtol=0, atol=1e-6)
+        with torch.no_grad():
+            eager = model(part).logits.numpy()
+        np.testing.assert_allclose(onnx(part).numpy(), eager, rtol=0, atol=1e-5)

@@ -88,9 +88,9 @@ def test_cuda_graph_replay_equals_eager_for_every_bucket_and_refills_its_inputs(
         batch = random_batch(B, g, "cuda")
         got = runner(batch)
         with torch.inference_mode():
-            exp = torch.sigmoid(model(batch).logits)
+            exp = model(batch).logits
         assert got.shape == (B, len(model.cfg.heads))
-        torch.testing.assert_close(got, exp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, exp, rtol=0, atol=5e-5)
     assert runner._failed == set(), "a CUDA graph capture fell back to eager (see the log)"
     assert sorted(runner._graphs) == [1, 4, 8, 16]
 
@@ -102,9 +102,9 @@ def test_gpu_forward_matches_the_cpu_forward():
     g = torch.Generator().manual_seed(3)
     batch = random_batch(37, g, "cpu")
     with torch.inference_mode():
-        exp = torch.sigmoid(cpu_model(batch).logits)
+        exp = cpu_model(batch).logits
     got = ModelRunner(gpu_model, "cuda")(batch.to("cuda")).cpu()
-    torch.testing.assert_close(got, exp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, exp, rtol=0, atol=5e-4)
 
 
 def test_ranker_on_cuda_equals_the_cpu_ranker(tmp_path):

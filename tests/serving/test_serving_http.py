@@ -109,6 +109,10 @@ def test_cold_user_top_k_and_request_weights(served):
     emb = [[0.01 * ((i + j) % 7) for j in range(32)] for i in range(3)]
     r = _post(served.url, {"user_id": 5, "item_ids": [1, 2, 999_999_999], "item_embeddings": emb})
     assert r.status_code == 200, r.text  # unknown items are fine with raw embeddings
+    assert all(x.get("raw_probs") is None for x in r.json()["ranked"])  # the raw heads only on request
+    r = _post(served.url, {"user_id": 5, "item_ids": [3, 10], "raw_probs": True})
+    assert r.status_code == 200, r.text
+    assert all(set(x["raw_probs"]) == set(x["probs"]) for x in r.json()["ranked"])
 
 
 NAN_EMB = "[" + ",".join(["NaN"] + ["0"] * 31) + "]"

@@ -171,13 +171,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
         work_dir: Path = typer.Option(Path("runs/bench-scale"), help="Worlds and rows (kept for re-runs)."),
         out: Path | None = typer.Option(None, help="JSON result path (default: bench/results/scale-<device>.json)."),
+        profile: bool = typer.Option(False, "--profile", help="Also time each stage of the local runs "
+                                     "(NN search, sequences, store, S_all assembly, arrow, parquet write)."),
     ) -> None:
         """NN-logging throughput and peak RSS per worker: local vs Ray, worlds of growing size."""
         from transact.bench.report import default_output, write_json
         from transact.bench.scale import bench_scale, format_scale
 
-        result = bench_scale([int(u) for u in users.split(",")], [int(w) for w in workers.split(",")],
-                             work_dir, days=days, ll_cap=ll_cap)
+        result = bench_scale([int(u) for u in users.split(",")], [int(w) for w in workers.split(",")
+                                                                   if w.strip()],
+                             work_dir, days=days, ll_cap=ll_cap, profile=profile)
         typer.echo(format_scale(result))
         typer.echo(f"written {write_json(out or default_output('scale'), result)}")
 

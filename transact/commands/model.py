@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from transact.commands._common import fail_on_user_error
+from transact.model.calibration import HOLDOUT
 from transact.model.defaults import TRAIN
 
 
@@ -72,6 +73,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         heads: str | None = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
         model_json: str | None = typer.Option(None, help="JSON of further ModelConfig fields."),
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast: faster with AMX, not the fp32 loss curve)."),
+        calibration_holdout: float = typer.Option(HOLDOUT, help="Share of the training window (its most recent rows) "
+                                                             "held out to calibrate the heads; 0: uncalibrated."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a ranking model on the logged rows (DDP when launched by torchrun)."""
@@ -85,7 +88,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         s = run(rows, out, model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 train_end_ts=train_end_ts, warmup_steps=warmup_steps, max_steps=max_steps,
                 ckpt_every=ckpt_every, resume=resume, device=device, num_threads=threads,
-                progress=progress, precision=precision,
+                progress=progress, precision=precision, calibration_holdout=calibration_holdout,
                 model_overrides=_overrides(time_window_mask, nal_weight, first_k, heads, model_json))
         import os
 
@@ -188,3 +191,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         typer.echo(format_bench(res))
         path = write_json(out or default_output("train"), res)
         typer.echo(f"written {path}")
+
+    @bench_app.command("calibration")
+    @fail_on_user_error
+    def bench_calibration_cmd(
+        model_dir: Path = typer.Option(Path("runs/model"), help="A model trained with a calibration slice."),
+        rows: Path = typer.Option(..., help="The rows it was trained on (the slice and the window after it)."),
+        out: Path = typer.Option(Path("bench/results/calibration-demo.json"), help="JSON result path."),
+    ) -> None:
+        """Raw heads, Platt, beta (the model's map), isotonic and a Platt oracle: log-loss and ECE per head
+        on the window after training, each map fitted on the model's held-out slice."""
+        from transact.bench.calibration import format_table, run
+
+        res = run(model_dir, rows, out)
+        typer.echo(format_table(res))
+        typer.echo(f"written {out}")

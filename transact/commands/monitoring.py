@@ -108,15 +108,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             summary = run_monitor(ref, ref_heads, cur, cur_heads, local_out, rule=drift_rule, window_hours=window_hours,
                                   trigger=trigger, workspace=workspace, project=project,
                                   max_window_rows=max_window_rows, progress=typer.echo)
-            typer.echo(f"{summary['windows']} windows, {summary['drift_windows']} with drift, "
-                       f"{summary['retrains']} retrain(s); decision log {summary['decision_log']}")
-            if summary.get("workspace"):
-                typer.echo(f"dashboard workspace: {summary['workspace']} (transact dashboard --workspace "
-                           f"{summary['workspace']})")
-            if summary.get("last_report"):
-                typer.echo(f"report: {summary['last_report']}")
+            def where(path: str) -> str:  # a file of a remote --out is named where it is published
+                inside = remote_out and Path(path).is_relative_to(local_out)
+                return storage.join(out, Path(path).relative_to(local_out).as_posix()) if inside else path
+
             if remote_out:
                 typer.echo(f"published {storage.upload_tree(local_out, out)} files to {out}")
+            typer.echo(f"{summary['windows']} windows, {summary['drift_windows']} with drift, "
+                       f"{summary['retrains']} retrain(s); decision log {where(summary['decision_log'])}")
+            if summary.get("workspace"):
+                typer.echo(f"dashboard workspace: {where(summary['workspace'])} (transact dashboard --workspace "
+                           f"{where(summary['workspace'])})")
+            if summary.get("last_report"):
+                typer.echo(f"report: {where(summary['last_report'])}")
 
     @app.command("dashboard")
     @fail_on_user_error
