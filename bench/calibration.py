@@ -35,6 +35,10 @@ def run(model_dir: str | Path, rows: str | Path, out: str | Path) -> dict:
 
     model = load_model(model_dir)
     training = read_config(model_dir).get("training", {})
+    split = training.get("split") or {}
+    if isinstance(split, dict) and split.get("kind", "time") != "time":
+        raise ValueError(f"{model_dir}: trained with the per-user split; the comparison reads the time split's "
+                         "held-out slice and window (train a time-split model to compare the maps)")
     start, end = training.get("calibration_start_ts"), training.get("train_end_ts")
     if start is None or end is None or start >= end:
         raise ValueError(f"{model_dir}: trained without a calibration slice (--calibration-holdout 0, or before "

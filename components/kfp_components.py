@@ -80,22 +80,22 @@ def log_nn_op(world: Input[Dataset], rows: Output[Dataset], engine: str = "local
 
 @dsl.component(**_opts)
 def train_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
-             max_steps: int, model: Output[Model]) -> str:
-    """Train (CPU here; on a cluster this task gets a GPU)."""
+             max_steps: int, model: Output[Model], eval_split: str = "time") -> str:
+    """Train (CPU here; on a cluster this task gets a GPU) on the training rows of ``eval_split``."""
     import json
 
     from transact.components import steps
 
     summary = steps.train(rows.path, model.path, model_name, epochs=epochs, batch_size=batch_size, lr=lr,
-                          seed=seed, max_steps=max_steps, progress=False)
-    model.metadata["model"] = model_name
+                          seed=seed, max_steps=max_steps, progress=False, eval_split=eval_split)
+    model.metadata.update(model=model_name, split=summary["split"]["description"])
     return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
 @dsl.component(**_opts)
 def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: int, lr: float, seed: int,
                 max_steps: int, nodes: int, gpus_per_node: int, storage_root: str, shared_dir: str, shared_pvc: str,
-                storage_secret: str, image: str, model: Output[Model]) -> str:
+                storage_secret: str, image: str, model: Output[Model], eval_split: str = "time") -> str:
     """Train as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP); this task only waits for it.
     Rows and model travel through ``<storage_root>/trainjobs`` (``shared_dir`` empty) or a volume."""
     import json
@@ -106,8 +106,9 @@ def trainjob_op(rows: Input[Dataset], model_name: str, epochs: int, batch_size: 
     summary = steps.train_trainjob(rows.path, model.path, shared, model_name, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, nodes=nodes,
                                    gpus_per_node=gpus_per_node, image=image, shared_pvc=shared_pvc,
-                                   storage_secret=storage_secret)
-    model.metadata.update(model=model_name, trainjob=summary["trainjob"], nodes=nodes, gpus_per_node=gpus_per_node)
+                                   storage_secret=storage_secret, eval_split=eval_split)
+    model.metadata.update(model=model_name, split=eval_split, trainjob=summary["trainjob"], nodes=nodes,
+                          gpus_per_node=gpus_per_node)
     return json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 

@@ -199,14 +199,15 @@ def log_nn(world_dir: str, rows_dir: str, batch_requests: int = 256, progress: b
 
 def train(rows_path: str, model_dir: str, model: str = TRAIN.model, epochs: int = TRAIN.epochs,
           batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr, seed: int = TRAIN.seed, max_steps: int = 0,
-          progress: bool = True) -> dict:
-    """Trains ``model`` on the training window; ``max_steps`` > 0 caps the optimiser steps
-    (a time budget on small machines)."""
+          progress: bool = True, eval_split: str = "time") -> dict:
+    """Trains ``model`` on the training rows of ``eval_split`` ("time", or "user" / "user:N": each
+    user's last requests held out); ``max_steps`` > 0 caps the optimiser steps (a time budget on
+    small machines). The model's config.json records the split: evaluate and gate read it there."""
     from transact.model.train import train as run_train
 
-    # The split point comes from the world.json beside the rows.
+    # The time split's point comes from the world.json beside the rows.
     return run_train(rows_path, model_dir, model, epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed, step_budget=max_steps or None, progress=progress)
+                     seed=seed, step_budget=max_steps or None, progress=progress, split=eval_split)
 
 
 def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str = TRAIN.model,
@@ -214,35 +215,38 @@ def train_trainjob(rows_path: str, model_dir: str, shared_dir: str, model: str =
                    seed: int = TRAIN.seed, max_steps: int = 0, nodes: int = 1,
                    gpus_per_node: int = 1, image: str = "", shared_pvc: str = "", backend: str = "kubernetes",
                    namespace: str = "", kubeconfig: str = "", env: dict | None = None, storage_secret: str = "",
-                   poll_s: int = 10) -> dict:
+                   poll_s: int = 10, eval_split: str = "time") -> dict:
     """:func:`train` as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` DDP
     processes (one pod cannot hold more than one node's GPUs); ``shared_dir``: an object-store
     URI the step and the nodes exchange rows and model through, or a folder all of them mount
     (:mod:`transact.components.trainjob`). The model comes back into ``model_dir``."""
     from transact.components.trainjob import run_trainjob
 
-    args = dict(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, step_budget=max_steps or None)
+    args = dict(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, step_budget=max_steps or None,
+                split=eval_split)  # the spec string: it travels to the nodes as JSON
     return run_trainjob(rows_path, model_dir, shared_dir, args, nodes=nodes, gpus_per_node=gpus_per_node,
                         image=image, backend=backend, namespace=namespace, kubeconfig=kubeconfig,
                         shared_pvc=shared_pvc, env=env, storage_secret=storage_secret, poll_s=poll_s)
 
 
 def evaluate(model_dir: str, rows_path: str, out_dir: str, n_boot: int = 500,
-             progress: bool = True, train_end_ts: int | None = None) -> dict:
-    """HIT@3 (with intervals), AUC and log-loss on the evaluation window; writes
-    ``metrics.json`` and a Markdown report into ``out_dir``."""
+             progress: bool = True, train_end_ts: int | None = None, split: str | None = None) -> dict:
+    """HIT@3 (with intervals), AUC and log-loss on the evaluation rows of ``split`` (default: the
+    split the model was trained with); writes ``metrics.json`` and a Markdown report, both naming
+    the split, into ``out_dir``."""
     from transact.model.evaluate import evaluate as run_eval, format_metrics
 
     m = run_eval(model_dir, rows_path, out_dir, n_boot=n_boot, progress=progress,
-                 train_end_ts=train_end_ts)
+                 train_end_ts=train_end_ts, split=split)
     (Path(out_dir) / "report.md").write_text(
-        f"# Evaluation of `{m['model']}`\n\n```\n{format_metrics(m)}\n```\n")
+        f"# Evaluation of `{m['model']}`\n\n{m['split']}\n\n```\n{format_metrics(m)}\n```\n")
     return m
 
 
 def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str,
          tolerance: float = 0.02, progress: bool = True) -> dict:
-    """Challenger vs the registry's champion, both evaluated on the same evaluation window.
+    """Challenger vs the registry's champion, both evaluated on the same evaluation rows (the
+    challenger's split: its time window, or each user's last requests).
 
     The challenger passes when HIT@3/repin is no more than ``tolerance`` (relative) below
     the champion's, HIT@3/hide no more than ``tolerance`` above it, and the log-loss of each
@@ -259,7 +263,8 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str
     with tempfile.TemporaryDirectory(prefix="transact-gate-") as tmp:
         champion_model = reg.fetch_model(current.model_id, Path(tmp) / "champion")
         champ = evaluate(str(champion_model), rows_path, str(Path(tmp) / "champion_eval"),
-                         progress=progress, train_end_ts=challenger_metrics["eval_window"]["train_end_ts"])
+                         progress=progress, train_end_ts=challenger_metrics["eval_window"]["train_end_ts"],
+                         split=challenger_metrics["eval_window"].get("split", "time"))
     c_rep, c_hide = champ["hit"]["repin"]["value"], champ["hit"]["hide"]["value"]
     n_rep, n_hide = challenger_metrics["hit"]["repin"]["value"], challenger_metrics["hit"]["hide"]["value"]
     checks = {
@@ -275,7 +280,7 @@ def gate(challenger_metrics: dict, model_dir: str, rows_path: str, registry: str
         said.append(f"log-loss/{h} {n_ll:.4f} vs champion {c_ll:.4f} ({'ok' if checks[f'logloss/{h}'] else 'regressed'})")
         champion[f"logloss/{h}"], challenger[f"logloss/{h}"] = c_ll, n_ll
     passed = all(checks.values())
-    reason = "; ".join(said) + f"; tolerance {tolerance:.0%}"
+    reason = "; ".join(said) + f"; tolerance {tolerance:.0%}; {champ['split']}"
     return {"passed": passed, "reason": reason, "champion": champion, "challenger": challenger,
             "champion_generation": current.generation, "champion_model": current.model_id}
 

@@ -264,7 +264,7 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
     out are set here; train_end_ts is resolved here when absent, so the job needs only
     the row files). A failed job raises one line: the error in its log, and the log's path.
     """
-    from transact.model.dataset import default_train_end_ts
+    from transact.model.dataset import Split, default_train_end_ts
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -275,7 +275,7 @@ def run_trainjob(rows: str, model_dir: str, shared_dir: str, train_args: dict | 
     name = f"transact-{uuid.uuid4().hex[:8]}"
     remote = storage.is_remote(shared_dir)
     args = dict(train_args or {})
-    if args.get("train_end_ts") is None:
+    if args.get("train_end_ts") is None and Split.parse(args.get("split")).kind == "time":  # per-user: none
         args["train_end_ts"] = default_train_end_ts(rows_p)[0]
     if remote:  # no shared volume: the rows and the model travel through the object store
         work = storage.join(shared_dir, name)

@@ -4,11 +4,12 @@ can watch, read early and resume.
     transact ablation --rows runs/world/nn_rows.parquet --out runs/ablation --baseline transact --seeds 3
 
 Each model is trained once per seed (``<out>/<model>/seed<k>``) and scored on the same
-eval window. Per model, the per-user HIT@3 totals are averaged over seeds; the relative
-change vs the named baseline is ``sum_u t^A_u / sum_u t^B_u - 1`` with a 95% interval
-from a *paired* user bootstrap (each resample draws the same users for both models).
-Writes ``ablation.json``, ``ablation.md`` and ``ablation.png``. Runs in one process (not
-under torchrun).
+evaluation rows, those of one :class:`transact.model.dataset.Split` (``split``: the global
+time split, or each user's last requests), named in every table. Per model, the per-user
+HIT@3 totals are averaged over seeds; the relative change vs the named baseline is ``sum_u
+t^A_u / sum_u t^B_u - 1`` with a 95% interval from a *paired* user bootstrap (each resample
+draws the same users for both models). Writes ``ablation.json``, ``ablation.md`` and
+``ablation.png``. Runs in one process (not under torchrun).
 
 Watching and resuming:
 
@@ -43,7 +44,7 @@ from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
 from transact.model.calibration import HOLDOUT
 from transact.model.checkpoint import load_model
-from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.dataset import RowDataset, Split, default_train_end_ts
 from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, holdout_start, train
@@ -89,14 +90,17 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
              progress: bool = True, resume: bool = True, num_threads: int | None = None,
              max_memory_mb: float = 1024, model_overrides: dict | None = None,
              max_steps: int | None = None, log: Callable[[str], None] | None = None,
-             progress_every_s: float = 30.0, precision: str = "fp32") -> dict:
+             progress_every_s: float = 30.0, precision: str = "fp32",
+             split: Split | str | None = None) -> dict:
     """Trains and evaluates every model; returns the result (also written to ``out``).
 
     ``max_steps``: optimiser steps of every run (epochs cycled to reach it; same budget for
     every model and seed, so the comparison stays paired). ``log``: where progress lines
     and the tables after each run go (default ``print`` when ``progress``, else nowhere).
     ``precision``: of every run's forward (:func:`transact.model.train.train`).
+    ``split``: the time split (default) or the per-user one ("user", "user:N").
     """
+    split = Split.parse(split)
     models = list(models or BASELINES)
     if baseline not in models:
         models.insert(0, baseline)
@@ -112,22 +116,29 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     src = "given"
-    if train_end_ts is None:
+    if split.kind == "user":
+        if train_end_ts is not None:
+            raise ValueError("train_end_ts: the per-user split holds out each user's last requests and takes no "
+                             "global split point")
+        src = "none (per-user split)"
+    elif train_end_ts is None:
         train_end_ts, src = default_train_end_ts(rows)
-    eval_data = RowDataset(rows, "eval", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb)
+    eval_data = RowDataset(rows, "eval", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb, split_by=split)
     if eval_data.num_rows == 0:
-        raise ValueError(f"{rows}: no eval rows (ts >= {train_end_ts})")
-    # the rows the trainer steps through: the window less its held-out calibration slice
-    fit_end_ts = holdout_start(rows, train_end_ts, HOLDOUT)
-    spe = RowDataset(rows, "train", train_end_ts=fit_end_ts, max_memory_mb=0).num_batches(batch_size)
+        raise ValueError(f"{rows}: no eval rows ({eval_data.describe()})")
+    # the rows the trainer steps through: the training rows less their held-out calibration slice
+    fit_end_ts = holdout_start(rows, train_end_ts, HOLDOUT, split)
+    spe = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=0, split_by=split,
+                     max_ts=fit_end_ts).num_batches(batch_size)
     run_epochs, run_steps = epochs_for(max_steps, epochs, spe)
     budget = {"steps_per_run": run_steps, "epochs_per_run": round(run_steps / max(spe, 1), 3),
               "steps_per_epoch": spe, "cycled_epochs": run_epochs, "max_steps": max_steps}
-    log(f"ablation: {len(models)} models x {seeds} seed(s), {run_steps} steps per run "
+    log(f"ablation ({eval_data.describe()}): {len(models)} models x {seeds} seed(s), {run_steps} steps per run "
         f"({budget['epochs_per_run']:g} epochs of {spe} steps, batch {batch_size}), seed-major, "
         f"baseline {baseline} first")
+    end = None if train_end_ts is None else int(train_end_ts)
     settings = {"batch_size": batch_size, "lr": lr, "steps": run_steps, "epochs": run_epochs,
-                "train_end_ts": int(train_end_ts), "model_overrides": model_overrides or {},
+                "train_end_ts": end, "split": str(split), "model_overrides": model_overrides or {},
                 "score_weights": score_weights, "n_eval_rows": eval_data.num_rows, "precision": precision}
 
     order = run_order(models, baseline, seeds)
@@ -135,7 +146,8 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     rate: dict[str, float] = {}  # model -> steps/s of its last run
     eval_s: list[float] = []
     meta = {"rows": str(rows), "baseline": baseline, "models": models, "seeds": seeds, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "train_end_ts": int(train_end_ts), "train_end_ts_source": src,
+            "batch_size": batch_size, "lr": lr, "train_end_ts": end, "train_end_ts_source": src,
+            "split": {**split.to_dict(), "description": eval_data.describe()},
             "n_boot": n_boot, "n_eval_rows": eval_data.num_rows, "budget": budget, "precision": precision,
             "score_weights": score_weights or M.DEFAULT_SCORE_WEIGHTS}
     result: dict | None = None
@@ -171,7 +183,7 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
                             train_end_ts=train_end_ts, progress=False, resume=resume,
                             num_threads=num_threads, max_memory_mb=max_memory_mb,
                             model_overrides=model_overrides, step_budget=run_steps, on_log=on_log,
-                            precision=precision)
+                            precision=precision, split=split)
             trained = summary["steps"] - summary["resumed_from_step"]
             if trained and summary["seconds"] > 0:
                 rate[name] = trained / summary["seconds"]
@@ -196,6 +208,7 @@ def _read_run(run_dir: Path, spec: dict) -> dict | None:
     if not (f.exists() and h.exists()):
         return None
     run = json.loads(f.read_text())
+    run["spec"].setdefault("split", "time")  # runs finished before the split was a setting were time-split
     want = json.loads(json.dumps(spec))  # tuples -> lists, as stored
     for k in sorted(set(want) | set(run["spec"])):
         if want.get(k) != run["spec"].get(k):
@@ -211,7 +224,8 @@ def _evaluate_run(run_dir: Path, eval_data: RowDataset, score_weights, n_boot: i
                   spec: dict, summary: dict) -> dict:
     model = load_model(run_dir)
     pred = predict(model, eval_data)
-    m = compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot, seed=seed)
+    m = {"split": eval_data.describe(), **compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot,
+                                                         seed=seed)}
     (run_dir / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))
     score = M.ranking_score(pred["probs"], model.cfg.heads, m["score_weights"])
     users, totals = M.hits_per_user(pred["user_id"], pred["request_id"], score, label_matrix(pred))
@@ -331,7 +345,8 @@ def format_table(result: dict) -> str:
             "diversity", "seeds")
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    lines = [f"{_status(result)}; relative to {LABELS.get(result['baseline'], result['baseline'])} "
+    lines = [_split_line(result),
+             f"{_status(result)}; relative to {LABELS.get(result['baseline'], result['baseline'])} "
              f"({result['seeds']} seed(s), {result['n_users']} users, paired user bootstrap 95% CI)",
              fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
     if result.get("pending"):
@@ -339,8 +354,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _split_line(result: dict) -> str:
+    """The split the table's users were evaluated under (results made before it was recorded: time)."""
+    s = result.get("split") or {}
+    return s.get("description") or f"split: time (train_end_ts={result.get('train_end_ts')})"
+
+
 def format_markdown(result: dict) -> str:
     lines = ["# Offline ablation (paper Table 2 layout)", "",
+             f"{_split_line(result)}.", "",
              f"**{_status(result)}.** " if result.get("partial") else "",
              f"Relative change of HIT@3 vs **{LABELS.get(result['baseline'], result['baseline'])}**; "
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
@@ -382,7 +404,7 @@ def plot(result: dict, path: str | Path) -> None:
     title = "Offline ablation (95% paired bootstrap CI)"
     if result.get("partial"):
         title += f" -- partial, {result['runs_finished']}/{result['runs_total']} runs"
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{_split_line(result)}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

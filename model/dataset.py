@@ -1,11 +1,18 @@
-"""Logged NN-feature rows -> tensor batches, split by time, sharded across DDP ranks.
+"""Logged NN-feature rows -> tensor batches, split by time or per user, sharded across DDP ranks.
 
 The row files (``transact log-nn``) are parquet in the :func:`nn_rows_schema` layout,
 with the :class:`FeatureConfig` as JSON in the schema metadata key ``feature_config``.
 ``path`` is one file or a folder of ``*.parquet`` parts.
 
-Time split: ``split="train"`` keeps rows with ``ts < train_end_ts``; ``split="eval"``
-keeps ``ts >= train_end_ts`` (and ``ts < eval_end_ts`` when given); ``"all"`` keeps all.
+Two ways to split (a :class:`Split`, the ``split_by`` of :class:`RowDataset`):
+
+- ``Split("time")`` (the default): ``split="train"`` keeps rows with ``ts < train_end_ts``;
+  ``split="eval"`` keeps ``ts >= train_end_ts`` (and ``ts < eval_end_ts`` when given).
+- ``Split("user", n)``: each user's last ``n`` request times are held out (``"eval"``); ``"train"``
+  keeps every row of that user strictly before the user's cut (:func:`per_user_cut`).
+
+``"all"`` keeps every row. ``min_ts`` / ``max_ts`` further bound either part to
+``[min_ts, max_ts)`` (the trainer's calibration slice is the end of the training rows).
 
 Two modes, same batches: when the selected rows fit in ``max_memory_mb`` they are
 loaded once as tensors; otherwise they are streamed row group by row group through a
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +48,99 @@ from transact.features.nn_features import arrow_to_s_all
 from transact.model.transact import Batch
 
 SPLITS = ("all", "train", "eval")
+#: the kinds of :class:`Split`
+SPLIT_KINDS = ("time", "user")
+#: the largest int64: the cut of a user who holds nothing out (every row of theirs is before it)
+NO_CUT = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the rows divide into training and evaluation rows; a pure function of the rows.
+
+    ``kind="time"``: one global cut, ``train_end_ts`` (given, or from the rows' world.json):
+    no row of any user after it is trained on -- what a deployed model faces -- but on a log
+    whose users live in different eras few users have rows on both sides.
+
+    ``kind="user"``: per user, the last ``eval_requests_per_user`` request times are held out
+    and every row of that user strictly before the first of them is training data (leave-one-
+    out for 1, the split of sequential-recommendation benchmarks). Every user with more request
+    times than that is evaluated; a user with at most that many keeps all rows in training and
+    none in evaluation (there is no history before a cut to learn from). Training sees other
+    users' rows later than a user's cut: leakage across users in time.
+
+    A request time is a distinct ``ts`` of the user's rows (the rows of one request share it):
+    two requests logged in the same millisecond count as one, so the split depends on
+    (user_id, ts) alone, never on request ids, file order or partitioning.
+    """
+
+    kind: str = "time"
+    eval_requests_per_user: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPLIT_KINDS:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_KINDS)}, got {self.kind!r}")
+        n = self.eval_requests_per_user
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"eval_requests_per_user must be an integer >= 1, got {n!r}")
+        if self.kind == "time" and n != 1:
+            raise ValueError("eval_requests_per_user applies to the per-user split (split 'user') only")
+
+    @classmethod
+    def parse(cls, spec: Split | str | dict | None) -> Split:
+        """A Split from itself, None (the time split), a dict (:meth:`to_dict`) or a string:
+        ``"time"``, ``"user"`` (the last request) or ``"user:N"`` (the last N)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Split):
+            return spec
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"kind", "eval_requests_per_user", "description"}
+            if unknown:
+                raise ValueError(f"split: unknown keys {sorted(unknown)}")
+            return cls(spec.get("kind", "time"), spec.get("eval_requests_per_user", 1))
+        if not isinstance(spec, str):
+            raise ValueError(f"split must be 'time', 'user' or 'user:N', got {spec!r}")
+        kind, sep, n = spec.strip().partition(":")
+        if not sep:
+            return cls(kind)
+        if not n.strip().isdigit():
+            raise ValueError(f"split: 'user:N' needs a whole number N >= 1, got {spec!r}")
+        return cls(kind, int(n))
+
+    def __str__(self) -> str:
+        """The spec :meth:`parse` reads back: ``time``, ``user:N``."""
+        return "time" if self.kind == "time" else f"user:{self.eval_requests_per_user}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "eval_requests_per_user": int(self.eval_requests_per_user)}
+
+    def describe(self, train_end_ts: int | None = None) -> str:
+        """The line every table prints: ``split: time (train_end_ts=...)`` or ``split: per user, last N requests``."""
+        if self.kind == "time":
+            return f"split: time (train_end_ts={train_end_ts})"
+        n = self.eval_requests_per_user
+        return f"split: per user, last {n} request{'s' if n > 1 else ''}"
+
+
+def per_user_cut(user_id: np.ndarray, ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(users [U] sorted, cut [U]): a user's cut is the ts of their n-th most recent distinct
+    request time; :data:`NO_CUT` for a user with at most n of them (nothing held out).
+
+    A row is held out when ``ts >= cut[user]``, trained on when ``ts < cut[user]``. Depends on
+    the set of (user_id, ts) pairs only: any order or partition of the rows gives the same cuts.
+    """
+    user_id, ts = np.asarray(user_id, np.int64), np.asarray(ts, np.int64)
+    order = np.lexsort((ts, user_id))  # by user, then ts
+    u, t = user_id[order], ts[order]  # [N]
+    first = np.ones(len(u), bool)
+    first[1:] = (u[1:] != u[:-1]) | (t[1:] != t[:-1])
+    pu, pt = u[first], t[first]  # distinct (user, ts) pairs, sorted [P]
+    users, start, count = np.unique(pu, return_index=True, return_counts=True)  # [U]
+    cut = np.full(len(users), NO_CUT, np.int64)  # [U]
+    has = count > n  # a prefix to train on before the held-out requests
+    cut[has] = pt[start[has] + count[has] - n]
+    return users, cut
 
 
 def row_files(path: str | Path) -> list[Path]:
@@ -135,36 +236,55 @@ def global_batches(n_rows: int, batch_size: int, world_size: int) -> Iterator[tu
 
 
 class RowDataset:
-    """The rows of one time split, as tensor batches.
+    """The rows of one part ("train", "eval" or "all") of a :class:`Split`, as tensor batches.
 
     Args:
         path: row file or folder of parts.
         split: "train", "eval" or "all".
-        train_end_ts: split point (ms); required unless split == "all".
-        eval_end_ts: optional end of the eval window (exclusive).
+        train_end_ts: split point (ms) of the time split; required there unless split == "all".
+            The per-user split takes none.
+        eval_end_ts: optional end of the time split's eval window (exclusive).
         max_memory_mb: load in memory when the selected rows take at most this much.
         buffer_rows: streaming shuffle-buffer size (rows, rounded up to whole row groups).
+        split_by: the :class:`Split` (or its spec, "time" / "user:N"); default the time split.
+        min_ts, max_ts: keep only rows with ``min_ts <= ts < max_ts`` of the part as well.
     """
 
     def __init__(self, path: str | Path, split: str = "all", train_end_ts: int | None = None,
                  eval_end_ts: int | None = None, max_memory_mb: float = 1024,
-                 buffer_rows: int = 65_536) -> None:
+                 buffer_rows: int = 65_536, *, split_by: Split | str | dict | None = None,
+                 min_ts: int | None = None, max_ts: int | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if split != "all" and train_end_ts is None:
+        self.split_by = Split.parse(split_by)
+        if self.split_by.kind == "time" and split != "all" and train_end_ts is None:
             raise ValueError("train_end_ts is needed to split rows by time")
+        if self.split_by.kind == "user" and (train_end_ts is not None or eval_end_ts is not None):
+            raise ValueError("the per-user split holds out each user's last requests: it takes no "
+                             "train_end_ts / eval_end_ts (use min_ts / max_ts to bound it in time)")
         self.path, self.split = Path(path), split
         self.train_end_ts, self.eval_end_ts = train_end_ts, eval_end_ts
+        self.min_ts, self.max_ts = min_ts, max_ts
         self.files = row_files(path)
         self.feature_config = read_feature_config(path)
         self.buffer_rows = buffer_rows
         self._pf: dict[int, pq.ParquetFile] = {}
+        # the columns _select reads: the per-user split needs the user of each row too
+        self._sel_cols = ["ts", "user_id"] if self.split_by.kind == "user" else ["ts"]
+        self._cut: tuple[np.ndarray, np.ndarray] | None = None  # per_user_cut over every row
+        if self.split_by.kind == "user" and split != "all":
+            uid, ts = [], []
+            for f in self.files:
+                t = pq.read_table(f, columns=["user_id", "ts"])
+                uid.append(t.column("user_id").to_numpy())
+                ts.append(t.column("ts").to_numpy())
+            self._cut = per_user_cut(np.concatenate(uid), np.concatenate(ts), self.split_by.eval_requests_per_user)
         # (file index, row group, selected rows) for row groups with any selected row.
         self.groups: list[tuple[int, int, int]] = []
         for fi in range(len(self.files)):
             pf = self._file(fi)
             for rg in range(pf.num_row_groups):
-                n = int(self._select(pf.read_row_group(rg, columns=["ts"])).sum())
+                n = int(self._select(pf.read_row_group(rg, columns=self._sel_cols)).sum())
                 if n:
                     self.groups.append((fi, rg, n))
         self.num_rows = sum(n for _, _, n in self.groups)
@@ -176,6 +296,10 @@ class RowDataset:
     def __len__(self) -> int:
         return self.num_rows
 
+    def describe(self) -> str:
+        """The split line of a table (:meth:`Split.describe`)."""
+        return self.split_by.describe(self.train_end_ts)
+
     def _file(self, fi: int) -> pq.ParquetFile:
         if fi not in self._pf:
             self._pf[fi] = pq.ParquetFile(self.files[fi])
@@ -184,13 +308,30 @@ class RowDataset:
     def _select(self, table: pa.Table) -> np.ndarray:
         ts = table.column("ts").to_numpy()
         keep = np.ones(len(ts), dtype=bool)
-        if self.split == "train":
+        if self._cut is not None and self.split != "all":
+            users, cut = self._cut
+            # every user of the files is in users (the cuts were taken over all rows)
+            row_cut = cut[np.searchsorted(users, table.column("user_id").to_numpy())]  # [n]
+            keep &= (ts < row_cut) if self.split == "train" else (ts >= row_cut)
+        elif self.split == "train":
             keep &= ts < self.train_end_ts
         elif self.split == "eval":
             keep &= ts >= self.train_end_ts
             if self.eval_end_ts is not None:
                 keep &= ts < self.eval_end_ts
+        if self.min_ts is not None:
+            keep &= ts >= self.min_ts
+        if self.max_ts is not None:
+            keep &= ts < self.max_ts
         return keep
+
+    def ts(self) -> np.ndarray:
+        """The selected rows' ts [N] (file order), reading no other column than the split's."""
+        parts = [np.zeros(0, np.int64)]
+        for fi, rg, _ in self.groups:
+            t = self._file(fi).read_row_group(rg, columns=self._sel_cols)
+            parts.append(t.column("ts").to_numpy()[self._select(t)])
+        return np.concatenate(parts)
 
     def _read_group(self, fi: int, rg: int) -> pa.Table:
         t = self._file(fi).read_row_group(rg)

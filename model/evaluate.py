@@ -1,13 +1,16 @@
-"""Offline evaluation on the window after training: HIT@3 per action, AUC, log-loss.
+"""Offline evaluation on the rows the model never trained on: HIT@3 per action, AUC, log-loss.
 
-    transact evaluate --model-dir runs/model --rows runs/world/nn_rows.parquet
+    transact evaluate --model-dir runs/model --rows runs/world/nn_rows.parquet [--split user]
 
-Rows with ``ts >= train_end_ts`` (the value the model was trained with, unless given)
-are scored; HIT@3 is computed for every label column (click, repin, hide, closeup)
-from the ranking score ``S = sum_h w_h f_h`` (default w: click 1, repin 1, hide -1,
-see :mod:`transact.model.metrics`), with a 95% user-bootstrap interval; AUC and
-log-loss are computed for each model head, with the calibration error (ECE, equal-mass
-bins) of the calibrated probabilities and of the raw heads (:mod:`transact.model.calibration`).
+The evaluation rows are those of the split the model was trained with (config.json's
+"training" section; the time split for models made before it was recorded), unless one is
+given: under the time split the rows with ``ts >= train_end_ts``, under the per-user split
+each user's last requests (:class:`transact.model.dataset.Split`). They are scored; HIT@3 is
+computed for every label column (click, repin, hide, closeup) from the ranking score ``S =
+sum_h w_h f_h`` (default w: click 1, repin 1, hide -1, see :mod:`transact.model.metrics`),
+with a 95% user-bootstrap interval; AUC and log-loss are computed for each model head, with
+the calibration error (ECE, equal-mass bins) of the calibrated probabilities and of the raw
+heads (:mod:`transact.model.calibration`).
 Writes ``metrics.json``, ``reliability.png`` (the reliability diagram) and
 ``predictions.parquet`` (ids, per-head probabilities, score, labels) to ``out``.
 """
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 from transact.data.schema import EMB_DIM, EXPLICIT_ACTIONS, LABEL_COLUMNS
 from transact.model import calibration as C, metrics as M
 from transact.model.checkpoint import load_model, read_config
-from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.dataset import RowDataset, Split, default_train_end_ts
 from transact.model.transact import TransActModel
 
 
@@ -111,7 +114,8 @@ def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str,
 
 
 def format_metrics(m: dict) -> str:
-    lines = [f"{m['n_rows']:,} rows, {m['n_users']:,} users, {m['n_chunks']:,} chunks; "
+    split = (m.get("eval_window") or {}).get("description")
+    lines = ([split] if split else []) + [f"{m['n_rows']:,} rows, {m['n_users']:,} users, {m['n_chunks']:,} chunks; "
              f"S = " + " ".join(f"{w:+g}*{h}" for h, w in m["score_weights"].items()), ""]
     lines.append(f"{'action':<10} {'HIT@' + str(m['k']):>9}  {'95% CI':>19}")
     for a, v in m["hit"].items():
@@ -144,17 +148,37 @@ def write_predictions(pred: dict, heads: tuple[str, ...], score: np.ndarray, pat
 
 
 def eval_split(model_dir: str | Path, rows: str | Path, train_end_ts: int | None = None,
-               eval_end_ts: int | None = None, max_memory_mb: float = 1024) -> tuple[RowDataset, dict]:
-    """The eval window: ts >= the model's train_end_ts (or the one given)."""
-    window: dict[str, int | str | None] = {"eval_end_ts": eval_end_ts}
+               eval_end_ts: int | None = None, max_memory_mb: float = 1024,
+               split: Split | str | dict | None = None) -> tuple[RowDataset, dict]:
+    """The evaluation rows of the model's split (or the one given): the time split's window
+    (ts >= the model's train_end_ts, or the one given), or each user's last requests.
+
+    The window dict names the split (``split``, ``description``) for every table and for the
+    gate, which scores the champion on the same rows."""
+    training = read_config(model_dir).get("training", {})
+    given = split is not None
+    split = Split.parse(split if given else training.get("split"))
+    window: dict = {"split": str(split), "split_source": "given" if given else "model config",
+                    "eval_end_ts": eval_end_ts}
+    # another split than the model's scores rows it trained on: allowed (a look), but said in every table
+    trained = Split.parse(training.get("split"))
+    note = "" if trained == split else f" -- NOT the model's training split ({trained}): rows it trained on are scored"
+    if split.kind == "user":
+        if train_end_ts is not None or eval_end_ts is not None:
+            raise ValueError("the per-user split holds out each user's last requests: it takes no "
+                             "train_end_ts / eval_end_ts")
+        window.update(train_end_ts=None, source="per-user split", description=split.describe() + note)
+        return RowDataset(rows, "eval", max_memory_mb=max_memory_mb, split_by=split), window
     if train_end_ts is None:
-        train_end_ts = read_config(model_dir).get("training", {}).get("train_end_ts")
+        # a model trained under the per-user split records none: the rows' own split point then
+        train_end_ts = training.get("train_end_ts")
         window["source"] = "model config"
         if train_end_ts is None:
             train_end_ts, window["source"] = default_train_end_ts(rows)
     else:
         window["source"] = "given"
     window["train_end_ts"] = int(train_end_ts)
+    window["description"] = split.describe(int(train_end_ts)) + note
     return RowDataset(rows, "eval", train_end_ts=train_end_ts, eval_end_ts=eval_end_ts,
                       max_memory_mb=max_memory_mb), window
 
@@ -163,21 +187,23 @@ def evaluate(model_dir: str | Path, rows: str | Path, out: str | Path | None = N
              batch_size: int = 1024, score_weights: dict[str, float] | None = None, k: int = 3,
              n_boot: int = 1000, seed: int = 0, train_end_ts: int | None = None,
              eval_end_ts: int | None = None, device: str | None = None, predictions: bool = True,
-             progress: bool = True) -> dict:
-    """Evaluates a trained model folder on the eval window of ``rows``.
+             progress: bool = True, split: Split | str | dict | None = None) -> dict:
+    """Evaluates a trained model folder on the evaluation rows of ``rows`` under ``split``
+    (default: the split the model was trained with, :func:`eval_split`).
 
     Writes ``<out>/metrics.json`` (default out: ``<model_dir>/eval``) and returns the metrics.
     """
     model = load_model(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data, window = eval_split(model_dir, rows, train_end_ts, eval_end_ts)
+    data, window = eval_split(model_dir, rows, train_end_ts, eval_end_ts, split=split)
     # Before anything reads a row: rows of another S_all layout would fail in a reshape.
     data.feature_config.check_same(model.fcfg, f"the rows {rows}", f"the model {model_dir}")
     if data.num_rows == 0:
-        raise ValueError(f"{rows}: no rows in the eval window (ts >= {window['train_end_ts']})")
+        raise ValueError(f"{rows}: no evaluation rows ({window['description']})")
     pred = predict(model, data, batch_size, device, progress)
     heads = model.cfg.heads
     m = compute_metrics(pred, heads, score_weights, k, n_boot, seed)
-    m = {"model_dir": str(model_dir), "model": model.cfg.name, "rows": str(rows), "eval_window": window, **m}
+    m = {"model_dir": str(model_dir), "model": model.cfg.name, "rows": str(rows), "split": window["description"],
+         "eval_window": window, **m}
     m["calibration"] = model.calibration.to_dict()
     out = Path(out) if out is not None else Path(model_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from transact.features.config import FeatureConfig
 from transact.model import calibration as CAL, checkpoint as ckpt
-from transact.model.dataset import RowDataset, default_train_end_ts
+from transact.model.dataset import RowDataset, Split, default_train_end_ts
 from transact.model.defaults import TRAIN
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
@@ -124,19 +124,25 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = TRAIN.mo
           ckpt_every: int = 0, num_threads: int | None = None, max_memory_mb: float = 1024,
           log_every: int = 10, model_overrides: dict | None = None, step_budget: int | None = None,
           precision: str = "fp32", on_log: Callable[[dict], None] | None = None,
-          calibration_holdout: float = CAL.HOLDOUT) -> dict:
-    """Trains a model on the rows with ``ts < train_end_ts``; writes it to ``out``.
+          calibration_holdout: float = CAL.HOLDOUT, split: Split | str | None = None) -> dict:
+    """Trains a model on the training rows of ``split`` (time split: ``ts < train_end_ts``;
+    per-user split: each user's rows before their cut); writes it to ``out``.
 
-    The most recent ``calibration_holdout`` share of those rows is held out of the training
-    and fits the heads' calibration once training ends (:mod:`transact.model.calibration`);
-    0 trains on every row and leaves the heads uncalibrated.
+    The most recent ``calibration_holdout`` share of those rows (by time, over all users:
+    :func:`holdout_start`) is held out of the training and fits the heads' calibration once
+    training ends (:mod:`transact.model.calibration`); 0 trains on every row and leaves the
+    heads uncalibrated. config.json's "training" section records the split, so evaluation
+    and the gate score the rows this model never trained on.
 
     Args:
         rows: logged NN-feature rows (file or folder of parquet parts).
         out: model folder (config.json, model.safetensors, train_state/, train_summary.json).
         model: registry name (see :data:`transact.model.transact.BASELINES`) or a ModelConfig.
         epochs, batch_size (per process), lr (peak), seed: the usual.
-        train_end_ts: split point in ms; default from world.json next to the rows.
+        train_end_ts: split point in ms of the time split; default from world.json next to
+            the rows. The per-user split takes none.
+        split: :class:`transact.model.dataset.Split` or its spec ("time", "user", "user:N");
+            default the time split.
         warmup_steps: linear warm-up length (default 5% of all steps).
         resume: continue from ``out``'s checkpoint when there is one.
         step_budget: a time budget in optimiser steps: the warm-up + cosine schedule is
@@ -159,7 +165,8 @@ def train(rows: str | Path, out: str | Path, model: str | ModelConfig = TRAIN.mo
     try:
         return _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
                       weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
-                      log_every, model_overrides or {}, step_budget, precision, on_log, calibration_holdout)
+                      log_every, model_overrides or {}, step_budget, precision, on_log, calibration_holdout,
+                      split)
     finally:
         env.close()
 
@@ -202,7 +209,8 @@ def check_train_args(names: dict[str, str] | None = None, **args) -> None:
 def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, warmup_steps,
            weight_decay, progress, resume, max_steps, ckpt_every, num_threads, max_memory_mb,
            log_every, overrides, step_budget=None, precision="fp32", on_log=None,
-           calibration_holdout=CAL.HOLDOUT) -> dict:
+           calibration_holdout=CAL.HOLDOUT, split=None) -> dict:
+    split = Split.parse(split)
     check_train_args(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=warmup_steps,
                      max_steps=max_steps, ckpt_every=ckpt_every, num_threads=num_threads,
                      weight_decay=weight_decay, step_budget=step_budget, train_end_ts=train_end_ts)
@@ -212,12 +220,20 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     if num_threads:
         torch.set_num_threads(num_threads)
     end_src = "given"
-    if train_end_ts is None:
+    if split.kind == "user":
+        if train_end_ts is not None:
+            raise ValueError("train_end_ts: the per-user split holds out each user's last requests and takes no "
+                             "global split point")
+        end_src = "none (per-user split)"
+    elif train_end_ts is None:
         train_end_ts, end_src = default_train_end_ts(rows)
-    fit_end_ts = holdout_start(rows, train_end_ts, calibration_holdout)  # training rows end here
-    data = RowDataset(rows, "train", train_end_ts=fit_end_ts, max_memory_mb=max_memory_mb)
+    # One code path for both splits: the optimiser steps through the training rows before
+    # fit_end_ts; the calibration slice is the training rows from it on (None: no slice).
+    fit_end_ts = holdout_start(rows, train_end_ts, calibration_holdout, split)
+    data = RowDataset(rows, "train", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb, split_by=split,
+                      max_ts=fit_end_ts)
     if data.num_rows < env.world_size:
-        raise ValueError(f"{rows}: only {data.num_rows} training rows before train_end_ts={train_end_ts}")
+        raise ValueError(f"{rows}: only {data.num_rows} training rows ({split.describe(train_end_ts)})")
     fcfg = data.feature_config
     if isinstance(model, ModelConfig):
         mcfg = ModelConfig.from_dict({**model.to_dict(), **overrides})
@@ -241,6 +257,9 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
         hint = "use another --out or --no-resume"
         fcfg.check_same(FeatureConfig.from_dict(saved["feature_config"], where=f"{out}/config.json: feature_config"),
                         f"the rows {rows}", f"the checkpoint in {out}", hint)
+        was = Split.parse((saved.get("training") or {}).get("split"))  # checkpoints before the split: time
+        if was != split:
+            raise ValueError(f"split: {split} in this run, {was} in the checkpoint in {out} ({hint})")
         want = as_json(mcfg.to_dict())
         for name in sorted(set(want) | set(saved["model_config"])):
             if want.get(name) != saved["model_config"].get(name):
@@ -265,10 +284,13 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     training_info = {
         "rows": str(rows), "model": mcfg.name, "epochs": epochs, "batch_size": batch_size,
         "global_batch_size": batch_size * env.world_size, "lr": lr, "warmup_steps": warmup,
-        "weight_decay": weight_decay, "seed": seed, "train_end_ts": int(train_end_ts),
-        "train_end_ts_source": end_src, "world_size": env.world_size, "device": str(env.device),
+        "weight_decay": weight_decay, "seed": seed,
+        "train_end_ts": None if train_end_ts is None else int(train_end_ts),
+        "train_end_ts_source": end_src, "split": {**split.to_dict(), "description": split.describe(train_end_ts)},
+        "world_size": env.world_size, "device": str(env.device),
         "n_train_rows": data.num_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "precision": precision, "calibration_holdout": calibration_holdout, "calibration_start_ts": int(fit_end_ts),
+        "precision": precision, "calibration_holdout": calibration_holdout,
+        "calibration_start_ts": None if fit_end_ts is None else int(fit_end_ts),
     }
 
     def save(epoch: int) -> None:
@@ -349,8 +371,10 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
         "final_loss": history[-1]["loss"] if history else None, "history": history,
     }
     if env.is_main:
-        if fit_end_ts < train_end_ts:  # the held-out slice, seen by no optimiser step
-            summary["calibration"] = calibrate(net, rows, fit_end_ts, train_end_ts, env.device).to_dict()
+        held = None if fit_end_ts is None else RowDataset(rows, "train", train_end_ts=train_end_ts, split_by=split,
+                                                          min_ts=fit_end_ts)
+        if held is not None and held.num_rows:  # the held-out slice, seen by no optimiser step
+            summary["calibration"] = calibrate(net, held, env.device).to_dict()
             ckpt.save_model(out, net, {**training_info, "step": step}, step=step)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     env.barrier()
@@ -359,33 +383,38 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     return summary
 
 
-def holdout_start(rows: str | Path, train_end_ts: int, share: float) -> int:
-    """The ts from which the most recent ``share`` of the rows before ``train_end_ts`` lie (the
-    calibration slice, ``[start, train_end_ts)``); ``train_end_ts`` itself when share is 0."""
-    if share <= 0:
-        return int(train_end_ts)
+def holdout_start(rows: str | Path, train_end_ts: int | None, share: float,
+                  split: Split | str | None = None) -> int | None:
+    """The ts from which the most recent ``share`` of the training rows of ``split`` lie: the
+    calibration slice is those training rows with ``ts >= start``, the optimiser gets the rest.
+
+    One rule for both splits -- a global ts quantile of the training rows -- so under the
+    per-user split too the slice is the latest training data, later than every row the
+    optimiser sees. No slice (share 0, under 2 rows): ``train_end_ts`` for the time split
+    (a bound that cuts nothing), None for the per-user split.
+    """
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from transact.model.dataset import row_files
-
-    ts = np.concatenate([pq.read_table(f, columns=["ts"]).column("ts").to_numpy() for f in row_files(rows)])
-    ts = np.sort(ts[ts < train_end_ts])  # [N]
+    split = Split.parse(split)
+    none = None if split.kind == "user" else int(train_end_ts)
+    if share <= 0:
+        return none
+    ts = np.sort(RowDataset(rows, "train", train_end_ts=train_end_ts, split_by=split, max_memory_mb=0).ts())  # [N]
     if len(ts) < 2:
-        return int(train_end_ts)
+        return none
     return int(ts[min(len(ts) - 1, int(len(ts) * (1 - share)))])
 
 
-def calibrate(net: TransActModel, rows: str | Path, start_ts: int, end_ts: int, device) -> CAL.Calibration:
-    """Fits the heads' calibration on the rows with ``start_ts <= ts < end_ts`` and sets it on ``net``."""
+def calibrate(net: TransActModel, held: RowDataset, device) -> CAL.Calibration:
+    """Fits the heads' calibration on the rows of ``held`` (the calibration slice) and sets it on ``net``."""
     from transact.data.schema import LABEL_COLUMNS
     from transact.model.evaluate import predict
 
-    held = RowDataset(rows, "eval", train_end_ts=start_ts, eval_end_ts=end_ts)
     pred = predict(net, held, device=str(device))
     heads = net.cfg.heads
     labels = pred["labels"][:, [LABEL_COLUMNS.index(f"label_{h}") for h in heads]]  # [N, H]
-    cal = CAL.fit(pred["logits"], labels, heads, {"start_ts": int(start_ts), "end_ts": int(end_ts)})
+    cal = CAL.fit(pred["logits"], labels, heads, {"start_ts": held.min_ts, "end_ts": held.train_end_ts,
+                                                  "split": str(held.split_by)})
     net.set_calibration(cal)
     return cal
 

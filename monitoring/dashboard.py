@@ -12,6 +12,11 @@ every run):
 - line: Evidently's share rule -- the share of drifted scalar features (``DriftedColumnsCount``),
   one criterion of the monitor's, labelled as such;
 - line: prediction means over time (``MeanValue`` of each head's prediction);
+- line (when labels are joined, ``transact monitor --labels``): calibration -- predicted vs
+  observed rate per head on each window's labelled rows (``MeanValue`` of the
+  ``calibration_predicted_<head>``/``calibration_observed_<head>`` metrics
+  :mod:`~transact.monitoring.verdict` adds); a later run without labels keeps the panel after
+  ours, as it keeps any panel it does not lay out;
 - bar: rows per window (``RowCount``).
 
 :func:`serve` starts ``evidently ui --workspace PATH`` on 127.0.0.1 as a child process.
@@ -28,6 +33,8 @@ from pathlib import Path
 os.environ.setdefault("ITERATIVE_DO_NOT_TRACK", "1")
 
 DEFAULT_PROJECT = "TransAct drift monitoring"
+#: the calibration panel's title (labelled as calibration, not drift)
+CALIBRATION_PANEL = "Calibration: predicted vs observed rate per head (labelled rows; not drift)"
 MATCH_COLUMNS = ("sim_ll_nn", "sim_rt_nn", "sim_rt_recent", "sim_max")
 HEADS = ("click", "repin", "hide")
 
@@ -46,8 +53,10 @@ _OLD_TITLES = frozenset({"Drifted scalar features (last window)", "Share of drif
                          "Prediction drift (normed Wasserstein)"})
 
 
-def panels(heads=HEADS, rule=None) -> list:
-    """The project's dashboard panels (module docstring); ``rule``: the DriftRule in force."""
+def panels(heads=HEADS, rule=None, calibration: bool = False) -> list:
+    """The project's dashboard panels (module docstring); ``rule``: the DriftRule in force;
+    ``calibration``: labels are joined (the calibration panel; without labels it would be
+    an empty panel)."""
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import bar_plot_panel, line_plot_panel, text_panel
 
@@ -60,6 +69,12 @@ def panels(heads=HEADS, rule=None) -> list:
         return PanelMetric(legend=legend, metric="MeanValue", metric_labels={"column": column})
 
     share = PanelMetric(legend="share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
+    calibration_panel = [line_plot_panel(title=CALIBRATION_PANEL, values=[
+        mean(f"calibration_{side}_{h}", f"{side} {h}") for h in heads for side in ("predicted", "observed")],
+        description="mean predicted probability and observed rate of each head on the window's labelled "
+                    "rows (`transact monitor --labels`); calibration, not drift"
+                    + (f" -- a criterion when the gap / observed > {rule.calibration_gap:.0%}"
+                       if rule.calibration_gap is not None else ""))] if calibration else []
     return [
         text_panel(title="Monitor's decision rule (what `transact monitor` decides per window)",
                    description=rule_text(rule)),
@@ -85,18 +100,19 @@ def panels(heads=HEADS, rule=None) -> list:
                                     "Evidently's 'Dataset Drift' verdict is this alone"),
         line_plot_panel(title="Prediction means", size="half", values=[
             mean(f"pred_{h}", f"p({h})") for h in heads]),
+        *calibration_panel,
         bar_plot_panel(title="Rows per window", size="half",
                        values=[PanelMetric(legend="rows", metric="RowCount", metric_labels={})]),
     ]
 
 
-def ensure_project(workspace, name: str = DEFAULT_PROJECT, heads=HEADS, rule=None):
+def ensure_project(workspace, name: str = DEFAULT_PROJECT, heads=HEADS, rule=None, calibration: bool = False):
     """The project called ``name``, created when missing; an existing project's dashboard is
     laid out again when it differs from :func:`panels` (the monitor's decision first, the
     rule in force), keeping any panel someone added by hand after ours."""
     from evidently.sdk.models import DashboardModel, DashboardTabModel
 
-    wanted = panels(heads, rule)
+    wanted = panels(heads, rule, calibration)
     found = workspace.search_project(name)
     if not found:
         project = workspace.create_project(name)

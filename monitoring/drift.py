@@ -36,6 +36,10 @@ A window *drifts* when at least one of these holds:
 4. **prediction**: any head's predicted probability has a normed Wasserstein distance
    >= ``pred_threshold`` (0.35) to the reference predictions (the same model on the
    reference rows).
+5. **calibration** (off unless ``calibration_gap`` is set; needs labels, ``transact monitor
+   --labels``): a head's |mean predicted - observed rate| / observed rate over the window's
+   labelled rows is > ``calibration_gap``, judged only for heads with at least
+   ``calibration_min_positives`` (50) positive labels (:mod:`transact.monitoring.calibration`).
 
 A window with fewer than ``min_rows`` (200) rows is not judged ("insufficient data").
 Distances rather than p-values: with thousands of correlated rows per window (the
@@ -91,6 +95,20 @@ class DriftRule:
     pred_method: str = "wasserstein"
     pred_threshold: float = 0.35
     min_rows: int = 200
+    #: Criterion 5, the calibration gap: None (the default) = reported, never a drift reason.
+    #: A gap between what the calibrated heads predict and what users then did, with the
+    #: inputs unchanged, means the outcome rates moved (label shift) or the calibration went
+    #: stale; a retrain refits both on the newest rows, so it is a reason to retrain -- but it
+    #: is off by default because (1) labels arrive late, so the four input criteria have
+    #: usually judged the window before its labels exist, (2) ``transact bench drift``, which
+    #: sets the other thresholds' false-alarm rates, has no labelled windows to set this one
+    #: on, and (3) a team that ranks by one head only may not want a retrain for another
+    #: head's bias. When on, 0.5 is a sensible bound: the relative gap's sampling error is
+    #: about 1/sqrt(positives) (0.14 at the 50-positive floor), so 0.5 is > 3 standard errors,
+    #: while doubled predictions give a gap of about 1.
+    calibration_gap: float | None = None
+    #: heads with fewer positive labels in the window are not judged by criterion 5 (noise)
+    calibration_min_positives: int = 50
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -220,7 +238,7 @@ class Criterion:
     """One clause of the drift rule applied to one window: the numbers it used, the bound
     it holds them to, and whether it fired (``reason``: the decision log's line for it)."""
 
-    name: str  # "scalar share", "history match", "embedding <name>", "prediction <head>"
+    name: str  # "scalar share", "history match", "embedding <name>", "prediction <head>", "calibration <head>"
     measured: str
     limit: str
     fired: bool
@@ -262,6 +280,32 @@ def criteria(scores: dict, rule: DriftRule) -> list[Criterion]:
         out.append(Criterion(f"prediction {head}", f"normed Wasserstein {s:.3f}", f"drift score >= {rule.pred_threshold}",
                              _drifted(rule.pred_method, s, rule.pred_threshold),
                              f"prediction: {head} drift score {s:.3f} (>= {rule.pred_threshold})", s))
+    if rule.calibration_gap is not None and scores.get("calibration") is not None:
+        out += calibration_criteria(scores["calibration"], rule)
+    return out
+
+
+def calibration_criteria(calibration: dict, rule: DriftRule) -> list[Criterion]:
+    """Criterion 5 (module docstring) per head of a window's calibration numbers; a window
+    without labels, or a head with too few positives, is a row that does not fire."""
+    bound = rule.calibration_gap
+    limit = f"|predicted - observed| / observed > {bound:.0%} (at least {rule.calibration_min_positives} positives)"
+    if calibration.get("note"):
+        return [Criterion("calibration", f"{calibration['note']} ({calibration['unlabelled_rows']:,} rows "
+                          "unlabelled)", limit, False)]
+    out = []
+    for head, c in calibration.get("heads", {}).items():
+        measured = (f"predicted {c['mean_predicted']:.4f} vs observed {c['observed_rate']:.4f} on "
+                    f"{c['rows']:,} labelled rows: gap {c['relative_gap']:.0%}")
+        if c["positives"] < rule.calibration_min_positives:
+            out.append(Criterion(f"calibration {head}", f"{measured}; {c['positives']} positives: not judged",
+                                 limit, False, value=c["relative_gap"]))
+            continue
+        fired = c["relative_gap"] > bound
+        out.append(Criterion(f"calibration {head}", measured, limit, fired,
+                             f"calibration: {head} predicted {c['mean_predicted']:.4f} vs observed "
+                             f"{c['observed_rate']:.4f}, gap {c['relative_gap']:.0%} (> {bound:.0%})",
+                             c["relative_gap"]))
     return out
 
 
@@ -344,7 +388,11 @@ def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
     """
     from threadpoolctl import threadpool_limits
 
+    from transact.monitoring.calibration import window_calibration
+
     rule = rule or DriftRule()
+    # calibration needs only the window's own predictions and labels, not the reference's
+    calibration = window_calibration(current, [h for h in heads if f"pred_{h}" in current.columns])
     heads = [h for h in heads if f"pred_{h}" in reference.columns and f"pred_{h}" in current.columns]
     ts = current["ts"].to_numpy()
     if start_ts is None:
@@ -355,8 +403,10 @@ def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
     if n < max(rule.min_rows, 2) or len(reference) < 2:
         reasons = ([f"insufficient data: {n} rows < min_rows {rule.min_rows}"] if n < max(rule.min_rows, 2)
                    else [f"insufficient data: {len(reference)} reference rows"])
-        return None, WindowResult(window, int(start_ts), int(end_ts), n, False, reasons,
-                                  {"rows": n, "reference_rows": len(reference)})
+        early = {"rows": n, "reference_rows": len(reference)}
+        if calibration is not None:  # not judged for drift, but its labels are still worth reporting
+            early["calibration"] = calibration
+        return None, WindowResult(window, int(start_ts), int(end_ts), n, False, reasons, early)
     limits = threadpool_limits(threads) if threads else contextlib.nullcontext()
     snapshot = None
     with limits, np.errstate(all="ignore"):
@@ -367,6 +417,8 @@ def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
             scores = compute_scores(reference, current, heads, rule)
     scores["rows"] = n
     scores["reference_rows"] = len(reference)
+    if calibration is not None:
+        scores["calibration"] = calibration
     drift, reasons = decide(scores, rule, n)
     result = WindowResult(window, int(start_ts), int(end_ts), n, drift, reasons, scores)
     if snapshot is not None:  # one verdict: the monitor's, before Evidently's own (monitoring/verdict.py)

@@ -9,6 +9,9 @@ epoch-aligned, in request time):
 2. the drift rule (:class:`transact.monitoring.drift.DriftRule`); the report and the run
    open with its decision, its rule and the numbers it used, Evidently's own preset
    verdict labelled as its share rule (:mod:`transact.monitoring.verdict`);
+   with labels joined (:func:`load_current` ``labels``), the window's calibration -- predicted
+   vs observed rate, ECE, log-loss per head (:mod:`transact.monitoring.calibration`) -- in
+   its decision record's ``scores.calibration``, the report and the dashboard;
 3. the snapshot as a run of the Evidently UI project (``<out>/workspace`` unless given);
 4. the action -- retrain or not, cooldown -- by :class:`transact.monitoring.trigger.RetrainTrigger`,
    appended to the decision log ``<out>/decisions.jsonl``.
@@ -126,10 +129,21 @@ def load_reference(rows: str | Path, model_dir: str | Path | None = None, *, sta
     return frame, heads, info
 
 
-def load_current(logs: str | Path, *, start_ts=None, end_ts=None) -> tuple[pd.DataFrame, list[str]]:
-    """A served log (folder of served-*.parquet or one file) -> monitoring frame and its heads."""
+def load_current(logs: str | Path, *, start_ts=None, end_ts=None,
+                 labels: str | Path | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """A served log (folder of served-*.parquet or one file) -> monitoring frame and its heads.
+
+    ``labels``: a world folder or a requests parquet file (local); its labels are joined to the
+    served rows (:func:`transact.monitoring.calibration.label_frame`), so each window reports
+    its calibration."""
     table = _read_parquet(logs, parse_ts(start_ts), parse_ts(end_ts))
-    return features_frame(table), heads_of(table)
+    frame = features_frame(table)
+    if labels is not None:
+        from transact.monitoring.calibration import label_frame, read_labels
+
+        joined = label_frame(table, read_labels(labels))  # same row order as the frame
+        frame = pd.concat([frame, joined.set_index(frame.index)], axis=1)
+    return frame, heads_of(table)
 
 
 def run_monitor(reference: pd.DataFrame, ref_heads: list[str], current: pd.DataFrame, cur_heads: list[str],
@@ -162,7 +176,10 @@ def run_monitor(reference: pd.DataFrame, ref_heads: list[str], current: pd.DataF
     if workspace != "" and report:
         ws_path = Path(workspace) if workspace else out / "workspace"
         ws = dashboard.open_workspace(ws_path)
-        proj = dashboard.ensure_project(ws, project or dashboard.DEFAULT_PROJECT, heads or dashboard.HEADS, rule)
+        from transact.monitoring.calibration import STATE
+
+        proj = dashboard.ensure_project(ws, project or dashboard.DEFAULT_PROJECT, heads or dashboard.HEADS, rule,
+                                        calibration=STATE in current.columns)
     t0 = time.perf_counter()
     records = []
     for name, start, end, rows in split_windows(current, window_hours):
@@ -172,7 +189,9 @@ def run_monitor(reference: pd.DataFrame, ref_heads: list[str], current: pd.DataF
             rows = rows[sample_requests(rows["request_id"].to_numpy(), max_window_rows / len(rows), seed)]
         slug = name.replace(":", "")
         html = out / "reports" / f"{slug}.html"
-        snapshot, result = analyze_window(reference, rows, heads, rule, window=name, start_ts=start, end_ts=end,
+        # cur_heads: analyze_window keeps for drift the heads the reference predicts too, and
+        # judges calibration on every head the window predicts (labels need no reference)
+        snapshot, result = analyze_window(reference, rows, cur_heads, rule, window=name, start_ts=start, end_ts=end,
                                           report=report, plot_points=plot_points,
                                           html=html if report else None,
                                           json_path=out / "reports" / f"{slug}.json" if report else None)
@@ -189,8 +208,8 @@ def run_monitor(reference: pd.DataFrame, ref_heads: list[str], current: pd.DataF
         "windows": len(records),
         "drift_windows": sum(r["drift"] for r in records),
         "retrains": sum(r["action"] == "retrain" for r in records),
-        "actions": [{k: r.get(k) for k in ("window", "rows", "drift", "action", "reason", "report", "run_id")}
-                    for r in records],
+        "actions": [{**{k: r.get(k) for k in ("window", "rows", "drift", "action", "reason", "report", "run_id")},
+                     "calibration": r.get("scores", {}).get("calibration")} for r in records],
         "rule": rule.to_dict(),
         "window_hours": window_hours,
         "decision_log": str(trigger.log.path),
@@ -213,4 +232,7 @@ def format_record(r: dict) -> str:
              " ".join(f"auc_{k}={v:.2f}" for k, v in emb.items()),
              f"drift={'yes (' + ', '.join(sorted({x.split(':')[0] for x in r['reasons']})) + ')' if r['drift'] else 'no'}",
              f"action={r['action']}"]
+    from transact.monitoring.calibration import summary_line
+
+    parts.append(summary_line(s.get("calibration")))
     return "  ".join(p for p in parts if p)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 HOUR_MS = 3_600_000
 ACTIONS = ("retrain", "cooldown", "retrain_failed", "dry_run", "none", "insufficient_data")
@@ -106,6 +107,9 @@ class RetrainTrigger:
         pipeline_params: parameters of the ``retrain`` pipeline (source, storage_root, ...).
         cooldown_hours: data-time hours after a retrain during which drift does not retrain.
         cooldown_windows: judged windows after a retrain during which drift does not retrain.
+        image, cluster: for mode "cluster", the image the retrain pipeline's steps run and what
+            their pods get (:class:`transact.pipelines.training.Cluster`), as ``pipeline submit``
+            takes them: a retrain submitted by the monitor runs where the first run ran.
     """
 
     log: DecisionLog
@@ -116,6 +120,8 @@ class RetrainTrigger:
     run_root: str | Path = "runs/retrain"
     cooldown_hours: float = 72.0
     cooldown_windows: int = 0
+    image: str | None = None
+    cluster: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("local", "cluster", "off"):
@@ -181,7 +187,8 @@ class RetrainTrigger:
     def _run(self, context: dict) -> dict:
         if self.mode == "cluster":
             assert self.kfp_host  # __post_init__ refuses mode "cluster" without a host
-            return cluster_retrain(self.kfp_host, self.pipeline_params, context)
+            return cluster_retrain(self.kfp_host, self.pipeline_params, context, image=self.image,
+                                   cluster=self.cluster)
         fn = self.retrain or (lambda ctx: local_pipeline_retrain(ctx, self.run_root, self.pipeline_params))
         return fn(context)
 
@@ -203,10 +210,12 @@ def local_pipeline_retrain(context: dict, run_root: str | Path, params: dict) ->
     return {"run_dir": str(run_dir), "outcome": summary.get("outcome"), "package": summary.get("package")}
 
 
-def cluster_retrain(host: str, params: dict, context: dict) -> dict:
-    """Submits the ``retrain`` pipeline to the Kubeflow Pipelines API at ``host``."""
+def cluster_retrain(host: str, params: dict, context: dict, image: str | None = None, cluster=None) -> dict:
+    """Submits the ``retrain`` pipeline to the Kubeflow Pipelines API at ``host`` (compiled with
+    ``image`` and ``cluster``, as :func:`transact.pipelines.runner.submit` takes them)."""
     from transact.pipelines.runner import submit
 
-    run = submit(host, "retrain", dict(params), run_name=f"retrain-{_safe(context['window'])}")
+    run = submit(host, "retrain", dict(params), run_name=f"retrain-{_safe(context['window'])}", image=image,
+                 cluster=cluster)
     run_id = getattr(run, "run_id", None) or (run.get("run_id") if isinstance(run, dict) else None)
     return {"host": host, "run_id": run_id, "outcome": "submitted"}

@@ -12,7 +12,13 @@ makes each window's snapshot -- the HTML report and the run the dashboard holds 
 2. carry the decision as metrics (:data:`DECISION_COLUMNS`, Evidently's own ``MeanValue``
    of a one-row frame, so the UI needs nothing of ours to draw them) for the dashboard's
    first panels (:mod:`~transact.monitoring.dashboard`);
-3. keep Evidently's verdict, labelled "Evidently's share rule, not the monitor's decision".
+3. keep Evidently's verdict, labelled "Evidently's share rule, not the monitor's decision";
+4. when labels were joined (``transact monitor --labels``), show the window's calibration
+   -- predicted vs observed rate, ECE, log-loss per head
+   (:mod:`~transact.monitoring.calibration`) -- in a table of its own right after the rule's,
+   titled as calibration, not drift (it is a drift criterion only when the rule's
+   ``calibration_gap`` is set, and then its rows are in the rule's table too), and carry the
+   predicted and observed rates as metrics for the dashboard's calibration panel.
 
 It edits the snapshot's widget list and metric results (``Snapshot._widgets``,
 ``_metrics``, ``_top_level_metrics`` of Evidently 0.7: there is no public way to add a
@@ -48,7 +54,16 @@ def rule_text(rule: DriftRule) -> str:
             f"{rule.seq_embedding_threshold} on the mean sequence embedding); prediction (a head's normed "
             f"Wasserstein >= {rule.pred_threshold}); scalar share (>= {rule.drift_share:.0%} of the scalar "
             f"features drifted -- Evidently's own 'Dataset Drift' verdict is this criterion alone). Windows "
-            f"under {rule.min_rows} rows are not judged.")
+            f"under {rule.min_rows} rows are not judged." + _calibration_text(rule))
+
+
+def _calibration_text(rule: DriftRule) -> str:
+    if rule.calibration_gap is None:
+        return (" Calibration (predicted vs observed rate, when labels are attached) is reported, "
+                "not a criterion (calibration_gap off).")
+    return (f" Calibration criterion on: a head's |mean predicted - observed| / observed > "
+            f"{rule.calibration_gap:.0%} on the window's labelled rows (heads with at least "
+            f"{rule.calibration_min_positives} positives).")
 
 
 def decision_values(result: WindowResult, rule: DriftRule) -> dict[str, float]:
@@ -71,7 +86,31 @@ def decision_widgets(result: WindowResult, rule: DriftRule) -> list:
             + ". " + rule_text(rule), f"Monitor's decision -- {headline(result)}")]),
         table_data(title="The monitor's rule and the numbers it used (any criterion fired = drift)",
                    column_names=["criterion", "numbers used", "drift when", "fired"], data=rows),
+        *calibration_widgets(result.scores.get("calibration"), rule),
     ])]
+
+
+#: the title of the report's calibration table (or counter, for a window without labels)
+CALIBRATION_TITLE = "Calibration on labelled rows (predicted vs observed rate) -- calibration, not drift"
+
+
+def calibration_widgets(calibration: dict | None, rule: DriftRule) -> list:
+    """The window's calibration table (none when labels were not joined; a counter saying so
+    for a window without labels)."""
+    from evidently.legacy.renderers.html_widgets import CounterData, counter, table_data
+
+    from transact.monitoring.calibration import TABLE_COLUMNS, table_rows
+
+    if calibration is None:
+        return []
+    left_out = (f"{calibration['unlabelled_rows']:,} rows without a label and {calibration['repeated_rows']:,} "
+                "repeated served copies left out")
+    if calibration.get("note"):
+        return [counter(title="", counters=[CounterData(left_out, f"{CALIBRATION_TITLE}: {calibration['note']}")])]
+    role = ("a drift criterion (calibration_gap " + f"{rule.calibration_gap:.0%})" if rule.calibration_gap is not None
+            else "reported, not a drift criterion")
+    return [table_data(title=f"{CALIBRATION_TITLE} ({role}); {calibration['labelled_rows']:,} rows labelled, "
+                             + left_out, column_names=TABLE_COLUMNS, data=table_rows(calibration))]
 
 
 def _relabel(widgets: list) -> None:
@@ -87,16 +126,23 @@ def _relabel(widgets: list) -> None:
 
 
 def _decision_metrics(result: WindowResult, rule: DriftRule):
-    """A finished Evidently run of :data:`DECISION_COLUMNS` over one row (its metric results)."""
+    """A finished Evidently run of :data:`DECISION_COLUMNS` -- and, with labels joined, each head's
+    predicted and observed rate (:func:`~transact.monitoring.calibration.dashboard_values`) --
+    over one row (its metric results)."""
     import numpy as np
     import pandas as pd
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import MeanValue
 
-    frame = pd.DataFrame([decision_values(result, rule)])
+    from transact.monitoring.calibration import dashboard_values
+
+    calibrated = list((result.scores.get("calibration") or {}).get("heads", {}))
+    heads = calibrated + [h for h in result.scores.get("predictions", {}) if h not in calibrated]
+    values = {**decision_values(result, rule), **dashboard_values(result.scores.get("calibration"), heads)}
+    frame = pd.DataFrame([values])
     with np.errstate(all="ignore"):  # a NaN share (no history-match feature) is a value, not an error
-        data = Dataset.from_pandas(frame, data_definition=DataDefinition(numerical_columns=list(DECISION_COLUMNS)))
-        return Report([MeanValue(column=c) for c in DECISION_COLUMNS]).run(data, None)
+        data = Dataset.from_pandas(frame, data_definition=DataDefinition(numerical_columns=list(values)))
+        return Report([MeanValue(column=c) for c in values]).run(data, None)
 
 
 def put_decision_first(snapshot, result: WindowResult, rule: DriftRule) -> None:

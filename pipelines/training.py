@@ -54,6 +54,9 @@ class Defaults:
     feature_repo: str = ""  #: empty: <storage_root>/feature_repo
     redis: str = ""  #: the Feast online store on a cluster, host:port[,password=...] (empty: SQLite in the repo)
     gate_tolerance: float = 0.02
+    #: "time" (the global split at the world's train_end_ts) or "user" / "user:N" (each user's last
+    #: N requests held out); the model records it, evaluate and the gate use the same one
+    eval_split: str = "time"
     log_nn_engine: str = "local"  #: "ray": NN logging on Ray (docs/scale-out.md)
     ray_address: str = ""  #: a RayCluster's Jobs API (http://<head>:8265); empty: Ray inside the step
     train_nodes: int = 0  #: > 0: train as a Kubeflow Trainer TrainJob on this many nodes (docs/scale-out.md)
@@ -152,6 +155,7 @@ def pipelines(cluster: Cluster = Cluster()) -> dict:
         shared_dir: str = d.shared_dir,
         shared_pvc: str = d.shared_pvc,
         storage_secret: str = d.storage_secret,
+        eval_split: str = d.eval_split,
     ) -> None:
         ingest = pod(ingest_op(profile=profile, seed=seed, source=source, drift=drift))
         ingest.set_retry(RETRIES, backoff_duration=BACKOFF).set_cpu_request("2").set_memory_request("8G")
@@ -176,7 +180,8 @@ def pipelines(cluster: Cluster = Cluster()) -> dict:
             # its own model: kfp.local cannot pass an artifact through dsl.OneOf.
             with dsl.If(train_nodes < 1, name="single-pod-train"):
                 train = _gpu(pod(train_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
-                                          batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)))
+                                          batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
+                                          eval_split=eval_split)))
                 _evaluate_gate_package(train.outputs["model"], log_nn.outputs["rows"], storage_root, gate_tolerance)
             with dsl.Else(name="trainjob-train"):
                 # a volume mounted on this pod must be the one the nodes get, at the same path
@@ -185,7 +190,8 @@ def pipelines(cluster: Cluster = Cluster()) -> dict:
                 trainjob = pod(trainjob_op(rows=log_nn.outputs["rows"], model_name=model_name, epochs=epochs,
                                            batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
                                            nodes=train_nodes, gpus_per_node=gpus_per_node, storage_root=storage_root,
-                                           storage_secret=storage_secret, image=BASE_IMAGE, **volume))
+                                           storage_secret=storage_secret, image=BASE_IMAGE, eval_split=eval_split,
+                                           **volume))
                 if cluster.shared_pvc:
                     kubernetes.mount_pvc(trainjob, cluster.shared_pvc, cluster.shared_dir)
                 trainjob.set_cpu_request("2").set_memory_request("8G")
@@ -201,10 +207,11 @@ def pipelines(cluster: Cluster = Cluster()) -> dict:
         feature_repo: str = d.feature_repo,
         redis: str = d.redis,
         gate_tolerance: float = d.gate_tolerance,
+        eval_split: str = d.eval_split,
     ) -> None:
         training_pipeline(storage_root=storage_root, profile="", seed=seed, source=source, drift="none",
                           model_name=model_name, epochs=epochs, batch_size=d.batch_size, lr=d.lr, max_steps=d.max_steps,
-                          feature_repo=feature_repo, redis=redis, gate_tolerance=gate_tolerance)
+                          feature_repo=feature_repo, redis=redis, gate_tolerance=gate_tolerance, eval_split=eval_split)
 
     return {"training": training_pipeline, "retrain": retrain_pipeline}
 

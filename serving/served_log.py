@@ -354,27 +354,24 @@ def read_served_log(path: str | Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files])
 
 
-def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | None = None) -> pa.Table:
-    """Training rows (:func:`nn_rows_schema`) from served rows plus labelled requests.
+#: :func:`label_index` of a served row whose (request_id, position) has no label row (yet)
+UNLABELLED = -1
+#: :func:`label_index` of a later served copy of a (request_id, position) served more than once
+REPEATED = -2
 
-    Args:
-        served: served-log rows (:func:`served_log_schema`).
-        requests: labelled (request_id, position) rows with ``label_*`` columns, e.g. a
-            world's ``requests`` table; extra rows (never served) are ignored.
-        cfg: feature contract (default: the one stored in the served log's schema).
 
-    Rows are joined on (request_id, position); a served row without a label row is left
-    out (its outcome is unknown yet). When one (request_id, position) was served more
-    than once (a retried request), the first served row is kept (earliest ``served_ts``;
-    equal times: by model_version, then score -- never by file order). ``user_id`` and
-    ``item_id`` must agree between the two tables (SchemaError otherwise). Output is
-    sorted by (ts, request_id, position), like the offline logging step.
+def label_index(served: pa.Table, requests: pa.Table) -> np.ndarray:
+    """The join of served rows with their labels: int64 [served rows], for each served row the
+    row of ``requests`` holding its labels, :data:`UNLABELLED` or :data:`REPEATED`.
+
+    The rule (the training rows of :func:`attach_labels` and the monitor's calibration,
+    :mod:`transact.monitoring.calibration`, both read it here): a served row and a label row
+    match on (``request_id``, ``position``); a key served more than once (a retried request)
+    is labelled on its first served copy only (earliest ``served_ts``; equal times: by
+    model_version, then score -- never by file or row order); ``user_id`` and ``item_id``
+    must agree between the matched rows (SchemaError otherwise), and one key has at most one
+    label row (SchemaError otherwise).
     """
-    if cfg is None:
-        meta = (served.schema.metadata or {}).get(b"feature_config")
-        if meta is None:
-            raise SchemaError("served log has no feature_config metadata; pass cfg")
-        cfg = FeatureConfig.from_dict(json.loads(meta))
     for c in ("request_id", "position", "user_id", "item_id", *LABEL_COLUMNS):
         if c not in requests.column_names:
             raise SchemaError(f"requests: missing column '{c}'")
@@ -389,7 +386,7 @@ def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | Non
     s_key, r_key = inv[:n_s], inv[n_s:]
     if len(np.unique(r_key)) != n_r:
         raise SchemaError("requests: a (request_id, position) pair has more than one label row")
-    label_row = np.full(len(uniq), -1, np.int64)
+    label_row = np.full(len(uniq), UNLABELLED, np.int64)
     label_row[r_key] = np.arange(n_r)
     # The first served copy of each key: earliest served_ts, ties by model_version and
     # score -- a choice by content, never by file or row order (recovered files included).
@@ -397,18 +394,45 @@ def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | Non
     order = np.lexsort((served.column("score").to_numpy(), version,
                         served.column("served_ts").to_numpy(), s_key))
     first = order[np.concatenate([[True], s_key[order][1:] != s_key[order][:-1]])] if n_s else order
-    s_rows = np.sort(first)
-    r_rows = label_row[s_key[s_rows]]
-    s_rows, r_rows = s_rows[r_rows >= 0], r_rows[r_rows >= 0]
-    out = served.take(pa.array(s_rows))
-    lab = requests.take(pa.array(r_rows))
+    index = np.full(n_s, REPEATED, np.int64)
+    index[first] = label_row[s_key[first]]
+    joined = np.flatnonzero(index >= 0)
     for c in ("user_id", "item_id"):
-        a = out.column(c).to_numpy()
-        b = lab.column(c).to_numpy()
+        a = served.column(c).to_numpy()[joined]
+        b = requests.column(c).to_numpy()[index[joined]]
         bad = np.flatnonzero(a != b)
         if len(bad):
-            raise SchemaError(f"attach_labels: {len(bad)} rows disagree on {c} between the served log and "
-                              f"the requests (e.g. request_id {int(out.column('request_id')[bad[0]].as_py())})")
+            rid = int(served.column("request_id")[int(joined[bad[0]])].as_py())
+            raise SchemaError(f"labels: {len(bad)} rows disagree on {c} between the served log and "
+                              f"the requests (e.g. request_id {rid})")
+    return index
+
+
+def attach_labels(served: pa.Table, requests: pa.Table, cfg: FeatureConfig | None = None) -> pa.Table:
+    """Training rows (:func:`nn_rows_schema`) from served rows plus labelled requests.
+
+    Args:
+        served: served-log rows (:func:`served_log_schema`).
+        requests: labelled (request_id, position) rows with ``label_*`` columns, e.g. a
+            world's ``requests`` table; extra rows (never served) are ignored.
+        cfg: feature contract (default: the one stored in the served log's schema).
+
+    Rows are joined by :func:`label_index` (on request_id, position); a served row without a
+    label row is left out (its outcome is unknown yet). When one (request_id, position) was
+    served more than once (a retried request), the first served row is kept (earliest
+    ``served_ts``; equal times: by model_version, then score -- never by file order).
+    ``user_id`` and ``item_id`` must agree between the two tables (SchemaError otherwise).
+    Output is sorted by (ts, request_id, position), like the offline logging step.
+    """
+    if cfg is None:
+        meta = (served.schema.metadata or {}).get(b"feature_config")
+        if meta is None:
+            raise SchemaError("served log has no feature_config metadata; pass cfg")
+        cfg = FeatureConfig.from_dict(json.loads(meta))
+    index = label_index(served, requests)
+    s_rows = np.flatnonzero(index >= 0)
+    out = served.take(pa.array(s_rows))
+    lab = requests.take(pa.array(index[s_rows]))
     schema = nn_rows_schema(cfg)
     cols = []
     for f in schema:

@@ -237,12 +237,18 @@ def test_cluster_mode_submits_the_retrain_pipeline(tmp_path, monkeypatch):
     import transact.pipelines.runner as runner
 
     monkeypatch.setattr(runner, "submit", fake_submit)
+    from transact.pipelines.training import Cluster
+
+    cluster = Cluster(storage_secret="s3-creds")
     trig = RetrainTrigger(DecisionLog(tmp_path / "d.jsonl"), mode="cluster", kfp_host="http://kfp.example",
-                          pipeline_params={"source": "gs://logs/latest", "storage_root": "gs://store"})
+                          pipeline_params={"source": "gs://logs/latest", "storage_root": "gs://store"},
+                          image="registry.example.com/transact:0.1.0", cluster=cluster)
     rec = trig.handle(_result(2, True))
     assert rec["action"] == "retrain" and rec["retrain"]["run_id"] == "run-123"
     assert submitted["host"] == "http://kfp.example" and submitted["name"] == "retrain"
     assert submitted["params"]["source"] == "gs://logs/latest"
+    # the retrain runs where the first run ran: the image and the pods' Secret it was submitted with
+    assert submitted["image"] == "registry.example.com/transact:0.1.0" and submitted["cluster"] is cluster
     with pytest.raises(ValueError, match="needs a Kubeflow Pipelines host"):
         RetrainTrigger(DecisionLog(tmp_path / "e.jsonl"), mode="cluster")
 

@@ -49,6 +49,24 @@ def _check_options(**options) -> None:
             check_numeric(name, value, rule)
 
 
+SPLIT_HELP = ("time: train on ts < train_end_ts, evaluate after it (all users); user or user:N: hold out each "
+              "user's last N requests (default 1), train on each user's rows before them.")
+
+
+def _split(split: str, per_user: int | None):
+    """The :class:`transact.model.dataset.Split` of ``--split`` (and ``--eval-requests-per-user``)."""
+    from transact.model.dataset import Split
+
+    s = Split.parse(split)
+    if per_user is None:
+        return s
+    if s.kind != "user":
+        raise ValueError("--eval-requests-per-user applies to --split user only")
+    if ":" in split and s.eval_requests_per_user != per_user:
+        raise ValueError(f"--split {split} and --eval-requests-per-user {per_user} disagree")
+    return Split("user", per_user)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command()
     @fail_on_user_error
@@ -75,6 +93,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast: faster with AMX, not the fp32 loss curve)."),
         calibration_holdout: float = typer.Option(HOLDOUT, help="Share of the training window (its most recent rows) "
                                                              "held out to calibrate the heads; 0: uncalibrated."),
+        split: str = typer.Option("time", help=SPLIT_HELP),
+        eval_requests_per_user: int | None = typer.Option(None, help="--split user: requests held out per user (default 1)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a ranking model on the logged rows (DDP when launched by torchrun)."""
@@ -89,13 +109,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 train_end_ts=train_end_ts, warmup_steps=warmup_steps, max_steps=max_steps,
                 ckpt_every=ckpt_every, resume=resume, device=device, num_threads=threads,
                 progress=progress, precision=precision, calibration_holdout=calibration_holdout,
+                split=_split(split, eval_requests_per_user),
                 model_overrides=_overrides(time_window_mask, nal_weight, first_k, heads, model_json))
         import os
 
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"{s['model']}: {s['steps']} steps ({s['examples']:,} examples, "
                        f"{s['examples_per_s']:.0f} ex/s, world {s['world_size']}), "
-                       f"final loss {_fmt(s['final_loss'])} -> {out}")
+                       f"final loss {_fmt(s['final_loss'])}, {s['split']['description']} -> {out}")
 
     @app.command()
     @fail_on_user_error
@@ -108,6 +129,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         eval_end_ts: int | None = typer.Option(None, help="Eval window end (exclusive)."),
         n_boot: int = typer.Option(1000, help="User-bootstrap resamples for the CIs."),
         batch_size: int = typer.Option(1024, help="Scoring batch size."),
+        split: str | None = typer.Option(None, help="Default: the split the model was trained with. " + SPLIT_HELP),
+        eval_requests_per_user: int | None = typer.Option(None, help="--split user: requests held out per user."),
         device: str | None = typer.Option(None, help="cpu | cuda."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
@@ -122,7 +145,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         m = run(model_dir, rows, out, batch_size=batch_size, score_weights=parse_score_weights(score_weights),
                 n_boot=n_boot, train_end_ts=train_end_ts, eval_end_ts=eval_end_ts, device=device,
-                progress=progress)
+                progress=progress, split=None if split is None else _split(split, eval_requests_per_user))
         typer.echo(format_metrics(m))
         typer.echo(f"written {(Path(out) if out else Path(model_dir) / 'eval') / 'metrics.json'}")
 
@@ -143,6 +166,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, help="torch CPU threads."),
         max_steps: int | None = typer.Option(None, help="Optimiser steps per run, same for all (epochs cycled to reach it)."),
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; see `transact train --help`)."),
+        split: str = typer.Option("time", help=SPLIT_HELP),
+        eval_requests_per_user: int | None = typer.Option(None, help="--split user: requests held out per user (default 1)."),
         progress: bool = typer.Option(True, help="Progress lines and the (partial) table after every run."),
     ) -> None:
         """Train every baseline on the same rows and seeds (seed-major, resumable); print the paper's Table 2."""
@@ -157,7 +182,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   models=[m.strip() for m in models.split(",")] if models else None, seeds=seeds,
                   epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
                   score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads,
-                  max_steps=max_steps, log=typer.echo if progress else None, precision=precision)
+                  max_steps=max_steps, log=typer.echo if progress else None, precision=precision,
+                  split=_split(split, eval_requests_per_user))
         if not progress:  # with progress the table was printed after every run
             typer.echo(format_table(res))
         typer.echo(f"written {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")

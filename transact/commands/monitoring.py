@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from transact.commands._common import fail_on_user_error, parse_params
+from transact.commands.pipeline import IMAGE_HELP, SECRET_HELP
 
 
 def _seeds(spec: str) -> list[int]:
@@ -26,6 +27,18 @@ def _here(location: str, tmp: Path, option: str) -> Path:
     from transact.data import storage
 
     return storage.download(location, tmp) if storage.is_remote(location) else storage.local_path(location, option)
+
+
+def _labels_here(location: str, tmp: Path) -> Path:
+    """The labels as a local path: a world folder or a requests parquet file; of an object-store
+    world only its requests table is copied (the rest of a world is not needed)."""
+    from transact.data import storage
+
+    if not storage.is_remote(location):
+        return storage.local_path(location, "--labels")
+    if storage.is_folder(location):
+        location = storage.join(location, "requests.parquet")
+    return storage.download(location, tmp / "requests.parquet")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -47,6 +60,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                                "train_end_ts of the world.json beside the rows)."),
         current_start: str | None = typer.Option(None, help="Served rows from this ts (ms or ISO)."),
         current_end: str | None = typer.Option(None, help="Served rows before this ts (ms or ISO)."),
+        labels: str | None = typer.Option(None, help="Labels of the served rows: a world folder or a requests "
+                                                     "parquet (a path or an object-store URI); each window then "
+                                                     "reports predicted vs observed rate, ECE and log-loss per head."),
         reference_max_rows: int = typer.Option(50_000, help="Sample the reference (whole requests) to this."),
         max_window_rows: int | None = typer.Option(None, help="Sample each window to this many rows."),
         rule: Path | None = typer.Option(None, help="JSON file of DriftRule thresholds to override."),
@@ -58,6 +74,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                             "quarantine, reference): a folder or an object-store "
                                                             "URI; the champion it gates against lives there."),
         kfp_host: str | None = typer.Option(None, help="Kubeflow Pipelines API for --retrain cluster."),
+        image: str | None = typer.Option(None, help="--retrain cluster: " + IMAGE_HELP),
+        storage_secret: str = typer.Option("", help="--retrain cluster: " + SECRET_HELP),
         param: list[str] = typer.Option([], "--param", "-p", help="Extra retrain pipeline parameter key=value."),
         cooldown_hours: float = typer.Option(72.0, help="No second retrain within this many hours "
                                                         "(request time) of the last one."),
@@ -94,17 +112,30 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 raise ValueError(f"--retrain {retrain} needs --retrain-source (the logs folder the retrain pipeline "
                                  "trains on; for a cluster, the path as its workers see it)")
             mirror = storage.join(out, "decisions.jsonl") if remote_out else None
+            cluster = None
+            if retrain == "cluster":  # the retrain's pods made as `pipeline submit --storage-secret` makes them
+                from transact.pipelines.training import Cluster
+
+                cluster = Cluster(storage_secret=storage_secret)
             trigger = RetrainTrigger(DecisionLog(local_out / "decisions.jsonl", mirror), mode=retrain, kfp_host=kfp_host,
+                                     image=image, cluster=cluster,
                                      pipeline_params=params, run_root=local_out / "retrain", cooldown_hours=cooldown_hours,
                                      cooldown_windows=cooldown_windows)
             ref, ref_heads, info = load_reference(reference_path, model, start_ts=reference_start, end_ts=reference_end,
                                                   max_rows=reference_max_rows)
-            cur, cur_heads = load_current(current_path, start_ts=current_start, end_ts=current_end)
+            labels_path = _labels_here(labels, Path(tmp) / "labels") if labels else None
+            cur, cur_heads = load_current(current_path, start_ts=current_start, end_ts=current_end,
+                                          labels=labels_path)
             if len(cur) == 0:
                 raise ValueError(f"{current}: no served rows in the selected range")
             typer.echo(f"reference: {info['rows']} rows ({info['end_ts_source']}), predictions: "
                        f"{info['predictions'] or 'none (pass --model for prediction drift)'}")
             typer.echo(f"current: {len(cur)} rows; windows of {window_hours:g} h")
+            if labels_path is not None:
+                from transact.monitoring.calibration import LABELLED, STATE
+
+                typer.echo(f"labels: {int((cur[STATE] == LABELLED).sum())} of {len(cur)} served rows labelled "
+                           f"({labels})")
             summary = run_monitor(ref, ref_heads, cur, cur_heads, local_out, rule=drift_rule, window_hours=window_hours,
                                   trigger=trigger, workspace=workspace, project=project,
                                   max_window_rows=max_window_rows, progress=typer.echo)
