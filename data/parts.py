@@ -39,12 +39,12 @@ def _under(folder: Path) -> list[Path]:
     named = published_files(folder)
     if named is not None:
         nested = [p.parent for p in named if p.name == MANIFEST]  # published trees inside this one
-        out = [p for p in named if p.suffix == ".parquet" and not any(p.is_relative_to(n) for n in nested)
-               and not any(_hidden(q) for q in p.relative_to(folder).parents if q != Path("."))
-               and not _hidden(p)]
+        mine = [p for p in named if p.suffix == ".parquet" and not any(p.is_relative_to(n) for n in nested)
+                and not any(_hidden(q) for q in p.relative_to(folder).parents if q != Path("."))
+                and not _hidden(p)]
         for n in nested:
-            out += _under(n)
-        return out
+            mine += _under(n)
+        return mine
     out: list[Path] = []
     for p in folder.iterdir():
         if _hidden(p):

@@ -106,7 +106,8 @@ class Calibration:
             a, b, c = ([per[h][k] for h in heads] for k in "abc")
         except KeyError as e:
             raise ValueError(f"{where}: a head lacks its {e.args[0]!r} value") from None
-        return Calibration(heads, a, b, c, d.get("method", "beta"), d.get("fitted_on", {}), d.get("logloss", {}))
+        return Calibration(heads, tuple(a), tuple(b), tuple(c), d.get("method", "beta"), d.get("fitted_on", {}),
+                           d.get("logloss", {}))
 
 
 def softplus(z: np.ndarray) -> np.ndarray:
@@ -211,7 +212,9 @@ def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = np.asarray(x, dtype=np.float64)[order], np.asarray(y, dtype=np.float64)[order]
     vals, wts, ends = [], [], []
     for i, v in enumerate(ys):
-        vals.append(v), wts.append(1.0), ends.append(i)
+        vals.append(v)
+        wts.append(1.0)
+        ends.append(i)
         while len(vals) > 1 and vals[-2] > vals[-1]:  # pool the violating pair
             w = wts[-2] + wts[-1]
             vals[-2] = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w

@@ -79,7 +79,7 @@ def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str,
     lo, hi = M.bootstrap_mean_ci(totals, n_boot, seed)
     hit = totals.mean(0) if len(users) else np.full(len(actions), np.nan)
     n_chunks = len(np.unique(np.stack([pred["user_id"], pred["request_id"]], 1), axis=0)) if len(score) else 0
-    per_head: dict[str, dict[str, float]] = {}  # filled below
+    per_head: dict[str, dict] = {}  # filled below
     out = {
         "k": k, "score_weights": weights, "n_rows": int(len(score)), "n_users": int(len(users)),
         "n_chunks": int(n_chunks), "n_boot": n_boot,

@@ -396,7 +396,7 @@ def holdout_start(rows: str | Path, train_end_ts: int | None, share: float,
     import numpy as np
 
     split = Split.parse(split)
-    none = None if split.kind == "user" else int(train_end_ts)
+    none = None if split.kind == "user" or train_end_ts is None else int(train_end_ts)
     if share <= 0:
         return none
     ts = np.sort(RowDataset(rows, "train", train_end_ts=train_end_ts, split_by=split, max_memory_mb=0).ts())  # [N]

@@ -94,8 +94,9 @@ def window_calibration(rows: pd.DataFrame, heads) -> dict | None:
         return None
     state = rows[STATE].to_numpy()
     labelled = state == LABELLED
-    out = {"labelled_rows": int(labelled.sum()), "unlabelled_rows": int((state == UNLABELLED).sum()),
-           "repeated_rows": int((state == REPEATED).sum()), "heads": {}}
+    heads_out: dict[str, dict] = {}
+    out: dict = {"labelled_rows": int(labelled.sum()), "unlabelled_rows": int((state == UNLABELLED).sum()),
+                 "repeated_rows": int((state == REPEATED).sum()), "heads": heads_out}
     if not labelled.any():
         out["note"] = NO_LABELS
         return out
@@ -104,7 +105,7 @@ def window_calibration(rows: pd.DataFrame, heads) -> dict | None:
             continue  # a head without predictions or without a label of the same name
         y = rows[label_column(h)].to_numpy(np.float64)[labelled]
         p = rows[f"pred_{h}"].to_numpy(np.float64)[labelled]
-        out["heads"][h] = head_calibration(y, p)
+        heads_out[h] = head_calibration(y, p)
     return out
 
 

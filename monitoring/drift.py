@@ -403,7 +403,7 @@ def analyze_window(reference: pd.DataFrame, current: pd.DataFrame, heads, rule: 
     if n < max(rule.min_rows, 2) or len(reference) < 2:
         reasons = ([f"insufficient data: {n} rows < min_rows {rule.min_rows}"] if n < max(rule.min_rows, 2)
                    else [f"insufficient data: {len(reference)} reference rows"])
-        early = {"rows": n, "reference_rows": len(reference)}
+        early: dict = {"rows": n, "reference_rows": len(reference)}
         if calibration is not None:  # not judged for drift, but its labels are still worth reporting
             early["calibration"] = calibration
         return None, WindowResult(window, int(start_ts), int(end_ts), n, False, reasons, early)

@@ -249,8 +249,8 @@ class TransActRanker:
         raw = r.raw
         items = [RankedItem.model_construct(item_id=int(ids[i]), position=int(i), score=float(score[i]),
                                             probs={h: float(probs[i, j]) for j, h in enumerate(heads)},
-                                            **({"raw_probs": {h: float(raw[i, j]) for j, h in enumerate(heads)}}
-                                               if raw is not None else {}))
+                                            raw_probs=None if raw is None else
+                                            {h: float(raw[i, j]) for j, h in enumerate(heads)})
                  for i in order.tolist()]
         return RankResponse.model_construct(
             request_id=r.query.request_id, user_id=r.query.user_id, model_version=self.model_version,

@@ -132,9 +132,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         cfg = (FeatureConfig.from_dict(json.loads(feature_config), where="--feature-config") if feature_config
                else FeatureConfig(ll_cap=ll_cap))
         out = out or storage.join(world, "nn_rows" if engine == "ray" else "nn_rows.parquet")
+        where: tuple[str | Path, str | Path] = (world, out)
         if engine != "ray":  # the local engine reads and writes local files (a URI refused, naming the option)
-            world, out = storage.local_path(world, "--world"), storage.local_path(out, "--out")
-        summary = run_log_nn(world, out, cfg, engine, address, partitions, batch_requests, progress)
+            where = (storage.local_path(world, "--world"), storage.local_path(out, "--out"))
+        summary = run_log_nn(*where, cfg, engine, address, partitions, batch_requests, progress)
         typer.echo(f"{summary['rows']:,} rows from {summary['requests']:,} requests "
                    f"in {summary['seconds']:.1f} s -> {out}")
 
