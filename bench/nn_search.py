@@ -7,7 +7,7 @@ N = 256 candidates of one request, K = 96, L_LL from 1k to 16k). Implementations
   de-duplicated inputs (GPU only); ``fused_triton_no_split`` is the same with one
   program per candidate block (``n_split=1``), to show what the sequence split buys;
 - ``reference_padded``: :func:`transact.kernels.pytorch.nn_search.nn_search`, the PyTorch
-  reference (pads per user, no broadcast to candidates);
+  reference (users in chunks of similar lengths, padded; no broadcast to candidates);
 - ``unfused_broadcast``: :func:`transact.kernels.pytorch.unfused.nn_search_unfused`,
   the serving path before the paper's optimisations (broadcast to [N, L, D]).
 """

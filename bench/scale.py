@@ -49,35 +49,109 @@ def _rss_now_mib() -> float:
         return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
 
 
-def _local_child(world: str, out: str, ll_cap: int) -> dict:
+#: the stages of one NN-logging pass, and the function each is timed in (module, attribute);
+#: a stage's time excludes the stages timed inside it (S_all assembly: build_s_all less the
+#: NN search it calls)
+STAGES: list[tuple[str, str, str]] = [
+    ("store: read + index", "transact.features.sequences:EventStore", "from_dir"),
+    ("sequences", "transact.features.sequences:EventStore", "sequences"),
+    ("NN search", "transact.kernels.dispatch", "nn_search"),
+    ("S_all assembly", "transact.features.nn_logging", "build_s_all"),
+    ("arrow packing", "transact.features.nn_logging", "s_all_to_arrow"),
+    ("parquet write (zstd)", "transact.data.io:AtomicParquetWriter", "write"),
+    ("parquet write (zstd)", "transact.data.io:AtomicParquetWriter", "close"),
+]
+
+
+class StageTimer:
+    """Wall time per stage of the pass, exclusive of nested stages: wraps the functions of
+    :data:`STAGES` while in use (``with StageTimer() as t: ...; t.seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # per open stage: [start, time spent in nested stages]
+        self._undo: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> StageTimer:
+        import importlib
+
+        for stage, where, attr in STAGES:
+            mod_name, _, cls = where.partition(":")
+            owner = importlib.import_module(mod_name)
+            owner = getattr(owner, cls) if cls else owner
+            raw = owner.__dict__[attr]
+            self._undo.append((owner, attr, raw))
+            setattr(owner, attr, self._wrap(stage, raw))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, raw in reversed(self._undo):
+            setattr(owner, attr, raw)
+        self._undo.clear()
+
+    def _wrap(self, stage: str, raw):
+        fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+
+        def timed(*args, **kwargs):
+            self._stack.append([time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                start, nested = self._stack.pop()
+                spent = time.perf_counter() - start
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + spent - nested
+                if self._stack:
+                    self._stack[-1][1] += spent
+
+        return classmethod(timed) if isinstance(raw, classmethod) else timed
+
+
+def _local_child(world: str, out: str, ll_cap: int, profile: bool = False) -> dict:
     """Runs in a fresh process: the local engine, with that process's memory."""
+    import contextlib
+
     from transact.features.config import FeatureConfig
     from transact.features.nn_logging import log_nn_features
 
     base = _rss_now_mib()  # after the imports: torch, pyarrow
-    summary = log_nn_features(world, out, FeatureConfig(ll_cap=ll_cap), progress=False)
-    return {**summary, "peak_rss_mib": round(peak_rss_mib(), 1), "base_rss_mib": round(base, 1)}
+    timer = StageTimer() if profile else None
+    with timer or contextlib.nullcontext():
+        summary = log_nn_features(world, out, FeatureConfig(ll_cap=ll_cap), progress=False)
+    out_d = {**summary, "peak_rss_mib": round(peak_rss_mib(), 1), "base_rss_mib": round(base, 1)}
+    if timer is not None:
+        stages = {k: round(v, 3) for k, v in timer.seconds.items()}
+        stages["other (requests, batching, summary)"] = round(summary["seconds"] - sum(timer.seconds.values()), 3)
+        out_d["stages_s"] = stages
+    return out_d
 
 
-def _run_local(world: Path, out: Path, ll_cap: int) -> dict:
+def _run_local(world: Path, out: Path, ll_cap: int, profile: bool = False) -> dict:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_local_child, str(world), str(out), ll_cap).result()
+        return pool.submit(_local_child, str(world), str(out), ll_cap, profile).result()
 
 
 def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days: int = 240,
-                ll_cap: int = 16_384, users_per_part: int = 250) -> dict:
-    """Rows/s and peak RSS per worker of the local engine and of Ray with each worker count."""
+                ll_cap: int = 16_384, users_per_part: int = 250, profile: bool = False) -> dict:
+    """Rows/s and peak RSS per worker of the local engine and of Ray with each worker count.
+
+    ``profile``: the local runs also time each stage of the pass (:class:`StageTimer`; the
+    wrappers cost a few microseconds per call, ~1,000 calls per 100k rows), reported in
+    ``stages`` as seconds and shares of the run."""
     from transact.components.ray_engine import log_nn_ray, ray_session
     from transact.features.config import FeatureConfig
 
     work_dir = Path(work_dir)
     worlds = {u: _world(work_dir, u, days) for u in users}
     rows: list[dict] = []
+    stages: list[dict] = []
     local_s = {}
     for u, (world, meta) in worlds.items():
         events = int(meta["rows"]["actions"]) + int(meta["rows"]["impressions"])
-        s = _run_local(world, work_dir / f"rows-u{u}-local.parquet", ll_cap)
+        s = _run_local(world, work_dir / f"rows-u{u}-local.parquet", ll_cap, profile)
         local_s[u] = s["seconds"]
+        if profile:
+            stages.extend({"users": u, "stage": k, "seconds": v, "share_pct": round(100 * v / s["seconds"], 1),
+                           "us_per_row": round(1e6 * v / s["rows"], 1)} for k, v in s["stages_s"].items())
         rows.append({"users": u, "events": events, "rows": s["rows"], "engine": "local", "workers": 1, "parts": 1,
                      "seconds": s["seconds"], "rows_per_s": round(s["rows"] / s["seconds"], 1), "speedup": 1.0,
                      "peak_rss_mib": s["peak_rss_mib"], "base_rss_mib": s["base_rss_mib"],
@@ -103,8 +177,11 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
                              "task_rss_mib": max(round(t["peak_rss_mib"] - t["rss_start_mib"], 1)
                                                  for t in s["parts"] + s["map_tasks"]),
                              "load_1m": round(os.getloadavg()[0], 2)})
-    return {"benchmark": "scale", "days": days, "ll_cap": ll_cap, "users_per_part": users_per_part,
-            "rows": rows, "growth": _growth(rows)}
+    result = {"benchmark": "scale", "days": days, "ll_cap": ll_cap, "users_per_part": users_per_part,
+              "rows": rows, "growth": _growth(rows)}
+    if profile:
+        result["stages"] = stages
+    return result
 
 
 def _growth(rows: list[dict]) -> list[dict]:
@@ -125,5 +202,9 @@ def _growth(rows: list[dict]) -> list[dict]:
 def format_scale(result: dict) -> str:
     from transact.bench.report import format_table
 
-    return (format_table(result["rows"], COLUMNS) + "\n\ngrowth, smallest -> largest world:\n"
+    text = (format_table(result["rows"], COLUMNS) + "\n\ngrowth, smallest -> largest world:\n"
             + format_table(result["growth"]))
+    if result.get("stages"):
+        text += "\n\nwhere the local engine's time goes (exclusive wall seconds per stage):\n" + format_table(
+            result["stages"])
+    return text

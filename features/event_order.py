@@ -29,8 +29,29 @@ IMPRESSION_TIES: tuple[str, ...] = ("request_id", "position", "item_id", "surfac
 
 def event_order(user: np.ndarray, ts: np.ndarray, *ties: np.ndarray) -> np.ndarray:
     """The permutation sorting events by (user, ts, *ties), each ascending."""
+    keys = [np.asarray(user), np.asarray(ts), *(np.asarray(t) for t in ties)]  # most significant first
+    if _sorted_lex(keys):
+        # Tables are usually written in this order already: checking costs a few vectorised
+        # comparisons, a lexsort of 1.5M actions 0.4 s. The identity is what the (stable)
+        # lexsort would return for sorted rows, equal rows included.
+        return np.arange(len(keys[0]), dtype=np.int64)
     # np.lexsort takes its keys least significant first
-    return np.lexsort((*reversed([np.asarray(t) for t in ties]), np.asarray(ts), np.asarray(user)))
+    return np.lexsort(keys[::-1])
+
+
+def _sorted_lex(keys: list[np.ndarray]) -> bool:
+    """Whether consecutive rows are non-decreasing in the lexicographic order of ``keys``
+    (most significant first)."""
+    n = len(keys[0])
+    if n < 2:
+        return True
+    undecided = np.ones(n - 1, dtype=bool)  # [n - 1] rows i, i + 1 equal on the keys so far
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        if np.any(undecided & (a > b)):
+            return False
+        undecided &= a == b
+    return True
 
 
 def group_offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -81,7 +102,7 @@ def pair_ids(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray])
     int64 x, y: ``(ids of a, ids of b, number of distinct pairs)``."""
     x = np.concatenate([a[0], b[0]]).astype(np.int64)
     y = np.concatenate([a[1], b[1]]).astype(np.int64)
-    o = np.lexsort((y, x))
+    o = pair_order(x, y)
     new = np.ones(len(o), dtype=bool)
     if len(o) > 1:
         new[1:] = (x[o][1:] != x[o][:-1]) | (y[o][1:] != y[o][:-1])
@@ -89,3 +110,16 @@ def pair_ids(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray])
     ids[o] = np.cumsum(new) - 1
     n_a = len(a[0])
     return ids[:n_a], ids[n_a:], int(new.sum())
+
+
+def pair_order(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A permutation sorting (x, y) int pairs ascending (equal pairs in any order). Where the
+    two ranges fit together in 63 bits, the pairs sort as one int64 key
+    ``(x - min x) * span_y + (y - min y)`` -- the same order, at a third of a two-key
+    lexsort's time; anything else goes through ``np.lexsort``."""
+    if len(x):
+        x0, y0 = int(x.min()), int(y.min())
+        span_x, span_y = int(x.max()) - x0 + 1, int(y.max()) - y0 + 1
+        if span_x * span_y < 2**63:
+            return np.argsort((x - x0) * span_y + (y - y0))
+    return np.lexsort((y, x))

@@ -65,10 +65,14 @@ class JaggedSequences:
         not a copy, when every token is kept)."""
         if bool(keep.all()):
             return self
-        user = self.token_user()[keep]
-        counts = torch.bincount(user, minlength=self.num_users)  # [U]
-        offsets = torch.zeros(self.num_users + 1, dtype=torch.int64, device=self.offsets.device)
-        offsets[1:] = torch.cumsum(counts, 0)
+        # user u keeps the tokens kept before offsets[u + 1], less those before offsets[u]
+        kept_before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=keep.device)  # [T + 1]
+        torch.cumsum(keep, 0, out=kept_before[1:])
+        offsets = kept_before[self.offsets]  # [U + 1]
+        if keep.device.type == "cpu":  # one np.take per field: ~3x faster than a boolean index
+            rows = np.flatnonzero(keep.numpy())  # [T']
+            take = lambda t: torch.from_numpy(_take_rows(t, rows))  # noqa: E731
+            return JaggedSequences(take(self.emb_q), take(self.action), take(self.surface), take(self.ts), offsets)
         return JaggedSequences(self.emb_q[keep], self.action[keep], self.surface[keep],
                                self.ts[keep], offsets)
 
@@ -112,6 +116,12 @@ def valid_mask(seg_len: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     return torch.cat(parts, dim=1)  # [N, S]
 
 
+def _take_rows(t: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of a CPU tensor, as numpy (``np.take`` along axis 0 copies a row
+    of 32 int8 ~6x faster than a tensor's advanced index)."""
+    return np.take(t.numpy(), rows, axis=0)
+
+
 def _segment_from_local(local: torch.Tensor, seq: JaggedSequences, cand_user: torch.Tensor,
                         size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orders selected tokens oldest -> newest, padding first.
@@ -120,9 +130,13 @@ def _segment_from_local(local: torch.Tensor, seq: JaggedSequences, cand_user: to
     Returns global token indices [N, size] (-1 = padding) and valid counts [N].
     """
     # Newest first storage: larger local index = older. Padding sorts first.
-    key = torch.where(local < 0, torch.full_like(local, torch.iinfo(torch.int64).max), local)
-    local = torch.sort(key, dim=1, descending=True).values  # [N, size]
-    pad = local == torch.iinfo(torch.int64).max
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(local < 0, torch.full_like(local, big), local)  # [N, size]
+    if key.device.type == "cpu":  # numpy's sort of small int64 rows is ~10x torch's
+        local = torch.from_numpy(-np.sort(-key.numpy(), axis=1))  # [N, size] descending (keys >= 0)
+    else:
+        local = torch.sort(key, dim=1, descending=True).values  # [N, size]
+    pad = local == big
     glob = torch.where(pad, torch.full_like(local, -1), local + seq.offsets[cand_user][:, None])
     return glob, (~pad).sum(1)
 
@@ -154,7 +168,7 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     oldest_rt = torch.full((U,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     has_rt = rt_len > 0
     oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
-    ll_old = ll.select(ll.ts < oldest_rt[ll.token_user()])
+    ll_old = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # [T_ll] cut per user
     rt_pos = rt.token_pos()  # [T_rt]
     rt_rest = rt.select(rt_pos >= cfg.r)
 
@@ -172,9 +186,12 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     local, _ = dispatch.nn_search(imp.emb_q, imp.offsets, cand_emb, cand_offsets, cfg.k_imp)
     segs.append((imp, *_segment_from_local(local, imp, cand_user, cfg.k_imp)))
 
-    emb_parts, act_parts, surf_parts, age_parts, counts = [], [], [], [], []
     req_ts = request_ts[cand_user]  # [N]
-    for seq, glob, cnt in segs:
+    counts = torch.stack([cnt for _, _, cnt in segs], 1).to(torch.int16)  # [N, 4]
+    if device.type == "cpu":
+        return _assemble_cpu(segs, req_ts, N, cfg, counts)
+    emb_parts, act_parts, surf_parts, age_parts = [], [], [], []
+    for seq, glob, _ in segs:
         pad = glob < 0  # [N, k]
         g: torch.Tensor | None = glob.clamp(min=0)
         if seq.ts.numel() == 0:  # nothing to gather from: all padding
@@ -184,23 +201,67 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
         act = seq.action[g] if g is not None else torch.zeros(N, size, dtype=torch.uint8, device=device)
         surf = seq.surface[g] if g is not None else torch.zeros(N, size, dtype=torch.int8, device=device)
         ts = seq.ts[g] if g is not None else torch.zeros(N, size, dtype=torch.int64, device=device)
-        emb = emb.masked_fill(pad[..., None], 0)  # [N, k, D]
-        act = act.masked_fill(pad, 0)  # [N, k]
-        surf = surf.masked_fill(pad, 0)  # [N, k]
-        age = torch.div(req_ts[:, None] - ts, 1000, rounding_mode="floor")  # [N, k] seconds
-        age = age.clamp(0, torch.iinfo(torch.int32).max).to(torch.int32).masked_fill(pad, PAD_AGE)
-        emb_parts.append(emb)
-        act_parts.append(act)
-        surf_parts.append(surf)
-        age_parts.append(age)
-        counts.append(cnt)
+        emb_parts.append(emb.masked_fill(pad[..., None], 0))  # [N, k, D]
+        act_parts.append(act.masked_fill(pad, 0))  # [N, k]
+        surf_parts.append(surf.masked_fill(pad, 0))  # [N, k]
+        age_parts.append(_age_s(req_ts, ts, pad))  # [N, k]
     return SAll(
         emb_q=torch.cat(emb_parts, 1),  # [N, S, D]
         action=torch.cat(act_parts, 1),  # [N, S]
         surface=torch.cat(surf_parts, 1),  # [N, S]
         age_s=torch.cat(age_parts, 1),  # [N, S]
-        seg_len=torch.stack(counts, 1).to(torch.int16),  # [N, 4]
+        seg_len=counts,  # [N, 4]
     )
+
+
+def _age_s(req_ts: torch.Tensor, ts: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """int32 [N, k]: whole seconds from each token to its request (floored, clamped to
+    [0, 2^31 - 1]), :data:`PAD_AGE` on padding."""
+    age = torch.div(req_ts[:, None] - ts, 1000, rounding_mode="floor")  # [N, k] seconds
+    return age.clamp(0, torch.iinfo(torch.int32).max).to(torch.int32).masked_fill(pad, PAD_AGE)
+
+
+def _assemble_cpu(segs: list[tuple[JaggedSequences, torch.Tensor, torch.Tensor]], req_ts: torch.Tensor,
+                  N: int, cfg: FeatureConfig, counts: torch.Tensor) -> SAll:
+    """:class:`SAll` of the segments' global token indices, in numpy, each field written
+    once into its [N, S] output (the tensor path gathers each segment, masks it and
+    concatenates: three passes over ~6 KB a row).
+
+    The 1- and 8-byte fields come from one gather each over the segments' sources laid
+    end to end (small: no embeddings), the embeddings from one gather per segment into a
+    contiguous block copied into its slots (3x faster than gathering into strided slots).
+    """
+    S = cfg.seq_len
+    glob = torch.cat([g for _, g, _ in segs], 1).numpy()  # [N, S] token of each slot, -1 on padding
+    pad = glob < 0  # [N, S]
+    emb = np.empty((N, S, EMB_DIM), dtype=np.int8)  # [N, S, D]
+    n_tok = [int(q.ts.numel()) for q, _, _ in segs]
+    start = np.cumsum([0, *n_tok[:-1]])  # where each segment's source starts, end to end
+    lo = 0
+    for (seq, g, _), first in zip(segs, start.tolist()):
+        size = g.shape[1]
+        rows = np.where(pad[:, lo : lo + size], 0, g.numpy())  # [N, k] (padding: row 0, zeroed below)
+        if seq.ts.numel():
+            emb[:, lo : lo + size] = np.take(seq.emb_q.numpy(), rows, axis=0)  # [N, k, D]
+        glob[:, lo : lo + size] = rows + first  # [N, k] row in the end-to-end sources
+        lo += size
+    glob[pad] = 0  # a real row even where a segment's source is empty (padding: fixed below)
+    total = sum(n_tok)
+
+    def gather(field: str, dtype) -> np.ndarray:
+        """[N, S] of one per-token field, the segments' values laid end to end."""
+        src = np.concatenate([getattr(q, field).numpy() for q, _, _ in segs] or [np.zeros(0, dtype)])
+        return np.take(src, glob) if total else np.zeros((N, S), dtype)
+
+    act, surf = gather("action", np.uint8), gather("surface", np.int8)  # [N, S]
+    sec = req_ts.numpy()[:, None] - gather("ts", np.int64)  # [N, S] ms before the request
+    np.floor_divide(sec, 1000, out=sec)  # _age_s in numpy: floor division, clip, cast
+    np.clip(sec, 0, np.iinfo(np.int32).max, out=sec)
+    age = sec.astype(np.int32)  # [N, S] in range after the clip
+    if pad.any():
+        emb[pad], act[pad], surf[pad], age[pad] = 0, 0, 0, PAD_AGE
+    return SAll(emb_q=torch.from_numpy(emb), action=torch.from_numpy(act), surface=torch.from_numpy(surf),
+                age_s=torch.from_numpy(age), seg_len=counts)
 
 
 # --- the logged training row -------------------------------------------------------------
@@ -241,9 +302,10 @@ def _fixed_list(values: torch.Tensor, pa_type: pa.DataType, width: int) -> pa.Ar
 
 def _packed(values: torch.Tensor, width: int) -> pa.Array:
     """[N, ...] 1-byte tensor -> fixed_size_binary(width) array of N rows."""
-    data = values.reshape(values.shape[0], -1).cpu().numpy()
+    data = np.ascontiguousarray(values.reshape(values.shape[0], -1).cpu().numpy())
+    # the array's own memory (no bytes copy): the buffer holds a reference to it
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), data.shape[0],
-                                                [None, pa.py_buffer(data.tobytes())])
+                                                [None, pa.py_buffer(data)])
 
 
 def s_all_to_arrow(s_all: SAll, cand_emb_q: torch.Tensor, meta: pa.Table, cfg: FeatureConfig) -> pa.Table:

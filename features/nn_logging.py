@@ -42,9 +42,10 @@ def log_nn_features(world: str | Path, out: str | Path, cfg: FeatureConfig | Non
         out: destination parquet file (written atomically).
         cfg: feature contract; defaults to :class:`FeatureConfig`.
         batch_requests: requests per de-duplicated batch (bounds memory).
-        num_threads: torch intra-op threads. The work is many small per-user matmuls,
-            where thread hand-offs cost more than they save (measured: 1 thread ran
-            ~10x faster than 2 on a loaded 2-core machine).
+        num_threads: torch intra-op threads. One per worker: the work is one process's
+            chunks of small GEMMs and numpy passes, where thread hand-offs cost more than
+            they save (measured with the per-user loop: 1 thread ran ~10x faster than 2 on
+            a loaded 2-core machine); a machine scales out by workers (docs/scale-out.md).
     Returns:
         A summary: rows, requests, seconds, bytes, path.
     """
@@ -102,12 +103,16 @@ def write_nn_rows(store: EventStore, requests: pa.Table, out: str | Path, schema
         ts = requests.column("ts").to_numpy()
         items = requests.column("item_id").to_numpy()
         n_req = len(starts)
+        # The EventStore cuts S_LL where build_s_all would (one search per request, not a
+        # pass and a copy of every lifelong token); other stores (Feast's historical reads)
+        # hand S_LL whole and build_s_all cuts it: the same rows.
+        cut = {"ll_before_rt": True} if isinstance(store, EventStore) else {}
         with AtomicParquetWriter(out, schema) as writer, \
                 tqdm(total=n_req, desc="log-nn", unit="req", disable=not progress) as bar:
             for b in range(0, n_req, batch_requests):
                 s, e = starts[b : b + batch_requests], ends[b : b + batch_requests]
                 row_lo, row_hi = int(s[0]), int(e[-1])
-                ll, rt, imp = store.sequences(users[s], ts[s])
+                ll, rt, imp = store.sequences(users[s], ts[s], **cut)
                 cand_q = torch.from_numpy(store.item_emb_q_of(items[row_lo:row_hi]))  # [N, D]
                 cand_off = torch.from_numpy(np.append(s - row_lo, row_hi - row_lo).astype(np.int64))
                 with torch.no_grad():

@@ -40,6 +40,7 @@ from transact.features.event_order import (
     event_order,
     group_offsets,
     pair_ids,
+    pair_order,
     search_in_groups,
 )
 from transact.features.nn_features import JaggedSequences
@@ -103,16 +104,24 @@ class EventStore:
         from transact.data.world import check_world
 
         check_world(world, ("items", "actions", "impressions"))  # a sealed world, never a mix
-        tables = {n: read_table(table_path(world, n), S.TABLES[n], what=n)
-                  for n in ("items", "actions", "impressions")}
+        # the store reads an item's id and int8 codes only
+        cols = {"items": ("item_id", "emb_q"), "actions": None, "impressions": None}
+        tables = {n: read_table(table_path(world, n), S.TABLES[n], columns=c, what=n) for n, c in cols.items()}
         return cls(tables["items"], tables["actions"], tables["impressions"], cfg)
 
     # --- construction --------------------------------------------------------------------
 
     def _item_rows(self, item_id: np.ndarray, what: str) -> np.ndarray:
-        rows = np.searchsorted(self._item_ids, item_id)
-        rows = np.minimum(rows, max(len(self._item_ids) - 1, 0))
-        unknown = (self._item_ids[rows] != item_id) if len(self._item_ids) else np.ones(len(item_id), bool)
+        ids = self._item_ids
+        if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:
+            # Dense ids (first, first + 1, ...): the row is the id's offset -- what the
+            # binary search finds, without its cache misses (0.5 s for 1.8M lookups).
+            unknown = (item_id < ids[0]) | (item_id > ids[-1])
+            rows = np.where(unknown, 0, item_id - ids[0])
+        else:
+            rows = np.searchsorted(ids, item_id)
+            rows = np.minimum(rows, max(len(ids) - 1, 0))
+            unknown = (ids[rows] != item_id) if len(ids) else np.ones(len(item_id), bool)
         if unknown.any():
             raise SchemaError(f"{what}: {int(unknown.sum())} rows reference item_id values missing "
                               f"from items, e.g. {np.unique(item_id[unknown])[:5].tolist()}")
@@ -140,7 +149,7 @@ class EventStore:
             return np.full(len(imp.ts), _NEVER, dtype=np.int64)
         # Dense id of each (user, item) pair seen in either table; actions by (pair, ts).
         a_pair, i_pair, n_pairs = pair_ids((a.user_rank, a.item_row), (imp.user_rank, imp.item_row))
-        order = np.lexsort((a.ts, a_pair))
+        order = pair_order(a_pair, a.ts)  # by (pair, ts); equal pairs of times: the same a_ts
         a_ts = a.ts[order]
         off = group_offsets(a_pair[order], n_pairs)
         j = search_in_groups(a_ts, off[i_pair], off[i_pair + 1], imp.ts, side="left")
@@ -155,19 +164,24 @@ class EventStore:
         return lo, np.where(known, hi, lo)
 
     def _jagged(self, ev: _EventArrays, idx: np.ndarray, offsets: np.ndarray) -> JaggedSequences:
+        # np.take: along axis 0 it copies 32-byte rows ~2.5x faster than fancy indexing
         return JaggedSequences(
-            emb_q=torch.from_numpy(self.item_emb_q[ev.item_row[idx]]),  # [T, D]
-            action=torch.from_numpy(ev.action[idx]),  # [T]
-            surface=torch.from_numpy(ev.surface[idx]),  # [T]
-            ts=torch.from_numpy(ev.ts[idx]),  # [T]
+            emb_q=torch.from_numpy(np.take(self.item_emb_q, np.take(ev.item_row, idx), axis=0)),  # [T, D]
+            action=torch.from_numpy(np.take(ev.action, idx)),  # [T]
+            surface=torch.from_numpy(np.take(ev.surface, idx)),  # [T]
+            ts=torch.from_numpy(np.take(ev.ts, idx)),  # [T]
             offsets=torch.from_numpy(offsets),  # [U + 1]
         )
 
-    def sequences(self, user_ids: np.ndarray, ts: np.ndarray
+    def sequences(self, user_ids: np.ndarray, ts: np.ndarray, ll_before_rt: bool = False
                   ) -> tuple[JaggedSequences, JaggedSequences, JaggedSequences]:
         """(S_LL, S_RT, S_imp) for requests (user_ids[i], ts[i]), newest first.
 
-        Unknown (cold) users get empty sequences.
+        Unknown (cold) users get empty sequences. ``ll_before_rt``: S_LL without its tokens
+        at or after the oldest S_RT token -- the part of it that
+        :func:`transact.features.nn_features.build_s_all` searches (it cuts the same tokens
+        itself, and keeps such a sequence whole, without a copy). The cut here is one
+        binary search per request instead of a pass over every lifelong token.
         """
         cfg = self.cfg
         user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -179,7 +193,15 @@ class EventStore:
         rt_idx, rt_off = _ranges(np.maximum(lo, hi - cfg.rt_cap), hi)
         t_ll = (t // cfg.ll_refresh_ms) * cfg.ll_refresh_ms if cfg.ll_refresh_ms else t
         _, hi_ll = self._bounds(a, rank, known, t_ll)
-        ll_idx, ll_off = _ranges(np.maximum(lo, hi_ll - cfg.ll_cap), hi_ll)
+        ll_lo = np.maximum(lo, hi_ll - cfg.ll_cap)
+        if ll_before_rt and len(a.ts):
+            # S_RT's oldest event is rt_lo; lifelong events from the first one at its ts on
+            # are left to the realtime segments (a user's events are in ts order).
+            rt_lo = np.maximum(lo, hi - cfg.rt_cap)  # [U]
+            oldest_rt_ts = a.ts[np.minimum(rt_lo, len(a.ts) - 1)]  # [U] (unused without S_RT)
+            first_at = search_in_groups(a.ts, lo, hi, oldest_rt_ts, side="left")  # [U]
+            hi_ll = np.where(rt_lo < hi, np.minimum(hi_ll, first_at), hi_ll)
+        ll_idx, ll_off = _ranges(ll_lo, hi_ll)
 
         win_idx, win_off, engaged = self._imp_window(rank, known, t, IMP_LOOKBACK * cfg.imp_cap)
         req_of_tok = np.repeat(np.arange(len(t)), np.diff(win_off))

@@ -380,3 +380,20 @@ def wait_served(url: str, proc: subprocess.Popen, log: Path, timeout: float = 24
         wait_ready(url, timeout, proc, probe)
     except (RuntimeError, TimeoutError) as e:
         pytest.fail(f"{e}:\n" + log.read_text()[-3000:])
+
+
+def report_widgets(html: str) -> list[dict]:
+    """An Evidently report's widgets in page order (depth first), from the data the page draws."""
+    import json
+    import re
+
+    m = re.search(r"var metric_\w+ = (\{.*?\});\n", html, re.S)
+    assert m, "no widget data in the report"
+    out: list[dict] = []
+
+    def walk(ws):
+        for w in ws:
+            out.append(w)
+            walk(w.get("widgets") or [])
+    walk(json.loads(m.group(1))["widgets"])
+    return out

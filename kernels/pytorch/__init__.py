@@ -2,7 +2,8 @@
 serving baseline used by the benchmarks.
 
 - :mod:`transact.kernels.pytorch.nn_search`: ``nn_search``, the reference of the fused NN
-  search (per-user padding, no broadcast), with its exact top-k helpers. Import it from
+  search (users in chunks of similar lengths, padded; no broadcast), with its exact top-k
+  helpers. Import it from
   the module: the package attribute ``nn_search`` is that module, not the function (a
   re-exported function of the same name would hide the module from ``import ... as`` and
   from monkeypatch / ``mock.patch`` paths).

@@ -154,6 +154,38 @@ def test_pair_ids_are_dense_and_exact(a, b):
             assert (ids[i] == ids[j]) == (pairs[i] == pairs[j])
 
 
+@settings(max_examples=60, deadline=None)
+@given(xy=st.one_of(
+    st.lists(st.tuples(st.integers(-3, 40), st.integers(-(2**40), 2**40)), max_size=30),  # one int64 key
+    st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-3, 3)), max_size=30)))  # lexsort
+def test_pair_order_sorts_pairs_as_lexsort(xy):
+    """Both branches of pair_order (one packed int64 key; lexsort when the ranges do not fit
+    63 bits) sort the pairs as np.lexsort does (equal pairs may come in any order)."""
+    from transact.features.event_order import pair_order
+
+    x = np.array([p[0] for p in xy], np.int64)
+    y = np.array([p[1] for p in xy], np.int64)
+    o, want = pair_order(x, y), np.lexsort((y, x))
+    assert sorted(o.tolist()) == list(range(len(xy)))
+    assert np.array_equal(x[o], x[want]) and np.array_equal(y[o], y[want])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)), max_size=25),
+       presort=st.booleans())
+def test_event_order_on_sorted_and_unsorted_tables(rows, presort):
+    """Rows already in the order (the usual table) take the identity without a lexsort;
+    any other order gets lexsort's permutation. Either way the rows come out sorted, equal
+    rows in their table order (stable)."""
+    if presort:
+        rows = sorted(rows)
+    cols = [np.array([r[i] for r in rows], np.int64) for i in range(3)]
+    o = event_order(*cols)
+    assert np.array_equal(o, np.lexsort(cols[::-1]))
+    if presort:
+        assert o.tolist() == list(range(len(rows)))
+
+
 def test_event_order_is_total_and_group_offsets_count():
     user = np.array([5, 5, 2, 5, 2], np.int64)
     ts = np.array([1, 1, 9, 1, 3], np.int64)

@@ -196,40 +196,32 @@ def test_arrow_round_trip_of_a_sliced_multi_chunk_table():
     assert torch.equal(cand2, cand[1:4])
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), L=st.integers(1, 300), k=st.integers(1, 40),
-       levels=st.sampled_from([2, 5, 50, 0]))
-def test_topk_tie_break_equals_the_full_key(seed, m, L, k, levels):
-    """The fast top-k equals topk over the exact (score desc, index asc) key, ties included."""
-    from transact.kernels.pytorch.nn_search import _tie_break_key, topk_tie_break
-
-    rng = np.random.default_rng(seed)
-    k = min(k, L)
-    # few distinct levels: ties everywhere, many straddling the cut; 0: continuous scores
-    x = rng.integers(0, levels, (m, L)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(m, L))
-    scores = torch.from_numpy(x.astype(np.float32)) + 0.0
-    exp = torch.topk(_tie_break_key(scores), k, dim=1).indices
-    assert torch.equal(topk_tie_break(scores, k), exp)
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 5), L=st.integers(1, 200), k=st.integers(1, 30),
-       block=st.integers(1, 9), levels=st.sampled_from([2, 5, 0]))
-def test_topk_by_groups_equals_topk(seed, m, L, k, block, levels):
-    """The grouped top-k (forced at small shapes) gives topk's values, at columns holding
-    them, and the tie-break top-k built on it still equals the full key."""
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), m=st.integers(1, 5), n_groups=st.integers(1, 80),
+       G=st.sampled_from([1, 2, 4, 8, 16]), k=st.integers(1, 60), levels=st.sampled_from([1, 2, 5, 50, 0]),
+       with_cn=st.booleans())
+def test_grouped_selection_equals_topk_of_the_full_key(seed, b, m, n_groups, G, k, levels, with_cn):
+    """The NN search's exact top-k (kernels/pytorch/nn_search.py::_select_rows: top k groups
+    of G tokens, then the top k of their tokens; and the tensor path's one ``topk``) equals
+    ``topk`` over the (score desc, index asc) key of every score: ties everywhere (few
+    distinct levels, many straddling the cut), users padded with -inf at the end of their
+    rows, the score divided by a per-row norm or not."""
     from transact.kernels.pytorch import nn_search as nns
 
     rng = np.random.default_rng(seed)
+    L = n_groups * G
     k = min(k, L)
-    x = rng.integers(0, levels, (m, L)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(m, L))
-    scores = torch.from_numpy(x.astype(np.float32)) + 0.0
-    exp = torch.topk(nns._tie_break_key(scores), k, dim=1).indices
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(nns, "TOPK_GROUP_SIZE", block)
-        mp.setattr(nns, "TOPK_GROUPS_PER_VALUE", 1)  # grouped whenever L >= k x block
-        vals, cols = nns._topk_by_groups(scores, k)
-        fast = nns.topk_tie_break(scores, k)
-    assert torch.equal(vals, torch.topk(scores, k, dim=1).values)
-    assert torch.equal(torch.gather(scores, 1, cols), vals) and (cols.sort(1).values.diff(dim=1) > 0).all()
-    assert torch.equal(fast, exp)
+    x = rng.integers(0, max(levels, 1), (b, L, m)) / max(levels, 1) - 0.5 if levels else rng.normal(size=(b, L, m))
+    s1 = x.astype(np.float32) + np.float32(0.0)  # [b, L, m] token-major; + 0.0: no -0.0
+    for u in range(b):  # padding ends the rows of some users
+        s1[u, L - int(rng.integers(0, L)) if rng.random() < 0.5 else L :] = -np.inf
+    cn = (rng.integers(1, 4, (b, m)) * np.float32(0.75)).astype(np.float32) if with_cn else None  # [b, m]
+    final = torch.from_numpy(np.ascontiguousarray(s1.transpose(0, 2, 1)).reshape(b * m, L))  # [R, L]
+    if cn is not None:
+        final = final / torch.from_numpy(cn).reshape(b * m, 1)
+    exp_cols = torch.topk(nns._tie_break_key(final), k, dim=1).indices  # [R, k]
+    exp_vals = torch.gather(final, 1, exp_cols)
+    cols, vals = nns._select_rows(s1, cn, k, G)
+    assert np.array_equal(cols, exp_cols.numpy()) and np.array_equal(vals, exp_vals.numpy())
+    cols_t, vals_t = nns._select_rows_torch(torch.from_numpy(s1), None if cn is None else torch.from_numpy(cn), k)
+    assert torch.equal(cols_t, exp_cols) and torch.equal(vals_t, exp_vals)

@@ -74,6 +74,41 @@ def test_sequences_match_brute_force_and_never_leak(seed, ll_cap, rt_cap, imp_ca
             assert (ll.ts[lo:hi].numpy() < (t // refresh) * refresh).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ll_cap=st.integers(1, 40), rt_cap=st.integers(0, 12),
+       refresh=st.sampled_from([0, DAY_MS, 3_600_000]), dense_ids=st.booleans())
+def test_lifelong_cut_before_the_realtime_tokens_is_build_s_all_s_cut(seed, ll_cap, rt_cap, refresh, dense_ids):
+    """``sequences(..., ll_before_rt=True)``'s S_LL holds exactly the tokens build_s_all
+    keeps of the whole S_LL (those older than the oldest S_RT token, ties of one ts
+    included), so logging can hand it over uncut; the other two sequences are unchanged.
+    Item ids dense or not (the store's two item lookups)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    items = make_items(40, rng)
+    if dense_ids:  # 0, 1, 2, ... (make_items' ids are sparse)
+        items = items.set_column(0, "item_id", pa.array(np.arange(items.num_rows, dtype=np.int64)))
+    actions, impressions = make_events(items, n_users=4, n_actions=150, n_imps=200, rng=rng)
+    a_ts = actions.column("ts").to_numpy().copy()
+    a_ts[rng.random(len(a_ts)) < 0.3] = a_ts[0]  # many events share one ts
+    actions = actions.set_column(actions.schema.get_field_index("ts"), "ts", pa.array(a_ts))
+    cfg = FeatureConfig(ll_cap=ll_cap, rt_cap=rt_cap, imp_cap=4, r=min(2, rt_cap), k_ll=3, k_rt=2, k_imp=2,
+                        ll_refresh_ms=refresh)
+    store = EventStore(items, actions, impressions, cfg)
+    users = np.array([0, 11, 22, 33, 999, 0], dtype=np.int64)
+    ts = T0 + rng.integers(0, 10 * 86_400_000, len(users))
+    ts[1] = a_ts[0] + 1
+    ll, rt, imp = store.sequences(users, ts)
+    cut, rt2, imp2 = store.sequences(users, ts, ll_before_rt=True)
+    oldest_rt = torch.full((len(users),), torch.iinfo(torch.int64).max)
+    has_rt = rt.lengths > 0
+    oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
+    exp = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # build_s_all's cut
+    for a, b in ((cut, exp), (rt2, rt), (imp2, imp)):
+        for f in ("emb_q", "action", "surface", "ts", "offsets"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
 def test_newest_first_and_caps():
     rng = np.random.default_rng(0)
     items = make_items(10, rng)

@@ -12,12 +12,12 @@ share rule does not), and a window drawn like the reference (neither says drift)
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import report_widgets
 from transact.monitoring.drift import DriftRule, analyze_window
 from transact.monitoring.features import CATEGORICAL_COLUMNS, EMBEDDINGS, NUMERICAL_COLUMNS
 
@@ -46,20 +46,6 @@ def frame(n: int, seed: int, shifted: bool = False, t0: int = T0) -> pd.DataFram
                 user_id=np.arange(n) // 10)
     assert set(CATEGORICAL_COLUMNS) == {"surface"}
     return pd.DataFrame(cols)
-
-
-def report_widgets(html: str) -> list[dict]:
-    """The report's widgets in page order (depth first), from the data the page draws."""
-    m = re.search(r"var metric_\w+ = (\{.*?\});\n", html, re.S)
-    assert m, "no widget data in the report"
-    out = []
-
-    def walk(ws):
-        for w in ws:
-            out.append(w)
-            walk(w.get("widgets") or [])
-    walk(json.loads(m.group(1))["widgets"])
-    return out
 
 
 def verdicts(html: str) -> list[str]:

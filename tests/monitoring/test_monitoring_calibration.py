@@ -89,8 +89,7 @@ def test_calibration_gap_is_a_drift_criterion_only_when_the_rule_sets_it(referen
 
 def test_the_gap_is_in_the_decision_record_the_report_and_the_dashboard(reference, tmp_path):
     """Two windows (calibrated, then doubled) with the rule's calibration criterion on."""
-    from test_drift_verdict import report_widgets
-
+    from helpers import report_widgets
     from transact.monitoring import dashboard
     from transact.monitoring.monitor import run_monitor
     from transact.monitoring.verdict import CALIBRATION_TITLE
