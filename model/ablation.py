@@ -44,7 +44,7 @@ from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
 from transact.model.calibration import HOLDOUT
 from transact.model.checkpoint import load_model
-from transact.model.dataset import RowDataset, Split, default_train_end_ts
+from transact.model.dataset import RowDataset, Split, split_point
 from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, holdout_start, train
@@ -115,14 +115,7 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
         log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    src = "given"
-    if split.kind == "user":
-        if train_end_ts is not None:
-            raise ValueError("train_end_ts: the per-user split holds out each user's last requests and takes no "
-                             "global split point")
-        src = "none (per-user split)"
-    elif train_end_ts is None:
-        train_end_ts, src = default_train_end_ts(rows)
+    train_end_ts, src = split_point(rows, train_end_ts, split)
     eval_data = RowDataset(rows, "eval", train_end_ts=train_end_ts, max_memory_mb=max_memory_mb, split_by=split)
     if eval_data.num_rows == 0:
         raise ValueError(f"{rows}: no eval rows ({eval_data.describe()})")

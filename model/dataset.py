@@ -188,6 +188,20 @@ def rows_train_end_ts(path: str | Path) -> tuple[int, str] | None:
     return None
 
 
+def split_point(path: str | Path, train_end_ts: int | None, split: Split) -> tuple[int | None, str]:
+    """The global split point a run uses and where it came from: the one given, else the rows'
+    own (:func:`default_train_end_ts`) under the time split; none under the per-user split,
+    which refuses one (each user's cut is their own)."""
+    if split.kind == "user":
+        if train_end_ts is not None:
+            raise ValueError("train_end_ts: the per-user split holds out each user's last requests and takes no "
+                             "global split point")
+        return None, "none (per-user split)"
+    if train_end_ts is None:
+        return default_train_end_ts(path)
+    return train_end_ts, "given"
+
+
 def default_train_end_ts(path: str | Path) -> tuple[int, str]:
     """train_end_ts of the rows (:func:`rows_train_end_ts`), else the 80% quantile of row ts.
 

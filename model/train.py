@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from transact.features.config import FeatureConfig
 from transact.model import calibration as CAL, checkpoint as ckpt
-from transact.model.dataset import RowDataset, Split, default_train_end_ts
+from transact.model.dataset import RowDataset, Split, split_point
 from transact.model.defaults import TRAIN
 from transact.model.losses import label_weight_matrix, total_loss
 from transact.model.transact import ModelConfig, TransActModel, count_parameters, model_config
@@ -219,14 +219,7 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
     amp = autocast(env.device, precision)  # checks the name before any work
     if num_threads:
         torch.set_num_threads(num_threads)
-    end_src = "given"
-    if split.kind == "user":
-        if train_end_ts is not None:
-            raise ValueError("train_end_ts: the per-user split holds out each user's last requests and takes no "
-                             "global split point")
-        end_src = "none (per-user split)"
-    elif train_end_ts is None:
-        train_end_ts, end_src = default_train_end_ts(rows)
+    train_end_ts, end_src = split_point(rows, train_end_ts, split)
     # One code path for both splits: the optimiser steps through the training rows before
     # fit_end_ts; the calibration slice is the training rows from it on (None: no slice).
     fit_end_ts = holdout_start(rows, train_end_ts, calibration_holdout, split)
