@@ -25,6 +25,9 @@ Watching and resuming:
   are cycled (as many epochs as it takes, the last one cut) and the warm-up + cosine
   schedule spans exactly those steps; without it every run trains ``epochs`` epochs. The
   budget actually trained is logged and recorded per run.
+- Variants: a model may be a registry model with ModelConfig fields changed
+  (:class:`Variant`, ``--variant imp_w1=transact_nal_imp:nal_weight=1``), so one ablation sweeps
+  a setting (the NAL's weight, negatives, projection) paired by seed and user like the rest.
 - Resume (``resume=True``): a finished run (``run.json`` + ``hits.npz`` in its folder, with
   the same settings) is read back, neither trained nor scored again; an interrupted run
   continues from its last checkpoint (:func:`transact.model.train.train`). A finished run
@@ -36,6 +39,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +52,7 @@ from transact.model.dataset import RowDataset, Split, split_point
 from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, holdout_start, train
-from transact.model.transact import BASELINES
+from transact.model.transact import BASELINES, model_config
 
 LABELS: dict[str, str] = {
     "wdl": "WDL (no sequence)",
@@ -60,6 +64,44 @@ LABELS: dict[str, str] = {
 }
 TABLE_ACTIONS: tuple[str, ...] = ("repin", "hide")
 RUN_FILE, HITS_FILE = "run.json", "hits.npz"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of the ablation that is a registry model with some ModelConfig fields changed."""
+
+    name: str
+    base: str
+    overrides: dict
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """``NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]``; values are JSON (numbers, true/false),
+        else strings. The config is built once here, so a bad field fails before any training."""
+        name, sep, rest = spec.partition("=")
+        base, sep2, fields = rest.partition(":")
+        if not (sep and sep2 and name.strip() and base.strip()):
+            raise ValueError(f"variant {spec!r}: expected NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]")
+        name, base = name.strip(), base.strip()
+        if base not in BASELINES:
+            raise ValueError(f"variant {name!r}: unknown model {base!r}; choose from {', '.join(BASELINES)}")
+        overrides: dict = {}
+        for item in filter(None, (f.strip() for f in fields.split(","))):
+            key, eq, raw = item.partition("=")
+            if not eq:
+                raise ValueError(f"variant {name!r}: {item!r} is not FIELD=VALUE")
+            try:
+                overrides[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                overrides[key.strip()] = raw.strip()
+        if not overrides:
+            raise ValueError(f"variant {name!r}: no FIELD=VALUE given")
+        model_config(base, **overrides)  # checks the fields and their values now
+        return cls(name, base, overrides)
+
+    @property
+    def label(self) -> str:
+        return f"{LABELS.get(self.base, self.base)} [" + ", ".join(f"{k}={v}" for k, v in self.overrides.items()) + "]"
 
 
 def run_order(models: list[str], baseline: str, seeds: int) -> list[tuple[str, int]]:
@@ -91,7 +133,7 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
              max_memory_mb: float = 1024, model_overrides: dict | None = None,
              max_steps: int | None = None, log: Callable[[str], None] | None = None,
              progress_every_s: float = 30.0, precision: str = "fp32",
-             split: Split | str | None = None) -> dict:
+             split: Split | str | None = None, variants: list[Variant] | None = None) -> dict:
     """Trains and evaluates every model; returns the result (also written to ``out``).
 
     ``max_steps``: optimiser steps of every run (epochs cycled to reach it; same budget for
@@ -99,12 +141,19 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     and the tables after each run go (default ``print`` when ``progress``, else nowhere).
     ``precision``: of every run's forward (:func:`transact.model.train.train`).
     ``split``: the time split (default) or the per-user one ("user", "user:N").
+    ``variants``: further models, each a registry model with fields changed (:class:`Variant`);
+    they join ``models`` (every registry model when that is None) unless it names them already.
     """
     split = Split.parse(split)
+    variant_of = {v.name: v for v in variants or []}
+    clash = sorted(set(variant_of) & set(BASELINES))
+    if clash:
+        raise ValueError(f"variant names {clash} are registry models; name variants otherwise")
     models = list(models or BASELINES)
+    models += [v for v in variant_of if v not in models]
     if baseline not in models:
         models.insert(0, baseline)
-    unknown = [m for m in models if m not in BASELINES]
+    unknown = [m for m in models if m not in BASELINES and m not in variant_of]
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(BASELINES)}")
     if seeds < 1:
@@ -142,11 +191,16 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
             "batch_size": batch_size, "lr": lr, "train_end_ts": end, "train_end_ts_source": src,
             "split": {**split.to_dict(), "description": eval_data.describe()},
             "n_boot": n_boot, "n_eval_rows": eval_data.num_rows, "budget": budget, "precision": precision,
-            "score_weights": score_weights or M.DEFAULT_SCORE_WEIGHTS}
+            "score_weights": score_weights or M.DEFAULT_SCORE_WEIGHTS,
+            "labels": {m: variant_of[m].label if m in variant_of else LABELS.get(m, m) for m in models},
+            "variants": {n: {"model": v.base, "overrides": v.overrides} for n, v in variant_of.items()}}
     result: dict | None = None
     for i, (name, seed) in enumerate(order):
         run_dir = out / name / f"seed{seed}"
+        variant = variant_of.get(name)
         spec = {"model": name, "seed": seed, **settings}
+        if variant is not None:  # recorded, so a resumed run with other fields is refused by name
+            spec["variant"] = {"model": variant.base, "overrides": variant.overrides}
         tag = f"[{i + 1}/{len(order)}] {name} seed {seed}"
         cached = _read_run(run_dir, spec) if resume else None
         if cached is not None:
@@ -172,10 +226,12 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
                     f"{rec['examples_per_s']:.0f} ex/s  ETA run {_fmt_s((rec['total_steps'] - rec['step']) / r)}"
                     f", all {_fmt_s(remaining_s(rec['step'], r))}")
 
-            summary = train(rows, run_dir, name, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
+            base, fields = (variant.base, variant.overrides) if variant else (name, {})
+            summary = train(rows, run_dir, base, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
                             train_end_ts=train_end_ts, progress=False, resume=resume,
                             num_threads=num_threads, max_memory_mb=max_memory_mb,
-                            model_overrides=model_overrides, step_budget=run_steps, on_log=on_log,
+                            model_overrides={**(model_overrides or {}), **fields},
+                            step_budget=run_steps, on_log=on_log,
                             precision=precision, split=split)
             trained = summary["steps"] - summary["resumed_from_step"]
             if trained and summary["seconds"] > 0:
@@ -230,10 +286,35 @@ def _evaluate_run(run_dir: Path, eval_data: RowDataset, score_weights, n_boot: i
            "auc": {h: v["auc"] for h, v in m["heads"].items()},
            "logloss": {h: v["logloss"] for h, v in m["heads"].items()},
            "ece": {h: v["ece"] for h, v in m["heads"].items()},
-           "diversity": m["diversity"]["ild"]["value"]}
+           "diversity": m["diversity"]["ild"]["value"],
+           # the NAL task: on the evaluation rows, and the training loss of the last tenth of the run
+           "next_action": m.get("next_action"), "train_nal": _tail_mean(summary.get("history") or [], "nal")}
     np.savez(run_dir / HITS_FILE, users=users, totals=totals, diversity=diversity)
     (run_dir / RUN_FILE).write_text(json.dumps(M.json_safe(run), indent=2, allow_nan=False))  # last: marks it done
     return {**run, "users": users, "totals": totals, "diversity_totals": diversity}
+
+
+def _tail_mean(history: list[dict], key: str, share: float = 0.1) -> float | None:
+    """Mean of ``key`` over the last ``share`` of the logged records (None when never logged or all zero)."""
+    vals = [r[key] for r in history if key in r]
+    tail = vals[-max(1, int(len(vals) * share)):] if vals else []
+    return float(np.mean(tail)) if tail and any(tail) else None
+
+
+def _next_action(done: dict, name: str, seeds: list[int]) -> dict | None:
+    """The NAL task of a model with a NAL head, mean over its seeds (None without one)."""
+    per = [done[(name, s)].get("next_action") for s in seeds]
+    if not per or any(p is None for p in per):
+        return None
+    out: dict[str, float | None] = {k: float(np.mean([p[k] for p in per])) for k in ("loss", "top1", "chance_top1")}
+    tn = [done[(name, s)].get("train_nal") for s in seeds]
+    out["train_loss"] = float(np.mean(tn)) if all(t is not None for t in tn) else None
+    return out
+
+
+def _label(result: dict, name: str) -> str:
+    """A model's row label (a variant names its changed fields)."""
+    return (result.get("labels") or {}).get(name) or LABELS.get(name, name)
 
 
 def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int) -> dict:
@@ -260,13 +341,14 @@ def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int)
         hit = t.mean(0)
         div = _diversity(done, name, baseline, seeds_of[name], common, n_boot)
         result["results"][name] = {
-            "label": LABELS.get(name, name), "seeds_done": seeds_of[name], "paired_seeds": common,
+            "label": _label(result, name), "seeds_done": seeds_of[name], "paired_seeds": common,
             "hit": {a: float(hit[i]) for i, a in enumerate(EXPLICIT_ACTIONS)},
             "rel_change": {a: None if rel is None else
                            {"value": _num(rel["rel"][i]), "ci95": [_num(rel["lo"][i]), _num(rel["hi"][i])],
                             "undefined_resamples": float(rel["undefined_frac"][i])}
                            for i, a in enumerate(EXPLICIT_ACTIONS)},
             "diversity": div,
+            "next_action": _next_action(done, name, seeds_of[name]),
             "runs": [{k: v for k, v in done[(name, s)].items() if k not in ("users", "totals", "diversity_totals", "spec")}
                      for s in seeds_of[name]],
         }
@@ -339,7 +421,7 @@ def format_table(result: dict) -> str:
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     lines = [_split_line(result),
-             f"{_status(result)}; relative to {LABELS.get(result['baseline'], result['baseline'])} "
+             f"{_status(result)}; relative to {_label(result, result['baseline'])} "
              f"({result['seeds']} seed(s), {result['n_users']} users, paired user bootstrap 95% CI)",
              fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
     if result.get("pending"):
@@ -357,7 +439,7 @@ def format_markdown(result: dict) -> str:
     lines = ["# Offline ablation (paper Table 2 layout)", "",
              f"{_split_line(result)}.", "",
              f"**{_status(result)}.** " if result.get("partial") else "",
-             f"Relative change of HIT@3 vs **{LABELS.get(result['baseline'], result['baseline'])}**; "
+             f"Relative change of HIT@3 vs **{_label(result, result['baseline'])}**; "
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
              f"({result['n_boot']} resamples, {result['n_users']} users, {result['seeds']} seed(s) averaged). "
              "Higher is better for repin, lower for hide. Diversity: the impression diversity of the "
@@ -367,6 +449,15 @@ def format_markdown(result: dict) -> str:
     for r in result["results"].values():
         lines.append(f"| {r['label']} | {_pct(r['rel_change']['repin'])} | {_pct(r['rel_change']['hide'])} "
                      f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_div(r)} | {_seeds(r)} |")
+    nal = [(r["label"], r["next_action"]) for r in result["results"].values() if r.get("next_action")]
+    if nal:
+        lines += ["", "The Next Action Loss task itself on the evaluation rows (models with a NAL head): mean "
+                  "Eq. 5 loss, and how often the next positive action outscores every negative (chance: "
+                  "1 / (1 + negatives)); train: the NAL loss over the last tenth of training.", "",
+                  "| Methods | NAL loss (eval) | top-1 | chance | NAL loss (train) |", "|---|---|---|---|---|"]
+        for label, na in nal:
+            tl = "-" if na.get("train_loss") is None else f"{na['train_loss']:.4f}"
+            lines.append(f"| {label} | {na['loss']:.4f} | {na['top1']:.1%} | {na['chance_top1']:.1%} | {tl} |")
     if result.get("pending"):
         lines += ["", "Pending: " + ", ".join(result["pending"]) + "."]
     return "\n".join(lines) + "\n"
@@ -392,7 +483,8 @@ def plot(result: dict, path: str | Path) -> None:
         err = np.nan_to_num(np.stack([vals - lo, hi - vals]).clip(min=0)) if names else np.zeros((2, 0))
         ax.bar(x + (j - 0.5) * width, np.nan_to_num(vals), width, yerr=err, capsize=3, color=color, label=f"HIT@3/{a}")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [LABELS.get(n, n).replace(" + ", "\n+ ").replace(" (", "\n(") for n in names], fontsize=7)
+    ticks = [_label(result, n).replace(" + ", "\n+ ").replace(" [", "\n[").replace(" (", "\n(") for n in names]
+    ax.set_xticks(x, ticks, fontsize=7)
     ax.set_ylabel(f"% change vs {result['baseline']}")
     title = "Offline ablation (95% paired bootstrap CI)"
     if result.get("partial"):

@@ -29,6 +29,7 @@ from transact.data.schema import EMB_DIM, EXPLICIT_ACTIONS, LABEL_COLUMNS
 from transact.model import calibration as C, metrics as M
 from transact.model.checkpoint import load_model, read_config
 from transact.model.dataset import RowDataset, Split, default_train_end_ts
+from transact.model.losses import next_action_stats
 from transact.model.transact import TransActModel
 
 
@@ -39,15 +40,23 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
 
     Returns user_id, request_id, item_id, ts [N]; cand_emb_q int8 [N, D]; probs float32 [N, H] (the model's calibrated
     probabilities), raw float32 [N, H] (the plain sigmoid of the logits), logits float32 [N, H];
-    labels float32 [N, len(LABEL_COLUMNS)].
+    labels float32 [N, len(LABEL_COLUMNS)]; for a model with a Next Action Loss head, next_action float64 [4]:
+    the NAL task's summed loss, top-1 hits, pairs and chance hits over the rows
+    (:func:`transact.model.losses.next_action_stats`).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "raw",
                                                          "logits", "labels", "cand_emb_q")}
+    nal = np.zeros(4) if model.has_nal else None  # loss, top1, pairs, chance
     for batch in tqdm(data.iter_batches(batch_size), total=data.num_batches(batch_size),
                       desc="predict", unit="batch", disable=not progress):
-        logits = model(batch.to(dev)).logits.float()  # [B, H]
+        batch = batch.to(dev)
+        out = model(batch)
+        logits = out.logits.float()  # [B, H]
+        if nal is not None:
+            st = next_action_stats(out, batch, model.cfg, model.fcfg)
+            nal += [st["loss"], st["top1"], st["pairs"], st["chance"]]
         cols["probs"].append(model.probabilities(logits).cpu().numpy())
         cols["raw"].append(model.probabilities(logits, raw=True).cpu().numpy())
         cols["logits"].append(logits.cpu().numpy())
@@ -58,7 +67,20 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
     empty = {k: np.zeros((0, H), np.float32) for k in ("probs", "raw", "logits")}
     empty["labels"] = np.zeros((0, len(LABEL_COLUMNS)), np.float32)
     empty["cand_emb_q"] = np.zeros((0, EMB_DIM), np.int8)
-    return {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in cols.items()}
+    res = {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in cols.items()}
+    if nal is not None:
+        res["next_action"] = nal
+    return res
+
+
+def next_action_metrics(pred: dict) -> dict | None:
+    """The NAL task on the evaluation rows (None without a NAL head): mean Eq. 5 loss, the share
+    of (u(t), p(t+1)) pairs whose positive outscores every negative, and that share by chance."""
+    if "next_action" not in pred:
+        return None
+    loss, top1, pairs, chance = (float(x) for x in pred["next_action"])
+    n = max(pairs, 1.0)
+    return {"loss": loss / n, "top1": top1 / n, "chance_top1": chance / n, "pairs": int(pairs)}
 
 
 def label_matrix(pred: dict, actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> np.ndarray:
@@ -110,6 +132,9 @@ def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str,
                                   "mean_prediction": float(r.mean()) if len(r) else float("nan")}
         reliability[h] = rel
     out["reliability"] = reliability
+    na = next_action_metrics(pred)
+    if na is not None:
+        out["next_action"] = na
     return out
 
 
@@ -134,6 +159,10 @@ def format_metrics(m: dict) -> str:
                      f"{raw.get('ece', float('nan')):>7.4f}")
     lines.append("(logloss, ECE: calibrated probabilities; ECE over 15 equal-mass bins; constant: the log-loss "
                  "of always predicting the observed rate; raw: the plain sigmoid of the label-weighted heads)")
+    na = m.get("next_action")
+    if na:
+        lines.append(f"next action (NAL task): loss {na['loss']:.4f}, positive ranked first in "
+                     f"{na['top1']:.1%} of {na['pairs']:,} pairs (chance {na['chance_top1']:.1%})")
     return "\n".join(lines)
 
 

@@ -34,14 +34,15 @@ t = 0..r-1, oldest -> newest):
     L(u(t), p(t+1)) = -log( e^<u(t), p(t+1)> / (e^<u(t), p(t+1)> + sum_n e^<u(t), n>) )
 
 - u(t): the encoder output at slot t of S_RT[:r] (causal, so it has seen only actions
-  up to t) projected to 32-d by a linear layer (``TransActModel.nal_proj``);
+  up to t) projected to 32-d by a linear layer (``TransActModel.nal_proj``; ``nal_projection=False``:
+  its first 32 coordinates instead);
 - p(t+1): the dequantised PinSage embedding of token t+1, used when token t+1 is real
   and has a positive action bit (click, repin or closeup; :data:`POSITIVE_MASK`) and
   slot t was a valid input token;
 - negatives n: "impression" = the valid tokens of NN(S_imp, c) of the same row;
   "inbatch" = the valid S_RT[:r] tokens of the next row of the batch (roll by one),
   dropped when that row belongs to the same user (its tokens would include the
-  positive).
+  positive); ``nal_negatives`` > 0 keeps only the newest that many slots of either.
 L_NAL is the mean over valid (row, t) pairs (0 when a batch has none); Eq. 6 writes a
 sum, the mean keeps w_NAL independent of batch size and r.
 """
@@ -118,6 +119,18 @@ def ce_loss(out: ModelOutput, batch: Batch, cfg: ModelConfig, M: torch.Tensor) -
     return weighted_bce(out.logits, y_heads, head_weights(y_act, M), cfg.ce_reduction)
 
 
+def _pair_logits(u: torch.Tensor, query_valid: torch.Tensor, pos: torch.Tensor, pos_ok: torch.Tensor,
+                 neg: torch.Tensor, neg_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, r-1, 1 + M]: <u(t), p(t+1)> then <u(t), n> (-inf for invalid n); pair bool [B, r-1])."""
+    q = u[:, :-1]  # [B, r-1, D] u(t)
+    p = pos[:, 1:]  # [B, r-1, D] p(t+1)
+    pair = query_valid[:, :-1] & pos_ok[:, 1:]  # [B, r-1]
+    s_pos = (q * p).sum(-1, keepdim=True)  # [B, r-1, 1]
+    s_neg = torch.einsum("btd,bmd->btm", q, neg)  # [B, r-1, M]
+    s_neg = s_neg.masked_fill(~neg_ok[:, None, :], float("-inf"))  # [B, r-1, M]
+    return torch.cat([s_pos, s_neg], dim=-1), pair  # [B, r-1, 1 + M], [B, r-1]
+
+
 def sampled_softmax_nal(u: torch.Tensor, query_valid: torch.Tensor, pos: torch.Tensor,
                         pos_ok: torch.Tensor, neg: torch.Tensor, neg_ok: torch.Tensor) -> torch.Tensor:
     """Eq. 5-6 averaged over valid pairs.
@@ -130,21 +143,34 @@ def sampled_softmax_nal(u: torch.Tensor, query_valid: torch.Tensor, pos: torch.T
     """
     if u.shape[1] < 2:
         return u.sum() * 0.0
-    q = u[:, :-1]  # [B, r-1, D] u(t)
-    p = pos[:, 1:]  # [B, r-1, D] p(t+1)
-    pair = query_valid[:, :-1] & pos_ok[:, 1:]  # [B, r-1]
-    s_pos = (q * p).sum(-1, keepdim=True)  # [B, r-1, 1]
-    s_neg = torch.einsum("btd,bmd->btm", q, neg)  # [B, r-1, M]
-    s_neg = s_neg.masked_fill(~neg_ok[:, None, :], float("-inf"))  # [B, r-1, M]
-    logits = torch.cat([s_pos, s_neg], dim=-1)  # [B, r-1, 1 + M]
+    logits, pair = _pair_logits(u, query_valid, pos, pos_ok, neg, neg_ok)  # [B, r-1, 1 + M], [B, r-1]
     loss = -torch.log_softmax(logits, dim=-1)[..., 0]  # [B, r-1]
     n = pair.sum()
     return torch.where(pair, loss, torch.zeros_like(loss)).sum() / n.clamp(min=1)
 
 
-def nal_targets(batch: Batch, fcfg: FeatureConfig, negatives: str
+def next_action_stats(out: ModelOutput, batch: Batch, cfg: ModelConfig, fcfg: FeatureConfig) -> dict[str, float]:
+    """The NAL task scored on a batch (evaluation): {"loss": summed Eq. 5 over valid pairs,
+    "top1": pairs whose positive outscores every negative, "pairs": their number, "chance":
+    summed 1 / (1 + valid negatives), the top-1 rate of a model that knows nothing}."""
+    assert out.nal_user is not None and out.nal_query_valid is not None, \
+        "the model output has no NAL head (its config has nal='none')"
+    pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, cfg.nal, cfg.nal_negatives)
+    u = out.nal_user.float()  # [B, r, D]
+    if u.shape[1] < 2:
+        return {"loss": 0.0, "top1": 0.0, "pairs": 0.0, "chance": 0.0}
+    logits, pair = _pair_logits(u, out.nal_query_valid, pos, pos_ok, neg, neg_ok)  # [B, r-1, 1 + M], [B, r-1]
+    loss = -torch.log_softmax(logits, dim=-1)[..., 0]  # [B, r-1]
+    top1 = logits[..., 0] > logits[..., 1:].amax(dim=-1) if logits.shape[-1] > 1 else torch.ones_like(pair)  # [B, r-1]
+    chance = 1.0 / (1.0 + neg_ok.sum(dim=1, keepdim=True).float())  # [B, 1]
+    return {"loss": float(loss[pair].sum()), "top1": float((top1 & pair).sum()), "pairs": float(pair.sum()),
+            "chance": float(chance.expand_as(pair)[pair].sum())}
+
+
+def nal_targets(batch: Batch, fcfg: FeatureConfig, negatives: str, max_negatives: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pos [B, r, D], pos_ok [B, r], neg [B, M, D], neg_ok [B, M]) read from the row."""
+    """(pos [B, r, D], pos_ok [B, r], neg [B, M, D], neg_ok [B, M]) read from the row;
+    ``max_negatives`` > 0: M = the newest that many slots (segments run oldest -> newest)."""
     starts, sizes = fcfg.segment_starts, fcfg.segment_sizes
     valid = valid_mask(batch.seg_len, fcfg)  # [B, S], the logged tokens (no time window)
     i_rt = SEGMENTS.index("rt_recent")
@@ -164,13 +190,15 @@ def nal_targets(batch: Batch, fcfg: FeatureConfig, negatives: str
             neg_ok = neg_ok & other[:, None]  # [B, r]
     else:
         raise ValueError(f"unknown NAL negatives {negatives!r}")
+    if max_negatives > 0:
+        neg, neg_ok = neg[:, -max_negatives:], neg_ok[:, -max_negatives:]  # [B, M', D], [B, M']
     return pos, pos_ok, neg, neg_ok
 
 
 def nal_loss(out: ModelOutput, batch: Batch, cfg: ModelConfig, fcfg: FeatureConfig) -> torch.Tensor:
     assert out.nal_user is not None and out.nal_query_valid is not None, \
         "the model output has no NAL head (its config has nal='none')"
-    pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, cfg.nal)
+    pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, cfg.nal, cfg.nal_negatives)
     return sampled_softmax_nal(out.nal_user, out.nal_query_valid, pos, pos_ok, neg, neg_ok)
 
 

@@ -92,6 +92,11 @@ class ModelConfig:
             same row) or "inbatch" (S_RT[:r] tokens of another row of the batch).
         nal_weight: w_NAL of Eq. 7 (paper: 0.01).
         nal_dim: dimension of u(t) and of the PinSage embeddings it is compared with.
+        nal_negatives: at most this many negatives per row, the newest slots of their
+            segment (0 = every valid one: k_imp impression tokens, or r in-batch tokens).
+        nal_projection: u(t) = W_nal U_t, a learned linear map (the default); False: u(t)
+            = the first ``nal_dim`` coordinates of U_t, the half of the token that carried
+            its own PinSage embedding into the encoder (Eq. 4), no parameters.
         time_window_mask: V1 random time-window mask in training.
         time_window_max_s: upper bound of T (V1: 24 h).
         label_actions: the columns a of the label-weight matrix M[h, a]; a pseudo-action
@@ -123,6 +128,8 @@ class ModelConfig:
     nal: str = "impression"
     nal_weight: float = 0.01
     nal_dim: int = EMB_DIM
+    nal_negatives: int = 0
+    nal_projection: bool = True
     time_window_mask: bool = False
     time_window_max_s: int = 86_400
     label_actions: tuple[str, ...] = ("click", "repin", "hide")
@@ -149,6 +156,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: nal must be one of {NAL_MODES}, got {self.nal!r}")
         if self.nal != "none" and "rt_recent" not in self.segments:
             raise ValueError("ModelConfig: the Next Action Loss needs the rt_recent segment as input")
+        if self.nal_negatives < 0:
+            raise ValueError(f"ModelConfig: nal_negatives must be >= 0 (0 = all), got {self.nal_negatives}")
+        if not self.nal_projection and self.nal_dim > self.d_model:
+            raise ValueError(f"ModelConfig: without nal_projection, nal_dim ({self.nal_dim}) must be at most "
+                             f"d_model ({self.d_model})")
         if self.ce_reduction not in ("weighted_mean", "mean"):
             raise ValueError(f"ModelConfig: ce_reduction must be weighted_mean or mean, got {self.ce_reduction!r}")
         if self.d_model != 2 * EMB_DIM and self.fusion == "concat":
@@ -384,7 +396,8 @@ class TransActModel(nn.Module):
         self.calibration = Calibration.identity(cfg.heads)
         # Built last, so that for one seed a config with and without the NAL starts from
         # the same weights everywhere else (a paired ablation of the NAL alone).
-        self.nal_proj = nn.Linear(d, cfg.nal_dim) if cfg.has_sequence and cfg.nal != "none" else None
+        self.has_nal = cfg.has_sequence and cfg.nal != "none"
+        self.nal_proj = nn.Linear(d, cfg.nal_dim) if self.has_nal and cfg.nal_projection else None
 
     # The token features F of Eq. 4, restricted to the selected slots.
     def token_mask(self, batch: Batch, time_window: bool = False,
@@ -463,8 +476,9 @@ class TransActModel(nn.Module):
             feats.append(enc.max_pool(z))  # [B, d_o]
             if cfg.first_k > 0:
                 feats.append(self._first_k(enc.padded(z), enc.valid))  # [B, K * d_o]
-            if self.nal_proj is not None:
-                nal_user = self.nal_proj(enc.at_slots(self.rt_local))  # [B, r, nal_dim]
+            if self.has_nal:
+                u = enc.at_slots(self.rt_local)  # [B, r, d]
+                nal_user = self.nal_proj(u) if self.nal_proj is not None else u[..., :cfg.nal_dim]  # [B, r, nal_dim]
                 nal_query_valid = valid[:, self.rt_local]  # [B, r]
         feats += [e_c, self.ctx_emb(batch.surface.long())]  # [B, D], [B, ctx]
         x0 = torch.cat(feats, dim=-1)  # [B, n0]

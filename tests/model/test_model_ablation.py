@@ -105,3 +105,48 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(world, tmp_path, 
     assert trained == []  # everything finished: nothing trained or scored
     with pytest.raises(ValueError, match="lr"):
         A.ablation(world, out, log=lambda s: None, **{**kw, "lr": 1e-2})
+
+
+def test_variant_specs_parse_and_bad_ones_fail_in_one_line():
+    v = A.Variant.parse("imp_w1=transact_nal_imp:nal_weight=1,nal_projection=false,nal_negatives=8")
+    assert (v.name, v.base) == ("imp_w1", "transact_nal_imp")
+    assert v.overrides == {"nal_weight": 1, "nal_projection": False, "nal_negatives": 8}
+    assert v.label == "TransAct (RT sequence) + NAL_imp [nal_weight=1, nal_projection=False, nal_negatives=8]"
+    assert A.Variant.parse("x=transact_nal_inbatch:nal=impression").overrides == {"nal": "impression"}
+    for spec, msg in [("transact_nal_imp:nal_weight=1", "expected NAME=MODEL"),
+                      ("x=nope:nal_weight=1", "unknown model 'nope'"),
+                      ("x=transact_nal_imp:", "no FIELD=VALUE"),
+                      ("x=transact_nal_imp:nal_weight", "is not FIELD=VALUE"),
+                      ("x=transact_nal_imp:no_such_field=1", "no_such_field"),
+                      ("x=transact_nal_imp:nal_negatives=-1", "nal_negatives must be >= 0")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            A.Variant.parse(spec)
+        assert "\n" not in str(e.value)
+
+
+def test_a_variant_trains_its_base_with_its_fields_and_is_paired_and_resumable(world, tmp_path, monkeypatch):
+    out = tmp_path / "abl"
+    v = A.Variant.parse("imp_w1=transact_nal_imp:nal_weight=1,nal_negatives=2")
+    calls = []
+    real_train = A.train
+    monkeypatch.setattr(A, "train", lambda *a, **k: calls.append((a[2], k["model_overrides"])) or real_train(*a, **k))
+    kw = dict(models=["transact"], seeds=1, max_steps=3, **KW)
+    res = A.ablation(world, out, log=lambda s: None, variants=[v], **kw)
+    assert calls == [("transact", {}), ("transact_nal_imp", {"nal_weight": 1, "nal_negatives": 2})]
+    cfg = json.loads((out / "imp_w1" / "seed0" / "config.json").read_text())["model_config"]
+    assert cfg["nal_weight"] == 1 and cfg["nal_negatives"] == 2
+    row = res["results"]["imp_w1"]
+    assert row["label"] == v.label and row["rel_change"]["repin"] is not None  # paired with the baseline
+    na = row["next_action"]
+    assert na is not None and 0 <= na["top1"] <= 1 and na["loss"] > 0 and 0 < na["chance_top1"] <= 1
+    assert res["results"]["transact"]["next_action"] is None  # no NAL head, nothing to score
+    md = (out / "ablation.md").read_text()
+    assert v.label in md and "top-1" in md
+    calls.clear()
+    A.ablation(world, out, log=lambda s: None, variants=[v], **kw)
+    assert calls == []  # read back
+    other = A.Variant.parse("imp_w1=transact_nal_imp:nal_weight=0.5,nal_negatives=2")
+    with pytest.raises(ValueError, match="variant"):
+        A.ablation(world, out, log=lambda s: None, variants=[other], **kw)
+    with pytest.raises(ValueError, match="registry models"):
+        A.ablation(world, out, log=lambda s: None, variants=[A.Variant("v2", "transact", {"nal": "none"})], **kw)

@@ -152,3 +152,11 @@ def test_row_parts_of_different_feature_configs(tmp_path):
     write_synthetic_rows(d / "b.parquet", 8, OTHER, per_request=4, n_users=4, seed=1)
     with pytest.raises(ValueError, match=r"k_ll = 8 in rows .*a\.parquet, 10 in rows .*b\.parquet"):
         read_feature_config(d)
+
+
+def test_ablation_variant_of_an_unknown_field_is_refused_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("ablation", "--rows", tmp_path / "none.parquet", "--out", tmp_path / "out",
+               "--variant", "w=transact_nal_imp:nal_wieght=1")
+    assert_refused(r, "nal_wieght")
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from transact.model.losses import (
     head_weights,
     label_weight_matrix,
     nal_targets,
+    next_action_stats,
     sampled_softmax_nal,
     total_loss,
     weighted_bce,
@@ -163,3 +164,48 @@ def test_total_loss_adds_weighted_nal():
     no_nal = ModelConfig(segments=("rt_recent",), nal="none")
     loss2, parts2 = total_loss(out, b, no_nal, fcfg, label_weight_matrix(no_nal))
     assert "nal" not in parts2 and loss2.item() == pytest.approx(parts["ce"].item(), rel=1e-6)
+
+
+def test_nal_negatives_keep_the_newest_slots_of_either_sampler():
+    fcfg = FeatureConfig(k_ll=2, k_rt=2, r=4, k_imp=3)
+    c, i = ACTION_BIT["click"], ACTION_BIT["impression"]
+    b = _batch(fcfg, [[0, 0, 4, 3], [0, 0, 4, 2]], [[c] * 8 + [i] * 3] * 2, [1, 2])
+    _, _, neg_all, ok_all = nal_targets(b, fcfg, "impression")
+    _, _, neg, ok = nal_targets(b, fcfg, "impression", max_negatives=2)
+    assert torch.equal(neg, neg_all[:, -2:]) and torch.equal(ok, ok_all[:, -2:])  # newest sit last
+    assert torch.equal(neg, dequantize(b.emb_q[:, 9:11]))
+    _, _, neg_in, ok_in = nal_targets(b, fcfg, "inbatch", max_negatives=3)
+    assert torch.equal(neg_in[0], dequantize(b.emb_q[1, 5:8]))  # row 0 gets row 1's newest 3 of S_RT[:r]
+    assert neg_in.shape == (2, 3, 32) and ok_in.shape == (2, 3)
+    assert nal_targets(b, fcfg, "impression", max_negatives=99)[2].shape == neg_all.shape  # more than there are
+
+
+def test_next_action_stats_agree_with_the_loss_and_count_top1_and_chance():
+    fcfg = FeatureConfig(k_ll=2, k_rt=2, r=4, k_imp=3)
+    c, i = ACTION_BIT["click"], ACTION_BIT["impression"]
+    b = _batch(fcfg, [[2, 2, 4, 3], [2, 2, 3, 1]], [[c] * 8 + [i] * 3] * 2, [1, 2])
+    cfg = ModelConfig()
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 4, 32, generator=g, dtype=torch.float64)
+    qv = torch.ones(2, 4, dtype=torch.bool)
+    out = ModelOutput(logits=torch.zeros(2, 3), nal_user=u, nal_query_valid=qv)
+    st = next_action_stats(out, b, cfg, fcfg)
+    pos, pos_ok, neg, neg_ok = nal_targets(b, fcfg, "impression")
+    # the mean the trainer minimises, recovered from the sums
+    ref = sampled_softmax_nal(u, qv, pos.double(), pos_ok, neg.double(), neg_ok).item()
+    assert st["pairs"] == 3 + 3 and st["loss"] / st["pairs"] == pytest.approx(ref, rel=1e-6)  # scored in fp32
+    # top-1 by hand: the positive's dot beats every valid negative's
+    hits = 0
+    for r_ in range(2):
+        for t in range(3):
+            if pos_ok[r_, t + 1]:
+                s_pos = float(u[r_, t] @ pos[r_, t + 1].double())
+                s_neg = [float(u[r_, t] @ neg[r_, m].double()) for m in range(3) if neg_ok[r_, m]]
+                hits += s_pos > max(s_neg)
+    assert st["top1"] == hits
+    assert st["chance"] == pytest.approx(3 / 4 + 3 / 2)  # row 0: 3 negatives, row 1: 1
+    # u(t) that points at the next positive: every pair is a top-1 hit
+    aligned = torch.zeros_like(u)
+    aligned[:, :-1] = 1e3 * pos[:, 1:].double()
+    st2 = next_action_stats(ModelOutput(logits=torch.zeros(2, 3), nal_user=aligned, nal_query_valid=qv), b, cfg, fcfg)
+    assert st2["top1"] == st2["pairs"] == 6

@@ -277,3 +277,27 @@ def test_nal_variants_share_the_initial_weights_of_their_base_model():
         sd = models[name]
         assert set(sd) - set(base) == {"nal_proj.weight", "nal_proj.bias"}
         assert all(torch.equal(sd[k], base[k]) for k in base)
+
+
+def test_nal_without_projection_is_the_token_half_of_the_encoder_output():
+    """nal_projection=False: u(t) = U_t[:32], no parameters; the same as a projection fixed at [I | 0]."""
+    b = full_batch()
+    torch.manual_seed(0)
+    plain = build_model(model_config("transact_nal_imp", nal_projection=False), FCFG).eval()
+    torch.manual_seed(0)
+    proj = build_model("transact_nal_imp", FCFG).eval()
+    assert plain.nal_proj is None and not any(k.startswith("nal_proj") for k in plain.state_dict())
+    with torch.no_grad():
+        proj.nal_proj.weight.copy_(torch.cat([torch.eye(32), torch.zeros(32, 32)], dim=1))
+        proj.nal_proj.bias.zero_()
+        a, c = plain(b), proj(b)
+    assert a.nal_user.shape == (len(b), FCFG.r, 32)
+    assert torch.equal(a.logits, c.logits) and torch.allclose(a.nal_user, c.nal_user, atol=1e-6)
+
+
+def test_nal_settings_are_checked():
+    with pytest.raises(ValueError, match="nal_negatives must be >= 0"):
+        ModelConfig(nal_negatives=-1)
+    with pytest.raises(ValueError, match="nal_dim .* at most"):
+        ModelConfig(nal_projection=False, nal_dim=65)
+    assert ModelConfig(nal_negatives=8, nal_projection=False).nal_negatives == 8

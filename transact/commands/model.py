@@ -168,10 +168,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; see `transact train --help`)."),
         split: str = typer.Option("time", help=SPLIT_HELP),
         eval_requests_per_user: int | None = typer.Option(None, help="--split user: requests held out per user (default 1)."),
+        variant: list[str] = typer.Option([], help="A further model NAME=MODEL:FIELD=VALUE[,FIELD=VALUE] "
+                                                   "(repeatable), e.g. imp_w1=transact_nal_imp:nal_weight=1."),
         progress: bool = typer.Option(True, help="Progress lines and the (partial) table after every run."),
     ) -> None:
         """Train every baseline on the same rows and seeds (seed-major, resumable); print the paper's Table 2."""
-        from transact.model.ablation import ablation as run, format_table
+        from transact.model.ablation import Variant, ablation as run, format_table
         from transact.model.metrics import parse_score_weights
 
         _check_options(seeds=(seeds, 1), epochs=(epochs, 1), batch_size=(batch_size, 1), lr=(lr, "lr"),
@@ -183,7 +185,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   epochs=epochs, batch_size=batch_size, lr=lr, train_end_ts=train_end_ts, n_boot=n_boot,
                   score_weights=parse_score_weights(score_weights), progress=progress, num_threads=threads,
                   max_steps=max_steps, log=typer.echo if progress else None, precision=precision,
-                  split=_split(split, eval_requests_per_user))
+                  split=_split(split, eval_requests_per_user), variants=[Variant.parse(v) for v in variant])
         if not progress:  # with progress the table was printed after every run
             typer.echo(format_table(res))
         typer.echo(f"written {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
