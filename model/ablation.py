@@ -301,6 +301,18 @@ def _tail_mean(history: list[dict], key: str, share: float = 0.1) -> float | Non
     return float(np.mean(tail)) if tail and any(tail) else None
 
 
+def _head_means(done: dict, name: str, seeds: list[int], key: str) -> dict[str, float] | None:
+    per = [done[(name, s)].get(key) for s in seeds]
+    if not per or any(not p for p in per) or any(v is None for p in per for v in p.values()):
+        return None
+    return {h: float(np.mean([p[h] for p in per])) for h in per[0]}
+
+
+def _heads(r: dict, key: str) -> str:
+    v = r.get(key)
+    return "-" if not v else " / ".join(f"{x:.3f}" for x in v.values())
+
+
 def _next_action(done: dict, name: str, seeds: list[int]) -> dict | None:
     """The NAL task of a model with a NAL head, mean over its seeds (None without one)."""
     per = [done[(name, s)].get("next_action") for s in seeds]
@@ -348,6 +360,9 @@ def _assemble(meta: dict, order: list[tuple[str, int]], done: dict, n_boot: int)
                             "undefined_resamples": float(rel["undefined_frac"][i])}
                            for i, a in enumerate(EXPLICIT_ACTIONS)},
             "diversity": div,
+            # calibrated log-loss and ECE per head, mean over the seeds (runs scored before: None)
+            "logloss": _head_means(done, name, seeds_of[name], "logloss"),
+            "ece": _head_means(done, name, seeds_of[name], "ece"),
             "next_action": _next_action(done, name, seeds_of[name]),
             "runs": [{k: v for k, v in done[(name, s)].items() if k not in ("users", "totals", "diversity_totals", "spec")}
                      for s in seeds_of[name]],
@@ -443,12 +458,15 @@ def format_markdown(result: dict) -> str:
              f"brackets: 95% interval of the relative change from a paired user bootstrap "
              f"({result['n_boot']} resamples, {result['n_users']} users, {result['seeds']} seed(s) averaged). "
              "Higher is better for repin, lower for hide. Diversity: the impression diversity of the "
-             "top 3 (intra-list distance, summed per user; its change vs the baseline in brackets).", "",
-             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) | diversity | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             "top 3 (intra-list distance, summed per user; its change vs the baseline in brackets). "
+             "Log-loss and ECE: of the calibrated heads (click / repin / hide), mean over seeds.", "",
+             "| Methods | HIT@3/repin | HIT@3/hide | HIT@3/repin (abs) | HIT@3/hide (abs) | diversity "
+             "| log-loss | ECE | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"].values():
         lines.append(f"| {r['label']} | {_pct(r['rel_change']['repin'])} | {_pct(r['rel_change']['hide'])} "
-                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_div(r)} | {_seeds(r)} |")
+                     f"| {r['hit']['repin']:.4f} | {r['hit']['hide']:.4f} | {_div(r)} | {_heads(r, 'logloss')} "
+                     f"| {_heads(r, 'ece')} | {_seeds(r)} |")
     nal = [(r["label"], r["next_action"]) for r in result["results"].values() if r.get("next_action")]
     if nal:
         lines += ["", "The Next Action Loss task itself on the evaluation rows (models with a NAL head): mean "

@@ -6,7 +6,9 @@
    to the demo world before the drift start;
 2. serves ``days`` drifted days through the Ranker (a ``fraction`` of the requests) into a
    served log;
-3. runs the monitor against the training reference (retraining off: the decision log says
+3. joins the drifted world's labels to the served rows (``labels``), as a deployment does once
+   its engagements arrive, so every window also reports its calibration;
+4. runs the monitor against the training reference (retraining off: the decision log says
    ``dry_run`` where a deployment would retrain) with the Evidently report per window and the
    dashboard workspace.
 
@@ -23,7 +25,7 @@ DAY_MS = 86_400_000
 def monitoring_pass(out: str | Path, world: str | Path, rows: str | Path, model_dir: str | Path, *,
                     profile: str = "demo", seed: int = 0, drift: str = "interest_shift", days: int = 2,
                     fraction: float = 0.1, reference_max_rows: int = 5_000, warmup_days: int = 2,
-                    progress=print) -> dict:
+                    labels: bool = True, progress=print) -> dict:
     import json
 
     from transact.data.simulator import DriftConfig, get_profile, simulate
@@ -48,5 +50,5 @@ def monitoring_pass(out: str | Path, world: str | Path, rows: str | Path, model_
     reference, ref_heads, ref_info = load_reference(
         rows, model_dir, start_ts=int(info["request_start_ts"]) + warmup_days * DAY_MS,
         max_rows=reference_max_rows, seed=seed)
-    current, heads = load_current(served)
+    current, heads = load_current(served, labels=drifted if labels else None)
     return run_monitor(reference, ref_heads, current, heads, out / "monitor", progress=progress)

@@ -141,7 +141,10 @@ def test_a_variant_trains_its_base_with_its_fields_and_is_paired_and_resumable(w
     assert na is not None and 0 <= na["top1"] <= 1 and na["loss"] > 0 and 0 < na["chance_top1"] <= 1
     assert res["results"]["transact"]["next_action"] is None  # no NAL head, nothing to score
     md = (out / "ablation.md").read_text()
-    assert v.label in md and "top-1" in md
+    assert v.label in md and "top-1" in md and "| log-loss | ECE |" in md
+    runs = res["results"]["imp_w1"]["runs"]
+    assert row["logloss"] == {h: pytest.approx(runs[0]["logloss"][h]) for h in ("click", "repin", "hide")}
+    assert f"{row['ece']['click']:.3f} / {row['ece']['repin']:.3f} / {row['ece']['hide']:.3f}" in md
     calls.clear()
     A.ablation(world, out, log=lambda s: None, variants=[v], **kw)
     assert calls == []  # read back

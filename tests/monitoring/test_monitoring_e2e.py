@@ -284,3 +284,21 @@ def test_the_monitor_reads_the_shipped_log_and_keeps_its_state_on_the_storage_ro
         assert len(recs) == run and all(r["action"] == "none" for r in recs), recs  # run 2 appended to run 1's log
     published = storage.download_tree(f"{bucket}/monitoring", tmp_path / "published")
     assert list(published.rglob("*.html")), sorted(p.name for p in published.rglob("*"))  # the drift reports
+
+
+def test_the_demo_monitoring_pass_reports_calibration_per_window(loop):
+    """`make demo`'s monitoring pass joins the drifted world's labels: every window's decision
+    carries its calibration per head (it carried none before)."""
+    from transact.monitoring.demo import monitoring_pass
+    from transact.monitoring.trigger import DecisionLog
+
+    root = loop["root"]
+    out = root / "demo-pass"
+    summary = monitoring_pass(out, root / "w-none", root / "reference" / "rows.parquet", root / "m0",
+                              profile="tiny", days=1, fraction=0.5, warmup_days=0, progress=None)
+    recs = DecisionLog(Path(summary["decision_log"])).read()
+    assert recs
+    for r in recs:
+        cal = r["scores"]["calibration"]
+        assert cal and cal["labelled_rows"] > 0 and set(cal["heads"]) == set(loop["heads"]), r["scores"]
+        assert all(v["rows"] == cal["labelled_rows"] for v in cal["heads"].values()), cal
