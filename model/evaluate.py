@@ -55,7 +55,7 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
         out = model(batch)
         logits = out.logits.float()  # [B, H]
         if nal is not None:
-            st = next_action_stats(out, batch, model.cfg, model.fcfg)
+            st = next_action_stats(out, batch, model.fcfg)
             nal += [st["loss"], st["top1"], st["pairs"], st["chance"]]
         cols["probs"].append(model.probabilities(logits).cpu().numpy())
         cols["raw"].append(model.probabilities(logits, raw=True).cpu().numpy())

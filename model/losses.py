@@ -149,13 +149,18 @@ def sampled_softmax_nal(u: torch.Tensor, query_valid: torch.Tensor, pos: torch.T
     return torch.where(pair, loss, torch.zeros_like(loss)).sum() / n.clamp(min=1)
 
 
-def next_action_stats(out: ModelOutput, batch: Batch, cfg: ModelConfig, fcfg: FeatureConfig) -> dict[str, float]:
+def next_action_stats(out: ModelOutput, batch: Batch, fcfg: FeatureConfig) -> dict[str, float]:
     """The NAL task scored on a batch (evaluation): {"loss": summed Eq. 5 over valid pairs,
     "top1": pairs whose positive outscores every negative, "pairs": their number, "chance":
-    summed 1 / (1 + valid negatives), the top-1 rate of a model that knows nothing}."""
+    summed 1 / (1 + valid negatives), the top-1 rate of a model that knows nothing}.
+
+    One yardstick for every model, whatever negatives it trained with: all of the row's
+    NN(S_imp) tokens, the items the user saw and skipped. (In-batch negatives would measure
+    nothing here: evaluation batches are in row order, so the neighbouring row is mostly the
+    same user's and its tokens are dropped.)"""
     assert out.nal_user is not None and out.nal_query_valid is not None, \
         "the model output has no NAL head (its config has nal='none')"
-    pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, cfg.nal, cfg.nal_negatives)
+    pos, pos_ok, neg, neg_ok = nal_targets(batch, fcfg, "impression")
     u = out.nal_user.float()  # [B, r, D]
     if u.shape[1] < 2:
         return {"loss": 0.0, "top1": 0.0, "pairs": 0.0, "chance": 0.0}

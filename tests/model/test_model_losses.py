@@ -184,12 +184,11 @@ def test_next_action_stats_agree_with_the_loss_and_count_top1_and_chance():
     fcfg = FeatureConfig(k_ll=2, k_rt=2, r=4, k_imp=3)
     c, i = ACTION_BIT["click"], ACTION_BIT["impression"]
     b = _batch(fcfg, [[2, 2, 4, 3], [2, 2, 3, 1]], [[c] * 8 + [i] * 3] * 2, [1, 2])
-    cfg = ModelConfig()
     g = torch.Generator().manual_seed(3)
     u = torch.randn(2, 4, 32, generator=g, dtype=torch.float64)
     qv = torch.ones(2, 4, dtype=torch.bool)
     out = ModelOutput(logits=torch.zeros(2, 3), nal_user=u, nal_query_valid=qv)
-    st = next_action_stats(out, b, cfg, fcfg)
+    st = next_action_stats(out, b, fcfg)
     pos, pos_ok, neg, neg_ok = nal_targets(b, fcfg, "impression")
     # the mean the trainer minimises, recovered from the sums
     ref = sampled_softmax_nal(u, qv, pos.double(), pos_ok, neg.double(), neg_ok).item()
@@ -207,5 +206,5 @@ def test_next_action_stats_agree_with_the_loss_and_count_top1_and_chance():
     # u(t) that points at the next positive: every pair is a top-1 hit
     aligned = torch.zeros_like(u)
     aligned[:, :-1] = 1e3 * pos[:, 1:].double()
-    st2 = next_action_stats(ModelOutput(logits=torch.zeros(2, 3), nal_user=aligned, nal_query_valid=qv), b, cfg, fcfg)
+    st2 = next_action_stats(ModelOutput(logits=torch.zeros(2, 3), nal_user=aligned, nal_query_valid=qv), b, fcfg)
     assert st2["top1"] == st2["pairs"] == 6
