@@ -134,9 +134,10 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
                 ll_cap: int = 16_384, users_per_part: int = 250, profile: bool = False) -> dict:
     """Rows/s and peak RSS per worker of the local engine and of Ray with each worker count.
 
-    ``profile``: the local runs also time each stage of the pass (:class:`StageTimer`; the
+    ``profile``: every run also times each stage of the pass (:class:`StageTimer`; the
     wrappers cost a few microseconds per call, ~1,000 calls per 100k rows), reported in
-    ``stages`` as seconds and shares of the run."""
+    ``stages`` as seconds and shares of the run: the local engine's wall time, Ray's
+    task-seconds (:func:`ray_stages`)."""
     from transact.components.ray_engine import log_nn_ray, ray_session
     from transact.features.config import FeatureConfig
 
@@ -150,8 +151,9 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
         s = _run_local(world, work_dir / f"rows-u{u}-local.parquet", ll_cap, profile)
         local_s[u] = s["seconds"]
         if profile:
-            stages.extend({"users": u, "stage": k, "seconds": v, "share_pct": round(100 * v / s["seconds"], 1),
-                           "us_per_row": round(1e6 * v / s["rows"], 1)} for k, v in s["stages_s"].items())
+            stages.extend({"users": u, "engine": "local", "stage": k, "seconds": v,
+                           "share_pct": round(100 * v / s["seconds"], 1), "us_per_row": round(1e6 * v / s["rows"], 1)}
+                          for k, v in s["stages_s"].items())
         rows.append({"users": u, "events": events, "rows": s["rows"], "engine": "local", "workers": 1, "parts": 1,
                      "seconds": s["seconds"], "rows_per_s": round(s["rows"] / s["seconds"], 1), "speedup": 1.0,
                      "peak_rss_mib": s["peak_rss_mib"], "base_rss_mib": s["base_rss_mib"],
@@ -162,8 +164,11 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
             for u, (world, _) in worlds.items():
                 parts = max(1, math.ceil(u / users_per_part))
                 t0 = time.perf_counter()
-                s = log_nn_ray(world, work_dir / f"rows-u{u}-ray{w}", FeatureConfig(ll_cap=ll_cap), parts)
+                s = log_nn_ray(world, work_dir / f"rows-u{u}-ray{w}", FeatureConfig(ll_cap=ll_cap), parts,
+                               stage_timer=StageTimer if profile else None)
                 seconds = time.perf_counter() - t0
+                if profile:
+                    stages.extend(ray_stages(s, u, w, seconds))
                 local = next(r for r in rows if r["users"] == u and r["engine"] == "local")
                 if s["rows"] != local["rows"]:
                     raise RuntimeError(f"ray wrote {s['rows']} rows for {u} users, local {local['rows']}")
@@ -182,6 +187,28 @@ def bench_scale(users: list[int], workers: list[int], work_dir: str | Path, days
     if profile:
         result["stages"] = stages
     return result
+
+
+#: the part of a Ray part task outside the timed stages
+RAY_PART_OTHER = "other (shuffle read, store index, batching)"
+
+
+def ray_stages(summary: dict, users: int, workers: int, wall_s: float) -> list[dict]:
+    """Where a Ray pass's *task* time goes: the map tasks (world tables -> shuffle), each
+    stage of the part tasks summed over parts (:class:`StageTimer` inside every task), the
+    rest of the parts, and what the workers did not spend in a task (``workers x wall -
+    task seconds``: the driver's planning and sealing, Ray's scheduling, idle CPUs).
+    ``seconds`` are task-seconds, so ``us_per_row`` is CPU cost per row whatever the workers."""
+    per: dict[str, float] = {"map: world tables -> shuffle": sum(m["seconds"] for m in summary["map_tasks"])}
+    for p in summary["parts"]:
+        for k, v in p["stages_s"].items():
+            per[k] = per.get(k, 0.0) + v
+        per[RAY_PART_OTHER] = per.get(RAY_PART_OTHER, 0.0) + p["seconds"] - sum(p["stages_s"].values())
+    busy = sum(per.values())
+    per["not in a task (driver, scheduling, idle)"] = max(workers * wall_s - busy, 0.0)
+    total, rows = sum(per.values()), max(summary["rows"], 1)
+    return [{"users": users, "engine": f"ray{workers}", "stage": k, "seconds": round(v, 3),
+             "share_pct": round(100 * v / total, 1), "us_per_row": round(1e6 * v / rows, 1)} for k, v in per.items()]
 
 
 def _growth(rows: list[dict]) -> list[dict]:
@@ -205,6 +232,6 @@ def format_scale(result: dict) -> str:
     text = (format_table(result["rows"], COLUMNS) + "\n\ngrowth, smallest -> largest world:\n"
             + format_table(result["growth"]))
     if result.get("stages"):
-        text += "\n\nwhere the local engine's time goes (exclusive wall seconds per stage):\n" + format_table(
-            result["stages"])
+        text += ("\n\nwhere the time goes (local: exclusive wall seconds per stage; ray<w>: task-seconds of "
+                 "every worker, so us_per_row is CPU per row):\n" + format_table(result["stages"]))
     return text

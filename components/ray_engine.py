@@ -293,13 +293,16 @@ def _write_part(location: str, stats: dict, write) -> None:
 
 # ----------------------------------------------------------------------------- log-nn
 def _reduce_log_nn(shuffle: str, part: int, items_path: str, out: str, schema: pa.Schema,
-                   cfg: FeatureConfig, batch_requests: int) -> dict:
-    """The NN rows of one part's users, built by the local engine's own functions."""
+                   cfg: FeatureConfig, batch_requests: int, stage_timer=None) -> dict:
+    """The NN rows of one part's users, built by the local engine's own functions.
+    ``stage_timer``: a context-manager class whose instance times the pass's stages
+    (``.seconds``, e.g. the bench's StageTimer), reported as ``stages_s``."""
     from transact.features.nn_logging import write_nn_rows
     from transact.features.sequences import EventStore
 
     stats: dict = {"part": part}
-    with _measured(stats):
+    timer = stage_timer() if stage_timer is not None else None
+    with _measured(stats), timer or contextlib.nullcontext():
         sorted_requests(read_bucket(storage.join(shuffle, "request_ids"), part, REQUEST_KEY))  # one user, one ts
         actions = read_bucket(storage.join(shuffle, "actions"), part, S.ACTIONS_TABLE)
         impressions = read_bucket(storage.join(shuffle, "impressions"), part, S.IMPRESSIONS)
@@ -315,6 +318,8 @@ def _reduce_log_nn(shuffle: str, part: int, items_path: str, out: str, schema: p
         _write_part(out, stats, write)
         stats.update(rows=done["rows"], requests=done["requests"], events=actions.num_rows + impressions.num_rows,
                      items=items.num_rows)
+    if timer is not None:
+        stats["stages_s"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     return stats
 
 
@@ -324,10 +329,11 @@ def part_name(part: int) -> str:
 
 def log_nn_ray(world: str | Path, out: str | Path, cfg: FeatureConfig | None = None,
                partitions: int | None = None, batch_requests: int = 256,
-               chunk_rows: int = CHUNK_ROWS) -> dict:
+               chunk_rows: int = CHUNK_ROWS, stage_timer=None) -> dict:
     """The NN rows of ``world`` as a folder ``out`` of ``partitions`` parts (default: one per
     cluster CPU), built on the connected Ray (see :func:`ray_session`). Returns the summary
-    (also written to ``<out>.json``), with each map and part task's stats."""
+    (also written to ``<out>.json``), with each map and part task's stats; ``stage_timer``
+    (:func:`_reduce_log_nn`) adds each part's time by stage."""
     from transact.features.nn_logging import rows_schema
 
     t0 = time.perf_counter()
@@ -339,8 +345,8 @@ def log_nn_ray(world: str | Path, out: str | Path, cfg: FeatureConfig | None = N
     with _publishing_parts(out) as dest:
         maps = _get(_map_world_tables(world, ("actions", "impressions", "requests"), n, dest.shuffle, chunk_rows))
         task = _remote(_reduce_log_nn)
-        parts = _get([task.remote(dest.shuffle, p, _table(world, "items"), dest.part(p), schema, cfg, batch_requests)
-                      for p in range(n)])
+        parts = _get([task.remote(dest.shuffle, p, _table(world, "items"), dest.part(p), schema, cfg, batch_requests,
+                                  stage_timer) for p in range(n)])
         summary = _summary(out, "log-nn", n, t0, maps, parts, feature_config=cfg.to_dict())
         _seal(dest, parts, {"step": "log-nn", "feature_config": cfg.to_dict()})  # last: a retry finds both
     return summary

@@ -359,3 +359,27 @@ def test_log_nn_submitted_to_a_ray_head_through_its_jobs_api(tmp_path, ray_head)
     assert_same_rows(pq.read_table(tmp_path / "rows"), pq.read_table(tmp_path / "local.parquet"))
     with pytest.raises(RuntimeError, match="FAILED"):  # a failing job says so, with its last line
         run_log_nn(tmp_path / "nowhere", tmp_path / "rows2", CFG, engine="ray", address=ray_head)
+
+
+def test_ray_profile_times_every_part_by_stage_and_writes_the_same_rows(tmp_path, local_ray):
+    """`bench scale --profile` on Ray: each part task times the pass's stages in its own
+    worker, the rows are the unprofiled ones, and the task-seconds by stage add up to the
+    tasks' time."""
+    from transact.bench.scale import RAY_PART_OTHER, STAGES, StageTimer, ray_stages
+    from transact.components.ray_engine import log_nn_ray
+
+    small_world(tmp_path / "w")
+    plain = log_nn_ray(tmp_path / "w", tmp_path / "a", CFG, partitions=2)
+    prof = log_nn_ray(tmp_path / "w", tmp_path / "b", CFG, partitions=2, stage_timer=StageTimer)
+    assert_same_rows(pq.read_table(tmp_path / "b"), pq.read_table(tmp_path / "a"))
+    assert all("stages_s" not in p for p in plain["parts"])
+    for p in prof["parts"]:
+        assert {"NN search", "sequences", "S_all assembly"} <= set(p["stages_s"]) <= {s for s, _, _ in STAGES}
+        assert 0 < sum(p["stages_s"].values()) <= p["seconds"]
+    rows = ray_stages(prof, 12, 2, wall_s=prof["seconds"])
+    by = {r["stage"]: r for r in rows}
+    assert {"map: world tables -> shuffle", RAY_PART_OTHER, "NN search"} <= set(by)
+    task_s = sum(m["seconds"] for m in prof["map_tasks"]) + sum(p["seconds"] for p in prof["parts"])
+    in_tasks = sum(r["seconds"] for r in rows if not r["stage"].startswith("not in a task"))
+    assert in_tasks == pytest.approx(task_s, abs=0.01 * len(rows))
+    assert sum(r["share_pct"] for r in rows) == pytest.approx(100, abs=0.5)

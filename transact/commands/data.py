@@ -172,8 +172,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ll_cap: int = typer.Option(16_384, help="L_LL, lifelong sequence cap."),
         work_dir: Path = typer.Option(Path("runs/bench-scale"), help="Worlds and rows (kept for re-runs)."),
         out: Path | None = typer.Option(None, help="JSON result path (default: bench/results/scale-<device>.json)."),
-        profile: bool = typer.Option(False, "--profile", help="Also time each stage of the local runs "
-                                     "(NN search, sequences, store, S_all assembly, arrow, parquet write)."),
+        profile: bool = typer.Option(False, "--profile", help="Also time each stage of every run "
+                                     "(NN search, sequences, store, S_all assembly, arrow, parquet write; Ray: "
+                                     "task-seconds, the map tasks included)."),
     ) -> None:
         """NN-logging throughput and peak RSS per worker: local vs Ray, worlds of growing size."""
         from transact.bench.report import default_output, write_json
