@@ -95,7 +95,9 @@ def flops_per_example(cfg: ModelConfig, fcfg: FeatureConfig) -> dict[str, int]:
         if cfg.nal != "none":
             r = fcfg.r
             m = fcfg.k_imp if cfg.nal == "impression" else r
-            out["embed_proj"] += 2 * r * d * cfg.nal_dim
+            m = min(m, cfg.nal_negatives) if cfg.nal_negatives else m
+            if cfg.nal_projection:
+                out["embed_proj"] += 2 * r * d * cfg.nal_dim
             out["heads"] += 2 * max(r - 1, 0) * (1 + m) * cfg.nal_dim
     out["dcn"] = cfg.n_cross * 2 * n0 * n0
     prev = n0

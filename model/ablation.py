@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,31 @@ TABLE_ACTIONS: tuple[str, ...] = ("repin", "hide")
 RUN_FILE, HITS_FILE = "run.json", "hits.npz"
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _field_value(variant: str, key: str, raw: str, default):
+    """``raw`` as the type of the field whose default is ``default`` (ValueError otherwise)."""
+    bad = ValueError(f"variant {variant!r}: {key}={raw!r} is not a {type(default).__name__}")
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false"):
+            raise bad
+        return raw.lower() == "true"
+    if isinstance(default, (int, float)):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        if isinstance(default, int) and not isinstance(value, int):
+            raise bad
+        return value
+    if isinstance(default, str):
+        return raw
+    raise ValueError(f"variant {variant!r}: {key} is not a setting a variant can change (a {type(default).__name__})")
+
+
 @dataclass(frozen=True)
 class Variant:
     """A model of the ablation that is a registry model with some ModelConfig fields changed."""
@@ -76,27 +102,37 @@ class Variant:
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        """``NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]``; values are JSON (numbers, true/false),
-        else strings. The config is built once here, so a bad field fails before any training."""
+        """``NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]``; each value must be of its field's type
+        (true/false, an integer, a finite number, or a word). The config is built here, so a
+        bad name, field or value fails in one line before any training."""
         name, sep, rest = spec.partition("=")
         base, sep2, fields = rest.partition(":")
-        if not (sep and sep2 and name.strip() and base.strip()):
-            raise ValueError(f"variant {spec!r}: expected NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]")
         name, base = name.strip(), base.strip()
+        if not (sep and sep2 and name and base):
+            raise ValueError(f"variant {spec!r}: expected NAME=MODEL:FIELD=VALUE[,FIELD=VALUE...]")
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"variant {name!r}: a name is letters, digits, '.', '_' or '-' (it names a folder)")
         if base not in BASELINES:
             raise ValueError(f"variant {name!r}: unknown model {base!r}; choose from {', '.join(BASELINES)}")
+        defaults = BASELINES[base]()
         overrides: dict = {}
         for item in filter(None, (f.strip() for f in fields.split(","))):
-            key, eq, raw = item.partition("=")
+            key, eq, raw = (x.strip() for x in item.partition("="))
             if not eq:
                 raise ValueError(f"variant {name!r}: {item!r} is not FIELD=VALUE")
-            try:
-                overrides[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                overrides[key.strip()] = raw.strip()
+            if not hasattr(defaults, key):
+                raise ValueError(f"variant {name!r}: unknown ModelConfig field {key!r}")
+            overrides[key] = _field_value(name, key, raw, getattr(defaults, key))
         if not overrides:
             raise ValueError(f"variant {name!r}: no FIELD=VALUE given")
-        model_config(base, **overrides)  # checks the fields and their values now
+        try:
+            cfg = model_config(base, **overrides)  # the config's own checks, now
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"variant {name!r}: {e}") from None
+        idle = sorted(k for k in overrides if k.startswith("nal_")) if cfg.nal == "none" else []
+        if idle:
+            raise ValueError(f"variant {name!r}: {', '.join(idle)} change nothing: {base} has no Next Action Loss "
+                             f"(set nal=impression or nal=inbatch too)")
         return cls(name, base, overrides)
 
     @property
@@ -145,6 +181,10 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     they join ``models`` (every registry model when that is None) unless it names them already.
     """
     split = Split.parse(split)
+    names = [v.name for v in variants or []]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"variant names given twice: {twice}")
     variant_of = {v.name: v for v in variants or []}
     clash = sorted(set(variant_of) & set(BASELINES))
     if clash:
@@ -301,9 +341,14 @@ def _tail_mean(history: list[dict], key: str, share: float = 0.1) -> float | Non
     return float(np.mean(tail)) if tail and any(tail) else None
 
 
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def _head_means(done: dict, name: str, seeds: list[int], key: str) -> dict[str, float] | None:
+    """Per head, the mean of ``key`` over the seeds; None if a run lacks it or diverged (NaN)."""
     per = [done[(name, s)].get(key) for s in seeds]
-    if not per or any(not p for p in per) or any(v is None for p in per for v in p.values()):
+    if not per or any(not p for p in per) or not all(_finite(v) for p in per for v in p.values()):
         return None
     return {h: float(np.mean([p[h] for p in per])) for h in per[0]}
 
@@ -315,12 +360,13 @@ def _heads(r: dict, key: str) -> str:
 
 def _next_action(done: dict, name: str, seeds: list[int]) -> dict | None:
     """The NAL task of a model with a NAL head, mean over its seeds (None without one)."""
+    keys = ("loss", "top1", "chance_top1")
     per = [done[(name, s)].get("next_action") for s in seeds]
-    if not per or any(p is None for p in per):
-        return None
-    out: dict[str, float | None] = {k: float(np.mean([p[k] for p in per])) for k in ("loss", "top1", "chance_top1")}
+    if not per or any(p is None or not all(_finite(p.get(k)) for k in keys) for p in per):
+        return None  # no NAL head, no pairs, or a diverged run
+    out: dict[str, float | None] = {k: float(np.mean([p[k] for p in per])) for k in keys}
     tn = [done[(name, s)].get("train_nal") for s in seeds]
-    out["train_loss"] = float(np.mean(tn)) if all(t is not None for t in tn) else None
+    out["train_loss"] = float(np.mean(tn)) if all(_finite(t) for t in tn) else None
     return out
 
 
@@ -471,7 +517,9 @@ def format_markdown(result: dict) -> str:
     if nal:
         lines += ["", "The Next Action Loss task itself on the evaluation rows (models with a NAL head): mean "
                   "Eq. 5 loss, and how often the next positive action outscores every negative (chance: "
-                  "1 / (1 + negatives)); train: the NAL loss over the last tenth of training.", "",
+                  "1 / (1 + negatives)), scored for every model against the same negatives, all of the row's "
+                  "NN(S_imp) tokens; train: the NAL loss over the last tenth of training, against the model's "
+                  "own training negatives (in-batch, or fewer with nal_negatives: not comparable across those).", "",
                   "| Methods | NAL loss (eval) | top-1 | chance | NAL loss (train) |", "|---|---|---|---|---|"]
         for label, na in nal:
             tl = "-" if na.get("train_loss") is None else f"{na['train_loss']:.4f}"

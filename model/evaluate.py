@@ -10,7 +10,9 @@ computed for every label column (click, repin, hide, closeup) from the ranking s
 sum_h w_h f_h`` (default w: click 1, repin 1, hide -1, see :mod:`transact.model.metrics`),
 with a 95% user-bootstrap interval; AUC and log-loss are computed for each model head, with
 the calibration error (ECE, equal-mass bins) of the calibrated probabilities and of the raw
-heads (:mod:`transact.model.calibration`).
+heads (:mod:`transact.model.calibration`); for a model with a Next Action Loss head, the NAL task
+itself (``next_action``: loss, and how often the next positive outscores the row's skipped
+impressions, against chance).
 Writes ``metrics.json``, ``reliability.png`` (the reliability diagram) and
 ``predictions.parquet`` (ids, per-head probabilities, score, labels) to ``out``.
 """
@@ -79,8 +81,9 @@ def next_action_metrics(pred: dict) -> dict | None:
     if "next_action" not in pred:
         return None
     loss, top1, pairs, chance = (float(x) for x in pred["next_action"])
-    n = max(pairs, 1.0)
-    return {"loss": loss / n, "top1": top1 / n, "chance_top1": chance / n, "pairs": int(pairs)}
+    if pairs == 0:  # no (u(t), next positive) pair in these rows: nothing measured
+        return {"loss": None, "top1": None, "chance_top1": None, "pairs": 0}
+    return {"loss": loss / pairs, "top1": top1 / pairs, "chance_top1": chance / pairs, "pairs": int(pairs)}
 
 
 def label_matrix(pred: dict, actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> np.ndarray:
@@ -91,7 +94,8 @@ def label_matrix(pred: dict, actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> np.
 def compute_metrics(pred: dict, heads: tuple[str, ...], score_weights: dict[str, float] | None = None,
                     k: int = 3, n_boot: int = 1000, seed: int = 0,
                     actions: tuple[str, ...] = EXPLICIT_ACTIONS) -> dict:
-    """HIT@k per action (with user-bootstrap 95% CI), AUC and log-loss per head."""
+    """HIT@k per action (with user-bootstrap 95% CI), impression diversity, AUC, log-loss and
+    ECE per head, and the NAL task when ``pred`` carries it (:func:`next_action_metrics`)."""
     if score_weights is None:  # the default, restricted to the heads this model has
         weights = {h: w for h, w in M.DEFAULT_SCORE_WEIGHTS.items() if h in heads}
     else:
@@ -160,7 +164,7 @@ def format_metrics(m: dict) -> str:
     lines.append("(logloss, ECE: calibrated probabilities; ECE over 15 equal-mass bins; constant: the log-loss "
                  "of always predicting the observed rate; raw: the plain sigmoid of the label-weighted heads)")
     na = m.get("next_action")
-    if na:
+    if na and na["pairs"]:
         lines.append(f"next action (NAL task): loss {na['loss']:.4f}, positive ranked first in "
                      f"{na['top1']:.1%} of {na['pairs']:,} pairs (chance {na['chance_top1']:.1%})")
     return "\n".join(lines)

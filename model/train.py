@@ -254,10 +254,12 @@ def _train(env, rows, out, model, epochs, batch_size, lr, seed, train_end_ts, wa
         if was != split:
             raise ValueError(f"split: {split} in this run, {was} in the checkpoint in {out} ({hint})")
         want = as_json(mcfg.to_dict())
-        for name in sorted(set(want) | set(saved["model_config"])):
-            if want.get(name) != saved["model_config"].get(name):
+        # the checkpoint's config with today's defaults for fields added since it was written
+        had = as_json(ModelConfig.from_dict(saved["model_config"]).to_dict())
+        for name in sorted(set(want) | set(had)):
+            if want.get(name) != had.get(name):
                 raise ValueError(f"model config: {name} = {want.get(name)!r} in this run, "
-                                 f"{saved['model_config'].get(name)!r} in the checkpoint in {out} ({hint})")
+                                 f"{had.get(name)!r} in the checkpoint in {out} ({hint})")
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(str(out / ckpt.WEIGHTS)), strict=True)

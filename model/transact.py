@@ -158,9 +158,9 @@ class ModelConfig:
             raise ValueError("ModelConfig: the Next Action Loss needs the rt_recent segment as input")
         if self.nal_negatives < 0:
             raise ValueError(f"ModelConfig: nal_negatives must be >= 0 (0 = all), got {self.nal_negatives}")
-        if not self.nal_projection and self.nal_dim > self.d_model:
-            raise ValueError(f"ModelConfig: without nal_projection, nal_dim ({self.nal_dim}) must be at most "
-                             f"d_model ({self.d_model})")
+        if self.nal != "none" and self.nal_dim != EMB_DIM:
+            raise ValueError(f"ModelConfig: nal_dim must be {EMB_DIM}, the width of the PinSage embeddings u(t) "
+                             f"is compared with, got {self.nal_dim}")
         if self.ce_reduction not in ("weighted_mean", "mean"):
             raise ValueError(f"ModelConfig: ce_reduction must be weighted_mean or mean, got {self.ce_reduction!r}")
         if self.d_model != 2 * EMB_DIM and self.fusion == "concat":

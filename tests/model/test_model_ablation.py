@@ -153,3 +153,40 @@ def test_a_variant_trains_its_base_with_its_fields_and_is_paired_and_resumable(w
         A.ablation(world, out, log=lambda s: None, variants=[other], **kw)
     with pytest.raises(ValueError, match="registry models"):
         A.ablation(world, out, log=lambda s: None, variants=[A.Variant("v2", "transact", {"nal": "none"})], **kw)
+
+
+def test_variant_values_must_be_of_their_fields_type():
+    """A value of the wrong type is refused by name, never kept as a string that means something
+    else ("False" was truthy: the projection stayed on) or fails hours later in training."""
+    for spec, msg in [("x=transact_nal_imp:nal_projection=False", None),  # any case of true/false
+                      ("x=transact_nal_imp:nal_projection=no", "nal_projection='no' is not a bool"),
+                      ("x=transact_nal_imp:nal_weight=\"0.1\"", "is not a float"),
+                      ("x=transact_nal_imp:nal_weight=NaN", "is not a float"),
+                      ("x=transact_nal_imp:nal_negatives=2.5", "is not a int"),
+                      ("x=transact_nal_imp:nal_negatives=true", "is not a int"),
+                      ("x=transact_nal_imp:nal_negatives=abc", "is not a int"),
+                      ("x=transact_nal_imp:heads=click", "not a setting a variant can change"),
+                      ("x=transact_nal_imp:nal=sideways", "nal must be one of"),
+                      ("x=transact:nal_weight=1", "change nothing"),
+                      ("../x=transact_nal_imp:nal_weight=1", "names a folder")]:
+        if msg is None:
+            assert A.Variant.parse(spec).overrides == {"nal_projection": False}
+            continue
+        with pytest.raises(ValueError, match=msg) as e:
+            A.Variant.parse(spec)
+        assert "\n" not in str(e.value)
+    assert A.Variant.parse("x=transact:nal=impression,nal_weight=1e-1").overrides == {"nal": "impression",
+                                                                                      "nal_weight": 0.1}
+    v = A.Variant.parse("x=transact_nal_imp:nal_weight=1")
+    with pytest.raises(ValueError, match="given twice"):
+        A.ablation("unused.parquet", "unused", variants=[v, v])
+
+
+def test_a_diverged_run_leaves_dashes_not_a_crash():
+    """NaN numbers of one run (stored as null in run.json) print as '-' on resume."""
+    done = {("m", 0): {"logloss": {"click": None}, "ece": {"click": 0.1},
+                       "next_action": {"loss": None, "top1": 0.2, "chance_top1": 0.1}, "train_nal": None}}
+    assert A._head_means(done, "m", [0], "logloss") is None
+    assert A._head_means(done, "m", [0], "ece") == {"click": 0.1}
+    assert A._next_action(done, "m", [0]) is None
+    assert A._heads({"logloss": None}, "logloss") == "-"

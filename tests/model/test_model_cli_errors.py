@@ -114,6 +114,24 @@ def test_resume_with_another_model_config_names_the_field(trained, tmp_path):
     assert_refused(invoke(*base, "--max-steps", "2", "--nal-weight", "0.5"), "nal_weight = 0.5", "checkpoint")
 
 
+def test_resume_a_checkpoint_written_before_a_model_field_existed(trained, tmp_path):
+    """A checkpoint whose config.json lacks a field added since (here the NAL settings) resumes
+    with that field's default; it was refused as "nal_negatives = 0 in this run, None"."""
+    rows, _ = trained
+    out = tmp_path / "m"
+    base = ["train", "--rows", rows, "--model", "transact_nal_imp", "--out", out, "--batch-size", "16",
+            "--threads", "1", "--no-progress"]
+    assert invoke(*base, "--max-steps", "1").exit_code == 0
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for field in ("nal_negatives", "nal_projection"):
+        del cfg["model_config"][field]
+    cfg_path.write_text(json.dumps(cfg))
+    r = invoke(*base, "--max-steps", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads(cfg_path.read_text())["model_config"]["nal_negatives"] == 0
+
+
 def _add_field(path, name: str, value) -> None:
     """Rewrites a row file with ``name`` added to its feature_config metadata."""
     t = pq.read_table(path)

@@ -298,6 +298,7 @@ def test_nal_without_projection_is_the_token_half_of_the_encoder_output():
 def test_nal_settings_are_checked():
     with pytest.raises(ValueError, match="nal_negatives must be >= 0"):
         ModelConfig(nal_negatives=-1)
-    with pytest.raises(ValueError, match="nal_dim .* at most"):
-        ModelConfig(nal_projection=False, nal_dim=65)
+    with pytest.raises(ValueError, match="nal_dim must be 32"):
+        ModelConfig(nal_projection=False, nal_dim=64)
+    assert ModelConfig(nal="none", nal_dim=64).nal_dim == 64  # no NAL: not used
     assert ModelConfig(nal_negatives=8, nal_projection=False).nal_negatives == 8
