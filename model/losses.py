@@ -11,9 +11,9 @@ L_CE (V2 Eq. 1, V1 Eq. 1-2): for each example b and head h,
 
 The default reduction divides each head by its total weight in the batch, like
 PyTorch's class-weighted cross-entropy: L_CE then stays on the scale of a plain BCE
-whatever the magnitude of M (Table 7 uses weights up to 100), so that w_NAL = 0.01
-keeps a meaningful ratio between the two losses. With "mean", L_CE is ~50x larger on
-typical data and w_NAL * L_NAL is a rounding error.
+whatever the magnitude of M (Table 7 uses weights up to 100), so that w_NAL keeps a
+meaningful ratio between the two losses. With "mean", L_CE is ~50x larger on typical
+data and w_NAL * L_NAL is a rounding error.
 
 M is the label-weight matrix over the actions ``label_actions`` (default: V1 Table 7,
 click / repin / hide):
@@ -44,7 +44,10 @@ t = 0..r-1, oldest -> newest):
   dropped when that row belongs to the same user (its tokens would include the
   positive); ``nal_negatives`` > 0 keeps only the newest that many slots of either.
 L_NAL is the mean over valid (row, t) pairs (0 when a batch has none); Eq. 6 writes a
-sum, the mean keeps w_NAL independent of batch size and r.
+sum, the mean keeps w_NAL independent of batch size and r -- and so our w_NAL is not the
+paper's: its 0.01 multiplies a sum over a row's ~30 pairs (the demo world), ours a mean, so
+the paper's ratio to L_CE is w_NAL ~ 0.3 here (more if its L_CE is a batch mean and its
+L_NAL a batch sum). Hence the default w_NAL = 1 (:class:`transact.model.transact.ModelConfig`).
 """
 from __future__ import annotations
 

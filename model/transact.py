@@ -90,7 +90,12 @@ class ModelConfig:
         mlp_dims: hidden sizes of the MLP after the cross network.
         nal: Next Action Loss negatives: "none", "impression" (NN(S_imp) tokens of the
             same row) or "inbatch" (S_RT[:r] tokens of another row of the batch).
-        nal_weight: w_NAL of Eq. 7 (paper: 0.01).
+        nal_weight: w_NAL of Eq. 7 on our L_NAL, a *mean* over (row, t) pairs. Default 1:
+            the paper's 0.01 multiplies Eq. 6's *sum* (~30 pairs a row), so copying 0.01
+            onto a mean made the NAL 30x weaker than the paper's and it did nothing
+            measurable (demo world, 3 seeds, docs/ablation.md: TransAct + NAL_imp +0.2%
+            HIT@3/repin at 0.01, +2.1% at 0.1, +4.9% [+3.0, +6.8] at 1; V2 +4.4% -> +5.8%
+            vs TransAct at 1; the same on a second world).
         nal_dim: dimension of u(t) and of the PinSage embeddings it is compared with.
         nal_negatives: at most this many negatives per row, the newest slots of their
             segment (0 = every valid one: k_imp impression tokens, or r in-batch tokens).
@@ -126,7 +131,7 @@ class ModelConfig:
     n_cross: int = 2
     mlp_dims: tuple[int, ...] = (128, 64)
     nal: str = "impression"
-    nal_weight: float = 0.01
+    nal_weight: float = 1.0
     nal_dim: int = EMB_DIM
     nal_negatives: int = 0
     nal_projection: bool = True

@@ -86,7 +86,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         device: str | None = typer.Option(None, help="cpu | cuda | cuda:N (default: CUDA when available)."),
         threads: int | None = typer.Option(None, help="torch CPU threads."),
         time_window_mask: bool = typer.Option(False, help="V1 random time-window mask in training."),
-        nal_weight: float | None = typer.Option(None, help="w_NAL (default 0.01)."),
+        nal_weight: float | None = typer.Option(None, help="w_NAL, on the mean over pairs (default 1; see ModelConfig)."),
         first_k: int | None = typer.Option(None, help="V1 output compression: K most recent tokens."),
         heads: str | None = typer.Option(None, help="Comma-separated heads (default click,repin,hide)."),
         model_json: str | None = typer.Option(None, help="JSON of further ModelConfig fields."),
