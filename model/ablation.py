@@ -312,7 +312,7 @@ def _read_run(run_dir: Path, spec: dict) -> dict | None:
 def _evaluate_run(run_dir: Path, eval_data: RowDataset, score_weights, n_boot: int, seed: int,
                   spec: dict, summary: dict) -> dict:
     model = load_model(run_dir)
-    pred = predict(model, eval_data)
+    pred = predict(model, eval_data, next_action=True)
     m = {"split": eval_data.describe(), **compute_metrics(pred, model.cfg.heads, score_weights, n_boot=n_boot,
                                                          seed=seed)}
     (run_dir / "metrics.json").write_text(json.dumps(M.json_safe(m), indent=2, allow_nan=False))

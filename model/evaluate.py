@@ -37,12 +37,13 @@ from transact.model.transact import TransActModel
 
 @torch.no_grad()
 def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, device: str | None = None,
-            progress: bool = False) -> dict[str, np.ndarray]:
-    """Scores every row of ``data`` in file order.
+            progress: bool = False, next_action: bool = False) -> dict[str, np.ndarray]:
+    """Scores every row of ``data`` in file order (``next_action``: the NAL task too, for a
+    model with a NAL head; calibration, which reads the heads only, leaves it off).
 
     Returns user_id, request_id, item_id, ts [N]; cand_emb_q int8 [N, D]; probs float32 [N, H] (the model's calibrated
     probabilities), raw float32 [N, H] (the plain sigmoid of the logits), logits float32 [N, H];
-    labels float32 [N, len(LABEL_COLUMNS)]; for a model with a Next Action Loss head, next_action float64 [4]:
+    labels float32 [N, len(LABEL_COLUMNS)]; with ``next_action`` and a Next Action Loss head, next_action float64 [4]:
     the NAL task's summed loss, top-1 hits, pairs and chance hits over the rows
     (:func:`transact.model.losses.next_action_stats`).
     """
@@ -50,7 +51,7 @@ def predict(model: TransActModel, data: RowDataset, batch_size: int = 1024, devi
     model = model.to(dev).eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "request_id", "item_id", "ts", "probs", "raw",
                                                          "logits", "labels", "cand_emb_q")}
-    nal = np.zeros(4) if model.has_nal else None  # loss, top1, pairs, chance
+    nal = np.zeros(4) if next_action and model.has_nal else None  # loss, top1, pairs, chance
     for batch in tqdm(data.iter_batches(batch_size), total=data.num_batches(batch_size),
                       desc="predict", unit="batch", disable=not progress):
         batch = batch.to(dev)
@@ -232,7 +233,7 @@ def evaluate(model_dir: str | Path, rows: str | Path, out: str | Path | None = N
     data.feature_config.check_same(model.fcfg, f"the rows {rows}", f"the model {model_dir}")
     if data.num_rows == 0:
         raise ValueError(f"{rows}: no evaluation rows ({window['description']})")
-    pred = predict(model, data, batch_size, device, progress)
+    pred = predict(model, data, batch_size, device, progress, next_action=True)
     heads = model.cfg.heads
     m = compute_metrics(pred, heads, score_weights, k, n_boot, seed)
     m = {"model_dir": str(model_dir), "model": model.cfg.name, "rows": str(rows), "split": window["description"],

@@ -397,3 +397,22 @@ def report_widgets(html: str) -> list[dict]:
             walk(w.get("widgets") or [])
     walk(json.loads(m.group(1))["widgets"])
     return out
+
+
+def monitoring_columns(n: int, seed: int, t0: int, pred_beta: tuple[float, float],
+                       heads=("click", "repin", "hide")) -> tuple[dict, np.random.Generator]:
+    """The columns of a hand-made monitoring frame (features_frame's columns, a prediction per
+    head ~ Beta(*pred_beta), ``n`` rows over the day from ``t0``, 10 rows a request and a user)
+    and the generator that drew them, for a test to draw more."""
+    from transact.monitoring.features import EMBEDDINGS, NUMERICAL_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    cols = {c: rng.normal(size=n) for c in NUMERICAL_COLUMNS}
+    cols["surface"] = rng.choice(["homefeed", "search"], size=n)
+    for c in EMBEDDINGS["cand"] + EMBEDDINGS["seq"]:
+        cols[c] = rng.normal(size=n)
+    for h in heads:
+        cols[f"pred_{h}"] = rng.beta(*pred_beta, size=n)
+    cols.update(ts=t0 + np.sort(rng.integers(0, 86_400_000, size=n)), request_id=np.arange(n) // 10,
+                user_id=np.arange(n) // 10)
+    return cols, rng

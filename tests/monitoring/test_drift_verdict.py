@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import report_widgets
+from helpers import monitoring_columns, report_widgets
 from transact.monitoring.drift import DriftRule, analyze_window
-from transact.monitoring.features import CATEGORICAL_COLUMNS, EMBEDDINGS, NUMERICAL_COLUMNS
+from transact.monitoring.features import CATEGORICAL_COLUMNS
 
 HEADS = ["click", "repin", "hide"]
 SIMS = ["sim_ll_nn", "sim_rt_nn", "sim_rt_recent", "sim_max"]
@@ -31,19 +30,11 @@ def frame(n: int, seed: int, shifted: bool = False, t0: int = T0) -> pd.DataFram
     """A monitoring frame (features_frame's columns plus predictions); ``shifted`` moves
     the four history-match similarities and the click prediction only (4 of 21 scalar
     features: Evidently's share rule stays below its 0.5)."""
-    rng = np.random.default_rng(seed)
-    cols = {c: rng.normal(size=n) for c in NUMERICAL_COLUMNS}
-    cols["surface"] = rng.choice(["homefeed", "search"], size=n)
-    for c in EMBEDDINGS["cand"] + EMBEDDINGS["seq"]:
-        cols[c] = rng.normal(size=n)
-    for h in HEADS:
-        cols[f"pred_{h}"] = rng.beta(2, 5, size=n)
+    cols, _ = monitoring_columns(n, seed, t0, (2, 5), HEADS)
     if shifted:
         for c in SIMS:
             cols[c] = cols[c] - 1.5
         cols["pred_click"] = cols["pred_click"] + 0.3
-    cols.update(ts=t0 + np.sort(rng.integers(0, DAY, size=n)), request_id=np.arange(n) // 10,
-                user_id=np.arange(n) // 10)
     assert set(CATEGORICAL_COLUMNS) == {"surface"}
     return pd.DataFrame(cols)
 

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import monitoring_columns
 from transact.monitoring.calibration import LABELLED, REPEATED, STATE, UNLABELLED, label_frame, window_calibration
 from transact.monitoring.drift import DriftRule, analyze_window
-from transact.monitoring.features import EMBEDDINGS, NUMERICAL_COLUMNS
 
 HEADS = ["click", "repin", "hide"]
 T0 = 1_724_544_000_000
@@ -33,15 +33,7 @@ def frame(n: int, seed: int, t0: int = T0, scale: float | None = None) -> pd.Dat
     """A monitoring frame drawn like the reference; with ``scale``, labels joined (the
     :data:`STATE` and ``label_*`` columns): each head's label ~ Bernoulli(pred / scale) --
     1 = calibrated, 2 = predictions twice the true probability."""
-    rng = np.random.default_rng(seed)
-    cols = {c: rng.normal(size=n) for c in NUMERICAL_COLUMNS}
-    cols["surface"] = rng.choice(["homefeed", "search"], size=n)
-    for c in EMBEDDINGS["cand"] + EMBEDDINGS["seq"]:
-        cols[c] = rng.normal(size=n)
-    for h in HEADS:
-        cols[f"pred_{h}"] = rng.beta(3, 9, size=n)  # mean 0.25: enough positives per window
-    cols.update(ts=t0 + np.sort(rng.integers(0, DAY, size=n)), request_id=np.arange(n) // 10,
-                user_id=np.arange(n) // 10)
+    cols, rng = monitoring_columns(n, seed, t0, (3, 9), HEADS)  # predictions' mean 0.25: enough positives a window
     if scale is not None:
         cols[STATE] = np.full(n, LABELLED, np.int8)
         for h in HEADS:
