@@ -210,8 +210,10 @@ def serve_forever(settings: ServeSettings, bentoml_home: str | Path | None = Non
         raise KeyboardInterrupt
 
     # SIGHUP too: a closed terminal or ssh session must not leave the server (its own session,
-    # so it never sees the terminal's signals) holding the port
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # so it never sees the terminal's signals) holding the port; and SIGINT set here, not left to
+    # Python: a process started in the background of a script inherits SIGINT ignored, and
+    # Python keeps it so -- Ctrl+C (or `kill -INT`) then did nothing
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         return server.proc.wait()
     except KeyboardInterrupt:

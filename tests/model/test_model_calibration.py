@@ -19,15 +19,21 @@ from transact.model.transact import build_model
 @settings(max_examples=20, deadline=None)
 @given(a=st.floats(0.3, 2.5), b=st.floats(0.3, 2.5), c=st.floats(-3.0, 1.0), seed=st.integers(0, 2**31))
 @example(a=0.5, b=0.5, c=-2.0, seed=0)  # (Platt 0.5, -2): full Newton steps overshot to 1e6; now halved
+# steep map: the fit (2.68, 2.36, 0.26) is the maximum-likelihood one (log-loss below the
+# truth's), its map within 0.005 of the truth's -- a, b and c trade off along a ridge
+@example(a=2.46875, b=2.5, c=0.0, seed=264)
 def test_beta_calibration_recovers_the_map_that_made_the_labels(a, b, c, seed):
-    """Labels drawn with P(y=1) = the beta map of the logit: the fit finds (a, b, c) back, and
+    """Labels drawn with P(y=1) = the beta map of the logit: the fit is the maximum-likelihood
+    map (no worse than the one that made the labels), recovers that map's probabilities, and
     beats the raw sigmoid and the constant predictor on the log-loss."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 2, 40_000)
     y = (rng.random(len(z)) < C.apply(z, a, b, c)).astype(np.float64)
     fa, fb, fc = C.fit_beta(z, y)
-    assert (fa, fb, fc) == pytest.approx((a, b, c), abs=0.25)
+    grid = np.quantile(z, np.linspace(0.01, 0.99, 25))
+    assert np.abs(C.apply(grid, fa, fb, fc) - C.apply(grid, a, b, c)).max() < 0.03
     ll = log_loss(y, C.apply(z, fa, fb, fc))
+    assert ll <= log_loss(y, C.apply(z, a, b, c)) + 1e-9
     assert ll <= log_loss(y, C.sigmoid(z)) + 1e-9
     assert ll < log_loss(y, np.full(len(y), y.mean()))
 
