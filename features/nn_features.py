@@ -34,7 +34,9 @@ class JaggedSequences:
     """U users' token sequences, concatenated, newest first within each user.
 
     emb_q int8 [T, D], action uint8 [T], surface int8 [T], ts int64 [T] (ms),
-    offsets int64 [U + 1].
+    offsets int64 [U + 1]; optionally norm float32 [T], each token's
+    :func:`transact.kernels.dispatch.token_norms` (a store that has them per item hands
+    them on, and the NN search skips its pass over the tokens; None: it computes them).
     """
 
     emb_q: torch.Tensor
@@ -42,6 +44,7 @@ class JaggedSequences:
     surface: torch.Tensor
     ts: torch.Tensor
     offsets: torch.Tensor
+    norm: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -72,13 +75,15 @@ class JaggedSequences:
         if keep.device.type == "cpu":  # one np.take per field: ~3x faster than a boolean index
             rows = np.flatnonzero(keep.numpy())  # [T']
             take = lambda t: torch.from_numpy(_take_rows(t, rows))  # noqa: E731
-            return JaggedSequences(take(self.emb_q), take(self.action), take(self.surface), take(self.ts), offsets)
+            return JaggedSequences(take(self.emb_q), take(self.action), take(self.surface), take(self.ts), offsets,
+                                   None if self.norm is None else take(self.norm))
         return JaggedSequences(self.emb_q[keep], self.action[keep], self.surface[keep],
-                               self.ts[keep], offsets)
+                               self.ts[keep], offsets, None if self.norm is None else self.norm[keep])
 
     def to(self, device) -> JaggedSequences:
-        return JaggedSequences(*(t.to(device) for t in (self.emb_q, self.action, self.surface,
-                                                           self.ts, self.offsets)))
+        return JaggedSequences(self.emb_q.to(device), self.action.to(device), self.surface.to(device),
+                               self.ts.to(device), self.offsets.to(device),
+                               None if self.norm is None else self.norm.to(device))
 
     @staticmethod
     def empty(num_users: int, device=None) -> JaggedSequences:
@@ -168,13 +173,19 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     oldest_rt = torch.full((U,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     has_rt = rt_len > 0
     oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
-    ll_old = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # [T_ll] cut per user
+    # newest first: a user's tokens to cut lead its range, so its newest token tells whether
+    # it has any (a store that cut them already spares the pass over every lifelong token)
+    has_ll = ll.lengths > 0  # [U]
+    if bool((ll.ts[ll.offsets[:-1][has_ll]] >= oldest_rt[has_ll]).any()):
+        ll_old = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # [T_ll] cut per user
+    else:
+        ll_old = ll
     rt_pos = rt.token_pos()  # [T_rt]
     rt_rest = rt.select(rt_pos >= cfg.r)
 
     segs: list[tuple[JaggedSequences, torch.Tensor, torch.Tensor]] = []  # (seq, glob idx, count)
     for seq, k in ((ll_old, cfg.k_ll), (rt_rest, cfg.k_rt)):
-        local, _ = dispatch.nn_search(seq.emb_q, seq.offsets, cand_emb, cand_offsets, k)
+        local, _ = dispatch.nn_search(seq.emb_q, seq.offsets, cand_emb, cand_offsets, k, seq.norm)
         segs.append((seq, *_segment_from_local(local, seq, cand_user, k)))
     # S_RT[:r]: the r most recent realtime actions, same for every candidate of a user.
     n_recent = torch.clamp(rt_len, max=cfg.r)[cand_user]  # [N]
@@ -183,7 +194,7 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     local = torch.where(slot >= cfg.r - n_recent[:, None], local, torch.full_like(local, -1))
     glob = torch.where(local >= 0, local + rt.offsets[cand_user][:, None], local)
     segs.append((rt, glob, n_recent))
-    local, _ = dispatch.nn_search(imp.emb_q, imp.offsets, cand_emb, cand_offsets, cfg.k_imp)
+    local, _ = dispatch.nn_search(imp.emb_q, imp.offsets, cand_emb, cand_offsets, cfg.k_imp, imp.norm)
     segs.append((imp, *_segment_from_local(local, imp, cand_user, cfg.k_imp)))
 
     req_ts = request_ts[cand_user]  # [N]

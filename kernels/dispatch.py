@@ -80,15 +80,27 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torch.Tensor,
-              cand_offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`transact.kernels.pytorch.nn_search.nn_search` for the contract."""
+              cand_offsets: torch.Tensor, k: int, seq_norm: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`transact.kernels.pytorch.nn_search.nn_search` for the contract. ``seq_norm``
+    (the tokens' :func:`token_norms`, optional) spares the reference a pass over the tokens;
+    the Triton kernel computes them in its own pass over the tokens and does not read it."""
     if _use_triton(seq_emb_q):
         from transact.kernels.triton.nn_search import nn_search_triton
 
         return nn_search_triton(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
     from transact.kernels.pytorch.nn_search import nn_search as reference
 
-    return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k)
+    return reference(seq_emb_q, seq_offsets, cand_emb, cand_offsets, k, seq_norm)
+
+
+def token_norms(emb_q: torch.Tensor) -> torch.Tensor:
+    """float32 [T]: |s| of each int8 row, +inf for a zero row -- the NN search's own norms
+    (:func:`transact.kernels.pytorch.nn_search.token_norms`), for callers that compute them
+    once per item and hand them to :func:`nn_search` as ``seq_norm``."""
+    from transact.kernels.pytorch.nn_search import token_norms as norms
+
+    return norms(emb_q)
 
 
 def encoder_forward(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -90,9 +90,16 @@ def test_atomic_writer_skips_dictionaries_for_per_row_blocks_only(tmp_path):
         return {rg.column(i).path_in_schema.split(".")[0]: any("DICTIONARY" in e for e in rg.column(i).encodings)
                 for i in range(rg.num_columns)}
 
+    def statistics(path):
+        rg = pq.ParquetFile(path).metadata.row_group(0)
+        return {rg.column(i).path_in_schema.split(".")[0]: rg.column(i).statistics is not None
+                for i in range(rg.num_columns)}
+
     with AtomicParquetWriter(tmp_path / "a.parquet", schema) as w:
         w.write(data)
     assert encodings(tmp_path / "a.parquet") == {"user_id": True, "tok": False, "age": False}
+    # min/max only where a reader can prune by them: not on the per-row blocks
+    assert statistics(tmp_path / "a.parquet") == {"user_id": True, "tok": False, "age": False}
     with AtomicParquetWriter(tmp_path / "b.parquet", schema, use_dictionary=True) as w:
         w.write(data)
     assert encodings(tmp_path / "b.parquet")["tok"] is True

@@ -10,7 +10,9 @@ from helpers import make_events, make_items
 from transact.data.io import SchemaError
 from transact.features.config import DAY_MS, FeatureConfig
 from transact.features.event_order import ACTION_TIES, IMPRESSION_TIES
+from transact.features.nn_features import build_s_all
 from transact.features.sequences import IMP_LOOKBACK, EventStore
+from transact.kernels import dispatch
 
 T0 = 1_700_000_000_000
 
@@ -105,8 +107,17 @@ def test_lifelong_cut_before_the_realtime_tokens_is_build_s_all_s_cut(seed, ll_c
     oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
     exp = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # build_s_all's cut
     for a, b in ((cut, exp), (rt2, rt), (imp2, imp)):
-        for f in ("emb_q", "action", "surface", "ts", "offsets"):
+        for f in ("emb_q", "action", "surface", "ts", "offsets", "norm"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
+        # the store's per-item norms are the NN search's own, token by token (select keeps them aligned)
+        assert torch.equal(a.norm, dispatch.token_norms(a.emb_q))
+    # build_s_all cuts a whole S_LL and passes a cut one as it is: the same S_all either way
+    cand = torch.from_numpy(store.item_emb_q[rng.integers(0, items.num_rows, 3 * len(users))])  # [N, D]
+    cand_off = torch.arange(0, 3 * len(users) + 1, 3)
+    whole = build_s_all(ll, rt, imp, cand, cand_off, torch.from_numpy(ts), cfg)
+    pre_cut = build_s_all(cut, rt2, imp2, cand, cand_off, torch.from_numpy(ts), cfg)
+    for f in ("emb_q", "action", "surface", "age_s", "seg_len"):
+        assert torch.equal(getattr(whole, f), getattr(pre_cut, f)), f
 
 
 def test_newest_first_and_caps():

@@ -619,6 +619,7 @@ def test_batched_search_equals_the_per_user_loop_bit_for_bit(seed, lens, cands, 
         mp.setattr(nns, "GROUP_C", group_c)
         mp.setattr(nns, "SHORT_TOKENS", short)
         runs = {"numpy": reference(*case, k)}
+        runs["norms given"] = reference(*case, k, seq_norm=dispatch.token_norms(case[0]))
         mp.setattr(nns, "_TENSOR_PATH_ON_CPU", True)
         runs["tensor"] = reference(*case, k)
         mp.setattr(nns, "_TENSOR_PATH_ON_CPU", False)
@@ -645,3 +646,35 @@ def test_zero_candidate_of_a_padded_user_keeps_its_padding_out():
         exp_idx, exp_score = _loop_nn_search(*case, k)
         assert torch.equal(idx, exp_idx) and torch.equal(score, exp_score), k
         assert idx[2, : min(k, 30)].tolist() == list(range(min(k, 30)))
+
+
+@settings(max_examples=200, deadline=None)
+@example(lens=[5, 0, 300, 300, 160], cands=[3, 4, 0, 9, 1], k=96, P=1, chunk=1 << 18)
+@example(lens=[40], cands=[6], k=8, P=4, chunk=1)
+@given(lens=st.lists(st.integers(0, 3000), min_size=1, max_size=12),
+       cands=st.lists(st.integers(0, 40), min_size=12, max_size=12),
+       k=st.integers(0, 200), P=st.sampled_from([1, 4]), chunk=st.sampled_from([1, 64, 5000, 1 << 18]))
+def test_plan_covers_every_pair_once_within_the_budget(lens, cands, k, P, chunk):
+    """The chunk plan (numpy, no loop over users) holds each (user, candidate) pair of the
+    users with tokens and candidates exactly once, longest users first; a chunk's shortest
+    sequence is at least PAD_RATIO of its longest, its padded size fits the budget unless
+    it is a single entry, and L_pad covers its longest sequence in whole groups."""
+    import transact.kernels.pytorch.nn_search as nns
+
+    seq_len = np.array(lens, dtype=np.int64)
+    cand_n = np.array(cands[: len(lens)], dtype=np.int64)
+    cand_lo = np.concatenate([[0], np.cumsum(cand_n)[:-1]]).astype(np.int64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nns, "CHUNK_SCORES", chunk)
+        chunks = nns._plan(seq_len, cand_lo, cand_n, k, P, D)
+    pairs = [(int(u), int(c)) for ch in chunks for u, c0, m in zip(ch.users, ch.c0, ch.m) for c in range(c0, c0 + m)]
+    expected = [(u, c) for u in range(len(lens)) if seq_len[u] and cand_n[u]
+                for c in range(cand_lo[u], cand_lo[u] + cand_n[u])]
+    assert sorted(pairs) == sorted(expected) and len(pairs) == len(set(pairs))
+    order = [int(u) for ch in chunks for u in ch.users]
+    assert all(seq_len[a] >= seq_len[b] for a, b in zip(order, order[1:]))
+    for ch in chunks:
+        L = seq_len[ch.users]
+        assert L.min() >= nns.PAD_RATIO * L.max() and ch.L_pad >= L.max() and ch.L_pad % ch.G == 0
+        assert ch.M_pad == ch.m.max() and (ch.m >= 1).all()
+        assert ch.users.size == 1 or ch.users.size * ch.L_pad * (ch.M_pad * P + (D if ch.short else 0)) <= chunk
