@@ -38,9 +38,17 @@ time in tens of thousands of tensor calls, not in arithmetic):
    of their best score hold the top k tokens (:func:`_select_rows`). On CPU this runs in
    numpy (a linear partition, then a sort of k); elsewhere one ``topk`` of every key.
 
-Per lifelong score (k = 96, ~2,000 tokens, 8 candidates a user) that is ~15 ns of one
-core of the 2-core bench machine under load, against ~85 ns for the loop: a sixth of it
-the int8 GEMM, a sixth the token norms, the rest memory passes and the selection.
+Per lifelong score (k = 96, ~2,000 tokens, 8 candidates a user) that is ~13 ns of one
+core of the 2-core bench machine, against ~85 ns for the loop: a tenth of it the int8
+GEMM, the rest memory passes and the selection. The token norms are a function of the
+token alone: a caller that holds them per item (the event store) passes them as
+``seq_norm`` and the search skips its own pass over the tokens (a sixth of its time).
+
+A compiled selection was tried and not kept (numba, one pass per row: a heap of the k
+best keys, 10 ns a score on random scores -- its branches mispredict on every other
+insertion; a threshold from a sample of the row, then the exact keys of the tokens above
+it, 5 ns): no faster than these numpy passes on the bench's rows, whose SIMD partition
+does the selection's heavy part.
 """
 from __future__ import annotations
 
