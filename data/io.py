@@ -68,6 +68,8 @@ class AtomicParquetWriter:
     never repeat, and trying a dictionary on them cost ~20% of a write's CPU for nothing.
     The same blocks get no min/max statistics: no reader prunes row groups by the bytes of
     an embedding, and comparing 6 KiB values row by row cost ~10% of an NN-row write.
+    (pyarrow matches both settings' names against leaf paths, ``x.list.element`` for a list
+    column: nested columns of any kind get neither; the scalar columns get both.)
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, compression: str = "zstd",

@@ -173,8 +173,9 @@ def build_s_all(ll: JaggedSequences, rt: JaggedSequences, imp: JaggedSequences,
     oldest_rt = torch.full((U,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     has_rt = rt_len > 0
     oldest_rt[has_rt] = rt.ts[rt.offsets[1:][has_rt] - 1]
-    # newest first: a user's tokens to cut lead its range, so its newest token tells whether
-    # it has any (a store that cut them already spares the pass over every lifelong token)
+    # newest first (the JaggedSequences contract): a user's tokens to cut lead its range, so
+    # its newest token tells whether it has any (a store that cut them already spares the
+    # pass over every lifelong token)
     has_ll = ll.lengths > 0  # [U]
     if bool((ll.ts[ll.offsets[:-1][has_ll]] >= oldest_rt[has_ll]).any()):
         ll_old = ll.select(ll.ts < torch.repeat_interleave(oldest_rt, ll.lengths))  # [T_ll] cut per user

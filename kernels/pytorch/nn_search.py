@@ -139,6 +139,8 @@ def nn_search(seq_emb_q: torch.Tensor, seq_offsets: torch.Tensor, cand_emb: torc
     cn_ext = torch.cat([cand_norm.masked_fill(cand_norm == float("inf"), 1.0), cand_norm.new_ones(1)])  # [N + 1]
     # |s| per token, +inf for a zero token; then +0.0 for the padding of long chunks,
     # whose dot is prefilled with -2^31: -2^31 / +0.0 = -inf with no masking pass
+    if seq_norm is not None and tuple(seq_norm.shape) != (T,):
+        raise ValueError(f"nn_search: seq_norm has shape {tuple(seq_norm.shape)}, the tokens need ({T},)")
     norms = token_norms(seq_emb_q) if seq_norm is None else seq_norm.to(device=device, dtype=torch.float32)  # [T]
     sn = torch.cat([norms, cand_norm.new_zeros(1)])  # [T + 1]
     seq_lo = seq_offsets[:-1].cpu().numpy()  # [U]
@@ -257,7 +259,10 @@ def _plan(seq_len: np.ndarray, cand_lo: np.ndarray, cand_n: np.ndarray, k: int, 
         short = L_pad <= SHORT_TOKENS
         # the chunk ends at the first entry too short for it, or past the budget with the
         # widest candidate range so far (at least one entry)
-        end = i + int(np.searchsorted(-lens[i:], -PAD_RATIO * L_max, side="right"))
+        # entries past i + CHUNK_SCORES // (L_pad (P + D_short)) cannot fit: scan no further
+        # (the scan stays linear in the entries however many chunks there are)
+        fit = CHUNK_SCORES // (L_pad * (P + (D if short else 0))) + 1
+        end = i + int(np.searchsorted(-lens[i : i + fit], -PAD_RATIO * L_max, side="right"))
         width = np.maximum.accumulate(m[i:end]) * P + (D if short else 0)  # [end - i]
         over = np.flatnonzero(np.arange(1, end - i + 1) * L_pad * width > CHUNK_SCORES)
         j = i + max(1, int(over[0]) if over.size else end - i)

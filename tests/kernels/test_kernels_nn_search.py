@@ -266,6 +266,14 @@ def test_rejects_bad_inputs():
                          torch.tensor([0, 1]), 2, n_split=0)
 
 
+def test_rejects_norms_that_are_not_the_tokens():
+    """A ``seq_norm`` of another length would shift every token's norm (and the padding's)
+    silently: one line naming both shapes instead."""
+    q = torch.zeros(5, D, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"seq_norm has shape \(4,\), the tokens need \(5,\)"):
+        dispatch.nn_search(q, torch.tensor([0, 5]), torch.ones(1, D), torch.tensor([0, 1]), 2, torch.ones(4))
+
+
 def test_dispatcher_picks_the_reference_on_cpu(monkeypatch):
     import transact.kernels.triton.nn_search as triton_mod
 
