@@ -31,7 +31,8 @@ Watching and resuming:
 - Resume (``resume=True``): a finished run (``run.json`` + ``hits.npz`` in its folder, with
   the same settings) is read back, neither trained nor scored again; an interrupted run
   continues from its last checkpoint (:func:`transact.model.train.train`). A finished run
-  with other settings is refused by name (use another ``out`` or ``resume=False``).
+  with other settings, or whose stored model config differs from the one this ablation
+  would train (a changed default), is refused by name (use another ``out`` or ``resume=False``).
 """
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ import numpy as np
 from transact.data.schema import EXPLICIT_ACTIONS
 from transact.model import metrics as M
 from transact.model.calibration import HOLDOUT
-from transact.model.checkpoint import load_model
+from transact.model.checkpoint import load_model, read_config
 from transact.model.dataset import RowDataset, Split, split_point
 from transact.model.defaults import TRAIN
 from transact.model.evaluate import compute_metrics, label_matrix, predict
 from transact.model.train import PRECISIONS, holdout_start, train
-from transact.model.transact import BASELINES, model_config
+from transact.model.transact import BASELINES, ModelConfig, model_config
 
 LABELS: dict[str, str] = {
     "wdl": "WDL (no sequence)",
@@ -242,7 +243,9 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
         if variant is not None:  # recorded, so a resumed run with other fields is refused by name
             spec["variant"] = {"model": variant.base, "overrides": variant.overrides}
         tag = f"[{i + 1}/{len(order)}] {name} seed {seed}"
-        cached = _read_run(run_dir, spec) if resume else None
+        base, fields = (variant.base, variant.overrides) if variant else (name, {})
+        resolved = model_config(base, **{**(model_overrides or {}), **fields})  # what a run would train now
+        cached = _read_run(run_dir, spec, resolved) if resume else None
         if cached is not None:
             done[(name, seed)] = cached
             log(f"{tag}: finished before ({cached['steps']} steps), read back")
@@ -266,7 +269,6 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
                     f"{rec['examples_per_s']:.0f} ex/s  ETA run {_fmt_s((rec['total_steps'] - rec['step']) / r)}"
                     f", all {_fmt_s(remaining_s(rec['step'], r))}")
 
-            base, fields = (variant.base, variant.overrides) if variant else (name, {})
             summary = train(rows, run_dir, base, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
                             train_end_ts=train_end_ts, progress=False, resume=resume,
                             num_threads=num_threads, max_memory_mb=max_memory_mb,
@@ -290,9 +292,11 @@ def ablation(rows: str | Path, out: str | Path, *, baseline: str = "transact",
     return result
 
 
-def _read_run(run_dir: Path, spec: dict) -> dict | None:
+def _read_run(run_dir: Path, spec: dict, resolved: ModelConfig) -> dict | None:
     """A finished run's record (with its per-user totals) if ``run_dir`` holds one, else None;
-    ValueError when it was made with other settings."""
+    ValueError when it was made with other settings, or its model with other fields than
+    ``resolved`` (the config this ablation would train now: a default that changed since the
+    run finished -- w_NAL's did -- would otherwise read an old model back under today's name)."""
     f, h = run_dir / RUN_FILE, run_dir / HITS_FILE
     if not (f.exists() and h.exists()):
         return None
@@ -303,6 +307,15 @@ def _read_run(run_dir: Path, spec: dict) -> dict | None:
         if want.get(k) != run["spec"].get(k):
             raise ValueError(f"{run_dir}: finished with {k} = {run['spec'].get(k)!r}, this ablation has "
                              f"{want.get(k)!r} (use another --out or --no-resume)")
+    # fields the run predates take today's defaults, as when a checkpoint resumes
+    stored = json.loads(json.dumps(ModelConfig.from_dict(read_config(run_dir)["model_config"]).to_dict()))
+    now = json.loads(json.dumps(resolved.to_dict()))
+    changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    if changed:
+        was = ", ".join(f"{k} = {stored.get(k)!r}" for k in changed)
+        raise ValueError(f"{run_dir}: its model was trained with {was}; this ablation's has "
+                         f"{', '.join(f'{k} = {now.get(k)!r}' for k in changed)} (a default changed since it "
+                         f"finished? use another --out or --no-resume)")
     with np.load(h) as z:
         run["users"], run["totals"] = z["users"], z["totals"]
         run["diversity_totals"] = z["diversity"] if "diversity" in z else None  # runs made before it was measured

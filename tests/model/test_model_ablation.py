@@ -105,6 +105,14 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(world, tmp_path, 
     assert trained == []  # everything finished: nothing trained or scored
     with pytest.raises(ValueError, match="lr"):
         A.ablation(world, out, log=lambda s: None, **{**kw, "lr": 1e-2})
+    # a run finished under another default (w_NAL's changed from 0.01 to 1): same settings, other
+    # model -- refused by the field's name, not read back under today's
+    cfg_file = out / "transact" / "seed0" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["model_config"]["nal_weight"] = 0.01
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"nal_weight = 0\.01; this ablation's has nal_weight = 1\.0"):
+        A.ablation(world, out, log=lambda s: None, **kw)
 
 
 def test_variant_specs_parse_and_bad_ones_fail_in_one_line():
