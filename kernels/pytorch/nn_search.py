@@ -258,9 +258,8 @@ def _plan(seq_len: np.ndarray, cand_lo: np.ndarray, cand_n: np.ndarray, k: int, 
         L_pad = -(-L_max // G) * G
         short = L_pad <= SHORT_TOKENS
         # the chunk ends at the first entry too short for it, or past the budget with the
-        # widest candidate range so far (at least one entry)
-        # entries past i + CHUNK_SCORES // (L_pad (P + D_short)) cannot fit: scan no further
-        # (the scan stays linear in the entries however many chunks there are)
+        # widest candidate range so far (at least one entry); no entry past `fit` can be in
+        # it, so the scan stays linear in the entries however many chunks there are
         fit = CHUNK_SCORES // (L_pad * (P + (D if short else 0))) + 1
         end = i + int(np.searchsorted(-lens[i : i + fit], -PAD_RATIO * L_max, side="right"))
         width = np.maximum.accumulate(m[i:end]) * P + (D if short else 0)  # [end - i]
